@@ -1,0 +1,304 @@
+"""Orbax checkpoints of the whole training state, restorable onto any mesh.
+
+One checkpoint (``<output_dir>/checkpoints/<step>/``) holds five items:
+
+- ``params``    the model params, as a list of arrays (names in ``meta``);
+- ``opt_state`` every array of the optimizer state (counters, moments,
+                projectors, PRNG keys), also a flat list;
+- ``data``      the data iterator position (JSON);
+- ``config``    the run's config (JSON);
+- ``meta``      step, leaf names/shapes/dtypes and the mesh it was saved on (JSON).
+
+Why flat lists: optax states are nests of NamedTuples with empty nodes and
+typed PRNG keys; flattening against the *current* run's abstract state makes
+the stored layout trivial for orbax, and lets a structural mismatch be reported
+as one sentence ("optimizer state differs: ...") instead of a deep traceback.
+
+Orbax writes each step into a temporary directory and renames it when every
+item is complete, and lists only finalized steps, so a run killed mid-save
+leaves at most a temporary directory that is never loaded (and is cleaned up
+by the next run).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+FORMAT_VERSION = 1
+ITEM_NAMES = ("params", "opt_state", "data", "config", "meta")
+
+# Config entries that fix array shapes or state layout; a checkpoint written
+# with different values cannot be restored into this run.
+STRUCTURAL_CONFIG_KEYS = (
+    "task",
+    "model",
+    "optimizer.name",
+    "optimizer.rank",
+    "optimizer.proj_type",
+    "optimizer.grad_clip",
+    "optimizer.label_overrides",
+    "optimizer.oversample",
+)
+
+# Orbax logs every save/restore at INFO; keep the training output readable.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is printed as-is."""
+
+
+def _is_prng_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def flatten_with_names(tree: Any) -> tuple[list[Any], list[str], Any]:
+    """Leaves, their '/'-joined path names and the treedef of ``tree``."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [jax.tree_util.keystr(path, simple=True, separator="/")
+             for path, _ in leaves_with_paths]
+    return [leaf for _, leaf in leaves_with_paths], names, treedef
+
+
+def _key_impl_name(leaf: Any) -> Optional[str]:
+    """PRNG implementation name ("threefry2x32", ...) of a typed key or its shape."""
+    impl = getattr(leaf.dtype, "_impl", None)  # no public accessor for abstract keys
+    return getattr(impl, "name", None)  # None: jax's default implementation
+
+
+def _storable(leaf: Any) -> Any:
+    """Typed PRNG keys are stored as their raw ``uint32`` key data."""
+    return jax.random.key_data(leaf) if _is_prng_key(leaf) else leaf
+
+
+def _abstract_storable(leaf: Any, sharding: Optional[jax.sharding.Sharding]) -> Any:
+    """Restore target for one leaf: shape, dtype and the sharding to load onto."""
+    if _is_prng_key(leaf):
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        mesh = getattr(sharding, "mesh", None)
+        data_sharding = NamedSharding(mesh, P()) if mesh is not None else sharding
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=data_sharding)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def _leaf_signature(leaf: Any) -> list:
+    stored = jax.eval_shape(_storable, leaf) if _is_prng_key(leaf) else leaf
+    return [list(stored.shape), str(jnp.dtype(stored.dtype))]
+
+
+def _get_path(tree: Mapping, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _diff(saved: Any, current: Any, prefix: str) -> list[str]:
+    """Human-readable differences between two plain-data config values."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _diff(saved.get(key), current.get(key), f"{prefix}.{key}")
+        return out
+    if saved != current:
+        return [f"{prefix.lstrip('.')}: checkpoint has {saved!r}, config has {current!r}"]
+    return []
+
+
+class Checkpointer:
+    """Saves and restores the training state with an orbax ``CheckpointManager``.
+
+    Args:
+      directory: where the step directories go (created on the first save).
+      max_to_keep: how many finalized checkpoints to keep.
+      async_save: write in a background thread (the step loop keeps going).
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3,
+                 async_save: bool = True):
+        self.directory = directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+                # Remove what a killed run left half-written; never read anyway.
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            directory, options=options, item_names=ITEM_NAMES)
+
+    # -- queries ---------------------------------------------------------------
+
+    def latest_step(self) -> Optional[int]:
+        """Newest finalized step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    # -- save ------------------------------------------------------------------
+
+    def save(self, step: int, *, params: Any, opt_state: Any,
+             data_state: Mapping[str, Any], config: Mapping[str, Any],
+             mesh_shape: Optional[Mapping[str, int]] = None) -> bool:
+        """Starts writing a checkpoint for ``step`` (a no-op if it already exists).
+
+        Returns:
+          True when a save was started.
+        """
+        if step in self._manager.all_steps():
+            return False
+        param_leaves, param_names, _ = flatten_with_names(params)
+        opt_leaves, opt_names, _ = flatten_with_names(opt_state)
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": int(step),
+            "params": dict(zip(param_names, map(_leaf_signature, param_leaves))),
+            "opt_state": dict(zip(opt_names, map(_leaf_signature, opt_leaves))),
+            "mesh": dict(mesh_shape or {}),
+        }
+        # Names go in as a list because key paths may repeat a name across nodes.
+        meta["params_order"] = param_names
+        meta["opt_state_order"] = opt_names
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave([_storable(x) for x in param_leaves]),
+            opt_state=ocp.args.StandardSave([_storable(x) for x in opt_leaves]),
+            data=ocp.args.JsonSave(dict(data_state)),
+            config=ocp.args.JsonSave(dict(config)),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def wait(self) -> None:
+        """Blocks until any background save is finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # -- restore ---------------------------------------------------------------
+
+    def read_config_and_meta(self, step: int) -> tuple[dict, dict]:
+        """The JSON items of ``step`` (cheap; no arrays are read)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            config, meta = restored["config"], restored["meta"]
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is unreadable "
+                f"({_short(e)}); delete it or use a new output_dir") from None
+        if not isinstance(meta, Mapping) or meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} has an unknown format")
+        return dict(config), dict(meta)
+
+    def check_compatible(self, step: int, config: Mapping[str, Any]) -> None:
+        """Raises :class:`CheckpointError` if ``config`` changes the state layout."""
+        saved_config, _ = self.read_config_and_meta(step)
+        problems = []
+        for key in STRUCTURAL_CONFIG_KEYS:
+            problems += _diff(_get_path(saved_config, key), _get_path(config, key), key)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the config"
+                f" ({'; '.join(problems[:3])}); use a new output_dir or the same"
+                " settings")
+
+    def restore(self, step: int, *, abstract_params: Any, param_shardings: Any,
+                abstract_opt_state: Any, opt_state_shardings: Any,
+                ) -> tuple[Any, Any, dict]:
+        """Loads ``step`` onto the current mesh.
+
+        Args:
+          abstract_params: pytree of ``ShapeDtypeStruct`` with the run's structure.
+          param_shardings: matching pytree of shardings to place the params with
+            (any mesh; orbax reshards on load).
+          abstract_opt_state, opt_state_shardings: the same for the optimizer state.
+
+        Returns:
+          ``(params, opt_state, data_state)``.
+
+        Raises:
+          CheckpointError: the checkpoint is damaged or was written for a
+            different model/optimizer layout.
+        """
+        _, meta = self.read_config_and_meta(step)
+        targets = {}
+        for item, abstract, shardings in (
+            ("params", abstract_params, param_shardings),
+            ("opt_state", abstract_opt_state, opt_state_shardings),
+        ):
+            leaves, names, treedef = flatten_with_names(abstract)
+            sharding_leaves = treedef.flatten_up_to(shardings)
+            expected = [_leaf_signature(x) for x in leaves]
+            saved_names = meta.get(f"{item}_order", [])
+            saved = meta.get(item, {})
+            if saved_names != names:
+                missing = [n for n in names if n not in saved]
+                extra = [n for n in saved_names if n not in set(names)]
+                detail = (f"missing {missing[:2]}" if missing else
+                          f"unexpected {extra[:2]}" if extra else "different order")
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} has a different {item}"
+                    f" structure ({detail}); it was written for another model or"
+                    " optimizer")
+            for name, want in zip(names, expected):
+                if saved[name] != want:
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {self.directory}: {item} '{name}' has"
+                        f" shape/dtype {saved[name]}, this run expects {want}")
+            targets[item] = (
+                [_abstract_storable(x, s) for x, s in zip(leaves, sharding_leaves)],
+                leaves, treedef)
+
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(targets["params"][0]),
+                opt_state=ocp.args.StandardRestore(targets["opt_state"][0]),
+                data=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} could not be restored "
+                f"({_short(e)}); delete it or use a new output_dir") from None
+
+        out = []
+        for item in ("params", "opt_state"):
+            _, abstract_leaves, treedef = targets[item]
+            loaded = list(restored[item])
+            leaves = [
+                jax.random.wrap_key_data(value, impl=_key_impl_name(like))
+                if _is_prng_key(like) else value
+                for value, like in zip(loaded, abstract_leaves)
+            ]
+            out.append(jax.tree_util.tree_unflatten(treedef, leaves))
+        return out[0], out[1], dict(restored["data"] or {})
+
+
+def _short(error: BaseException) -> str:
+    """First line of an exception, bounded, for one-line error messages."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def replicated_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """A replicated ``NamedSharding`` for every leaf (fallback shardings)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda _: sharding, tree)
+
+
+def to_numpy(tree: Any) -> Any:
+    """Host copies of a pytree (tests and debugging)."""
+    return jax.tree.map(np.asarray, tree)

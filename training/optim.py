@@ -1,0 +1,175 @@
+"""Optimizer factory: schedule, clipping and the optimizer named in the config.
+
+``adamw``          optax.adamw (the full-rank baseline)
+``galore``         galore_jax.galore_adamw (GaLore with randomized SVD, ...)
+``tensor_galore``  galore_jax.tensor_galore_adamw (Tucker projections)
+``optax_galore``   optax.contrib.galore (reference implementation, comparison)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from training.config import ConfigError, OptimizerConfig
+
+try:  # The library may be absent in a stripped-down install.
+    import galore_jax as gj
+    _GJ_IMPORT_ERROR: Optional[BaseException] = None
+except Exception as e:  # pragma: no cover - depends on the checkout
+    gj = None
+    _GJ_IMPORT_ERROR = e
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup over ``warmup_fraction`` of the steps, then cosine decay.
+
+    The cosine ends at ``final_lr_fraction * lr`` on the last step (GaLore paper:
+    10% warmup, cosine to 10%).
+    """
+    warmup = int(cfg.warmup_fraction * total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.lr * cfg.final_lr_fraction,
+    )
+
+
+def _require_galore_jax(name: str) -> Any:
+    if gj is None or not hasattr(gj, "galore_adamw"):
+        reason = f": {_GJ_IMPORT_ERROR}" if _GJ_IMPORT_ERROR else ""
+        raise ConfigError(
+            f"optimizer.name={name!r} needs the galore_jax library, which is not "
+            f"available yet{reason}; use adamw or optax_galore")
+    return gj
+
+
+def _galore_options(cfg: OptimizerConfig) -> dict:
+    return dict(
+        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
+        proj_type=cfg.proj_type, svd=cfg.svd, oversample=cfg.oversample,
+        power_iters=cfg.power_iters, warm_start=cfg.warm_start,
+        on_refresh=cfg.on_refresh, stagger=cfg.stagger,
+        label_overrides=cfg.label_overrides,
+    )
+
+
+def build_optimizer(
+    cfg: OptimizerConfig,
+    total_steps: int,
+    *,
+    dimension_numbers: Any = None,
+    seed: int = 0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The full update rule: clip -> optimizer(schedule).
+
+    Args:
+      cfg: the ``optimizer`` config section.
+      total_steps: number of optimizer steps (sets the schedule's length).
+      dimension_numbers: per-param ``galore_jax.DimensionNumbers`` (or None)
+        naming stacked-layer batch axes; used by the GaLore optimizers.
+      seed: seeds the randomized SVD.
+
+    Returns:
+      ``(transformation, schedule)``; the schedule is also used for logging.
+    """
+    schedule = lr_schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=cfg.weight_decay)
+    elif cfg.name == "galore":
+        lib = _require_galore_jax(cfg.name)
+        tx = lib.galore_adamw(schedule, rank=cfg.rank, seed=seed,
+                              dimension_numbers=dimension_numbers,
+                              **_galore_options(cfg))
+    elif cfg.name == "tensor_galore":
+        lib = _require_galore_jax(cfg.name)
+        if not hasattr(lib, "tensor_galore_adamw"):
+            raise ConfigError("optimizer.name='tensor_galore' is not available in this "
+                              "galore_jax version")
+        tx = lib.tensor_galore_adamw(schedule, rank=cfg.rank, seed=seed,
+                                     dimension_numbers=dimension_numbers,
+                                     **_galore_options(cfg))
+    elif cfg.name == "optax_galore":
+        if isinstance(cfg.rank, float):
+            raise ConfigError("optimizer.rank must be an int for optax_galore, got "
+                              f"{cfg.rank!r}")
+        tx = optax.contrib.galore(
+            schedule, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+            scale=cfg.scale, weight_decay=cfg.weight_decay,
+            base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    else:  # config validation already restricts the names
+        raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
+    if cfg.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx, schedule
+
+
+def opt_state_shardings(
+    tx: optax.GradientTransformation,
+    abstract_opt_state: Any,
+    abstract_params: Any,
+    param_shardings: Any,
+    mesh: jax.sharding.Mesh,
+) -> Any:
+    """Shardings for the optimizer state, derived from the params' shardings.
+
+    Uses ``galore_jax.state_shardings`` when available (it knows projector and
+    low-rank moment layouts). Otherwise: a state leaf with exactly a param's
+    shape takes that param's sharding (Adam moments), everything else
+    (counters, keys, small projectors) is replicated.
+    """
+    del tx
+    if gj is not None and hasattr(gj, "state_shardings"):
+        return gj.state_shardings(abstract_opt_state, abstract_params, param_shardings)
+    return shardings_by_shape(abstract_opt_state, abstract_params, param_shardings, mesh)
+
+
+def shardings_by_shape(abstract_opt_state: Any, abstract_params: Any,
+                       param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Fallback: params-shaped subtrees (Adam moments) get the params' shardings.
+
+    Any other leaf takes the sharding of a param with the same shape and dtype
+    if there is one, else it is replicated (counters, keys, small projectors).
+    """
+    replicated = NamedSharding(mesh, P())
+    params_def = jax.tree.structure(abstract_params)
+    param_leaves = jax.tree.leaves(abstract_params)
+    sharding_leaves = params_def.flatten_up_to(param_shardings)
+    by_shape: dict[tuple, Any] = {}
+    for leaf, sharding in zip(param_leaves, sharding_leaves):
+        by_shape.setdefault((tuple(leaf.shape), str(leaf.dtype)), sharding)
+
+    def is_params_like(node):
+        if params_def.num_leaves <= 1:
+            return False  # a lone leaf matches anything; let the shape rule decide
+        try:
+            return jax.tree.structure(node) == params_def
+        except Exception:
+            return False
+
+    def assign(node):
+        if is_params_like(node):
+            return jax.tree_util.tree_unflatten(
+                jax.tree.structure(node), sharding_leaves)
+        if node is None or not hasattr(node, "shape"):
+            return node
+        return by_shape.get((tuple(node.shape), str(node.dtype)), replicated)
+
+    return jax.tree.map(assign, abstract_opt_state, is_leaf=is_params_like)
+
+
+def optimizer_state_bytes(opt_state: Any) -> int:
+    """Total bytes of the optimizer state's arrays."""
+    if gj is not None and hasattr(gj, "optimizer_state_bytes"):
+        return int(gj.optimizer_state_bytes(opt_state))
+    return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(opt_state)))
+
+
+ScheduleFn = Callable[[int], float]
