@@ -5,3 +5,8 @@ from galore_jax.linalg import (canonicalize_signs, exact_svd, hosvd, mode_fold, 
 from galore_jax.projection import DimensionNumbers
 from galore_jax.transform import (ScaleByGaloreState, ScaleByTensorGaloreState, scale_by_galore,
                                   scale_by_tensor_galore)
+from galore_jax.adam import ScaleByTorchAdamState, scale_by_torch_adam
+from galore_jax.labels import galore_labels
+from galore_jax.alias import galore_adamw, tensor_galore_adamw
+from galore_jax.sharding import state_shardings
+from galore_jax.memory import adamw_state_bytes, memory_report, optimizer_state_bytes

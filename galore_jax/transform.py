@@ -307,24 +307,35 @@ def _low_rank_transform(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _resolve_dimension_numbers(dimension_numbers, params, treedef, leaves):
-  """Per-leaf DimensionNumbers (or None), from any accepted form; clear errors."""
+def _is_dims_leaf(x):
+  return x is None or isinstance(x, DimensionNumbers)
+
+
+def _resolve_dimension_numbers(dimension_numbers, params, leaf_keypaths):
+  """Per-leaf DimensionNumbers (or None), from any accepted form; clear errors.
+
+  A pytree is matched to the params by key path, so it also fits the masked
+  sub-trees that `optax.partition` hands to an inner transform.
+  """
   if dimension_numbers is None:
-    return [None] * len(leaves)
+    return [None] * len(leaf_keypaths)
   if isinstance(dimension_numbers, DimensionNumbers):
     n = 2 + len(dimension_numbers.batch_axes)
-    return [dimension_numbers if jnp.ndim(x) == n else None for x in leaves]
+    return [dimension_numbers if len(shape) == n else None for _, shape in leaf_keypaths]
   tree = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
-  try:
-    per_leaf = treedef.flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "dimension_numbers does not match the params' structure: give a pytree with the "
-        "params' structure holding DimensionNumbers or None at each leaf, one DimensionNumbers "
-        f"for all leaves, or a callable params -> such a pytree ({e})") from None
-  for d in per_leaf:
+  by_path = dict(jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_dims_leaf)[0])
+  per_leaf = []
+  for keypath, _ in leaf_keypaths:
+    if keypath not in by_path:
+      raise ValueError(
+          "dimension_numbers does not match the params' structure: no entry for "
+          f"'{jax.tree_util.keystr(keypath)}'. Give a pytree with the params' structure holding "
+          "DimensionNumbers or None at each leaf, one DimensionNumbers for all leaves, or a "
+          "callable params -> such a pytree")
+    d = by_path[keypath]
     if d is not None and not isinstance(d, DimensionNumbers):
       raise TypeError(f"dimension_numbers entries must be DimensionNumbers or None, got {d!r}")
+    per_leaf.append(d)
   return per_leaf
 
 
@@ -425,7 +436,8 @@ def scale_by_galore(
 
   def make_plans(params):
     paths, leaves, treedef = _leaf_paths(params)
-    dims = _resolve_dimension_numbers(dimension_numbers, params, treedef, leaves)
+    keypaths = [(kp, jnp.shape(x)) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    dims = _resolve_dimension_numbers(dimension_numbers, params, keypaths)
     plans = []
     for path, leaf, d in zip(paths, leaves, dims):
       _check_leaf_dtype("scale_by_galore", path, leaf)

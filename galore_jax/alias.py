@@ -1,0 +1,166 @@
+"""Ready-made optimizers: GaLore / Tensor-GaLore + AdamW in one optax chain.
+
+    partition(labels -> {galore, tensor_galore, adam})   low-rank or plain Adam scaling
+    -> add_decayed_weights(weight_decay)                 decoupled decay, full space
+    -> scale_by_learning_rate(learning_rate)             schedules allowed
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import optax
+
+from galore_jax import labels as labels_lib
+from galore_jax.transform import scale_by_galore, scale_by_tensor_galore
+
+ScalarOrSchedule = Union[float, optax.Schedule]
+
+
+def _chain(learning_rate, *, labels, b1, b2, eps, mu_dtype, weight_decay, weight_decay_mask,
+           galore_tx, tensor_tx):
+  adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  return optax.chain(
+      optax.partition(
+          {labels_lib.GALORE: galore_tx(adam()), labels_lib.TENSOR_GALORE: tensor_tx(adam()),
+           labels_lib.ADAM: adam()},
+          labels),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _label_fn(labels, label_overrides, dimension_numbers, matrices, tensors):
+  if labels is not None:
+    return labels
+  return lambda params: labels_lib.galore_labels(
+      params, label_overrides=label_overrides, dimension_numbers=dimension_numbers,
+      matrices=matrices, tensors=tensors)
+
+
+def galore_adamw(
+    learning_rate: ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    svd: str = "randomized",
+    oversample: int = 8,
+    power_iters: int = 1,
+    warm_start: bool = True,
+    on_refresh: str = "keep",
+    stagger: bool = False,
+    dimension_numbers: Any = None,
+    labels: Optional[Union[Any, Callable[[Any], Any]]] = None,
+    label_overrides: labels_lib.Overrides = None,
+    tensor_rank: Union[int, float, tuple] = 0.25,
+    tensor_svd: str = "exact",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
+
+  Default labels (see `galore_labels`): 2-D matrices and stacked matrices
+  (leaves with batch axes in `dimension_numbers`) -> `scale_by_galore`; other
+  >= 3-D tensors -> `scale_by_tensor_galore` with `tensor_rank`; embeddings,
+  LM head, norms, biases and vectors -> plain Adam. `labels` replaces the rule
+  (a pytree of labels or a callable params -> labels); `label_overrides`
+  ({regex: label}) patches it by param path.
+
+  Args:
+    learning_rate: float or optax schedule.
+    rank: GaLore rank (int, or fraction of the projected dim).
+    b1, b2, eps, mu_dtype: Adam settings (optax convention for eps).
+    weight_decay, weight_decay_mask: decoupled weight decay in full space.
+    update_proj_gap, scale, proj_type, svd, oversample, power_iters,
+      warm_start, on_refresh, stagger, dimension_numbers, seed: as in
+      `scale_by_galore`.
+    labels, label_overrides: parameter selection (see above).
+    tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import galore_jax as gj
+    >>> params = {"embed": jnp.zeros((32, 8)), "mlp": jnp.ones((8, 16)), "norm": jnp.ones(8)}
+    >>> tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=100, weight_decay=0.1)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  galore = lambda base: scale_by_galore(
+      rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+      on_refresh=on_refresh, stagger=stagger, base_optimizer=base,
+      dimension_numbers=dimension_numbers, seed=seed)
+  tensor = lambda base: scale_by_tensor_galore(
+      tensor_rank, update_proj_gap=update_proj_gap, scale=scale, svd=tensor_svd,
+      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+      on_refresh=on_refresh, stagger=stagger, base_optimizer=base, seed=seed + 1)
+  return _chain(
+      learning_rate,
+      labels=_label_fn(labels, label_overrides, dimension_numbers, labels_lib.GALORE,
+                       labels_lib.TENSOR_GALORE),
+      b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, galore_tx=galore, tensor_tx=tensor)
+
+
+def tensor_galore_adamw(
+    learning_rate: ScalarOrSchedule,
+    rank: Union[int, float, tuple] = 0.25,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    modes: Optional[tuple] = None,
+    svd: str = "exact",
+    oversample: int = 8,
+    power_iters: int = 1,
+    warm_start: bool = True,
+    on_refresh: str = "keep",
+    stagger: bool = False,
+    labels: Optional[Union[Any, Callable[[Any], Any]]] = None,
+    label_overrides: labels_lib.Overrides = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW with Tensor-GaLore (Tucker) moments for N-D tensors.
+
+  Default labels: >= 3-D tensors (e.g. FNO spectral weights, complex) ->
+  `scale_by_tensor_galore`; everything else (2-D pointwise layers, biases,
+  norms) -> plain Adam. Override with `labels` / `label_overrides` (e.g.
+  {"kernel": "tensor_galore"} to Tucker-project matrices too).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> params = {"spectral": jnp.ones((8, 8, 6, 6), jnp.complex64), "w": jnp.ones((8, 8))}
+    >>> tx = gj.tensor_galore_adamw(1e-3, rank=0.25, update_proj_gap=50)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates["spectral"].dtype
+    dtype('complex64')
+  """
+  tensor = lambda base: scale_by_tensor_galore(
+      rank, update_proj_gap=update_proj_gap, scale=scale, modes=modes, svd=svd,
+      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+      on_refresh=on_refresh, stagger=stagger, base_optimizer=base, seed=seed)
+  return _chain(
+      learning_rate,
+      labels=_label_fn(labels, label_overrides, None, labels_lib.ADAM, labels_lib.TENSOR_GALORE),
+      b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask,
+      galore_tx=lambda base: scale_by_galore(
+          0.25, update_proj_gap=update_proj_gap, scale=scale, base_optimizer=base, seed=seed),
+      tensor_tx=tensor)
