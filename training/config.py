@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Optional, Union
@@ -24,6 +25,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message is printed as-is."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that understands ``3e-4``."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +127,9 @@ class OptimizerConfig:
     warm_start: bool = True
     on_refresh: Literal["keep", "reset", "project"] = "keep"
     stagger: bool = False
-    # regex on the '/'-joined param path -> label (e.g. {"embed": "adamw"}).
+    # regex on the '/'-joined param path -> galore | tensor_galore | adam,
+    # e.g. {"lm_head": "galore"}; the first match wins over the default rule
+    # (matrices -> galore; embeddings, LM head, norms -> adam).
     label_overrides: Optional[dict] = None
 
 
@@ -335,7 +357,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = parse_yaml(value_text) if value_text.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
     return key.split("."), value
@@ -385,7 +407,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = parse_yaml(f.read()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except (OSError, yaml.YAMLError) as e:

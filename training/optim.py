@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -80,35 +82,66 @@ def build_optimizer(
       ``(transformation, schedule)``; the schedule is also used for logging.
     """
     schedule = lr_schedule(cfg, total_steps)
+    try:
+        tx = _build(cfg, schedule, dimension_numbers, seed)
+    except ValueError as e:  # the library names the bad argument and value
+        raise ConfigError(f"optimizer: {e}") from None
+    if cfg.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx, schedule
+
+
+def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: Any,
+           seed: int) -> optax.GradientTransformation:
     if cfg.name == "adamw":
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                          weight_decay=cfg.weight_decay)
-    elif cfg.name == "galore":
+    elif cfg.name in ("galore", "tensor_galore"):
         lib = _require_galore_jax(cfg.name)
-        tx = lib.galore_adamw(schedule, rank=cfg.rank, seed=seed,
-                              dimension_numbers=dimension_numbers,
-                              **_galore_options(cfg))
-    elif cfg.name == "tensor_galore":
-        lib = _require_galore_jax(cfg.name)
-        if not hasattr(lib, "tensor_galore_adamw"):
-            raise ConfigError("optimizer.name='tensor_galore' is not available in this "
+        factory = getattr(lib, f"{cfg.name}_adamw", None)
+        if factory is None:
+            raise ConfigError(f"optimizer.name={cfg.name!r} is not available in this "
                               "galore_jax version")
-        tx = lib.tensor_galore_adamw(schedule, rank=cfg.rank, seed=seed,
-                                     dimension_numbers=dimension_numbers,
-                                     **_galore_options(cfg))
+        options = dict(_galore_options(cfg), rank=cfg.rank, seed=seed,
+                       dimension_numbers=dimension_numbers)
+        # Pass only what this factory takes (tensor_galore has no proj_type, ...).
+        accepted = inspect.signature(factory).parameters
+        tx = factory(schedule, **{k: v for k, v in options.items() if k in accepted})
     elif cfg.name == "optax_galore":
         if isinstance(cfg.rank, float):
             raise ConfigError("optimizer.rank must be an int for optax_galore, got "
                               f"{cfg.rank!r}")
-        tx = optax.contrib.galore(
-            schedule, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
-            scale=cfg.scale, weight_decay=cfg.weight_decay,
-            base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+        if dimension_numbers is not None and any(
+                d is not None for d in jax.tree.leaves(
+                    dimension_numbers, is_leaf=lambda x: x is None)):
+            raise ConfigError(
+                "optimizer.name='optax_galore' cannot project stacked layer weights;"
+                " set model.scan_layers=false")
+        adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        # Same selection as the GaLore paper: matrices get GaLore, embeddings,
+        # LM head and norms get plain AdamW.
+        tx = optax.partition(
+            {"galore": optax.contrib.galore(
+                schedule, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+                scale=cfg.scale, weight_decay=cfg.weight_decay, base_optimizer=adam),
+             "adam": optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)},
+            _matrix_labels)
     else:  # config validation already restricts the names
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
-    if cfg.grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
-    return tx, schedule
+    return tx
+
+
+_PLAIN_ADAM_PATTERN = re.compile(r"embed|lm_head|norm|bias", re.IGNORECASE)
+
+
+def _matrix_labels(params: Any) -> Any:
+    """'galore' for 2-D weight matrices, 'adam' for everything else."""
+    def label(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        is_matrix = len(leaf.shape) == 2 and not _PLAIN_ADAM_PATTERN.search(name)
+        return "galore" if is_matrix else "adam"
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def opt_state_shardings(

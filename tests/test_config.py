@@ -1,0 +1,124 @@
+"""Config loading, overrides and validation (no devices, no model needed)."""
+
+import pytest
+import yaml
+
+from training.config import (Config, ConfigError, apply_overrides, config_from_dict,
+                             config_to_dict, load_config, resolve_mesh_shape,
+                             validate_for_devices)
+
+
+def write_yaml(tmp_path, data, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_load_and_round_trip():
+    config = load_config(None)
+    assert isinstance(config, Config)
+    again = config_from_dict(config_to_dict(config))
+    assert again == config
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = write_yaml(tmp_path, {"steps": 10, "optimizer": {"name": "adamw", "lr": 0.01}})
+    config = load_config(path, ["optimizer.lr=3e-4", "model.hidden_size=64",
+                                "mesh.rules=[[embed, fsdp], [mlp, null]]",
+                                "optimizer.rank=0.25", "optimizer.label_overrides={embed: adamw}"])
+    assert config.steps == 10
+    assert config.optimizer.lr == pytest.approx(3e-4)
+    assert config.model.hidden_size == 64
+    assert config.mesh.rules == [["embed", "fsdp"], ["mlp", None]]
+    assert config.optimizer.rank == 0.25 and isinstance(config.optimizer.rank, float)
+    assert config.optimizer.label_overrides == {"embed": "adamw"}
+
+
+def test_int_stays_int_for_rank_and_widens_for_float():
+    config = load_config(None, ["optimizer.rank=16", "optimizer.lr=1"])
+    assert config.optimizer.rank == 16 and isinstance(config.optimizer.rank, int)
+    assert isinstance(config.optimizer.lr, float)
+
+
+def test_unknown_key_names_key_and_closest_match():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.lrr'.*'optimizer.lr'"):
+        load_config(None, ["optimizer.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'step'.*'steps'"):
+        load_config(None, ["step=3"])
+
+
+def test_wrong_type_names_key_type_and_value():
+    with pytest.raises(ConfigError, match=r"'steps' expects int, got 'ten' \(str\)"):
+        load_config(None, ["steps=ten"])
+    with pytest.raises(ConfigError, match=r"'optimizer.name' expects one of"):
+        load_config(None, ["optimizer.name=sgd"])
+    with pytest.raises(ConfigError, match=r"'progress_bar' expects bool"):
+        load_config(None, ["progress_bar=3"])
+    with pytest.raises(ConfigError, match=r"'steps' expects int, got 1.5"):
+        load_config(None, ["steps=1.5"])
+
+
+def test_section_given_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="'optimizer' must be a mapping"):
+        load_config(None, ["optimizer=3"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["steps"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_seq_len_longer_than_positions():
+    with pytest.raises(ConfigError, match=r"seq_len \(512\).*max_seq_len=256"):
+        load_config(None, ["seq_len=512", "model.max_seq_len=256"])
+
+
+def test_data_path_required_for_file_sources():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(None, ["data.source=text"])
+
+
+def test_value_ranges():
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        load_config(None, ["batch_size=10", "grad_accum_steps=3"])
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        load_config(None, ["optimizer.warmup_fraction=1.5"])
+    with pytest.raises(ConfigError, match="optimizer.rank as a fraction"):
+        load_config(None, ["optimizer.rank=1.5"])
+    with pytest.raises(ConfigError, match="at most one of"):
+        load_config(None, ["mesh.data=-1", "mesh.fsdp=-1"])
+
+
+def test_mesh_shape_resolution():
+    config = load_config(None, ["mesh.data=-1", "mesh.fsdp=4"])
+    assert resolve_mesh_shape(config, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ConfigError, match="do not divide the 6 devices"):
+        resolve_mesh_shape(load_config(None, ["mesh.fsdp=4"]), 6)
+    with pytest.raises(ConfigError, match="use 6 devices but 8 are available"):
+        resolve_mesh_shape(load_config(None, ["mesh.data=3", "mesh.fsdp=2"]), 8)
+
+
+def test_batch_and_heads_must_split_over_mesh():
+    config = load_config(None, ["batch_size=6", "mesh.data=4"])
+    with pytest.raises(ConfigError, match="divisible by mesh data\\*fsdp = 4"):
+        validate_for_devices(config, 4)
+    config = load_config(None, ["model.num_heads=2", "model.hidden_size=64",
+                                "mesh.data=1", "mesh.tensor=4"])
+    with pytest.raises(ConfigError, match=r"model.num_heads \(2\).*mesh.tensor \(4\)"):
+        validate_for_devices(config, 4)
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"optimizer": {"lr": 1.0}}
+    out = apply_overrides(raw, ["optimizer.lr=2.0"])
+    assert raw["optimizer"]["lr"] == 1.0 and out["optimizer"]["lr"] == 2.0
+
+
+def test_shipped_configs_load():
+    import glob
+    paths = sorted(glob.glob("configs/llama_*.yaml"))
+    assert paths, "no configs/llama_*.yaml"
+    for path in paths:
+        load_config(path)

@@ -1,0 +1,86 @@
+"""What train.py needs to know about a task, in one small object.
+
+``train.py`` is task-agnostic: it asks the task for a model, a loss, a training
+iterator and validation batches, and runs the same loop for all of them. A
+task is added by writing a ``build_<name>_task(config) -> Task`` function and
+listing it in :func:`build_task` (plus its config sections in
+``training.config.TASK_SECTIONS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import jax
+from flax import nnx
+
+Batch = Mapping[str, Any]  # host (numpy) arrays with a leading batch dim
+
+
+class BatchIterator(Protocol):
+    """An endless, deterministic iterator whose position can be saved."""
+
+    def __next__(self) -> Batch: ...
+
+    def get_state(self) -> dict: ...  # JSON-serialisable
+
+    def set_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class Task:
+    """A training problem: model, loss, data and validation metrics.
+
+    Attributes:
+        name: task name (as in the config's ``task`` key).
+        make_model: ``rngs -> nnx.Module``; also called under ``nnx.eval_shape``
+            to get shapes without allocating.
+        partition_specs: ``(abstract param state, rules) -> PartitionSpec tree``
+            from the params' logical axis names.
+        default_rules: logical-axis -> mesh-axis rules used when the config has
+            none.
+        layer_axes: ``abstract param state -> tree of int | None``: the
+            stacked-layer axis of each param (GaLore treats it as a batch axis).
+        loss_fn: ``(model, batch) -> scalar`` mean training loss.
+        eval_loss_fn: ``(model, batch) -> scalar`` validation loss per batch.
+        summarize_eval: mean validation loss -> metrics for the log, e.g.
+            ``{"val_loss": ..., "val_ppl": ...}``.
+        train_iterator: endless training batches (``[batch_size, ...]``).
+        eval_batches: ``() -> iterable`` of a fixed set of validation batches.
+        units_per_batch: what "throughput" counts per batch (tokens for LM).
+        units_name: name of that unit in logs (``tokens``).
+        description: one line printed at start-up (data size, vocab, ...).
+    """
+
+    name: str
+    make_model: Callable[[nnx.Rngs], nnx.Module]
+    partition_specs: Callable[[Any, Any], Any]
+    default_rules: Any
+    layer_axes: Callable[[Any], Any]
+    loss_fn: Callable[[nnx.Module, Batch], jax.Array]
+    eval_loss_fn: Callable[[nnx.Module, Batch], jax.Array]
+    summarize_eval: Callable[[float], dict]
+    train_iterator: BatchIterator
+    eval_batches: Callable[[], Iterable[Batch]]
+    units_per_batch: int
+    units_name: str = "tokens"
+    description: str = ""
+
+
+def perplexity_metrics(mean_loss: float) -> dict:
+    """``val_loss`` and ``val_ppl`` (perplexity capped to stay finite in JSON)."""
+    return {"val_loss": mean_loss, "val_ppl": math.exp(min(mean_loss, 700.0))}
+
+
+def build_task(config: Any) -> Task:
+    """The :class:`Task` named by ``config.task``.
+
+    Raises:
+        ConfigError: bad data settings (missing path, empty corpus, ...).
+    """
+    if config.task == "lm":
+        from training.lm_task import build_lm_task
+        return build_lm_task(config)
+    raise ValueError(f"unknown task {config.task!r}")  # config validation prevents this
