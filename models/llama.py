@@ -288,6 +288,20 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _prepend_layers_axis_name(stacked: nnx.Module) -> None:
+    """Makes sure every stacked param's logical names start with "layers".
+
+    ``nnx.vmap(transform_metadata=...)`` adds the name only in graph mode with
+    graph updates; in tree mode (``nnx.set_graph_mode(False)``) it is ignored.
+    Doing it here (idempotently) keeps the names right under either mode.
+    """
+    for _, node in nnx.iter_graph(stacked):
+        if isinstance(node, nnx.Variable):
+            names = tuple(node.get_metadata().get("out_sharding", None) or ())
+            if len(names) == node.ndim - 1:
+                node.set_metadata(out_sharding=(LAYERS_AXIS, *names))
+
+
 def _apply_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return layer(x, cos, sin)
 
@@ -315,6 +329,7 @@ class Llama(nnx.Module):
                 return DecoderLayer(config, rngs=layer_rngs)
 
             self.layers = make_stacked_layers(rngs)
+            _prepend_layers_axis_name(self.layers)
         else:
             self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
                                     for _ in range(config.num_layers)])

@@ -194,6 +194,15 @@ def test_logical_axes_specs_and_layer_axes(model):
             == jax.tree.structure(pure).num_leaves)
 
 
+@pytest.mark.skipif(not hasattr(nnx, "set_graph_mode"), reason="flax without tree mode")
+def test_tree_mode_keeps_layer_axis_names(model):
+    """nnx.vmap drops transform_metadata in tree mode; the model must not."""
+    with nnx.set_graph_mode(False):
+        tree_model = make()
+    assert logical_axes(tree_model)["layers"]["mlp"]["up_proj"] == P("layers", "embed", "mlp")
+    np.testing.assert_allclose(forward(tree_model, tokens()), forward(model, tokens()), atol=1e-6)
+
+
 def test_unrolled_model_has_no_layer_axis():
     model = make(scan_layers=False)
     layer_axes = layer_axis_tree(model)
