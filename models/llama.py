@@ -396,6 +396,10 @@ def _map_params(fn, model_or_state: Any):
 
 
 def _names_of(variable: nnx.Variable) -> tuple[str | None, ...]:
+    if not isinstance(variable, nnx.Variable):
+        raise TypeError(
+            "Expected a model or nnx.state(model, nnx.Param) (Variables carry the logical "
+            f"axis names), got a {type(variable).__name__} leaf: pure arrays have no names.")
     names = variable.get_metadata().get("out_sharding", None)
     if not names:
         return (None,) * variable.ndim

@@ -185,6 +185,9 @@ def test_logical_axes_specs_and_layer_axes(model):
     pure = nnx.as_pure(nnx.state(model, nnx.Param))
     assert jax.tree.structure(specs) == jax.tree.structure(pure)
 
+    with pytest.raises(TypeError, match="pure arrays"):
+        logical_partition_specs(pure)
+
     layer_axes = layer_axis_tree(model)
     assert layer_axes["layers"]["mlp"]["gate_proj"] == 0
     assert layer_axes["layers"]["attention_norm"]["scale"] == 0
