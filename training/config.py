@@ -183,7 +183,10 @@ class Config:
     task: Literal["lm"] = "lm"
     output_dir: str = "runs/default"
     seed: int = 0
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps (the LR schedule spans these)
+    # Stop this invocation after this step (with a checkpoint); running again
+    # resumes. For time-boxed jobs and resume tests; null runs to `steps`.
+    stop_after: Optional[int] = None
     batch_size: int = 16  # global sequences per optimizer step
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide)
     seq_len: int = 128
@@ -432,6 +435,8 @@ def _require(condition: bool, message: str) -> None:
 def check_values(config: Config) -> None:
     """Range and consistency checks that need neither devices nor the model."""
     _require(config.steps > 0, f"steps must be > 0, got {config.steps}")
+    _require(config.stop_after is None or config.stop_after > 0,
+             f"stop_after must be > 0, got {config.stop_after}")
     _require(config.batch_size > 0, f"batch_size must be > 0, got {config.batch_size}")
     _require(config.seq_len > 0, f"seq_len must be > 0, got {config.seq_len}")
     _require(config.grad_accum_steps > 0,

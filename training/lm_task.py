@@ -1,0 +1,92 @@
+"""Language modelling with the LLaMA model: next-token cross-entropy, perplexity."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from models import llama
+from training import data as data_lib
+from training.config import Config, ConfigError
+from training.task import Task, perplexity_metrics
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def llama_config(config: Config, tokenizer_vocab: int) -> llama.LlamaConfig:
+    """The model's ``LlamaConfig`` from the ``model`` section.
+
+    ``model.vocab_size: null`` means the tokenizer's vocabulary rounded up to
+    ``model.vocab_multiple`` (padding ids are never targets).
+    """
+    m = config.model
+    vocab_size = m.vocab_size or _round_up(tokenizer_vocab, m.vocab_multiple)
+    if vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size ({vocab_size}) is smaller than the "
+                          f"tokenizer's vocabulary ({tokenizer_vocab})")
+    try:
+        return llama.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size, num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads, num_layers=m.num_layers,
+            max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+            param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
+            remat=m.remat, attention_implementation=m.attention_implementation)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def cross_entropy(model, batch) -> jax.Array:
+    """Mean next-token cross-entropy (nats/token) of ``batch`` under ``model``."""
+    logits = model(batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["targets"]).mean()
+
+
+def build_lm_task(config: Config) -> Task:
+    """Loads the token data and describes the LLaMA LM task.
+
+    Raises:
+        ConfigError: missing data path, unreadable or empty corpus, a corpus
+            too small for ``seq_len`` x ``batch_size``, bad model shape.
+    """
+    try:
+        tokens = data_lib.load_tokens(config.data)
+    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+        raise ConfigError(f"data: {e}") from None
+    model_config = llama_config(config, tokens.vocab_size)
+    micro_batch = config.batch_size // config.grad_accum_steps
+    try:
+        train_iterator = data_lib.TokenBatchIterator(
+            tokens.train, global_batch_size=config.batch_size, seq_len=config.seq_len,
+            seed=config.seed)
+        # Checked now so a too-small validation split fails before training.
+        data_lib.eval_batches(tokens.val, micro_batch, config.seq_len, 1)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+
+    def eval_batches():
+        return data_lib.eval_batches(tokens.val, micro_batch, config.seq_len,
+                                     config.eval_batches)
+
+    return Task(
+        name="lm",
+        make_model=lambda rngs: llama.Llama(model_config, rngs=rngs),
+        partition_specs=lambda params, rules: llama.logical_partition_specs(params, rules),
+        default_rules=llama.DEFAULT_LOGICAL_RULES,
+        layer_axes=llama.layer_axis_tree,
+        loss_fn=cross_entropy,
+        eval_loss_fn=cross_entropy,
+        summarize_eval=perplexity_metrics,
+        train_iterator=train_iterator,
+        eval_batches=eval_batches,
+        units_per_batch=config.batch_size * config.seq_len,
+        units_name="tokens",
+        description=(
+            f"data: {config.data.source} | {len(tokens.train):,} train / "
+            f"{len(tokens.val):,} val tokens | vocab {tokens.vocab_size} "
+            f"(model {model_config.vocab_size})"),
+    )
+
