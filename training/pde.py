@@ -130,8 +130,9 @@ def _etdrk4_coefficients(
     }
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps",))
-def _burgers_etdrk4(u0: jax.Array, coefficients: dict, n_steps: int) -> jax.Array:
+@jax.jit
+def _burgers_etdrk4(u0: jax.Array, coefficients: dict, n_steps: jax.Array) -> jax.Array:
+    # n_steps is traced (a while loop), so new step counts or times do not recompile.
     resolution = u0.shape[-1]
     n_freq = resolution // 2 + 1
     k = jnp.arange(n_freq)
@@ -146,7 +147,7 @@ def _burgers_etdrk4(u0: jax.Array, coefficients: dict, n_steps: int) -> jax.Arra
 
     c = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), coefficients)
 
-    def step(v, _):
+    def step(_, v):
         nv = nonlinear(v)
         a = c["e_half"] * v + c["q"] * nv
         na = nonlinear(a)
@@ -154,11 +155,10 @@ def _burgers_etdrk4(u0: jax.Array, coefficients: dict, n_steps: int) -> jax.Arra
         nb = nonlinear(b)
         cc = c["e_half"] * a + c["q"] * (2.0 * nb - nv)
         nc = nonlinear(cc)
-        v = c["e"] * v + c["f1"] * nv + 2.0 * c["f2"] * (na + nb) + c["f3"] * nc
-        return v, None
+        return c["e"] * v + c["f1"] * nv + 2.0 * c["f2"] * (na + nb) + c["f3"] * nc
 
     v_hat = jnp.fft.rfft(u0.astype(jnp.float32), axis=-1)
-    v_hat, _ = jax.lax.scan(step, v_hat, None, length=n_steps)
+    v_hat = jax.lax.fori_loop(0, n_steps, step, v_hat)
     return jnp.fft.irfft(v_hat, n=resolution, axis=-1)
 
 
@@ -199,7 +199,7 @@ def solve_burgers(
     if resolution < 4 or resolution % 2:
         raise ValueError(f"u0.shape[-1] (resolution) must be even and >= 4, got {resolution}")
     coefficients = _etdrk4_coefficients(resolution, float(viscosity), float(t_final) / n_steps)
-    return _burgers_etdrk4(jnp.asarray(u0), coefficients, n_steps)
+    return _burgers_etdrk4(jnp.asarray(u0), coefficients, jnp.asarray(n_steps, jnp.int32))
 
 
 def burgers_dataset(
@@ -372,7 +372,11 @@ def darcy_residual(
     Returns:
       ``(..., n - 2, n - 2)`` residuals.
     """
-    a, u = _drop_channel(a), _drop_channel(u)
+    return _darcy_residual(_drop_channel(a), _drop_channel(u), forcing, face_average)
+
+
+@functools.partial(jax.jit, static_argnames=("face_average",))
+def _darcy_residual(a, u, forcing, face_average):
     operator = functools.partial(darcy_operator, face_average=face_average)
     for _ in range(a.ndim - 2):
         operator = jax.vmap(operator)
@@ -382,7 +386,7 @@ def darcy_residual(
 def _solve_darcy_single(a, tol, forcing, method, maxiter, face_average):
     n = a.shape[-1]
     interior = (n - 2, n - 2)
-    rhs = jnp.full(interior, forcing, a.dtype)
+    rhs = jnp.full(interior, 1, a.dtype) * jnp.asarray(forcing, a.dtype)
 
     def apply_a(v):  # v lives on the interior; the boundary is the zero Dirichlet data
         return darcy_operator(a, jnp.pad(v, 1), face_average=face_average)
@@ -403,9 +407,8 @@ def _solve_darcy_single(a, tol, forcing, method, maxiter, face_average):
     return jnp.pad(solution, 1)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("tol", "forcing", "method", "maxiter", "face_average")
-)
+# tol and forcing are traced: changing them does not recompile.
+@functools.partial(jax.jit, static_argnames=("method", "maxiter", "face_average"))
 def _solve_darcy_batched(a, tol, forcing, method, maxiter, face_average):
     solve = functools.partial(
         _solve_darcy_single,
@@ -466,7 +469,8 @@ def solve_darcy(
     if grid.ndim < 2 or grid.shape[-1] != grid.shape[-2] or grid.shape[-1] < 3:
         raise ValueError(f"a must have square spatial shape (n, n) with n >= 3, got {a.shape}")
     u = _solve_darcy_batched(
-        grid, float(tol), float(forcing), method, maxiter, face_average
+        grid, jnp.asarray(tol, grid.dtype), jnp.asarray(forcing, grid.dtype),
+        method, maxiter, face_average,
     )
     return u[..., None] if has_channel else u
 
