@@ -69,6 +69,17 @@ def test_burgers_dataset_shapes_and_determinism():
     assert float(jnp.max(jnp.abs(x))) > float(jnp.max(jnp.abs(y)))  # viscous decay
 
 
+def test_same_seed_same_functions_at_every_resolution():
+    # Zero-shot super-resolution needs the same input functions on finer grids.
+    x64, y64 = pde.burgers_dataset(4, 64, seed=3)
+    x128, y128 = pde.burgers_dataset(4, 128, seed=3)  # both solved on 256 points
+    np.testing.assert_array_equal(x64, x128[:, ::2])
+    np.testing.assert_array_equal(y64, y128[:, ::2])
+    a16 = pde.darcy_permeability(jax.random.key(0), 3, 16)
+    a31 = pde.darcy_permeability(jax.random.key(0), 3, 31)  # nodes of 16 are every 2nd
+    assert float(jnp.mean(a16 == a31[:, ::2, ::2])) > 0.99
+
+
 def test_burgers_rejects_bad_arguments():
     with pytest.raises(ValueError, match="viscosity"):
         pde.solve_burgers(jnp.zeros(16), -1.0, 1.0, 10)
