@@ -142,7 +142,11 @@ def train(config) -> int:
                 start_step,
                 abstract_params=abstract_params, param_shardings=param_shardings,
                 abstract_opt_state=abstract_opt_state, opt_state_shardings=opt_shardings)
-            task.train_iterator.set_state(data_state)
+            try:
+                task.train_iterator.set_state(data_state)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(
+                    f"checkpoint step {start_step}: cannot continue the data stream ({e})")
         else:
             start_step = 0
 
@@ -250,7 +254,8 @@ def train(config) -> int:
                 throughput.add(task.units_per_batch)
                 progress.update(1)
 
-                if step % config.log_every == 0 or step == config.steps:
+                # Also log the last step of this invocation (end, stop_after, signal).
+                if step % config.log_every == 0 or step == last_step or stop:
                     loss = float(np.mean(jax.device_get(pending_losses)))
                     pending_losses = []
                     rate = throughput.measure()

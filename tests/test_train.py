@@ -248,6 +248,35 @@ def test_restore_eight_device_checkpoint_on_four_devices(reference, eight_device
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=LOSS_RTOL)
 
 
+def test_gradient_accumulation_matches_full_batch(reference, tmp_path):
+    # Two micro-batches of 4 average to the same gradient as one batch of 8.
+    run_train(tmp_path, f"steps={STEPS}", "stop_after=4", "grad_accum_steps=2", *GALORE)
+    ref, got = losses(reference), losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=LOSS_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [["optimizer.name=adamw"], GALORE])
+def test_explicit_mesh_matches_one_device(tmp_path, optimizer):
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    run_train(one, "steps=6", *optimizer)
+    run_train(eight, "steps=6", "mesh.kind=explicit", "mesh.data=2", "mesh.fsdp=2",
+              "mesh.tensor=2", *optimizer, devices=8)
+    ref, got = losses(one), losses(eight)
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_optax_galore_and_tensor_galore_train(tmp_path):
+    run_train(tmp_path / "optax", "steps=20", "optimizer.name=optax_galore", "optimizer.rank=8",
+              "model.scan_layers=false", "optimizer.lr=0.01", "log_every=5")
+    run_train(tmp_path / "tensor", "steps=20", "optimizer.name=tensor_galore",
+              "optimizer.rank=0.5", "optimizer.lr=0.01", "log_every=5")
+    for name in ("optax", "tensor"):
+        loss = losses(tmp_path / name)
+        assert loss[20] < loss[5] - 0.5, (name, loss)
+
+
 # --------------------------------------------------------------------------
 # Bad input: one clear line, exit code 2, existing outputs untouched
 # --------------------------------------------------------------------------
