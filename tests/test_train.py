@@ -201,8 +201,8 @@ def eight_devices(tmp_path_factory):
 
 
 # Sharded reductions sum in a different order; GaLore's SVDs see those
-# last-bit differences too. Measured max relative difference ~1e-6.
-LOSS_RTOL = 1e-4
+# last-bit differences too. Measured max relative difference ~2e-7.
+LOSS_RTOL = 2e-5
 
 
 def test_eight_device_mesh_matches_one_device(reference, eight_devices):

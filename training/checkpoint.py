@@ -27,7 +27,6 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -35,17 +34,19 @@ FORMAT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "config", "meta")
 
 # Config entries that fix array shapes or state layout; a checkpoint written
-# with different values cannot be restored into this run.
+# with different values cannot be restored into this run. (Leaf names and
+# shapes are checked too; this only makes the common mistakes read better.)
 STRUCTURAL_CONFIG_KEYS = (
     "task",
     "model",
     "optimizer.name",
     "optimizer.rank",
     "optimizer.proj_type",
-    "optimizer.grad_clip",
     "optimizer.label_overrides",
-    "optimizer.oversample",
 )
+# Model settings that change how the model runs, not its params: these may
+# differ between a checkpoint and the run resuming it.
+RUNTIME_MODEL_KEYS = ("remat", "dtype", "attention_implementation", "max_seq_len")
 
 # Orbax logs every save/restore at INFO; keep the training output readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -208,7 +209,11 @@ class Checkpointer:
         saved_config, _ = self.read_config_and_meta(step)
         problems = []
         for key in STRUCTURAL_CONFIG_KEYS:
-            problems += _diff(_get_path(saved_config, key), _get_path(config, key), key)
+            saved, current = _get_path(saved_config, key), _get_path(config, key)
+            if key == "model" and isinstance(saved, Mapping) and isinstance(current, Mapping):
+                saved, current = ({k: v for k, v in tree.items() if k not in RUNTIME_MODEL_KEYS}
+                                  for tree in (saved, current))
+            problems += _diff(saved, current, key)
         if problems:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the config"
@@ -292,13 +297,3 @@ def _short(error: BaseException) -> str:
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
-
-def replicated_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """A replicated ``NamedSharding`` for every leaf (fallback shardings)."""
-    sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda _: sharding, tree)
-
-
-def to_numpy(tree: Any) -> Any:
-    """Host copies of a pytree (tests and debugging)."""
-    return jax.tree.map(np.asarray, tree)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import optax
@@ -204,5 +204,3 @@ def optimizer_state_bytes(opt_state: Any) -> int:
         return int(gj.optimizer_state_bytes(opt_state))
     return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(opt_state)))
 
-
-ScheduleFn = Callable[[int], float]
