@@ -149,7 +149,8 @@ def randomized_range(
       extra = _gaussian(key, (*batch, n, width - r0), a.dtype)
       # Bring the warm block to the Gaussian block's column scale before mixing.
       omega = orthonormalize(omega) * jnp.sqrt(jnp.asarray(n, a.real.dtype))
-      omega = jnp.concatenate([omega, extra.astype(omega.dtype)], axis=-1)
+      extra = sops.match_sharding(extra.astype(omega.dtype), omega)
+      omega = jnp.concatenate([omega, extra], axis=-1)
   q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega))
   for _ in range(power_iters):
     z = orthonormalize(sops.einsum("...nm,...mk->...nk", a_h, q))

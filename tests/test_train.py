@@ -65,7 +65,9 @@ def compilation_cache(tmp_path_factory):
 
 def subprocess_env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Same scheduler setting as tests/conftest.py (avoids a virtual-device deadlock).
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_cpu_enable_concurrency_optimized_scheduler=false")
     env["JAX_PLATFORMS"] = "cpu"
     if "dir" in _COMPILATION_CACHE:
         env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE["dir"]
