@@ -39,7 +39,7 @@ from training.task import build_task
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Train a model (LLaMA LM, ...) with AdamW or GaLore.")
+        description="Train a model (LLaMA LM, FNO) with AdamW, GaLore or Tensor-GaLore.")
     parser.add_argument("--config", help="YAML config file (defaults if omitted)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optimizer.lr=3e-4 steps=100")
@@ -98,6 +98,7 @@ def train(config) -> int:
 
     # ---- Data and model (task-specific parts) ------------------------------
     task = build_task(config)  # ConfigError for a missing path / empty corpus
+    config.optimizer = task.optimizer_defaults(config.optimizer)
     rules = mesh_lib.normalize_rules(config.mesh.rules or task.default_rules)
     abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(config.seed)))
     graphdef, param_vars, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -114,7 +115,8 @@ def train(config) -> int:
     # ---- Optimizer ----------------------------------------------------------
     tx, lr_schedule = build_optimizer(
         config.optimizer, config.steps, seed=config.seed,
-        dimension_numbers=_dimension_numbers(task.layer_axes(param_vars)))
+        dimension_numbers=_dimension_numbers(task.layer_axes(param_vars)),
+        params=abstract_params)
     try:
         abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
     except ValueError as e:  # e.g. a rank that does not fit a param's shape
@@ -204,6 +206,7 @@ def train(config) -> int:
 
         def train_step(params, opt_state, batches):
             loss, grads = loss_and_grads(params, batches)
+            grads = task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}

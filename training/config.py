@@ -97,6 +97,52 @@ class TextDataConfig:
 
 
 @dataclasses.dataclass
+class FNOModelConfig:
+    """Fourier Neural Operator shape for ``task: fno``; mirrors ``models.fno.FNOConfig``.
+
+    The spatial dimension comes from the data (burgers: 1-D, darcy: 2-D).
+    ``modes`` is an int (all axes) or a list with one entry per axis; in 2-D,
+    ``modes[0]`` frequencies are kept on each side of the full-FFT axis, so
+    the resolution must be >= 2 * modes[0] (and >= 2 * (modes[1] - 1)).
+    """
+
+    width: int = 32
+    modes: Union[int, list] = 12
+    num_layers: int = 4
+    lifting_channels: Optional[int] = None  # None: one linear lifting layer
+    projection_channels: int = 128
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    append_grid: bool = True  # append grid coordinates to the input channels
+    padding: int = 0  # zero points appended per spatial axis (non-periodic problems)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclasses.dataclass
+class PDEDataConfig:
+    """PDE data for ``task: fno``, generated at start-up by ``training.pde``.
+
+    ``dataset``: ``burgers`` (1-D viscous Burgers, ``u(., 0) -> u(., t_final)``)
+    or ``darcy`` (2-D Darcy flow, permeability -> pressure). ``n_train + n_test``
+    samples are drawn from ``seed`` (fixed, independent of the run's seed, so
+    runs with different model seeds or optimizers see the same data) and split.
+    Inputs and outputs are normalised with ``UnitGaussianNormalizer`` fitted on
+    the training split (``pointwise``: one mean/std per grid point, as in the
+    FNO paper; otherwise per channel). The whole test split is evaluated
+    (``eval_batches`` is not used) and reported as ``val_l2``, the mean
+    relative L2 error.
+    """
+
+    dataset: Literal["burgers", "darcy"] = "darcy"
+    n_train: int = 256
+    n_test: int = 64
+    resolution: int = 32
+    seed: int = 0
+    viscosity: float = 0.1  # burgers: nu (the FNO paper's 0.1; 0.01 has steeper fronts)
+    t_final: float = 1.0  # burgers: T
+    pointwise_normalizer: bool = False
+
+
+@dataclasses.dataclass
 class OptimizerConfig:
     """Optimizer and schedule.
 
@@ -118,6 +164,13 @@ class OptimizerConfig:
     final_lr_fraction: float = 0.1
     # GaLore options (ignored by adamw).
     rank: Union[int, float] = 128
+    # How tensor_galore reads a float rank: "mode" keeps that fraction of every
+    # mode (galore_jax's meaning: 0.25 on a 4-D tensor keeps 1/256 of it);
+    # "params" picks per-mode ranks round(c * d_k) so the Tucker core plus
+    # factors hold that fraction of the tensor's entries (tensorly's meaning,
+    # used by the Tensor-GaLore paper's code: 0.25 keeps ~0.7 of each mode of a
+    # 4-D tensor). "params" needs the projected tensors to share one shape.
+    tensor_rank_mode: Literal["mode", "params"] = "mode"
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
@@ -180,7 +233,7 @@ class DistributedConfig:
 class Config:
     """Everything a run needs. ``model`` and ``data`` depend on ``task``."""
 
-    task: Literal["lm"] = "lm"
+    task: Literal["lm", "fno"] = "lm"
     output_dir: str = "runs/default"
     seed: int = 0
     steps: int = 1000  # optimizer steps (the LR schedule spans these)
@@ -209,6 +262,7 @@ class Config:
 # learning) registers its own model/data sections here.
 TASK_SECTIONS: dict[str, dict[str, type]] = {
     "lm": {"model": LlamaModelConfig, "data": TextDataConfig},
+    "fno": {"model": FNOModelConfig, "data": PDEDataConfig},
 }
 
 
@@ -484,6 +538,8 @@ def check_values(config: Config) -> None:
 
     if config.task == "lm":
         _check_lm(config)
+    elif config.task == "fno":
+        _check_fno(config)
 
 
 def _check_lm(config: Config) -> None:
@@ -510,6 +566,45 @@ def _check_lm(config: Config) -> None:
     if data.source != "builtin":
         _require(data.path is not None,
                  f"data.path is required for data.source={data.source!r}")
+
+
+def _check_fno(config: Config) -> None:
+    model, data = config.model, config.data
+    for name in ("width", "num_layers", "projection_channels"):
+        value = getattr(model, name)
+        _require(value > 0, f"model.{name} must be > 0, got {value}")
+    _require(model.lifting_channels is None or model.lifting_channels > 0,
+             f"model.lifting_channels must be > 0 or null, got {model.lifting_channels}")
+    _require(model.padding >= 0, f"model.padding must be >= 0, got {model.padding}")
+    dim = 1 if data.dataset == "burgers" else 2
+    modes = model.modes if isinstance(model.modes, list) else [model.modes] * dim
+    _require(len(modes) == dim
+             and all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in modes),
+             f"model.modes must be a positive int or a list of {dim} positive ints for "
+             f"data.dataset={data.dataset!r}, got {model.modes!r}")
+    for name in ("n_train", "n_test", "resolution"):
+        value = getattr(data, name)
+        _require(value > 0, f"data.{name} must be > 0, got {value}")
+    _require(data.seed >= 0, f"data.seed must be >= 0, got {data.seed}")
+    _require(data.n_train >= config.batch_size,
+             f"data.n_train ({data.n_train}) must be >= batch_size ({config.batch_size})")
+    res = data.resolution
+    if data.dataset == "burgers":
+        _require(res % 2 == 0, f"data.resolution must be even for burgers, got {res}")
+        _require(data.viscosity > 0, f"data.viscosity must be > 0, got {data.viscosity}")
+        _require(data.t_final > 0, f"data.t_final must be > 0, got {data.t_final}")
+        n = res + model.padding  # the spectral layers see the padded grid
+        _require(modes[0] <= n // 2 + 1,
+                 f"model.modes ({modes[0]}) must be <= {n // 2 + 1}, the rfft "
+                 f"frequencies of the grid (data.resolution={res}, "
+                 f"model.padding={model.padding})")
+    else:
+        _require(res >= 3, f"data.resolution must be >= 3 for darcy, got {res}")
+        n = res + model.padding  # the spectral layers see the padded grid
+        _require(2 * modes[0] <= n and modes[1] <= n // 2 + 1,
+                 f"model.modes ({model.modes!r}) do not fit the grid: need "
+                 f"2 * modes[0] <= {n} and modes[1] <= {n // 2 + 1} "
+                 f"(data.resolution={res}, model.padding={model.padding})")
 
 
 def resolve_mesh_shape(config: Config, num_devices: int) -> dict[str, int]:

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 import re
 from typing import Any, Optional
 
@@ -68,6 +70,7 @@ def build_optimizer(
     *,
     dimension_numbers: Any = None,
     seed: int = 0,
+    params: Any = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The full update rule: clip -> optimizer(schedule).
 
@@ -77,11 +80,15 @@ def build_optimizer(
       dimension_numbers: per-param ``galore_jax.DimensionNumbers`` (or None)
         naming stacked-layer batch axes; used by the GaLore optimizers.
       seed: seeds the randomized SVD.
+      params: the (abstract) params; needed only by
+        ``tensor_rank_mode: params`` to turn the rank into per-mode ranks.
 
     Returns:
       ``(transformation, schedule)``; the schedule is also used for logging.
     """
     schedule = lr_schedule(cfg, total_steps)
+    if cfg.name == "tensor_galore" and cfg.tensor_rank_mode == "params":
+        cfg = dataclasses.replace(cfg, rank=_param_fraction_ranks(cfg, params))
     try:
         tx = _build(cfg, schedule, dimension_numbers, seed)
     except ValueError as e:  # the library names the bad argument and value
@@ -130,6 +137,50 @@ def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: An
     else:  # config validation already restricts the names
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
     return tx
+
+
+def tucker_ranks_for_param_fraction(shape: tuple, fraction: float) -> tuple[int, ...]:
+    """Per-mode Tucker ranks holding about ``fraction`` of a tensor's entries.
+
+    Ranks are ``round(c * d_k)`` (at least 1, at most ``d_k``) with ``c`` solving
+    ``c^N prod(d) + c sum(d_k^2) = fraction prod(d)``: the core plus the factors
+    have ``fraction`` times the tensor's size (tensorly's float Tucker rank).
+
+    Example:
+      >>> tucker_ranks_for_param_fraction((24, 24, 8, 8), 0.25)
+      (17, 17, 6, 6)
+    """
+    size = math.prod(shape)
+    squares = sum(d * d for d in shape)
+    excess = lambda c: size * c ** len(shape) + squares * c - fraction * size  # noqa: E731
+    lo, hi = 0.0, max(fraction, 1.0)
+    for _ in range(60):  # excess() increases with c
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+    c = (lo + hi) / 2
+    return tuple(min(d, max(1, int(round(c * d)))) for d in shape)
+
+
+def _param_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:
+    """``tensor_rank_mode: params``: the float rank as per-mode Tucker ranks."""
+    if not isinstance(cfg.rank, float):
+        raise ConfigError("optimizer.tensor_rank_mode='params' needs a float optimizer.rank "
+                          f"(a fraction of each tensor's entries), got {cfg.rank!r}")
+    if params is None:
+        raise ConfigError("optimizer.tensor_rank_mode='params' needs the params' shapes")
+    lib = _require_galore_jax(cfg.name)
+    labels = lib.galore_labels(params, label_overrides=cfg.label_overrides,
+                               matrices="adam", tensors="tensor_galore")
+    shapes = sorted({tuple(p.shape) for p, label in zip(jax.tree.leaves(params),
+                                                        jax.tree.leaves(labels))
+                     if label == "tensor_galore"})
+    if not shapes:
+        return cfg.rank
+    if len(shapes) > 1:
+        raise ConfigError(
+            "optimizer.tensor_rank_mode='params' needs every Tucker-projected tensor to "
+            f"have one shape, got {shapes}; use tensor_rank_mode='mode'")
+    return tucker_ranks_for_param_fraction(shapes[0], cfg.rank)
 
 
 _PLAIN_ADAM_PATTERN = re.compile(r"embed|lm_head|norm|bias", re.IGNORECASE)

@@ -19,6 +19,10 @@ from flax import nnx
 Batch = Mapping[str, Any]  # host (numpy) arrays with a leading batch dim
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 class BatchIterator(Protocol):
     """An endless, deterministic iterator whose position can be saved."""
 
@@ -52,6 +56,13 @@ class Task:
         units_per_batch: what "throughput" counts per batch (tokens for LM).
         units_name: name of that unit in logs (``tokens``).
         description: one line printed at start-up (data size, vocab, ...).
+        postprocess_grads: ``grads -> grads`` applied to the mean gradient
+            before the optimizer (FNO: conjugate the complex leaves so optax
+            descends). Default: identity.
+        optimizer_defaults: ``OptimizerConfig -> OptimizerConfig``: fills in
+            task-specific optimizer settings the user left unset (FNO: matrix
+            GaLore only on the spectral weights). Applied before the config is
+            saved, so ``config.yaml`` shows what ran. Default: identity.
     """
 
     name: str
@@ -67,6 +78,8 @@ class Task:
     units_per_batch: int
     units_name: str = "tokens"
     description: str = ""
+    postprocess_grads: Callable[[Any], Any] = _identity
+    optimizer_defaults: Callable[[Any], Any] = _identity
 
 
 def perplexity_metrics(mean_loss: float) -> dict:
@@ -83,4 +96,7 @@ def build_task(config: Any) -> Task:
     if config.task == "lm":
         from training.lm_task import build_lm_task
         return build_lm_task(config)
+    if config.task == "fno":
+        from training.fno_task import build_fno_task
+        return build_fno_task(config)
     raise ValueError(f"unknown task {config.task!r}")  # config validation prevents this
