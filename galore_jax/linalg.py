@@ -195,13 +195,8 @@ def randomized_svd(
   m, n = a.shape[-2], a.shape[-1]
   _check_rank(rank, m, n)
   a = a.astype(compute_dtype(a.dtype))
-  width = max(_sketch_width(rank, oversample, m, n), rank)
-  q = randomized_range(a, width, key=key, power_iters=power_iters, init=init)
-  b = sops.einsum("...mk,...mn->...kn", jnp.conj(q), a)
-  gram = sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b)))
-  evals, evecs = jnp.linalg.eigh(gram)
-  evals = jnp.flip(evals, axis=-1)[..., :rank]
-  evecs = jnp.flip(evecs, axis=-1)[..., :rank]
+  q, b, evals, evecs = _rayleigh_ritz(a, rank, key=key, oversample=oversample,
+                                      power_iters=power_iters, init=init)
   s = jnp.sqrt(jnp.maximum(evals, 0))
   u = sops.einsum("...mk,...kr->...mr", q, evecs)
   vt = sops.einsum("...kr,...kn->...rn", jnp.conj(evecs), b)
@@ -267,13 +262,24 @@ def top_left_basis(
     raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
   if key is None:
     raise ValueError("top_left_basis(svd='randomized') needs a PRNG `key`")
+  q, _, _, evecs = _rayleigh_ritz(a, rank, key=key, oversample=oversample,
+                                 power_iters=power_iters, init=init)
+  return canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
+
+
+def _rayleigh_ritz(a, rank, *, key, oversample, power_iters, init):
+  """Sketch basis Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
+
+  The k x k Gram is reduced across shards and factorised replicated: cheap, and
+  `eigh` of it replaces the batched SVD/QR that are slow on GPU.
+  """
+  m, n = a.shape[-2], a.shape[-1]
   width = max(_sketch_width(rank, oversample, m, n), rank)
   q = randomized_range(a, width, key=key, power_iters=power_iters, init=init)
   b = sops.einsum("...mk,...mn->...kn", jnp.conj(q), a)
   gram = sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b)))
-  _, evecs = jnp.linalg.eigh(gram)
-  evecs = jnp.flip(evecs, axis=-1)[..., :rank]
-  return canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
+  evals, evecs = jnp.linalg.eigh(gram)
+  return q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank]
 
 
 def _check_rank(rank: int, m: int, n: int) -> None:

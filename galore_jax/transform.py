@@ -81,6 +81,15 @@ def _check_choice(name: str, value, choices):
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def _check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh):
+  _static_int("update_proj_gap", update_proj_gap, minimum=1)
+  _static_int("oversample", oversample, minimum=0)
+  _static_int("power_iters", power_iters, minimum=0)
+  _static_int("seed", seed, minimum=0)
+  _check_choice("svd", svd, proj.SVD_METHODS)
+  _check_choice("on_refresh", on_refresh, proj.ON_REFRESH)
+
+
 def _leaf_paths(tree):
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
   paths = ["/".join(_key_name(k) for k in path) or "<root>" for path, _ in leaves_with_path]
@@ -200,7 +209,6 @@ def _map_base_moments(base_state, low_tree, per_leaf: Callable):
 
 def _low_rank_transform(
     *,
-    name: str,
     make_plans: Callable,  # params -> (paths, leaves, treedef, plans list with None)
     projection: _Projection,
     update_proj_gap: int,
@@ -303,7 +311,6 @@ def _low_rank_transform(
         lambda m: m,
         moment)
 
-  del name
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -426,13 +433,8 @@ def scale_by_galore(
     Projection, 2025. https://arxiv.org/abs/2504.20437
   """
   _check_rank_value(rank)
-  _static_int("update_proj_gap", update_proj_gap, minimum=1)
-  _static_int("oversample", oversample, minimum=0)
-  _static_int("power_iters", power_iters, minimum=0)
-  _static_int("seed", seed, minimum=0)
+  _check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
   _check_choice("proj_type", proj_type, proj.PROJ_TYPES)
-  _check_choice("svd", svd, proj.SVD_METHODS)
-  _check_choice("on_refresh", on_refresh, proj.ON_REFRESH)
 
   def make_plans(params):
     paths, leaves, treedef = _leaf_paths(params)
@@ -453,7 +455,7 @@ def scale_by_galore(
     return paths, leaves, treedef, plans
 
   return _low_rank_transform(
-      name="scale_by_galore", make_plans=make_plans,
+      make_plans=make_plans,
       projection=_matrix_projection(svd, oversample, power_iters),
       update_proj_gap=update_proj_gap, scale=scale,
       base_optimizer=base_optimizer or optax.scale_by_adam(),
@@ -525,12 +527,7 @@ def scale_by_tensor_galore(
         _check_rank_value(r, f"rank[{i}]")
   else:
     _check_rank_value(rank)
-  _static_int("update_proj_gap", update_proj_gap, minimum=1)
-  _static_int("oversample", oversample, minimum=0)
-  _static_int("power_iters", power_iters, minimum=0)
-  _static_int("seed", seed, minimum=0)
-  _check_choice("svd", svd, proj.SVD_METHODS)
-  _check_choice("on_refresh", on_refresh, proj.ON_REFRESH)
+  _check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
 
   def make_plans(params):
     paths, leaves, treedef = _leaf_paths(params)
@@ -544,7 +541,7 @@ def scale_by_tensor_galore(
     return paths, leaves, treedef, plans
 
   return _low_rank_transform(
-      name="scale_by_tensor_galore", make_plans=make_plans,
+      make_plans=make_plans,
       projection=_tucker_projection(svd, oversample, power_iters),
       update_proj_gap=update_proj_gap, scale=scale,
       base_optimizer=base_optimizer or optax.scale_by_adam(),
