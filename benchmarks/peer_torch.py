@@ -1,0 +1,404 @@
+"""The peers in PyTorch: galore-torch's GaLoreAdamW and torch AdamW on the same LLaMA.
+
+The same LLaMA shape and batch as ``benchmarks/train_step.py`` (read from the
+same ``configs/llama_*.yaml`` with the same overrides), as a minimal PyTorch
+model written here to match ``models/llama.py``: token embedding, pre-norm
+layers of RMSNorm -> causal GQA attention with rotary embeddings (rotate-half
+layout) -> residual, RMSNorm -> SwiGLU MLP -> residual, final RMSNorm, untied
+LM head; bias-free linears, N(0, 0.02) init; optional per-layer activation
+checkpointing (``model.remat``) and bf16 autocast (``model.dtype: bfloat16``).
+
+Optimizers (one subprocess each, so CUDA memory and its peak are their own):
+  adamw         torch.optim.AdamW (fused on CUDA)
+  galore_torch  galore_torch.GaLoreAdamW; GaLore on the attention and MLP
+                matrices (galore-torch's own recipe), plain AdamW on the rest
+
+A step is forward, backward, global-norm clipping (``optimizer.grad_clip``),
+``optimizer.step()``, ``zero_grad``. Timing and columns are those of
+train_step.py: step 0 left out, ``windows * gap`` steps timed with
+``torch.cuda.synchronize``; galore-torch refreshes (a full SVD per matrix) at
+its steps 0, gap, 2 gap, ...
+
+Runs only where ``torch`` and ``galore_torch`` import; otherwise prints
+``skipped: ...`` and exits 0. galore-torch 1.0 imports ``transformers`` and
+``bitsandbytes`` at import time, so install them too:
+    pip install torch galore-torch transformers bitsandbytes
+
+    python benchmarks/peer_torch.py --config configs/llama_tiny.yaml --batch-size 8 --gap 10
+    python benchmarks/peer_torch.py --config configs/llama_1b.yaml --batch-size 32 \\
+        --seq-len 256 --gap 200 --windows 1 --out runs/bench/peer_torch_1b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import _common as common
+
+OPTIMIZERS = ("adamw", "galore_torch")
+NEEDS = {"adamw": ("torch",), "galore_torch": ("torch", "galore_torch")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
+    p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
+    p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
+    p.add_argument("--windows", type=int, default=2, help="refresh windows of `gap` steps to time")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak bf16 TFLOP/s for MFU when the device is not in the table")
+    p.add_argument("--out", default=str(common.REPO / "runs" / "bench" / "peer_torch.json"),
+                   help="JSON results ('' to skip)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.windows < 1:
+        p.error("--windows must be >= 1")
+    return args
+
+
+def missing_modules(optimizers) -> list[str]:
+    missing = []
+    for module in sorted({m for name in optimizers for m in NEEDS[name]}):
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # ImportError, or a dependency of it missing / broken
+            missing.append(f"{module} ({type(e).__name__}: {e})")
+    return missing
+
+
+def load_config(args):
+    from training.config import load_config as load
+    overrides = list(args.overrides)
+    if args.batch_size:
+        overrides += [f"batch_size={args.batch_size}", "grad_accum_steps=1"]
+    if args.seq_len:
+        overrides.append(f"seq_len={args.seq_len}")
+    if args.gap:
+        overrides.append(f"optimizer.update_proj_gap={args.gap}")
+    if args.rank:
+        overrides.append(f"optimizer.rank={args.rank}")
+    return load(args.config, overrides), overrides
+
+
+def vocab_size(config) -> int:
+    """models/llama.py's vocabulary: the tokenizer's, rounded up to vocab_multiple."""
+    if config.model.vocab_size:
+        return config.model.vocab_size
+    from training.data import make_tokenizer
+    vocab = make_tokenizer(config.data.tokenizer).vocab_size
+    multiple = config.model.vocab_multiple
+    return -(-vocab // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------
+# A minimal PyTorch LLaMA with models/llama.py's shapes (child process only)
+# ---------------------------------------------------------------------------
+
+
+def build_model(config, vocab: int):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    m = config.model
+    d, f, heads = m.hidden_size, m.intermediate_size, m.num_heads
+    kv_heads = m.num_kv_heads or heads
+    head_dim = d // heads
+
+    def linear(n_in, n_out):
+        layer = nn.Linear(n_in, n_out, bias=False)
+        nn.init.normal_(layer.weight, std=0.02)
+        return layer
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + m.norm_eps)
+            return (normed * self.weight.float()).to(x.dtype)
+
+    def apply_rotary(x, cos, sin):  # x: [batch, seq, heads, head_dim], rotate-half layout
+        half = x.shape[-1] // 2
+        x32 = x.float()
+        x1, x2 = x32[..., :half], x32[..., half:]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = linear(d, heads * head_dim)
+            self.k_proj = linear(d, kv_heads * head_dim)
+            self.v_proj = linear(d, kv_heads * head_dim)
+            self.o_proj = linear(heads * head_dim, d)
+
+        def forward(self, x, cos, sin):
+            b, s, _ = x.shape
+            q = apply_rotary(self.q_proj(x).view(b, s, heads, head_dim), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(b, s, kv_heads, head_dim), cos, sin)
+            v = self.v_proj(x).view(b, s, kv_heads, head_dim)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=kv_heads != heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * head_dim))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = linear(d, f), linear(d, f), linear(f, d)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class DecoderLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_norm, self.attention = RMSNorm(), Attention()
+            self.mlp_norm, self.mlp = RMSNorm(), MLP()
+
+        def forward(self, x, cos, sin):
+            x = x + self.attention(self.attention_norm(x), cos, sin)
+            return x + self.mlp(self.mlp_norm(x))
+
+    class Llama(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token_embedding = nn.Embedding(vocab, d)
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            self.layers = nn.ModuleList(DecoderLayer() for _ in range(m.num_layers))
+            self.final_norm = RMSNorm()
+            self.lm_head = linear(d, vocab)
+            inv_freq = 1.0 / (m.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            angles = torch.arange(m.max_seq_len).float()[:, None] * inv_freq[None, :]
+            self.register_buffer("cos", angles.cos(), persistent=False)
+            self.register_buffer("sin", angles.sin(), persistent=False)
+
+        def forward(self, tokens):
+            seq = tokens.shape[1]
+            cos, sin = self.cos[:seq], self.sin[:seq]
+            x = self.token_embedding(tokens)
+            for layer in self.layers:
+                if m.remat and self.training:
+                    x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin)
+            return self.lm_head(self.final_norm(x)).float()
+
+    return Llama()
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer state, GaLore projectors included."""
+    import torch
+
+    def size(obj, seen) -> int:
+        if isinstance(obj, torch.Tensor):
+            key = obj.data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(size(v, seen) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(size(v, seen) for v in obj)
+        if hasattr(obj, "ortho_matrix"):  # galore_torch.GaLoreProjector
+            return size(obj.ortho_matrix, seen)
+        return 0
+
+    seen: set = set()
+    return sum(size(s, seen) for s in optimizer.state.values())
+
+
+def run_child(name: str, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    config, overrides = load_config(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    vocab = vocab_size(config)
+    model = build_model(config, vocab).to(device)
+    model.train()
+    opt_cfg = config.optimizer
+    betas = (opt_cfg.b1, opt_cfg.b2)
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=betas,
+                                      eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
+                                      fused=device.type == "cuda")
+        galore_count = 0
+    else:
+        from galore_torch import GaLoreAdamW
+        galore_params, regular = [], []
+        for pname, p in model.named_parameters():
+            is_target = p.ndim == 2 and (".attention." in pname or ".mlp." in pname)
+            (galore_params if is_target else regular).append(p)
+        galore_count = len(galore_params)
+        optimizer = GaLoreAdamW(
+            [{"params": regular},
+             {"params": galore_params, "rank": opt_cfg.rank,
+              "update_proj_gap": opt_cfg.update_proj_gap, "scale": opt_cfg.scale,
+              "proj_type": opt_cfg.proj_type}],
+            lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
+            no_deprecation_warning=True)
+
+    autocast = config.model.dtype == "bfloat16"
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = [torch.randint(0, vocab, (config.batch_size, config.seq_len + 1),
+                             generator=generator).to(device) for _ in range(4)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    params = [p for p in model.parameters()]
+
+    def step(tokens):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        if opt_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    gap = opt_cfg.update_proj_gap
+    total = 1 + args.windows * gap
+    times, losses = [], []
+    for i in range(total):
+        sync()
+        start = time.perf_counter()
+        loss = step(batches[i % len(batches)])
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+
+    refreshing = {i for i in range(total) if i % gap == 0} if name == "galore_torch" else set()
+    plain = [times[i] for i in range(1, total) if i not in refreshing]
+    refresh = [times[i] for i in range(1, total) if i in refreshing]
+    median = statistics.median(plain)
+    refresh_s = statistics.median(refresh) if refresh else None
+    amortized = ((gap - 1) * median + refresh_s) / gap if refresh else median
+
+    num_params = sum(p.numel() for p in model.parameters())
+    embedding = model.token_embedding.weight.numel()
+    m = config.model
+    flops_per_token = common.model_flops_per_token(
+        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len)
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_tflops = common.peak_bf16_tflops(kind, args.peak_tflops)
+    tokens = config.batch_size * config.seq_len
+    tokens_per_s = tokens / amortized
+    return {
+        "optimizer": name,
+        "device": {"platform": device.type, "device_kind": kind, "torch": torch.__version__},
+        "config": args.config, "overrides": overrides,
+        "model": {k: getattr(m, k) for k in (
+            "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "remat", "dtype", "param_dtype")},
+        "params": num_params, "vocab_size": vocab,
+        "batch_size": config.batch_size, "seq_len": config.seq_len, "tokens_per_step": tokens,
+        "optimizer_config": {"rank": opt_cfg.rank, "update_proj_gap": gap,
+                             "scale": opt_cfg.scale, "proj_type": opt_cfg.proj_type},
+        "num_galore_params": galore_count, "windows": args.windows,
+        "first_step_s": times[0], "median_step_s": median, "refresh_step_s": refresh_s,
+        "amortized_step_s": amortized, "max_step_s": max(times[1:]),
+        "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
+        "peak_tflops": peak_tflops,
+        "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+        "state_bytes": state_bytes(optimizer),
+        "peak_device_bytes": (int(torch.cuda.max_memory_allocated(device))
+                              if device.type == "cuda" else None),
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "finite": all(math.isfinite(x) for x in losses),
+        "step_times_s": times,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def table(results: list[dict]) -> str:
+    # Reuse train_step.py's columns and ratio rules (the base is torch AdamW here).
+    import train_step
+    return train_step.table(results)
+
+
+def child_argv(args) -> list[str]:
+    argv = [f"--config={args.config}", f"--windows={args.windows}"]
+    for key in ("batch_size", "seq_len", "gap", "rank", "device", "peak_tflops"):
+        value = getattr(args, key)
+        if value is not None:
+            argv.append(f"--{key.replace('_', '-')}={value}")
+    return argv + [f"--set={o}" for o in args.overrides]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
+        return 0
+    missing = missing_modules(args.optimizers)
+    if missing:
+        print("skipped: the PyTorch peers need " + "; ".join(missing) +
+              ". Install them (pip install torch galore-torch transformers bitsandbytes) to "
+              "run this benchmark.")
+        return 0
+
+    results = []
+    for name in args.optimizers:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child", name, *child_argv(args)],
+                              cwd=common.REPO, capture_output=True, text=True,
+                              timeout=args.timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            print(f"{name}: failed (exit {proc.returncode}); skipped", file=sys.stderr)
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["wall_s"] = time.perf_counter() - start
+        results.append(result)
+        print(f"{name:13s} step {result['median_step_s']:.4f} s  amortized "
+              f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  state "
+              f"{result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
+              file=sys.stderr, flush=True)
+    if not results:
+        return 1
+    r = results[0]
+    m = r["model"]
+    print(f"{r['device']['device_kind']} (torch {r['device']['torch']}); {r['config']}: "
+          f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
+          f"f={m['intermediate_size']}, compute {m['dtype']}; batch {r['batch_size']} x "
+          f"{r['seq_len']} tokens; rank {r['optimizer_config']['rank']}, gap "
+          f"{r['optimizer_config']['update_proj_gap']}; {r['windows']} window(s) timed after "
+          "step 0. Ratios are to torch AdamW (refresh step: to AdamW's step).")
+    print()
+    print(table(results))
+    summary = [{k: v for k, v in r.items() if k != "step_times_s"} for r in results]
+    print("\n```json\n" + json.dumps(summary) + "\n```")
+    common.write_json(args.out, {"benchmark": "peer_torch",
+                                 "command": " ".join(["python"] + sys.argv), "results": results})
+    return 0 if len(results) == len(args.optimizers) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

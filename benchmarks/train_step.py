@@ -1,0 +1,447 @@
+"""LLaMA train-step time, throughput, MFU and memory: AdamW vs the GaLore variants.
+
+For one model config (``configs/llama_*.yaml``) and a list of optimizers, each
+optimizer runs in its own subprocess (so device memory and its peak are its
+own), built exactly as ``train.py`` builds it (``training.task.build_task``,
+``training.optim.build_optimizer``, the model's stacked-layer axes as GaLore
+batch axes), with one jitted, donated train step: loss and gradients (with
+gradient accumulation if asked), clipping, the optimizer update, apply.
+
+Each run does ``1 + windows * gap`` steps: step 0 (compile and the first
+refresh) is left out, then ``windows`` full refresh windows are timed step by
+step with ``jax.block_until_ready``. Reported per optimizer (see
+benchmarks/README.md for the exact definitions):
+
+  step s       median over steps that refresh no projector
+  refresh s    median over refresh steps (stagger: the slowest partial refresh)
+  amortized s  ((gap - 1) * step + refresh) / gap (stagger: mean over one full window)
+  max s        slowest timed step (max / median: the spike)
+  tokens/s     tokens per step / amortized
+  MFU          (6 N + 12 L d T) * tokens/s / peak bf16 FLOP/s ("n/a" where the peak is unknown)
+  state MiB    optimizer-state bytes (galore_jax.optimizer_state_bytes of the state)
+  peak MiB     device peak_bytes_in_use ("n/a" on CPU)
+
+CPU (llama_tiny, ~2-3 minutes):
+    python benchmarks/train_step.py --config configs/llama_tiny.yaml --batch-size 8 --gap 10
+GPU (the measured-peers shape: LLaMA-1B, batch 32 x 256, bf16 compute, rank 512, gap 200):
+    python benchmarks/train_step.py --config configs/llama_1b.yaml --batch-size 32 \\
+        --seq-len 256 --gap 200 --windows 1 --out runs/bench/train_step_1b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import _common as common
+
+OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galore",
+              "optax_galore")
+EXTRA = ("adamw_unrolled",)  # the fair baseline for optax_galore's unrolled model
+DESCRIPTIONS = {
+    "adamw": "optax.adamw",
+    "galore": "galore_adamw, randomized SVD (warm start)",
+    "galore_exact": "galore_adamw, exact SVD",
+    "galore_stagger": "galore_adamw, randomized, staggered refreshes",
+    "tensor_galore": "tensor_galore_adamw (Tucker of each stacked (L, m, n) weight)",
+    "optax_galore": "optax.contrib.galore (exact SVD, unrolled layers)",
+    "adamw_unrolled": "optax.adamw, unrolled layers",
+}
+
+
+def variant_overrides(name: str, args) -> list[str]:
+    """Config overrides that select one optimizer variant."""
+    if name == "adamw":
+        return ["optimizer.name=adamw"]
+    if name == "adamw_unrolled":
+        return ["optimizer.name=adamw", "model.scan_layers=false"]
+    if name == "galore":
+        return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=false"]
+    if name == "galore_exact":
+        return ["optimizer.name=galore", "optimizer.svd=exact", "optimizer.stagger=false"]
+    if name == "galore_stagger":
+        return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=true"]
+    if name == "tensor_galore":
+        # An int rank would exceed the layer mode of a stacked (L, m, n) weight;
+        # keep the same fraction of every mode as the matrix rank keeps of d.
+        return ["optimizer.name=tensor_galore", f"optimizer.rank={args.tensor_rank}",
+                "optimizer.stagger=false"]
+    if name == "optax_galore":
+        # optax.contrib.galore projects 2-D leaves only: unrolled layers.
+        return ["optimizer.name=optax_galore", "model.scan_layers=false"]
+    raise ValueError(name)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS + EXTRA, default=list(OPTIMIZERS),
+                   help="default: all but adamw_unrolled (AdamW on optax_galore's unrolled model)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
+    p.add_argument("--accum", type=int,
+                   help="gradient-accumulation micro-batches per step (default: 1 with "
+                        "--batch-size, else the config's)")
+    p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
+    p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
+    p.add_argument("--tensor-rank", type=float,
+                   help="tensor_galore per-mode rank fraction (default: rank / hidden_size)")
+    p.add_argument("--windows", type=int, default=2,
+                   help="refresh windows of `gap` steps to time (stagger needs 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override for every run (repeatable)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak bf16 TFLOP/s for MFU when the device is not in the table")
+    p.add_argument("--out", default=str(common.REPO / "runs" / "bench" / "train_step.json"),
+                   help="JSON results ('' to skip)")
+    p.add_argument("--png", default=None,
+                   help="chart path (default: the JSON path with .png; '' to skip)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.windows < 1:
+        p.error("--windows must be >= 1")
+    return args
+
+
+def base_overrides(args) -> list[str]:
+    """Overrides common to every variant (batch, sequence, gap, rank)."""
+    out = list(args.overrides)
+    if args.batch_size:
+        out.append(f"batch_size={args.batch_size}")
+    accum = args.accum or (1 if args.batch_size else None)
+    if accum:
+        out.append(f"grad_accum_steps={accum}")
+    if args.seq_len:
+        out.append(f"seq_len={args.seq_len}")
+    if args.gap:
+        out.append(f"optimizer.update_proj_gap={args.gap}")
+    if args.rank:
+        out.append(f"optimizer.rank={args.rank}")
+    return out
+
+
+def load(args, name):
+    from training.config import load_config
+    if args.tensor_rank is None:
+        config = load_config(args.config, base_overrides(args))
+        rank = config.optimizer.rank
+        args.tensor_rank = rank / config.model.hidden_size if isinstance(rank, int) else rank
+    return load_config(args.config, base_overrides(args) + variant_overrides(name, args))
+
+
+# ---------------------------------------------------------------------------
+# One optimizer (child process)
+# ---------------------------------------------------------------------------
+
+
+def _dimension_numbers(layer_axes):
+    """train.py's mapping of the model's stacked-layer axes to GaLore batch axes."""
+    try:
+        import train
+        return train._dimension_numbers(layer_axes)  # pylint: disable=protected-access
+    except (ImportError, AttributeError):
+        import jax
+        import galore_jax as gj
+        return jax.tree.map(lambda a: None if a is None else gj.DimensionNumbers((a,)),
+                            layer_axes, is_leaf=lambda x: x is None)
+
+
+def refresh_offsets(num_projected: int, gap: int) -> list[int]:
+    """Steps within a window where staggered leaves refresh (galore_jax's schedule)."""
+    try:
+        from galore_jax.transform import _refresh_offsets
+        return list(_refresh_offsets(num_projected, gap, True))
+    except ImportError:
+        return [(i * gap) // num_projected for i in range(num_projected)]
+
+
+def refresh_steps(name: str, opt_cfg, num_galore_leaves: int, total: int) -> set:
+    """Indices (0-based, = optimizer count before the step) of steps that refresh."""
+    gap = opt_cfg.update_proj_gap
+    if name.startswith("adamw"):
+        return set()
+    if opt_cfg.stagger:
+        offsets = set(refresh_offsets(num_galore_leaves, gap))
+        return {0} | {i for i in range(gap, total) if i % gap in offsets}
+    return {i for i in range(total) if i % gap == 0}
+
+
+def run_child(name: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    import galore_jax as gj
+    from training import optim
+    from training.task import build_task
+
+    config = load(args, name)
+    task = build_task(config)
+    opt_cfg = getattr(task, "optimizer_defaults", lambda c: c)(config.optimizer)
+    postprocess = getattr(task, "postprocess_grads", lambda g: g)
+    abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(config.seed)))
+    graphdef, param_vars, _ = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_params = nnx.as_pure(param_vars)
+    dims = _dimension_numbers(task.layer_axes(param_vars))
+    kwargs = dict(seed=config.seed, dimension_numbers=dims)
+    if "params" in inspect.signature(optim.build_optimizer).parameters:
+        kwargs["params"] = abstract_params
+    tx, _ = optim.build_optimizer(opt_cfg, config.steps, **kwargs)
+
+    def init_params():
+        return nnx.as_pure(nnx.state(task.make_model(nnx.Rngs(config.seed)), nnx.Param))
+
+    params = jax.jit(init_params)()
+    opt_state = jax.jit(tx.init)(params)
+    state_bytes = int(gj.optimizer_state_bytes(opt_state))
+    labels = gj.galore_labels(abstract_params, dimension_numbers=dims,
+                              label_overrides=opt_cfg.label_overrides)
+    num_galore = sum(1 for x in jax.tree.leaves(labels) if x == "galore")
+
+    accum = config.grad_accum_steps
+
+    def loss_of(params, batch):
+        return task.loss_fn(nnx.merge(graphdef, params), batch)
+
+    def loss_and_grads(params, batches):
+        if accum == 1:
+            return jax.value_and_grad(loss_of)(params, jax.tree.map(lambda x: x[0], batches))
+
+        def add(total, batch):
+            loss, grads = jax.value_and_grad(loss_of)(params, batch)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zeros, batches)
+        return jax.tree.map(lambda x: x / accum, (loss, grads))
+
+    def train_step(params, opt_state, batches):
+        loss, grads = loss_and_grads(params, batches)
+        updates, opt_state = tx.update(postprocess(grads), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+
+    batches = []
+    for _ in range(4):  # a few real batches, on the device before timing
+        batch = next(task.train_iterator)
+        batch = jax.tree.map(
+            lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        batches.append(jax.device_put(batch))
+
+    gap = opt_cfg.update_proj_gap
+    windows = max(args.windows, 2) if opt_cfg.stagger else args.windows
+    total = 1 + windows * gap
+    times, losses = [], []
+    for i in range(total):
+        start = time.perf_counter()
+        params, opt_state, loss = train_step(params, opt_state, batches[i % len(batches)])
+        jax.block_until_ready((params, opt_state, loss))
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    peak = common.jax_peak_memory_bytes()
+
+    refreshing = refresh_steps(name, opt_cfg, num_galore, total)
+    timed = list(range(1, total))
+    plain = [times[i] for i in timed if i not in refreshing]
+    refresh = [times[i] for i in timed if i in refreshing]
+    median = statistics.median(plain)
+    if not refresh:
+        refresh_s, amortized = None, median
+    elif opt_cfg.stagger:
+        refresh_s = max(refresh)
+        amortized = statistics.fmean(times[gap:2 * gap])
+    else:
+        refresh_s = statistics.median(refresh)
+        amortized = ((gap - 1) * median + refresh_s) / gap
+
+    sizes = {common_path(path): int(np.prod(x.shape))
+             for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    num_params = sum(sizes.values())
+    embedding = sum(v for k, v in sizes.items() if "embedding" in k)
+    tokens = config.batch_size * config.seq_len
+    m = config.model
+    flops_per_token = common.model_flops_per_token(
+        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len)
+    info = common.jax_device_info()
+    peak_tflops = common.peak_bf16_tflops(info["device_kind"], args.peak_tflops)
+    tokens_per_s = tokens / amortized
+    return {
+        "optimizer": name,
+        "description": DESCRIPTIONS[name],
+        "device": info,
+        "config": args.config,
+        "overrides": base_overrides(args) + variant_overrides(name, args),
+        "model": {k: getattr(m, k) for k in (
+            "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "scan_layers", "remat", "dtype", "param_dtype")},
+        "params": num_params,
+        "batch_size": config.batch_size, "seq_len": config.seq_len,
+        "grad_accum_steps": accum, "tokens_per_step": tokens,
+        "optimizer_config": {k: getattr(opt_cfg, k) for k in (
+            "rank", "update_proj_gap", "svd", "stagger", "scale", "oversample",
+            "power_iters", "warm_start")},
+        "num_galore_leaves": num_galore,
+        "windows": windows,
+        "first_step_s": times[0],
+        "median_step_s": median,
+        "refresh_step_s": refresh_s,
+        "refresh_steps": sorted(refreshing),
+        "amortized_step_s": amortized,
+        "max_step_s": max(times[1:]),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "peak_tflops": peak_tflops,
+        "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+        "state_bytes": state_bytes,
+        "adamw_state_bytes": int(gj.adamw_state_bytes(params)),
+        "peak_device_bytes": peak,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "step_times_s": times,
+    }
+
+
+def common_path(keypath) -> str:
+    import jax
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if r["optimizer"] == "adamw"), None)
+    b = (lambda key: base[key]) if base else (lambda key: None)  # noqa: E731
+    gap = results[0]["optimizer_config"]["update_proj_gap"]
+    headers = ["optimizer", "step s", "refresh step s", f"amortized s (gap {gap})",
+               "max step s", "max/median", "tokens/s", "MFU", "opt. state MiB",
+               "peak device MiB"]
+    rows = []
+    for r in results:
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        rows.append([
+            r["optimizer"],
+            common.fmt_s(r["median_step_s"]) + common.fmt_ratio(r["median_step_s"],
+                                                                b("median_step_s")),
+            common.fmt_s(r["refresh_step_s"]) + common.fmt_ratio(r["refresh_step_s"],
+                                                                 b("median_step_s")),
+            common.fmt_s(r["amortized_step_s"]) + common.fmt_ratio(r["amortized_step_s"],
+                                                                   b("amortized_step_s")),
+            common.fmt_s(r["max_step_s"]) + common.fmt_ratio(r["max_step_s"], b("max_step_s")),
+            f"{r['max_step_s'] / r['median_step_s']:.2f}",
+            f"{r['tokens_per_s']:,.0f}",
+            mfu,
+            common.fmt_mib(r["state_bytes"]) + (
+                f" ({r['state_bytes'] / base['state_bytes']:.2f}x)" if base else ""),
+            common.fmt_mib(r["peak_device_bytes"]),
+        ])
+    return common.markdown_table(headers, rows)
+
+
+def header(results: list[dict]) -> str:
+    r = results[0]
+    m = r["model"]
+    return (f"{r['device']['device_kind']} ({r['device']['platform']}, jax "
+            f"{r['device']['jax']}); {os.path.relpath(r['config'], common.REPO)}: "
+            f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
+            f"f={m['intermediate_size']}, compute {m['dtype']}, params {m['param_dtype']}; "
+            f"batch {r['batch_size']} x {r['seq_len']} tokens (accum {r['grad_accum_steps']}); "
+            f"rank {r['optimizer_config']['rank']}, gap {r['optimizer_config']['update_proj_gap']}; "
+            f"{r['windows']} window(s) of gap steps timed after step 0. Ratios are to adamw "
+            "(refresh step: to adamw's step).")
+
+
+def chart(results: list[dict], path: str) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    import numpy as np
+    names = [r["optimizer"] for r in results]
+    x = np.arange(len(names))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = [("median step", "median_step_s"), ("amortized", "amortized_step_s"),
+              ("max step", "max_step_s")]
+    width = 0.27
+    for k, (label, key) in enumerate(series):
+        ax1.bar(x + (k - 1) * width, [r[key] for r in results], width, label=label)
+    ax1.set_xticks(x, names, rotation=30, ha="right")
+    ax1.set_ylabel("seconds per step")
+    ax1.set_title("train step time")
+    ax1.legend()
+    ax2.bar(x, [r["state_bytes"] / 2**20 for r in results], color="tab:gray")
+    ax2.set_xticks(x, names, rotation=30, ha="right")
+    ax2.set_ylabel("MiB")
+    ax2.set_title("optimizer state")
+    r = results[0]
+    fig.suptitle(f"{os.path.basename(r['config'])} on {r['device']['device_kind']}: "
+                 f"batch {r['batch_size']}x{r['seq_len']}, gap "
+                 f"{r['optimizer_config']['update_proj_gap']}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def child_argv(args) -> list[str]:
+    argv = [f"--config={args.config}", f"--windows={args.windows}"]
+    for key in ("batch_size", "seq_len", "accum", "gap", "rank", "tensor_rank", "peak_tflops"):
+        value = getattr(args, key)
+        if value is not None:
+            argv.append(f"--{key.replace('_', '-')}={value}")
+    return argv + [f"--set={o}" for o in args.overrides]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
+        return 0
+
+    results = []
+    for name in args.optimizers:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", name, *child_argv(args)],
+            cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            print(f"{name}: failed (exit {proc.returncode}); skipped", file=sys.stderr)
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["wall_s"] = time.perf_counter() - start
+        results.append(result)
+        print(f"{name:15s} step {result['median_step_s']:.4f} s  amortized "
+              f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  "
+              f"state {result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
+              file=sys.stderr, flush=True)
+    if not results:
+        return 1
+    print(header(results))
+    print()
+    print(table(results))
+    summary = [{k: v for k, v in r.items() if k != "step_times_s"} for r in results]
+    print("\n```json\n" + json.dumps(summary) + "\n```")
+    payload = {"benchmark": "train_step", "command": " ".join(["python"] + sys.argv),
+               "results": results}
+    common.write_json(args.out, payload)
+    png = args.png if args.png is not None else (
+        os.path.splitext(args.out)[0] + ".png" if args.out else "")
+    if png:
+        chart(results, png)
+    return 0 if len(results) == len(args.optimizers) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
