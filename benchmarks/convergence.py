@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
             "final_val_ppl": final.get("val_ppl", math.exp(min(final["val_loss"], 700))),
             "final_train_loss": train[-1]["loss"] if train else None,
             "state_mib": float(state.group(1)) if state else None,
+            "tokens_per_s": steady_tokens_per_s(train),
             "wall_s": wall, "command": " ".join(command[1:]),
             "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in evals],
             "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
@@ -142,13 +144,14 @@ def main(argv=None) -> int:
 
     base = next((r for r in results if r["optimizer"] == "adamw"), None)
     headers = ["optimizer", "peak lr", "steps", "tokens", "final val loss", "val ppl",
-               "vs adamw", "final train loss", "opt. state MiB", "wall s"]
+               "vs adamw", "final train loss", "tokens/s", "opt. state MiB", "wall s"]
     rows = []
     for r in results:
         delta = f"{r['final_val_loss'] - base['final_val_loss']:+.4f}" if base else "-"
         rows.append([r["optimizer"], f"{r['lr']:g}", r["steps"], f"{r['tokens']:,}",
                      f"{r['final_val_loss']:.4f}", f"{r['final_val_ppl']:.2f}", delta,
                      f"{r['final_train_loss']:.4f}" if r["final_train_loss"] is not None else "-",
+                     f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
                      f"{r['state_mib']:.2f}" if r["state_mib"] is not None else "-",
                      f"{r['wall_s']:.0f}"])
     m = config.model
@@ -159,6 +162,8 @@ def main(argv=None) -> int:
           f"{args.eval_every} steps on {config.eval_batches} fixed batches.")
     print()
     print(common.markdown_table(headers, rows))
+    print()
+    print(ppl_by_tokens(results))
     summary = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in results]
     print("\n```json\n" + json.dumps(summary) + "\n```")
     common.write_json(str(out_dir / "convergence.json"),
@@ -166,6 +171,22 @@ def main(argv=None) -> int:
                        "results": results})
     chart(results, args.png or str(out_dir / "convergence.png"), args.config)
     return 0 if len(results) == len(args.optimizers) else 1
+
+
+def steady_tokens_per_s(train: list[dict]):
+    """Median train.py throughput over the log intervals after the first (which compiles)."""
+    rates = [r["tokens_per_s"] for r in train[1:] if r.get("tokens_per_s")]
+    return statistics.median(rates) if rates else None
+
+
+def ppl_by_tokens(results: list[dict]) -> str:
+    """Validation perplexity of every run at each evaluation (equal tokens in a row)."""
+    curves = {r["optimizer"]: dict(r["val_curve"]) for r in results}
+    tokens = sorted(set.intersection(*(set(c) for c in curves.values())))
+    headers = ["tokens"] + [f"{name} val ppl" for name in curves]
+    rows = [[f"{t:,}"] + [f"{math.exp(min(c[t], 700)):.2f}" for c in curves.values()]
+            for t in tokens]
+    return common.markdown_table(headers, rows)
 
 
 def chart(results, path, config_path) -> None:

@@ -20,9 +20,9 @@ train_step.py: step 0 left out, ``windows * gap`` steps timed with
 its steps 0, gap, 2 gap, ...
 
 Runs only where ``torch`` and ``galore_torch`` import; otherwise prints
-``skipped: ...`` and exits 0. galore-torch 1.0 imports ``transformers`` and
-``bitsandbytes`` at import time, so install them too:
-    pip install torch galore-torch transformers bitsandbytes
+``skipped: ...`` and exits 0. galore-torch 1.0 imports ``transformers`` (and, for
+its 8-bit optimizer, ``bitsandbytes``, which this script does without):
+    pip install torch galore-torch transformers
 
     python benchmarks/peer_torch.py --config configs/llama_tiny.yaml --batch-size 8 --gap 10
     python benchmarks/peer_torch.py --config configs/llama_1b.yaml --batch-size 32 \\
@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import statistics
 import subprocess
 import sys
 import time
+import types
 
 import _common as common
 
@@ -70,11 +72,36 @@ def parse_args(argv=None):
     return args
 
 
+def galore_adamw_class():
+    """galore_torch.GaLoreAdamW.
+
+    galore-torch 1.0's ``__init__`` also imports its 8-bit optimizer, which needs
+    bitsandbytes (a large CUDA wheel this benchmark does not use). Where that
+    import fails, load ``galore_torch.adamw`` on its own: an empty package
+    module with the installed package's path, so the package ``__init__`` is
+    skipped and ``adamw``'s relative imports still resolve.
+    """
+    try:
+        from galore_torch import GaLoreAdamW
+        return GaLoreAdamW
+    except ImportError as e:
+        if "bitsandbytes" not in str(e):
+            raise
+    spec = importlib.util.find_spec("galore_torch")
+    package = types.ModuleType("galore_torch")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["galore_torch"] = package
+    return importlib.import_module("galore_torch.adamw").AdamW
+
+
 def missing_modules(optimizers) -> list[str]:
     missing = []
     for module in sorted({m for name in optimizers for m in NEEDS[name]}):
         try:
-            importlib.import_module(module)
+            if module == "galore_torch":
+                galore_adamw_class()
+            else:
+                importlib.import_module(module)
         except Exception as e:  # ImportError, or a dependency of it missing / broken
             missing.append(f"{module} ({type(e).__name__}: {e})")
     return missing
@@ -246,7 +273,7 @@ def run_child(name: str, args) -> dict:
                                       fused=device.type == "cuda")
         galore_count = 0
     else:
-        from galore_torch import GaLoreAdamW
+        GaLoreAdamW = galore_adamw_class()
         galore_params, regular = [], []
         for pname, p in model.named_parameters():
             is_target = p.ndim == 2 and (".attention." in pname or ".mlp." in pname)
@@ -359,7 +386,7 @@ def main(argv=None) -> int:
     missing = missing_modules(args.optimizers)
     if missing:
         print("skipped: the PyTorch peers need " + "; ".join(missing) +
-              ". Install them (pip install torch galore-torch transformers bitsandbytes) to "
+              ". Install them (pip install torch galore-torch transformers) to "
               "run this benchmark.")
         return 0
 

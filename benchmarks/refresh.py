@@ -69,6 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--gap", type=int, default=200,
                    help="update_proj_gap, for the amortized 'extra per step' column")
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement")
+    p.add_argument("--exact-reps", type=int,
+                   help="timed calls for the exact method (default: --reps); at 1B one exact "
+                        "whole-model refresh takes tens of seconds on a GPU")
+    p.add_argument("--exact-refresh-only", action="store_true",
+                   help="time the exact method's refresh only, not its update at a refresh "
+                        "step (that is refresh + the update between refreshes)")
     p.add_argument("--signal-rank", type=int,
                    help="rank of the gradients' signal part (default: the GaLore rank)")
     p.add_argument("--decay", type=float, default=1.0,
@@ -211,9 +217,11 @@ def main(argv=None) -> int:
     def measure(method):
         old = previous_basis if method == "randomized_warm" else zeros
         fn = jit_refresh[method]
+        is_exact = method == "exact"
+        reps = args.exact_reps if is_exact and args.exact_reps else args.reps
         say(f"{method}: refresh only ...")
         out = {"refresh_only": common.time_calls(
-            lambda: fn(grads, old, refresh_key), reps=args.reps, sync=sync,
+            lambda: fn(grads, old, refresh_key), reps=reps, sync=sync,
             on_first=keep_bases(method))}
         svd = "exact" if method == "exact" else "randomized"
         tx = gj.scale_by_galore(
@@ -226,9 +234,10 @@ def main(argv=None) -> int:
         at_refresh = state._replace(count=jnp.asarray(args.gap, jnp.int32))
         between = state._replace(count=jnp.asarray(args.gap + 1, jnp.int32))
         update = jax.jit(tx.update)
-        say(f"{method}: update at a refresh step ...")
-        out["update_refresh"] = common.time_calls(
-            lambda: update(grads, at_refresh), reps=args.reps, sync=sync)
+        if not (is_exact and args.exact_refresh_only):
+            say(f"{method}: update at a refresh step ...")
+            out["update_refresh"] = common.time_calls(
+                lambda: update(grads, at_refresh), reps=reps, sync=sync)
         say(f"{method}: update between refreshes ...")
         out["update_plain"] = common.time_calls(
             lambda: update(grads, between), reps=args.reps, sync=sync)
@@ -284,7 +293,8 @@ def main(argv=None) -> int:
                   "leaves": {k: list(v) for k, v in shapes.items()},
                   "sides": {k: plans[k].side for k in LEAVES}},
         "settings": {k: getattr(args, k) for k in (
-            "proj_type", "oversample", "power_iters", "gap", "reps", "signal_rank", "decay",
+            "proj_type", "oversample", "power_iters", "gap", "reps", "exact_reps",
+            "exact_refresh_only", "signal_rank", "decay",
             "noise", "drift", "seed")},
         "results": results,
         "accuracy": accuracy,
@@ -339,7 +349,9 @@ def report(payload: dict) -> str:
         f"{shape['num_matrices']} matrices = {shape['layers']} layers x 7 "
         f"(d={shape['hidden']}, f={shape['intermediate']}), rank {shape['rank']}, "
         f"{shape['dtype']}, oversample {settings['oversample']}, "
-        f"power iters {settings['power_iters']}; median of {settings['reps']} calls.",
+        f"power iters {settings['power_iters']}; median of {settings['reps']} calls"
+        + (f" ({settings['exact_reps']} for exact)" if settings.get("exact_reps") else "")
+        + ".",
         "",
     ]
     gap = settings["gap"]

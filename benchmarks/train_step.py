@@ -102,6 +102,8 @@ def parse_args(argv=None):
                    help="JSON results ('' to skip)")
     p.add_argument("--png", default=None,
                    help="chart path (default: the JSON path with .png; '' to skip)")
+    p.add_argument("--update-reps", type=int, default=10,
+                   help="timed calls of the optimizer update alone (0: skip that column)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -249,6 +251,7 @@ def run_child(name: str, args) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     peak = common.jax_peak_memory_bytes()
+    update_s = time_update_alone(tx, params, opt_state, reps=args.update_reps)
 
     refreshing = refresh_steps(name, opt_cfg, num_galore, total)
     timed = list(range(1, total))
@@ -298,6 +301,7 @@ def run_child(name: str, args) -> dict:
         "refresh_steps": sorted(refreshing),
         "amortized_step_s": amortized,
         "max_step_s": max(times[1:]),
+        "update_alone_s": update_s,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token,
         "peak_tflops": peak_tflops,
@@ -308,6 +312,26 @@ def run_child(name: str, args) -> dict:
         "loss_first": losses[0], "loss_last": losses[-1],
         "step_times_s": times,
     }
+
+
+def time_update_alone(tx, params, opt_state, *, reps: int):
+    """Median seconds of the optimizer update alone (no forward/backward), between refreshes.
+
+    The step loop ends one step after a refresh window, so the state's count is
+    not a refresh step (with stagger and a gap not much larger than the number
+    of projected leaves, count % gap == 1 can be one leaf's offset). Gradients are random (the update's cost does not depend
+    on their values); nothing is donated, so the state is reused across calls.
+    Step time minus this is the forward/backward, clipping and apply.
+    """
+    if reps <= 0:
+        return None
+    import jax
+    grads = jax.jit(lambda p: jax.tree.map(
+        lambda x: 1e-3 * jax.random.normal(jax.random.PRNGKey(0), x.shape, x.dtype), p))(params)
+    update = jax.jit(tx.update)
+    timing = common.time_calls(lambda: update(grads, opt_state, params), reps=reps,
+                               sync=jax.block_until_ready)
+    return timing["median_s"]
 
 
 def common_path(keypath) -> str:
@@ -322,11 +346,11 @@ def common_path(keypath) -> str:
 
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["optimizer"] == "adamw"), None)
-    b = (lambda key: base[key]) if base else (lambda key: None)  # noqa: E731
+    b = (lambda key: base.get(key)) if base else (lambda key: None)  # noqa: E731
     gap = results[0]["optimizer_config"]["update_proj_gap"]
-    headers = ["optimizer", "step s", "refresh step s", f"amortized s (gap {gap})",
-               "max step s", "max/median", "tokens/s", "MFU", "opt. state MiB",
-               "peak device MiB"]
+    headers = ["optimizer", "step s", "update alone s", "refresh step s",
+               f"amortized s (gap {gap})", "max step s", "max/median", "tokens/s", "MFU",
+               "opt. state MiB", "peak device MiB"]
     rows = []
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
@@ -334,6 +358,8 @@ def table(results: list[dict]) -> str:
             r["optimizer"],
             common.fmt_s(r["median_step_s"]) + common.fmt_ratio(r["median_step_s"],
                                                                 b("median_step_s")),
+            common.fmt_s(r.get("update_alone_s")) + common.fmt_ratio(
+                r.get("update_alone_s"), b("update_alone_s")),
             common.fmt_s(r["refresh_step_s"]) + common.fmt_ratio(r["refresh_step_s"],
                                                                  b("median_step_s")),
             common.fmt_s(r["amortized_step_s"]) + common.fmt_ratio(r["amortized_step_s"],
@@ -395,7 +421,8 @@ def chart(results: list[dict], path: str) -> None:
 
 def child_argv(args) -> list[str]:
     argv = [f"--config={args.config}", f"--windows={args.windows}"]
-    for key in ("batch_size", "seq_len", "accum", "gap", "rank", "tensor_rank", "peak_tflops"):
+    for key in ("batch_size", "seq_len", "accum", "gap", "rank", "tensor_rank", "peak_tflops",
+                "update_reps"):
         value = getattr(args, key)
         if value is not None:
             argv.append(f"--{key.replace('_', '-')}={value}")

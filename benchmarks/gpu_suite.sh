@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every GPU table of the README's "Results", one benchmark after another (each
+# optimizer in its own process, so device memory and its peak are its own).
+#
+#   benchmarks/gpu_suite.sh OUT_DIR [PART ...]
+#
+# PARTs, in the default order (most important first, so a cut-off run still
+# has the headline numbers): env step_1b refresh_1b convergence_60m fno_darcy
+# fno_burgers peer_torch_1b step_1b_more. Each PART writes OUT_DIR/PART.md (the table
+# printed on stdout), OUT_DIR/PART.log (stderr) and its JSON / PNG files.
+# Shapes: LLaMA-1B paper shape with a 32000-token vocabulary (as the paper's T5
+# tokenizer), batch 32 x 256, bf16 compute, f32 params, no rematerialisation,
+# rank 512, gap 200: the setting of the measured peers in DESIGN.md.
+set -u
+cd "$(dirname "$0")/.."
+out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [PART ...]}
+shift
+parts=("$@")
+if [ ${#parts[@]} -eq 0 ]; then
+  parts=(env step_1b refresh_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more)
+fi
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# Processes of the same model (adamw in two groups) share compiled programs.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/galore_jax_compile_cache}
+py=${PYTHON:-python3}
+step_1b=(--config configs/llama_1b.yaml --batch-size 32 --seq-len 256 --gap 200 --windows 1
+         --set model.remat=false --set model.vocab_size=32000)
+
+# Tensor-GaLore at the scale / lr that matched AdamW at CPU sizes (README, FNO section).
+fno_tuned=(--set-for tensor_galore optimizer.scale=1.0 --set-for tensor_galore optimizer.lr=6e-3)
+
+run() {  # run PART COMMAND...: stdout -> PART.md, stderr -> PART.log, a line of timing
+  local part=$1; shift
+  local start=$SECONDS
+  echo "== $part: $*" | tee -a "$out/suite.log"
+  "$@" >"$out/$part.md" 2>"$out/$part.log"
+  echo "== $part: exit $? after $((SECONDS - start)) s" | tee -a "$out/suite.log"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    env)
+      run env bash -c "nvidia-smi; $py -c 'import jax, flax, optax, orbax.checkpoint as o; \
+print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
+    step_1b)
+      run step_1b "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --optimizers adamw galore galore_stagger --out "$out/step_1b.json" ;;
+    refresh_1b)
+      run refresh_1b "$py" benchmarks/refresh.py --shape 1b --reps 5 --exact-reps 1 \
+        --exact-refresh-only --out "$out/refresh_1b.json" ;;
+    convergence_60m)
+      run convergence_60m "$py" benchmarks/convergence.py --config configs/llama_60m.yaml \
+        --steps 2000 --eval-every 200 --optimizers adamw galore --set batch_size=256 \
+        --out-dir "$out/convergence_60m" ;;
+    fno_darcy)  # 4x the CPU config's grid points, 4x the data, 4x the kept modes
+      run fno_darcy "$py" benchmarks/fno_optimizers.py --datasets darcy --steps 1000 \
+        --set data.resolution=64 --set data.n_train=1000 --set data.n_test=200 \
+        --set "model.modes=[16,16]" --set model.width=32 --set batch_size=32 \
+        --set eval_every=500 "${fno_tuned[@]}" --out "$out/fno_darcy.json" ;;
+    fno_burgers)
+      run fno_burgers "$py" benchmarks/fno_optimizers.py --datasets burgers --steps 1000 \
+        --set data.resolution=1024 --set data.n_train=1000 --set data.n_test=200 \
+        --set model.width=64 --set batch_size=32 --set eval_every=500 "${fno_tuned[@]}" \
+        --out "$out/fno_burgers.json" ;;
+    step_1b_more)
+      run step_1b_more "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --optimizers adamw optax_galore tensor_galore --out "$out/step_1b_more.json" ;;
+    peer_torch_1b)
+      run peer_torch_1b "$py" benchmarks/peer_torch.py "${step_1b[@]}" \
+        --out "$out/peer_torch_1b.json" ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
