@@ -43,7 +43,10 @@ import _common as common
 
 OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galore",
               "optax_galore")
-EXTRA = ("adamw_unrolled",)  # the fair baseline for optax_galore's unrolled model
+# adamw_unrolled: the fair baseline for optax_galore's unrolled model;
+# galore_reverse_std: projects the larger side of each matrix (as optax.contrib does),
+# so the low-rank moments are min(m, n) x r instead of max(m, n) x r.
+EXTRA = ("adamw_unrolled", "galore_reverse_std")
 DESCRIPTIONS = {
     "adamw": "optax.adamw",
     "galore": "galore_adamw, randomized SVD (warm start)",
@@ -52,6 +55,7 @@ DESCRIPTIONS = {
     "tensor_galore": "tensor_galore_adamw (Tucker of each stacked (L, m, n) weight)",
     "optax_galore": "optax.contrib.galore (exact SVD, unrolled layers)",
     "adamw_unrolled": "optax.adamw, unrolled layers",
+    "galore_reverse_std": "galore_adamw, randomized, proj_type=reverse_std",
 }
 
 
@@ -65,6 +69,9 @@ def variant_overrides(name: str, args) -> list[str]:
         return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=false"]
     if name == "galore_exact":
         return ["optimizer.name=galore", "optimizer.svd=exact", "optimizer.stagger=false"]
+    if name == "galore_reverse_std":
+        return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=false",
+                "optimizer.proj_type=reverse_std"]
     if name == "galore_stagger":
         return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=true"]
     if name == "tensor_galore":
@@ -105,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--update-reps", type=int, default=10,
                    help="timed calls of the optimizer update alone (0: skip that column)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
+    p.add_argument("--state-only", action="store_true",
+                   help="only print each optimizer's state bytes per label, from the abstract "
+                        "state (no step is run, nothing is allocated: any model size on CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.windows < 1:
@@ -175,21 +185,17 @@ def refresh_steps(name: str, opt_cfg, num_galore_leaves: int, total: int) -> set
     return {i for i in range(total) if i % gap == 0}
 
 
-def run_child(name: str, args) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
+def build(name: str, args):
+    """The config, task, optimizer config, abstract params, dimension numbers and
+    optimizer of one variant, as train.py builds them (nothing is allocated)."""
     from flax import nnx
 
-    import galore_jax as gj
     from training import optim
     from training.task import build_task
 
     config = load(args, name)
     task = build_task(config)
     opt_cfg = getattr(task, "optimizer_defaults", lambda c: c)(config.optimizer)
-    postprocess = getattr(task, "postprocess_grads", lambda g: g)
     abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(config.seed)))
     graphdef, param_vars, _ = nnx.split(abstract_model, nnx.Param, ...)
     abstract_params = nnx.as_pure(param_vars)
@@ -198,6 +204,54 @@ def run_child(name: str, args) -> dict:
     if "params" in inspect.signature(optim.build_optimizer).parameters:
         kwargs["params"] = abstract_params
     tx, _ = optim.build_optimizer(opt_cfg, config.steps, **kwargs)
+    return config, task, opt_cfg, graphdef, abstract_params, dims, tx
+
+
+def state_only(args) -> int:
+    """--state-only: optimizer-state bytes per label from the abstract state."""
+    import jax
+
+    import galore_jax as gj
+
+    rows, adamw = [], None
+    for name in args.optimizers:
+        config, _, _, _, abstract_params, _, tx = build(name, args)
+        report = gj.memory_report(jax.eval_shape(tx.init, abstract_params), abstract_params)
+        adamw = report["adamw_bytes"] if adamw is None else adamw
+        dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(abstract_params)})
+        rows.append({"optimizer": name, "description": DESCRIPTIONS[name],
+                     "param_dtypes": dtypes, **report})
+    gib = lambda b: f"{b / 2**30:.3f}"
+    print(f"Optimizer state of {args.config} (params {', '.join(rows[0]['param_dtypes'])}; "
+          f"rank {config.optimizer.rank}), from the abstract state (jax.eval_shape of "
+          "init: nothing allocated). Ratio: to AdamW's two moments.\n")
+    labels = sorted({k for r in rows for k in r["per_label"] if k != "other"})
+    print("| optimizer | what | state bytes | state GiB | vs AdamW | " + " | ".join(
+        f"{k} GiB" for k in labels) + " |")
+    print("|---" * (5 + len(labels)) + "|")
+    for r in rows:
+        print(f"| {r['optimizer']} | {r['description']} | {r['total_bytes']:,} | "
+              f"{gib(r['total_bytes'])} | "
+              f"{r['total_bytes'] / adamw:.2f}x | " + " | ".join(
+                  gib(r["per_label"].get(k, 0)) if set(r["per_label"]) != {"other"} else "-"
+                  for k in labels) + " |")
+    print("\n```json\n" + json.dumps(rows) + "\n```")
+    common.write_json(args.out, {"benchmark": "train_step --state-only",
+                                 "command": " ".join(["python"] + sys.argv), "results": rows})
+    return 0
+
+
+def run_child(name: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    import galore_jax as gj
+
+    config, task, opt_cfg, graphdef, abstract_params, dims, tx = build(name, args)
+    postprocess = getattr(task, "postprocess_grads", lambda g: g)
 
     def init_params():
         return nnx.as_pure(nnx.state(task.make_model(nnx.Rngs(config.seed)), nnx.Param))
@@ -434,6 +488,8 @@ def main(argv=None) -> int:
     if args.child:
         print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
         return 0
+    if args.state_only:
+        return state_only(args)
 
     results = []
     for name in args.optimizers:

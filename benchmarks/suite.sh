@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Every table of the README's "Results", one benchmark after another (each
+# optimizer in its own process, so device memory and its peak are its own).
+#
+#   benchmarks/suite.sh OUT_DIR [PART ...]
+#
+# GPU PARTs, in the default order (most important first, so a cut-off run still
+# has the headline numbers): env step_1b refresh_1b convergence_60m fno_darcy
+# fno_burgers peer_torch_1b step_1b_more step_1b_fast. Shapes: LLaMA-1B paper
+# shape with a 32000-token vocabulary (as the paper's T5 tokenizer), batch
+# 32 x 256, bf16 compute, f32 params, no rematerialisation, rank 512, gap 200:
+# the setting of the measured peers in DESIGN.md.
+#
+# CPU PARTs (the small sizes of benchmarks/README.md, about an hour in all on
+# 2 cores): `cpu` runs cpu_env cpu_state_1b cpu_refresh cpu_step cpu_peer_torch
+# cpu_convergence cpu_fno cpu_fno_paper.
+#
+# Each PART writes OUT_DIR/PART.md (the table printed on stdout), OUT_DIR/PART.log
+# (stderr) and its JSON / PNG files; OUT_DIR/suite.log has each part's exit code
+# and wall time.
+set -u
+cd "$(dirname "$0")/.."
+out=${1:?usage: benchmarks/suite.sh OUT_DIR [PART ...]}
+shift
+parts=("$@")
+if [ ${#parts[@]} -eq 0 ]; then
+  parts=(env step_1b refresh_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast)
+elif [ "${parts[*]}" = cpu ]; then
+  parts=(cpu_env cpu_state_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_fno cpu_fno_paper)
+fi
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# Processes of the same model (adamw in two groups) share compiled programs.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/galore_jax_compile_cache}
+py=${PYTHON:-python3}
+step_1b=(--config configs/llama_1b.yaml --batch-size 32 --seq-len 256 --gap 200 --windows 1
+         --set model.remat=false --set model.vocab_size=32000)
+
+# Tensor-GaLore at the scale / lr that matched AdamW at CPU sizes (README, FNO section).
+fno_tuned=(--set-for tensor_galore optimizer.scale=1.0 --set-for tensor_galore optimizer.lr=6e-3)
+
+run() {  # run PART COMMAND...: stdout -> PART.md, stderr -> PART.log, a line of timing
+  local part=$1; shift
+  local start=$SECONDS
+  echo "== $part: $*" | tee -a "$out/suite.log"
+  "$@" >"$out/$part.md" 2>"$out/$part.log"
+  echo "== $part: exit $? after $((SECONDS - start)) s" | tee -a "$out/suite.log"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    env)
+      run env bash -c "nvidia-smi; $py -c 'import jax, flax, optax, orbax.checkpoint as o; \
+print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
+    step_1b)
+      run step_1b "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --optimizers adamw galore galore_stagger --out "$out/step_1b.json" ;;
+    refresh_1b)
+      run refresh_1b "$py" benchmarks/refresh.py --shape 1b --reps 5 --exact-reps 1 \
+        --exact-refresh-only --out "$out/refresh_1b.json" ;;
+    convergence_60m)
+      run convergence_60m "$py" benchmarks/convergence.py --config configs/llama_60m.yaml \
+        --steps 3000 --eval-every 250 --optimizers adamw galore --set batch_size=128 \
+        --out-dir "$out/convergence_60m" ;;
+    fno_darcy)  # 4x the CPU config's grid points, 4x the data, 4x the kept modes
+      run fno_darcy "$py" benchmarks/fno_optimizers.py --datasets darcy --steps 1000 \
+        --set data.resolution=64 --set data.n_train=1000 --set data.n_test=200 \
+        --set "model.modes=[16,16]" --set model.width=32 --set batch_size=32 \
+        --set eval_every=500 "${fno_tuned[@]}" --out "$out/fno_darcy.json" ;;
+    fno_burgers)
+      run fno_burgers "$py" benchmarks/fno_optimizers.py --datasets burgers --steps 1000 \
+        --set data.resolution=1024 --set data.n_train=1000 --set data.n_test=200 \
+        --set model.width=64 --set batch_size=32 --set eval_every=500 "${fno_tuned[@]}" \
+        --out "$out/fno_burgers.json" ;;
+    step_1b_more)
+      run step_1b_more "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --optimizers adamw optax_galore tensor_galore --out "$out/step_1b_more.json" ;;
+    step_1b_fast)  # the two changes predicted to lift throughput: cuDNN attention, bf16 params
+      run step_1b_fast "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --set model.attention_implementation=cudnn --set model.param_dtype=bfloat16 \
+        --optimizers adamw galore --out "$out/step_1b_fast.json" ;;
+    peer_torch_1b)
+      run peer_torch_1b "$py" benchmarks/peer_torch.py "${step_1b[@]}" \
+        --out "$out/peer_torch_1b.json" ;;
+    cpu_env)
+      run cpu_env bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; $py -c 'import jax, flax, optax; \
+print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
+    cpu_state_1b)  # abstract state (nothing allocated): the peers' bf16 params, then f32
+      for dtype in bfloat16 float32; do
+        run cpu_state_1b_$dtype "$py" benchmarks/train_step.py "${step_1b[@]}" --state-only \
+          --set model.param_dtype=$dtype --out "$out/cpu_state_1b_$dtype.json" \
+          --optimizers adamw galore galore_reverse_std tensor_galore optax_galore
+      done ;;
+    cpu_refresh)
+      run cpu_refresh "$py" benchmarks/refresh.py --shape small --optax-contrib \
+        --out "$out/cpu_refresh.json" ;;
+    cpu_step)
+      run cpu_step "$py" benchmarks/train_step.py --config configs/llama_tiny.yaml \
+        --batch-size 8 --gap 10 --out "$out/cpu_step.json" ;;
+    cpu_peer_torch)
+      run cpu_peer_torch "$py" benchmarks/peer_torch.py --config configs/llama_tiny.yaml \
+        --batch-size 8 --gap 10 --out "$out/cpu_peer_torch.json" ;;
+    cpu_convergence)
+      run cpu_convergence "$py" benchmarks/convergence.py --config configs/llama_tiny.yaml \
+        --steps 300 --out-dir "$out/cpu_convergence" ;;
+    cpu_fno)  # the configs' CPU sizes
+      run cpu_fno "$py" benchmarks/fno_optimizers.py --steps 1000 "${fno_tuned[@]}" \
+        --out "$out/cpu_fno.json" ;;
+    cpu_fno_paper)  # Tensor-GaLore at the paper's scale 0.25 and the config's lr
+      run cpu_fno_paper "$py" benchmarks/fno_optimizers.py --steps 1000 \
+        --optimizers tensor_galore --out "$out/cpu_fno_paper.json" ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
