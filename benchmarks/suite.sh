@@ -103,6 +103,10 @@ print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
     cpu_convergence)
       run cpu_convergence "$py" benchmarks/convergence.py --config configs/llama_tiny.yaml \
         --steps 300 --out-dir "$out/cpu_convergence" ;;
+    cpu_convergence_60m)  # not in `cpu`: the paper's 60M shape, 150 short steps (~27 min)
+      run cpu_convergence_60m "$py" benchmarks/convergence.py --config configs/llama_60m.yaml \
+        --steps 150 --eval-every 50 --set batch_size=8 --set log_every=10 \
+        --optimizers adamw galore --out-dir "$out/cpu_convergence_60m" ;;
     cpu_fno)  # the configs' CPU sizes
       run cpu_fno "$py" benchmarks/fno_optimizers.py --steps 1000 "${fno_tuned[@]}" \
         --out "$out/cpu_fno.json" ;;
