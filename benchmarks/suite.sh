@@ -33,6 +33,8 @@ export PYTHONUNBUFFERED=1
 # Processes of the same model (adamw in two groups) share compiled programs.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/galore_jax_compile_cache}
 py=${PYTHON:-python3}
+versions="$py -c 'import jax, flax, optax, orbax.checkpoint; \
+print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'"
 step_1b=(--config configs/llama_1b.yaml --batch-size 32 --seq-len 256 --gap 200 --windows 1
          --set model.remat=false --set model.vocab_size=32000)
 
@@ -50,8 +52,7 @@ run() {  # run PART COMMAND...: stdout -> PART.md, stderr -> PART.log, a line of
 for part in "${parts[@]}"; do
   case $part in
     env)
-      run env bash -c "nvidia-smi; $py -c 'import jax, flax, optax, orbax.checkpoint as o; \
-print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
+      run env bash -c "nvidia-smi; $versions" ;;
     step_1b)
       run step_1b "$py" benchmarks/train_step.py "${step_1b[@]}" \
         --optimizers adamw galore galore_stagger --out "$out/step_1b.json" ;;
@@ -83,8 +84,7 @@ print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
       run peer_torch_1b "$py" benchmarks/peer_torch.py "${step_1b[@]}" \
         --out "$out/peer_torch_1b.json" ;;
     cpu_env)
-      run cpu_env bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; $py -c 'import jax, flax, optax; \
-print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
+      run cpu_env bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; $versions" ;;
     cpu_state_1b)  # abstract state (nothing allocated): the peers' bf16 params, then f32
       for dtype in bfloat16 float32; do
         run cpu_state_1b_$dtype "$py" benchmarks/train_step.py "${step_1b[@]}" --state-only \

@@ -213,11 +213,10 @@ def state_only(args) -> int:
 
     import galore_jax as gj
 
-    rows, adamw = [], None
+    rows = []
     for name in args.optimizers:
         config, _, _, _, abstract_params, _, tx = build(name, args)
         report = gj.memory_report(jax.eval_shape(tx.init, abstract_params), abstract_params)
-        adamw = report["adamw_bytes"] if adamw is None else adamw
         dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(abstract_params)})
         rows.append({"optimizer": name, "description": DESCRIPTIONS[name],
                      "param_dtypes": dtypes, **report})
@@ -226,15 +225,14 @@ def state_only(args) -> int:
           f"rank {config.optimizer.rank}), from the abstract state (jax.eval_shape of "
           "init: nothing allocated). Ratio: to AdamW's two moments.\n")
     labels = sorted({k for r in rows for k in r["per_label"] if k != "other"})
-    print("| optimizer | what | state bytes | state GiB | vs AdamW | " + " | ".join(
-        f"{k} GiB" for k in labels) + " |")
-    print("|---" * (5 + len(labels)) + "|")
-    for r in rows:
-        print(f"| {r['optimizer']} | {r['description']} | {r['total_bytes']:,} | "
-              f"{gib(r['total_bytes'])} | "
-              f"{r['total_bytes'] / adamw:.2f}x | " + " | ".join(
-                  gib(r["per_label"].get(k, 0)) if set(r["per_label"]) != {"other"} else "-"
-                  for k in labels) + " |")
+    headers = ["optimizer", "what", "state bytes", "state GiB", "vs AdamW",
+               *(f"{k} GiB" for k in labels)]
+    print(common.markdown_table(headers, [
+        [r["optimizer"], r["description"], f"{r['total_bytes']:,}", gib(r["total_bytes"]),
+         f"{r['ratio_to_adamw']:.2f}x",
+         *(gib(r["per_label"].get(k, 0)) if set(r["per_label"]) != {"other"} else "-"
+           for k in labels)]
+        for r in rows]))
     print("\n```json\n" + json.dumps(rows) + "\n```")
     common.write_json(args.out, {"benchmark": "train_step --state-only",
                                  "command": " ".join(["python"] + sys.argv), "results": rows})
