@@ -1,0 +1,314 @@
+"""What bounds the optimizer update: XLA's static cost, roofline floors and solver calls.
+
+For one model config and a list of optimizers (built as ``train.py`` builds
+them, like ``train_step.py``), compiles the optimizer update alone
+(``tx.update``, the same call as train_step.py's "update alone" column) from
+abstract shapes, so nothing is allocated and any model size compiles on a CPU.
+Two phases per optimizer, each with the step count baked in as a constant so
+XLA drops the refresh branch that does not run:
+
+  steady   a step between refreshes (count 1)
+  refresh  a step that refreshes every projector (count = gap: warm-started
+           randomized or exact SVD; with stagger only the leaves at offset 0)
+
+For each phase it reports, from the compiled executable:
+
+  GFLOP        ``cost_analysis()["flops"]`` (dots and elementwise; solver
+               custom calls count 0, see the solver columns)
+  GB in+out    argument + output bytes (``memory_analysis()``): what any
+               implementation must read and write at least once
+  GB HLO       ``cost_analysis()["bytes accessed"]``, summed over the HLO ops
+               after this backend's fusion (more passes than in+out)
+  floors       compute: GFLOP / peak matmul rate (TF32 for f32 dots, XLA:GPU's
+               default precision; bf16 rate otherwise); memory: GB in+out / HBM
+               bandwidth. A kernel-perfect update takes max(compute, memory).
+  solver calls cholesky / triangular_solve / eigh / qr / svd custom calls with
+               their operand shapes: matrix-size factorizations that neither
+               roofline sees. On GPU, XLA runs a batched eigh of matrices larger
+               than 32 x 32 one matrix at a time (cuSOLVER syevd).
+
+With ``--time-solvers`` each distinct solver call is timed alone on this
+machine's device (median of ``--reps``), which gives a "solver s" column:
+the phase's solver calls at that speed. With ``--measured`` (a train_step.py
+JSON) the measured update-alone and refresh-extra times are put next to the
+floors: steady measured = ``update_alone_s``; refresh extra measured =
+``refresh_step_s - median_step_s``, set against the refresh phase's cost minus
+the steady phase's.
+
+The device whose peaks are used is ``--device`` (default h100; the
+numbers are data-sheet peaks for the SXM parts), independent of where the
+script runs: the cost analysis is of this backend's compiled program, so run it
+on the GPU for GPU fusion, or on a CPU for the counts (FLOPs, in+out bytes and
+solver calls do not depend on the backend).
+
+    python benchmarks/update_cost.py --config configs/llama_1b.yaml \\
+        --set model.vocab_size=32000 --gap 200 --optimizers adamw galore \\
+        --measured benchmarks/results/h100/step_1b.json
+    python benchmarks/update_cost.py --config configs/llama_tiny.yaml --gap 10 --time-solvers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections import Counter
+
+import _common as common
+import train_step
+
+# Data-sheet dense peaks (TFLOP/s) and HBM bandwidth (GB/s), SXM parts.
+DEVICE_PEAKS = {
+    "h100": {"bf16_tflops": 989.4, "tf32_tflops": 494.7, "hbm_gbs": 3350.0},
+    "h200": {"bf16_tflops": 989.4, "tf32_tflops": 494.7, "hbm_gbs": 4800.0},
+    "a100": {"bf16_tflops": 312.0, "tf32_tflops": 156.0, "hbm_gbs": 2039.0},
+}
+PHASES = ("steady", "refresh")
+SOLVER_KINDS = (  # (kind, substrings of the custom-call target or HLO opcode)
+    ("cholesky", ("potrf", "cholesky")),
+    ("triangular_solve", ("trsm", "triangular")),
+    ("eigh", ("syev", "heev", "eigh")),
+    ("qr", ("geqrf", "orgqr", "ungqr", "householder")),
+    ("svd", ("gesdd", "gesvd", "svd")),
+)
+_INSTRUCTION = re.compile(r"=\s*\(?\s*(?P<dtype>[a-z]+\d*)\[(?P<shape>[\d,]*)\][^=]*?\s"
+                          r"(?P<op>custom-call|cholesky|triangular-solve)\(")
+_TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
+HLO_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64",
+              "c64": "complex64", "c128": "complex128"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
+    p.add_argument("--optimizers", nargs="+",
+                   choices=train_step.OPTIMIZERS + train_step.EXTRA,
+                   default=["adamw", "galore", "galore_exact", "tensor_galore"])
+    p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
+    p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
+    p.add_argument("--tensor-rank", type=float,
+                   help="tensor_galore per-mode rank fraction (default: rank / hidden_size)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--device", choices=sorted(DEVICE_PEAKS), default="h100",
+                   help="whose peaks give the floors")
+    p.add_argument("--time-solvers", action="store_true",
+                   help="time each distinct solver call alone on this machine's device")
+    p.add_argument("--reps", type=int, default=3, help="timed calls per solver call")
+    p.add_argument("--measured", help="train_step.py JSON to put measured times beside the floors")
+    p.add_argument("--out", default=str(common.REPO / "runs" / "bench" / "update_cost.json"),
+                   help="JSON results ('' to skip)")
+    args = p.parse_args(argv)
+    # train_step.build reads these.
+    args.batch_size = args.seq_len = args.accum = None
+    return args
+
+
+def with_constant_count(state, count: int):
+    """The state with every scalar int32 `count` (GaLore's, Adam's, schedules') set to
+    a trace-time constant, so XLA folds the refresh switch to the branch that runs."""
+    import jax
+    import jax.numpy as jnp
+
+    def fix(path, leaf):
+        name = getattr(path[-1], "name", None) if path else None
+        if name == "count" and leaf.ndim == 0 and leaf.dtype == jnp.int32:
+            return jnp.asarray(count, jnp.int32)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fix, state)
+
+
+def solver_calls(hlo_text: str) -> Counter:
+    """Counter of (kind, dtype, shape) over the solver ops of an optimized HLO module."""
+    calls = Counter()
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.search(line)
+        if not match:
+            continue
+        target = _TARGET.search(line)
+        name = (target.group("target") if target else match.group("op")).lower()
+        for kind, keys in SOLVER_KINDS:
+            if any(k in name for k in keys):
+                calls[(kind, match.group("dtype"), match.group("shape"))] += 1
+                break
+    return calls
+
+
+def matmul_peak_tflops(params, peaks: dict) -> float:
+    """TF32 rate if any param is f32 (XLA:GPU's default precision for f32 dots), else bf16."""
+    import jax
+    import jax.numpy as jnp
+    dtypes = {x.dtype for x in jax.tree.leaves(params)}
+    return peaks["tf32_tflops"] if jnp.dtype(jnp.float32) in dtypes else peaks["bf16_tflops"]
+
+
+def phase_cost(tx, abstract_params, count: int) -> dict:
+    import jax
+
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+
+    def update(grads, state, params):
+        return tx.update(grads, with_constant_count(state, count), params)
+
+    compiled = jax.jit(update).lower(abstract_params, abstract_state, abstract_params).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0]
+    memory = compiled.memory_analysis()
+    calls = solver_calls(compiled.as_text())
+    return {
+        "count": count,
+        "flops": float(cost.get("flops", 0.0)),
+        "hlo_bytes": float(cost.get("bytes accessed", 0.0)),
+        "in_out_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "solver_calls": [{"kind": k, "dtype": d, "shape": [int(s) for s in shape.split(",") if s],
+                          "calls": n} for (k, d, shape), n in sorted(calls.items())],
+    }
+
+
+def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
+    """Median seconds of one solver call of this kind and operand shape on device 0."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = HLO_DTYPES[dtype]
+    if kind in ("cholesky", "triangular_solve", "eigh"):
+        n = shape[-1]
+        x = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+        spd = jax.jit(lambda x: x @ jnp.conj(jnp.swapaxes(x, -1, -2)) / n
+                      + jnp.eye(n, dtype=x.dtype))(x)
+        if kind == "cholesky":
+            fn, arg = jax.jit(jnp.linalg.cholesky), spd
+        elif kind == "eigh":
+            fn, arg = jax.jit(lambda a: jnp.linalg.eigh(a)), spd
+        else:
+            lower = jax.jit(jnp.linalg.cholesky)(spd)
+            eye = jnp.broadcast_to(jnp.eye(n, dtype=lower.dtype), lower.shape)
+            fn = jax.jit(lambda l: jax.scipy.linalg.solve_triangular(l, eye, lower=True))
+            arg = lower
+    elif kind == "qr":
+        fn = jax.jit(lambda a: jnp.linalg.qr(a))
+        arg = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+    else:  # svd: the operand of a gesdd/gesvd call is the matrix itself
+        fn = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False))
+        arg = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+    timing = common.time_calls(lambda: fn(arg), reps=reps, sync=jax.block_until_ready)
+    return timing["median_s"]
+
+
+def load_measured(path):
+    if not path:
+        return {}
+    with open(path) as f:
+        payload = json.load(f)
+    out = {}
+    for r in payload.get("results", payload):
+        steady = r.get("update_alone_s")
+        refresh = r.get("refresh_step_s")
+        extra = refresh - r["median_step_s"] if refresh is not None else None
+        out[r["optimizer"]] = {"steady": steady, "refresh": extra}
+    return out
+
+
+def describe_calls(calls: list) -> str:
+    if not calls:
+        return "none"
+    return ", ".join(f"{c['calls']}x {c['kind']} {c['dtype']}[{','.join(map(str, c['shape']))}]"
+                     for c in calls)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    peaks = DEVICE_PEAKS[args.device]
+    solver_seconds = {}
+    rows = []
+    for name in args.optimizers:
+        config, _, opt_cfg, _, abstract_params, _, tx = train_step.build(name, args)
+        matmul_tflops = matmul_peak_tflops(abstract_params, peaks)
+        gap = opt_cfg.update_proj_gap
+        phases = {"steady": phase_cost(tx, abstract_params, 1)}
+        if not name.startswith("adamw"):
+            phases["refresh"] = phase_cost(tx, abstract_params, gap)
+        for phase, cost in phases.items():
+            if args.time_solvers:
+                for c in cost["solver_calls"]:
+                    key = (c["kind"], c["dtype"], tuple(c["shape"]))
+                    if key not in solver_seconds:
+                        solver_seconds[key] = time_solver(c["kind"], c["dtype"], c["shape"],
+                                                          args.reps)
+                        print(f"  {c['kind']} {c['dtype']}{list(c['shape'])}: "
+                              f"{solver_seconds[key]:.4f} s", file=sys.stderr, flush=True)
+                cost["solver_s"] = sum(solver_seconds[(c["kind"], c["dtype"], tuple(c["shape"]))]
+                                       * c["calls"] for c in cost["solver_calls"])
+            cost["compute_floor_s"] = cost["flops"] / (matmul_tflops * 1e12)
+            cost["memory_floor_s"] = cost["in_out_bytes"] / (peaks["hbm_gbs"] * 1e9)
+            cost["floor_s"] = max(cost["compute_floor_s"], cost["memory_floor_s"])
+        if "refresh" in phases:
+            steady, refresh = phases["steady"], phases["refresh"]
+            # What the refresh adds to a step (the measured refresh extra is the same difference).
+            phases["refresh_extra"] = {
+                "flops": refresh["flops"] - steady["flops"],
+                "compute_floor_s": refresh["compute_floor_s"] - steady["compute_floor_s"],
+                "solver_calls": refresh["solver_calls"],
+                **({"solver_s": refresh["solver_s"] - steady.get("solver_s", 0.0)}
+                   if "solver_s" in refresh else {}),
+            }
+        rows.append({"optimizer": name, "description": train_step.DESCRIPTIONS[name],
+                     "gap": gap, "rank": opt_cfg.rank, "matmul_tflops": matmul_tflops, "phases": phases})
+        print(f"{name}: compiled", file=sys.stderr, flush=True)
+
+    measured = load_measured(args.measured)
+    dev = jax.devices()[0]
+    print(f"Optimizer update alone (tx.update) of {args.config} "
+          f"({sum(x.size for x in jax.tree.leaves(abstract_params)) / 1e6:.1f}M params, "
+          f"rank {rows[-1]['rank']}, gap {rows[-1]['gap']}), compiled by jax {jax.__version__} for "
+          f"{dev.platform} ({dev.device_kind}); floors at {args.device} peaks "
+          f"(matmul {rows[0]['matmul_tflops']} TFLOP/s, HBM {peaks['hbm_gbs']:.0f} GB/s)"
+          + (f"; solver s timed on {dev.device_kind}" if args.time_solvers else "")
+          + (f"; measured: {args.measured}" if args.measured else "") + ".\n")
+    headers = ["optimizer", "phase", "GFLOP", "GB in+out", "GB HLO", "compute floor ms",
+               "memory floor ms", "floor ms"]
+    if args.time_solvers:
+        headers.append("solver s")
+    if measured:
+        headers += ["measured ms", "measured / floor"]
+    headers.append("solver calls")
+    table_rows = []
+    for r in rows:
+        for phase in ("steady", "refresh_extra"):
+            cost = r["phases"].get(phase)
+            if cost is None:
+                continue
+            is_extra = phase == "refresh_extra"
+            floor_s = cost["compute_floor_s"] if is_extra else cost["floor_s"]
+            row = [r["optimizer"], "refresh extra" if is_extra else "steady",
+                   f"{cost['flops'] / 1e9:,.1f}",
+                   "-" if is_extra else f"{cost['in_out_bytes'] / 1e9:.2f}",
+                   "-" if is_extra else f"{cost['hlo_bytes'] / 1e9:.2f}",
+                   f"{cost['compute_floor_s'] * 1e3:.2f}",
+                   "-" if is_extra else f"{cost['memory_floor_s'] * 1e3:.2f}",
+                   f"{floor_s * 1e3:.2f}"]
+            if args.time_solvers:
+                row.append(f"{cost['solver_s']:.3f}")
+            if measured:
+                m = measured.get(r["optimizer"], {}).get("refresh" if is_extra else "steady")
+                row += ["-" if m is None else f"{m * 1e3:.1f}",
+                        "-" if m is None or floor_s <= 0 else f"{m / floor_s:.1f}x"]
+            row.append(describe_calls(cost["solver_calls"]))
+            table_rows.append(row)
+    print(common.markdown_table(headers, table_rows))
+    print("\n```json\n" + json.dumps(rows) + "\n```")
+    common.write_json(args.out, {"benchmark": "update_cost", "command": " ".join(["python"] + sys.argv),
+                                 "device": common.jax_device_info(), "peaks": peaks,
+                                 "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
