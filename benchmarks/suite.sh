@@ -5,15 +5,15 @@
 #   benchmarks/suite.sh OUT_DIR [PART ...]
 #
 # GPU PARTs, in the default order (most important first, so a cut-off run still
-# has the headline numbers): env step_1b refresh_1b convergence_60m fno_darcy
-# fno_burgers peer_torch_1b step_1b_more step_1b_fast. Shapes: LLaMA-1B paper
+# has the headline numbers): env step_1b refresh_1b cost_1b convergence_60m
+# fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast. Shapes: LLaMA-1B paper
 # shape with a 32000-token vocabulary (as the paper's T5 tokenizer), batch
 # 32 x 256, bf16 compute, f32 params, no rematerialisation, rank 512, gap 200:
 # the setting of the measured peers in DESIGN.md.
 #
 # CPU PARTs (the small sizes of benchmarks/README.md, about an hour in all on
-# 2 cores): `cpu` runs cpu_env cpu_state_1b cpu_refresh cpu_step cpu_peer_torch
-# cpu_convergence cpu_fno cpu_fno_paper.
+# 2 cores): `cpu` runs cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step
+# cpu_peer_torch cpu_convergence cpu_fno cpu_fno_paper.
 #
 # Each PART writes OUT_DIR/PART.md (the table printed on stdout), OUT_DIR/PART.log
 # (stderr) and its JSON / PNG files; OUT_DIR/suite.log has each part's exit code
@@ -24,9 +24,9 @@ out=${1:?usage: benchmarks/suite.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
 if [ ${#parts[@]} -eq 0 ]; then
-  parts=(env step_1b refresh_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast)
+  parts=(env step_1b refresh_1b cost_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast)
 elif [ "${parts[*]}" = cpu ]; then
-  parts=(cpu_env cpu_state_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_fno cpu_fno_paper)
+  parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_fno cpu_fno_paper)
 fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -37,6 +37,8 @@ versions="$py -c 'import jax, flax, optax, orbax.checkpoint; \
 print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'"
 step_1b=(--config configs/llama_1b.yaml --batch-size 32 --seq-len 256 --gap 200 --windows 1
          --set model.remat=false --set model.vocab_size=32000)
+cost_1b=(--config configs/llama_1b.yaml --gap 200 --set model.vocab_size=32000 --time-solvers)
+cost_1b_optimizers=(adamw galore galore_stagger galore_reverse_std tensor_galore)
 
 # Tensor-GaLore at the scale / lr that matched AdamW at CPU sizes (README, FNO section).
 fno_tuned=(--set-for tensor_galore optimizer.scale=1.0 --set-for tensor_galore optimizer.lr=6e-3)
@@ -59,6 +61,11 @@ for part in "${parts[@]}"; do
     refresh_1b)
       run refresh_1b "$py" benchmarks/refresh.py --shape 1b --reps 5 --exact-reps 1 \
         --exact-refresh-only --out "$out/refresh_1b.json" ;;
+    cost_1b)  # GPU fusion and GPU solver times; measured times from step_1b when it ran
+      measured=()
+      [ -f "$out/step_1b.json" ] && measured=(--measured "$out/step_1b.json")
+      run cost_1b "$py" benchmarks/update_cost.py "${cost_1b[@]}" "${measured[@]}" \
+        --optimizers "${cost_1b_optimizers[@]}" galore_exact --out "$out/cost_1b.json" ;;
     convergence_60m)
       run convergence_60m "$py" benchmarks/convergence.py --config configs/llama_60m.yaml \
         --steps 3000 --eval-every 250 --optimizers adamw galore --set batch_size=128 \
@@ -91,6 +98,11 @@ for part in "${parts[@]}"; do
           --set model.param_dtype=$dtype --out "$out/cpu_state_1b_$dtype.json" \
           --optimizers adamw galore galore_reverse_std tensor_galore optax_galore
       done ;;
+    cpu_cost_1b)  # compiled for CPU (FLOPs, bytes, solver calls), H100 floors and times;
+      # without galore_exact, whose batched SVDs take minutes each on 2 cores
+      run cpu_cost_1b "$py" benchmarks/update_cost.py "${cost_1b[@]}" \
+        --optimizers "${cost_1b_optimizers[@]}" \
+        --measured benchmarks/results/h100/step_1b.json --out "$out/cpu_cost_1b.json" ;;
     cpu_refresh)
       run cpu_refresh "$py" benchmarks/refresh.py --shape small --optax-contrib \
         --out "$out/cpu_refresh.json" ;;

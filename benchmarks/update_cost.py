@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     print(f"Optimizer update alone (tx.update) of {args.config} "
           f"({sum(x.size for x in jax.tree.leaves(abstract_params)) / 1e6:.1f}M params, "
-          f"rank {rows[-1]['rank']}, gap {rows[-1]['gap']}), compiled by jax {jax.__version__} for "
+          f"rank {rows[0]['rank']}, gap {rows[0]['gap']}), compiled by jax {jax.__version__} for "
           f"{dev.platform} ({dev.device_kind}); floors at {args.device} peaks "
           f"(matmul {rows[0]['matmul_tflops']} TFLOP/s, HBM {peaks['hbm_gbs']:.0f} GB/s)"
           + (f"; solver s timed on {dev.device_kind}" if args.time_solvers else "")
