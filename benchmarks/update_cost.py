@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 from collections import Counter
 
@@ -65,7 +64,6 @@ DEVICE_PEAKS = {
     "h200": {"bf16_tflops": 989.4, "tf32_tflops": 494.7, "hbm_gbs": 4800.0},
     "a100": {"bf16_tflops": 312.0, "tf32_tflops": 156.0, "hbm_gbs": 2039.0},
 }
-PHASES = ("steady", "refresh")
 SOLVER_KINDS = (  # (kind, substrings of the custom-call target or HLO opcode)
     ("cholesky", ("potrf", "cholesky")),
     ("triangular_solve", ("trsm", "triangular")),
@@ -175,10 +173,9 @@ def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    dtype = HLO_DTYPES[dtype]
+    x = jax.random.normal(jax.random.PRNGKey(0), shape, HLO_DTYPES[dtype])
     if kind in ("cholesky", "triangular_solve", "eigh"):
         n = shape[-1]
-        x = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
         spd = jax.jit(lambda x: x @ jnp.conj(jnp.swapaxes(x, -1, -2)) / n
                       + jnp.eye(n, dtype=x.dtype))(x)
         if kind == "cholesky":
@@ -191,11 +188,9 @@ def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
             fn = jax.jit(lambda l: jax.scipy.linalg.solve_triangular(l, eye, lower=True))
             arg = lower
     elif kind == "qr":
-        fn = jax.jit(lambda a: jnp.linalg.qr(a))
-        arg = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+        fn, arg = jax.jit(lambda a: jnp.linalg.qr(a)), x
     else:  # svd: the operand of a gesdd/gesvd call is the matrix itself
-        fn = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False))
-        arg = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+        fn, arg = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False)), x
     timing = common.time_calls(lambda: fn(arg), reps=reps, sync=jax.block_until_ready)
     return timing["median_s"]
 
@@ -206,12 +201,16 @@ def load_measured(path):
     with open(path) as f:
         payload = json.load(f)
     out = {}
-    for r in payload.get("results", payload):
+    for r in payload["results"]:
         steady = r.get("update_alone_s")
         refresh = r.get("refresh_step_s")
         extra = refresh - r["median_step_s"] if refresh is not None else None
         out[r["optimizer"]] = {"steady": steady, "refresh": extra}
     return out
+
+
+def call_key(call: dict) -> tuple:
+    return call["kind"], call["dtype"], tuple(call["shape"])
 
 
 def describe_calls(calls: list) -> str:
@@ -229,7 +228,7 @@ def main(argv=None) -> int:
     solver_seconds = {}
     rows = []
     for name in args.optimizers:
-        config, _, opt_cfg, _, abstract_params, _, tx = train_step.build(name, args)
+        _, _, opt_cfg, _, abstract_params, _, tx = train_step.build(name, args)
         matmul_tflops = matmul_peak_tflops(abstract_params, peaks)
         gap = opt_cfg.update_proj_gap
         phases = {"steady": phase_cost(tx, abstract_params, 1)}
@@ -238,14 +237,14 @@ def main(argv=None) -> int:
         for phase, cost in phases.items():
             if args.time_solvers:
                 for c in cost["solver_calls"]:
-                    key = (c["kind"], c["dtype"], tuple(c["shape"]))
+                    key = call_key(c)
                     if key not in solver_seconds:
                         solver_seconds[key] = time_solver(c["kind"], c["dtype"], c["shape"],
                                                           args.reps)
                         print(f"  {c['kind']} {c['dtype']}{list(c['shape'])}: "
                               f"{solver_seconds[key]:.4f} s", file=sys.stderr, flush=True)
-                cost["solver_s"] = sum(solver_seconds[(c["kind"], c["dtype"], tuple(c["shape"]))]
-                                       * c["calls"] for c in cost["solver_calls"])
+                cost["solver_s"] = sum(solver_seconds[call_key(c)] * c["calls"]
+                                       for c in cost["solver_calls"])
             cost["compute_floor_s"] = cost["flops"] / (matmul_tflops * 1e12)
             cost["memory_floor_s"] = cost["in_out_bytes"] / (peaks["hbm_gbs"] * 1e9)
             cost["floor_s"] = max(cost["compute_floor_s"], cost["memory_floor_s"])
@@ -260,7 +259,8 @@ def main(argv=None) -> int:
                    if "solver_s" in refresh else {}),
             }
         rows.append({"optimizer": name, "description": train_step.DESCRIPTIONS[name],
-                     "gap": gap, "rank": opt_cfg.rank, "matmul_tflops": matmul_tflops, "phases": phases})
+                     "gap": gap, "rank": opt_cfg.rank, "matmul_tflops": matmul_tflops,
+                     "phases": phases})
         print(f"{name}: compiled", file=sys.stderr, flush=True)
 
     measured = load_measured(args.measured)
@@ -304,7 +304,8 @@ def main(argv=None) -> int:
             table_rows.append(row)
     print(common.markdown_table(headers, table_rows))
     print("\n```json\n" + json.dumps(rows) + "\n```")
-    common.write_json(args.out, {"benchmark": "update_cost", "command": " ".join(["python"] + sys.argv),
+    common.write_json(args.out, {"benchmark": "update_cost",
+                                 "command": " ".join(["python"] + sys.argv),
                                  "device": common.jax_device_info(), "peaks": peaks,
                                  "results": rows})
     return 0
