@@ -1,9 +1,12 @@
 """Config loading, overrides and validation (no devices, no model needed)."""
 
+import dataclasses
+
 import pytest
 import yaml
 
-from training.config import (Config, ConfigError, apply_overrides, config_from_dict,
+from training.config import (Config, ConfigError, FNOConfig, FNOModelConfig, LMConfig,
+                             OptimizerConfig, apply_overrides, config_from_dict,
                              config_to_dict, load_config, resolve_mesh_shape,
                              validate_for_devices)
 
@@ -122,3 +125,51 @@ def test_shipped_configs_load():
     assert paths, "no configs/llama_*.yaml"
     for path in paths:
         load_config(path)
+
+
+def test_task_selects_the_sections():
+    config = load_config(None)
+    assert isinstance(config, LMConfig) and config.task == "lm"
+    fno = load_config("configs/fno_darcy.yaml")
+    assert isinstance(fno, FNOConfig) and isinstance(fno.model, FNOModelConfig)
+    assert config_from_dict(config_to_dict(fno)) == fno
+    with pytest.raises(ConfigError, match=r"'task' expects one of 'lm', 'fno', got 'xyz'"):
+        load_config(None, ["task=xyz"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.width'"):
+        load_config(None, ["model.width=3"])  # an fno key under task lm
+
+
+def test_bool_is_not_a_number_and_ranges_name_the_key():
+    with pytest.raises(ConfigError, match=r"'optimizer.rank' expects int or float, got True \(bool\)"):
+        load_config(None, ["optimizer.rank=true"])
+    with pytest.raises(ConfigError, match=r"^optimizer.lr must be > 0, got -1$"):
+        load_config(None, ["optimizer.lr=-1"])
+    with pytest.raises(ConfigError, match=r"^model.num_kv_heads must be > 0 or null, got 0$"):
+        load_config(None, ["model.num_kv_heads=0"])
+    with pytest.raises(ConfigError, match=r"expects dict of str to str or null"):
+        load_config(None, ["optimizer.label_overrides={embed: 1}"])
+    with pytest.raises(ConfigError, match=r"^config key 'steps' expects int, got 'x' \(str\) \(and 1 more\)$"):
+        load_config(None, ["steps=x", "seq_len=y"])
+
+
+def test_llama_shape_checked_by_the_model_config():
+    with pytest.raises(ConfigError, match=r"model.hidden_size \(30\) must be divisible by model.num_heads \(4\)"):
+        load_config(None, ["model.hidden_size=30"])
+    with pytest.raises(ConfigError, match=r"model.num_heads \(4\) must be divisible by model.num_kv_heads \(3\)"):
+        load_config(None, ["model.num_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"must be even"):
+        load_config(None, ["model.hidden_size=36"])
+
+
+def test_empty_section_takes_defaults_and_assignment_is_checked():
+    config = load_config(None, ["mesh="])
+    assert config.mesh.data == -1
+    config.optimizer = dataclasses.replace(config.optimizer, rank=0.5)
+    assert config.optimizer.rank == 0.5
+    with pytest.raises(ValueError):
+        config.optimizer = 3
+    with pytest.raises(ValueError):
+        config.model = FNOModelConfig()
+    with pytest.raises(ValueError, match="as a fraction"):
+        OptimizerConfig(rank=2.0)
+    assert isinstance(config, Config)

@@ -1,11 +1,14 @@
-"""Training configuration: typed dataclasses, YAML loading, ``key=value`` overrides.
+"""Training configuration: pydantic dataclasses, YAML loading, ``key=value`` overrides.
 
-A config is a tree of dataclasses. ``load_config`` reads a YAML file, applies
-command-line overrides such as ``optimizer.lr=3e-4`` (dotted keys reach into
-sections, values are parsed as YAML scalars), and checks every key and type.
-Any problem raises :class:`ConfigError` with one readable sentence; ``train.py``
-prints it as ``error: ...`` and exits with status 2, so a typo never costs a
-traceback or a half-started run.
+A config is a tree of pydantic dataclasses (so ``dataclasses.replace`` and
+``dataclasses.asdict`` work, and attribute assignment is validated). The
+top-level :class:`Config` is a union discriminated by ``task`` (default
+``lm``): :class:`LMConfig` or :class:`FNOConfig`, each with its own ``model``
+and ``data`` sections. ``load_config`` reads a YAML file, applies command-line
+overrides such as ``optimizer.lr=3e-4`` (dotted keys reach into sections,
+values are parsed as YAML scalars), and validates. Any problem raises
+:class:`ConfigError` with one readable line; ``train.py`` prints it as
+``error: ...`` and exits with status 2, so a typo never costs a traceback.
 
 Checks that need the machine (device count) or the model (which dims get
 sharded) live in :func:`validate_for_devices` and in ``training.mesh``.
@@ -13,14 +16,18 @@ sharded) live in :func:`validate_for_devices` and in ``training.mesh``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import re
-import types
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
+import annotated_types as at
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -46,39 +53,77 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
+# Strict scalars: no bool as int, no "3" as int, no 1.5 as int; ints widen to float.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Pos = Annotated[int, Strict(), Field(gt=0)]
+_SECTION = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _fail(condition: Any, message: str) -> None:
+    """Raises ConfigError (a ValueError: inside a validator pydantic reports it)."""
+    if condition:
+        raise ConfigError(message)
+
+
+class _Section:
+    """Base of every section: ``key:`` with nothing under it (YAML null) is ``{}``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
 # ---------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class LlamaModelConfig:
-    """LLaMA shape for ``task: lm``; mirrors ``models.llama.LlamaConfig``.
+@dataclass(config=_SECTION)
+class LlamaModelConfig(_Section):
+    """LLaMA shape for ``task: lm``; checked by ``models.llama.LlamaConfig``.
 
     ``vocab_size: null`` takes the tokenizer's vocabulary size rounded up to a
     multiple of ``vocab_multiple`` (so the vocab dim splits over mesh axes;
     the padding ids are never targets).
     """
 
-    vocab_size: Optional[int] = None
-    vocab_multiple: int = 64
-    hidden_size: int = 128
-    intermediate_size: int = 344
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # None: same as num_heads (no GQA)
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    scan_layers: bool = True  # stack layers on a leading axis and scan them
-    remat: bool = False  # recompute activations in the backward pass
+    vocab_size: Optional[Pos] = None
+    vocab_multiple: Pos = 64
+    hidden_size: Pos = 128
+    intermediate_size: Pos = 344
+    num_layers: Pos = 2
+    num_heads: Pos = 4
+    num_kv_heads: Optional[Pos] = None  # None: same as num_heads (no GQA)
+    max_seq_len: Pos = 256
+    rope_theta: Float = Field(10000.0, gt=0)
+    norm_eps: Float = Field(1e-6, gt=0)
+    scan_layers: Bool = True  # stack layers on a leading axis and scan them
+    remat: Bool = False  # recompute activations in the backward pass
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention_implementation: Optional[Literal["xla", "cudnn"]] = None
 
+    @model_validator(mode="after")
+    def _shape(self) -> LlamaModelConfig:
+        from models import llama  # the one home of the head/GQA/RoPE shape rules
 
-@dataclasses.dataclass
-class TextDataConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(llama.LlamaConfig)
+                  if hasattr(self, f.name)}
+        try:
+            llama.LlamaConfig(**dict(fields, vocab_size=self.vocab_size or self.vocab_multiple))
+        except ValueError as e:  # name the keys as the user writes them: model.<field>
+            names = "|".join(f.name for f in dataclasses.fields(self))
+            raise ConfigError(re.sub(rf"(?:LlamaConfig\.)?\b({names})\b", r"model.\1",
+                                     str(e)).rstrip(".")) from None
+        return self
+
+
+@dataclass(config=_SECTION)
+class TextDataConfig(_Section):
     """Token data for ``task: lm``.
 
     ``source``: ``builtin`` (the embedded Python-stdlib corpus), ``text`` (a
@@ -88,16 +133,22 @@ class TextDataConfig:
     """
 
     source: Literal["builtin", "text", "jsonl", "bin"] = "builtin"
-    path: Optional[str] = None
-    tokenizer: str = "byte"
-    jsonl_field: str = "text"
-    bin_dtype: str = "uint16"
-    val_fraction: float = 0.05
-    max_corpus_bytes: Optional[int] = None  # cap on the builtin corpus (fast tests)
+    path: Optional[Str] = None
+    tokenizer: Str = "byte"
+    jsonl_field: Str = "text"
+    bin_dtype: Str = "uint16"
+    val_fraction: Float = Field(0.05, gt=0, lt=1)
+    max_corpus_bytes: Optional[Pos] = None  # cap on the builtin corpus (fast tests)
+
+    @model_validator(mode="after")
+    def _path(self) -> TextDataConfig:
+        _fail(self.source != "builtin" and self.path is None,
+              f"data.path is required for data.source={self.source!r}")
+        return self
 
 
-@dataclasses.dataclass
-class FNOModelConfig:
+@dataclass(config=_SECTION)
+class FNOModelConfig(_Section):
     """Fourier Neural Operator shape for ``task: fno``; mirrors ``models.fno.FNOConfig``.
 
     The spatial dimension comes from the data (burgers: 1-D, darcy: 2-D).
@@ -106,19 +157,19 @@ class FNOModelConfig:
     the resolution must be >= 2 * modes[0] (and >= 2 * (modes[1] - 1)).
     """
 
-    width: int = 32
-    modes: Union[int, list] = 12
-    num_layers: int = 4
-    lifting_channels: Optional[int] = None  # None: one linear lifting layer
-    projection_channels: int = 128
+    width: Pos = 32
+    modes: Union[Int, list[Int]] = 12
+    num_layers: Pos = 4
+    lifting_channels: Optional[Pos] = None  # None: one linear lifting layer
+    projection_channels: Pos = 128
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
-    append_grid: bool = True  # append grid coordinates to the input channels
-    padding: int = 0  # zero points appended per spatial axis (non-periodic problems)
+    append_grid: Bool = True  # append grid coordinates to the input channels
+    padding: Int = Field(0, ge=0)  # zero points appended per spatial axis (non-periodic)
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-@dataclasses.dataclass
-class PDEDataConfig:
+@dataclass(config=_SECTION)
+class PDEDataConfig(_Section):
     """PDE data for ``task: fno``, generated at start-up by ``training.pde``.
 
     ``dataset``: ``burgers`` (1-D viscous Burgers, ``u(., 0) -> u(., t_final)``)
@@ -133,17 +184,26 @@ class PDEDataConfig:
     """
 
     dataset: Literal["burgers", "darcy"] = "darcy"
-    n_train: int = 256
-    n_test: int = 64
-    resolution: int = 32
-    seed: int = 0
-    viscosity: float = 0.1  # burgers: nu (the FNO paper's 0.1; 0.01 has steeper fronts)
-    t_final: float = 1.0  # burgers: T
-    pointwise_normalizer: bool = False
+    n_train: Pos = 256
+    n_test: Pos = 64
+    resolution: Pos = 32
+    seed: Int = Field(0, ge=0)
+    viscosity: Float = Field(0.1, gt=0)  # burgers: nu (FNO paper 0.1; 0.01 has steeper fronts)
+    t_final: Float = Field(1.0, gt=0)  # burgers: T
+    pointwise_normalizer: Bool = False
+
+    @model_validator(mode="after")
+    def _grid(self) -> PDEDataConfig:
+        res = self.resolution
+        _fail(self.dataset == "burgers" and res % 2,
+              f"data.resolution must be even for burgers, got {res}")
+        _fail(self.dataset == "darcy" and res < 3,
+              f"data.resolution must be >= 3 for darcy, got {res}")
+        return self
 
 
-@dataclasses.dataclass
-class OptimizerConfig:
+@dataclass(config=_SECTION)
+class OptimizerConfig(_Section):
     """Optimizer and schedule.
 
     ``name``: ``adamw`` (optax.adamw), ``galore`` (galore_jax.galore_adamw),
@@ -154,16 +214,16 @@ class OptimizerConfig:
     """
 
     name: Literal["adamw", "galore", "tensor_galore", "optax_galore"] = "adamw"
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    warmup_fraction: float = 0.1
-    final_lr_fraction: float = 0.1
-    # GaLore options (ignored by adamw).
-    rank: Union[int, float] = 128
+    lr: Float = Field(1e-3, gt=0)
+    b1: Float = 0.9
+    b2: Float = 0.999
+    eps: Float = 1e-8
+    weight_decay: Float = 0.0
+    grad_clip: Float = Field(1.0, ge=0)  # global-norm clip; 0 disables
+    warmup_fraction: Float = Field(0.1, ge=0, lt=1)
+    final_lr_fraction: Float = Field(0.1, ge=0, le=1)
+    # GaLore options (ignored by adamw). An int rank, or a float fraction in (0, 1].
+    rank: Union[Int, Float] = 128
     # How tensor_galore reads a float rank: "mode" keeps that fraction of every
     # mode (galore_jax's meaning: 0.25 on a 4-D tensor keeps 1/256 of it);
     # "params" picks per-mode ranks round(c * d_k) so the Tucker core plus
@@ -171,23 +231,32 @@ class OptimizerConfig:
     # used by the Tensor-GaLore paper's code: 0.25 keeps ~0.7 of each mode of a
     # 4-D tensor). "params" needs the projected tensors to share one shape.
     tensor_rank_mode: Literal["mode", "params"] = "mode"
-    update_proj_gap: int = 200
-    scale: float = 0.25
+    update_proj_gap: Pos = 200
+    scale: Float = 0.25
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
     svd: Literal["randomized", "exact"] = "randomized"
-    oversample: int = 8
-    power_iters: int = 1
-    warm_start: bool = True
+    oversample: Int = 8
+    power_iters: Int = 1
+    warm_start: Bool = True
     on_refresh: Literal["keep", "reset", "project"] = "keep"
-    stagger: bool = False
+    stagger: Bool = False
     # regex on the '/'-joined param path -> galore | tensor_galore | adam,
     # e.g. {"lm_head": "galore"}; the first match wins over the default rule
     # (matrices -> galore; embeddings, LM head, norms -> adam).
-    label_overrides: Optional[dict] = None
+    label_overrides: Optional[dict[Str, Str]] = None
+
+    @model_validator(mode="after")
+    def _rank(self) -> OptimizerConfig:
+        if isinstance(self.rank, float):
+            _fail(not 0 < self.rank <= 1,
+                  f"optimizer.rank as a fraction must be in (0, 1], got {self.rank}")
+        else:
+            _fail(self.rank <= 0, f"optimizer.rank must be > 0, got {self.rank}")
+        return self
 
 
-@dataclasses.dataclass
-class MeshConfig:
+@dataclass(config=_SECTION)
+class MeshConfig(_Section):
     """Device mesh: axis sizes (one may be -1 = all remaining devices) and mode.
 
     ``kind``: ``auto`` lets the XLA partitioner choose intermediate shardings;
@@ -197,15 +266,28 @@ class MeshConfig:
     default rules.
     """
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: Int = -1
+    fsdp: Int = 1
+    tensor: Int = 1
     kind: Literal["auto", "explicit"] = "auto"
-    rules: Optional[list] = None
+    rules: Optional[list[list]] = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> MeshConfig:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for axis, size in sizes.items():
+            _fail(size != -1 and size <= 0,
+                  f"mesh.{axis} must be a positive size or -1 (the rest), got {size}")
+        _fail(list(sizes.values()).count(-1) > 1,
+              "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for rule in self.rules or ():
+            _fail(len(rule) != 2 or not isinstance(rule[0], str),
+                  f"mesh.rules entries must be [logical_name, mesh_axes], got {rule!r}")
+        return self
 
 
-@dataclasses.dataclass
-class CheckpointConfig:
+@dataclass(config=_SECTION)
+class CheckpointConfig(_Section):
     """Orbax checkpointing under ``<output_dir>/checkpoints``.
 
     ``every``: save every N steps (0: only at the end / on interrupt). A run
@@ -213,142 +295,135 @@ class CheckpointConfig:
     unless ``resume: false``.
     """
 
-    every: int = 100
-    max_to_keep: int = 3
-    async_save: bool = True
-    resume: bool = True
+    every: Int = Field(100, ge=0)
+    max_to_keep: Pos = 3
+    async_save: Bool = True
+    resume: Bool = True
 
 
-@dataclasses.dataclass
-class DistributedConfig:
+@dataclass(config=_SECTION)
+class DistributedConfig(_Section):
     """Multi-host setup; empty fields fall back to JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment."""
 
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator_address: Optional[Str] = None
+    num_processes: Optional[Pos] = None
+    process_id: Optional[Int] = Field(None, ge=0)
 
 
-@dataclasses.dataclass
+@dataclass(config=_SECTION)
 class Config:
-    """Everything a run needs. ``model`` and ``data`` depend on ``task``."""
+    """Everything a run needs except ``model`` and ``data``, whose types depend on
+    ``task``: a loaded config is an :class:`LMConfig` or an :class:`FNOConfig`."""
 
     task: Literal["lm", "fno"] = "lm"
-    output_dir: str = "runs/default"
-    seed: int = 0
-    steps: int = 1000  # optimizer steps (the LR schedule spans these)
+    output_dir: Str = Field("runs/default", min_length=1)
+    seed: Int = 0
+    steps: Pos = 1000  # optimizer steps (the LR schedule spans these)
     # Stop this invocation after this step (with a checkpoint); running again
     # resumes. For time-boxed jobs and resume tests; null runs to `steps`.
-    stop_after: Optional[int] = None
-    batch_size: int = 16  # global sequences per optimizer step
-    grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide)
-    seq_len: int = 128
-    log_every: int = 10
-    eval_every: int = 100  # 0 disables periodic validation
-    eval_batches: int = 4
-    progress_bar: bool = True
-    tensorboard: bool = False
-    model: Any = dataclasses.field(default_factory=LlamaModelConfig)
-    data: Any = dataclasses.field(default_factory=TextDataConfig)
+    stop_after: Optional[Pos] = None
+    batch_size: Pos = 16  # global sequences per optimizer step
+    grad_accum_steps: Pos = 1  # micro-batches per step (batch_size must divide)
+    seq_len: Pos = 128
+    log_every: Pos = 10
+    eval_every: Int = Field(100, ge=0)  # 0 disables periodic validation
+    eval_batches: Pos = 4
+    progress_bar: Bool = True
+    tensorboard: Bool = False
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    distributed: DistributedConfig = dataclasses.field(
-        default_factory=DistributedConfig
-    )
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _batch(self) -> Config:
+        _fail(self.batch_size % self.grad_accum_steps != 0,
+              f"batch_size ({self.batch_size}) must be divisible by "
+              f"grad_accum_steps ({self.grad_accum_steps})")
+        return self
 
 
-# Which dataclasses type the task-dependent sections. A new task (e.g. operator
-# learning) registers its own model/data sections here.
-TASK_SECTIONS: dict[str, dict[str, type]] = {
-    "lm": {"model": LlamaModelConfig, "data": TextDataConfig},
-    "fno": {"model": FNOModelConfig, "data": PDEDataConfig},
-}
+@dataclass(config=_SECTION)
+class LMConfig(Config):
+    """``task: lm``: a LLaMA on token data."""
+
+    task: Literal["lm"] = "lm"
+    model: LlamaModelConfig = dataclasses.field(default_factory=LlamaModelConfig)
+    data: TextDataConfig = dataclasses.field(default_factory=TextDataConfig)
+
+    @model_validator(mode="after")
+    def _positions(self) -> LMConfig:
+        _fail(self.seq_len > self.model.max_seq_len,
+              f"seq_len ({self.seq_len}) is longer than the model's positions "
+              f"(model.max_seq_len={self.model.max_seq_len})")
+        return self
+
+
+@dataclass(config=_SECTION)
+class FNOConfig(Config):
+    """``task: fno``: a Fourier Neural Operator on generated PDE data."""
+
+    task: Literal["fno"] = "fno"
+    model: FNOModelConfig = dataclasses.field(default_factory=FNOModelConfig)
+    data: PDEDataConfig = dataclasses.field(default_factory=PDEDataConfig)
+
+    @model_validator(mode="after")
+    def _fit(self) -> FNOConfig:
+        model, data = self.model, self.data
+        _fail(data.n_train < self.batch_size,
+              f"data.n_train ({data.n_train}) must be >= batch_size ({self.batch_size})")
+        dim = 1 if data.dataset == "burgers" else 2
+        modes = model.modes if isinstance(model.modes, list) else [model.modes] * dim
+        _fail(len(modes) != dim or min(modes) <= 0,
+              f"model.modes must be a positive int or a list of {dim} positive ints for "
+              f"data.dataset={data.dataset!r}, got {model.modes!r}")
+        n = data.resolution + model.padding  # the spectral layers see the padded grid
+        grid = f"(data.resolution={data.resolution}, model.padding={model.padding})"
+        if dim == 1:
+            _fail(modes[0] > n // 2 + 1, f"model.modes ({modes[0]}) must be <= "
+                  f"{n // 2 + 1}, the rfft frequencies of the grid {grid}")
+        else:
+            _fail(2 * modes[0] > n or modes[1] > n // 2 + 1,
+                  f"model.modes ({model.modes!r}) do not fit the grid: need 2 * modes[0] "
+                  f"<= {n} and modes[1] <= {n // 2 + 1} {grid}")
+        return self
+
+
+# One config class per task, told apart by the ``task`` key. A new task adds
+# its Config subclass (with its own model/data sections) here.
+TASK_CONFIGS: dict[str, type[Config]] = {"lm": LMConfig, "fno": FNOConfig}
+_ADAPTER = TypeAdapter(Annotated[Union[tuple(TASK_CONFIGS.values())],
+                                 Field(discriminator="task")])
 
 
 # ---------------------------------------------------------------------------
-# Building a config from plain data
+# Pydantic errors -> one line
 # ---------------------------------------------------------------------------
 
 
 def _type_name(annotation: Any) -> str:
     """Human-readable name of a field annotation (``int``, ``int or null``...)."""
-    origin = typing.get_origin(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        names = [
-            "null" if a is type(None) else _type_name(a)
-            for a in typing.get_args(annotation)
-        ]
-        return " or ".join(names)
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    if annotation is Any:
-        return "any"
-    return getattr(annotation, "__name__", str(annotation))
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    name = getattr(origin or annotation, "__name__", str(annotation))
+    return f"{name} of {' to '.join(map(_type_name, args))}" if args else name
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Checks ``value`` against ``annotation``; returns it (ints widen to float).
-
-    Raises:
-      ConfigError: naming the key, the expected type and the offending value.
-    """
-    origin = typing.get_origin(annotation)
-    bad = ConfigError(
-        f"config key '{key}' expects {_type_name(annotation)}, got {value!r}"
-        f" ({type(value).__name__})"
-    )
-    if annotation is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(annotation) and not isinstance(value, bool):
-            return value
-        raise bad
-    if origin in (Union, types.UnionType):
-        members = typing.get_args(annotation)
-        if value is None:
-            if type(None) in members:
-                return None
-            raise bad
-        # Prefer an exact type match (int stays int in Union[int, float]).
-        for member in members:
-            if member is not type(None) and type(value) is member:
-                return value
-        for member in members:
-            if member is type(None):
-                continue
-            try:
-                return _coerce(value, member, key)
-            except ConfigError:
-                continue
-        raise bad
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if annotation is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise bad
-    if annotation is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad
-    raise bad
+def _bounds(info: Any, ctx: dict) -> str:
+    """``> 0``, ``in [0, 1)`` ... from the field's constraints (else the error's)."""
+    found = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le")
+             if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le)) and hasattr(m, k)} or ctx
+    if len(found) == 2:
+        low, high = found.get("gt", found.get("ge")), found.get("lt", found.get("le"))
+        return f"in {'(' if 'gt' in found else '['}{low}, {high}{')' if 'lt' in found else ']'}"
+    return " and ".join(f"{dict(gt='>', ge='>=', lt='<', le='<=')[k]} {v}"
+                        for k, v in found.items())
 
 
 def _closest(name: str, candidates: list[str]) -> str:
@@ -356,47 +431,53 @@ def _closest(name: str, candidates: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Builds dataclass ``cls`` from a mapping, checking keys and value types."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping,"
-            f" got {raw!r}"
-        )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in raw.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            valid = [f"{prefix}{f}" for f in fields]
-            raise ConfigError(f"unknown config key '{key}'{_closest(key, valid)}")
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{key}.")
-        else:
-            kwargs[name] = _coerce(value, annotation, key)
-    return cls(**kwargs)
+def _message(error: dict, raw: dict) -> str:
+    """One line for one pydantic error: the dotted key, what it expects, the value."""
+    kind, loc = error["type"], error["loc"][1:]  # loc[0] is the task tag
+    if kind == "union_tag_invalid":
+        return (f"config key 'task' expects one of {error['ctx']['expected_tags']}, "
+                f"got {raw['task']!r}")
+    cls, names, info, value = TASK_CONFIGS[raw["task"]], [], None, raw
+    for part in loc:  # walk the loc down the fields; stops at union member tags
+        fields = getattr(cls, "__pydantic_fields__", {})
+        if part not in fields:
+            break
+        names.append(part)
+        info, cls = fields[part], fields[part].annotation
+        value = value.get(part) if isinstance(value, dict) else value
+    key = ".".join(names)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        unknown = ".".join(map(str, loc[: len(names) + 1]))
+        prefix = f"{key}." if key else ""
+        valid = [prefix + f for f in getattr(cls, "__pydantic_fields__", {})]
+        return f"unknown config key '{unknown}'{_closest(unknown, valid)}"
+    if kind in ("value_error", "assertion_error"):
+        return str(error["ctx"]["error"])
+    if kind == "dataclass_type":
+        return f"config section '{key}' must be a mapping, got {value!r}"
+    if kind == "string_too_short":
+        return f"{key} must not be empty"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        null = " or null" if type(None) in typing.get_args(info.annotation) else ""
+        return f"{key} must be {_bounds(info, error['ctx'])}{null}, got {value}"
+    return (f"config key '{key}' expects {_type_name(info.annotation)}, got {value!r}"
+            f" ({type(value).__name__})")
+
+
+# ---------------------------------------------------------------------------
+# Building and loading
+# ---------------------------------------------------------------------------
 
 
 def config_from_dict(raw: dict) -> Config:
-    """Builds a checked :class:`Config` from nested plain data (e.g. parsed YAML)."""
+    """Builds a validated config (``LMConfig`` or ``FNOConfig``) from nested plain data."""
     raw = dict(raw or {})
-    task = raw.get("task", Config.task)
-    if task not in TASK_SECTIONS:
-        raise ConfigError(
-            f"config key 'task' expects one of {sorted(TASK_SECTIONS)}, got {task!r}"
-        )
-    sections = TASK_SECTIONS[task]
-    # Task-dependent sections are typed by the task's own dataclasses.
-    typed = {name: _build(cls, raw.pop(name, None), f"{name}.")
-             for name, cls in sections.items()}
-    config = _build(Config, raw, "")
-    for name, value in typed.items():
-        setattr(config, name, value)
-    return config
+    raw.setdefault("task", "lm")
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as e:
+        message, *others = dict.fromkeys(_message(err, raw) for err in e.errors())
+        raise ConfigError(message + (f" (and {len(others)} more)" if others else "")) from None
 
 
 def config_to_dict(config: Any) -> dict:
@@ -407,8 +488,7 @@ def config_to_dict(config: Any) -> dict:
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(
-            f"override '{text}' must look like key=value (e.g. optimizer.lr=3e-4)"
-        )
+            f"override '{text}' must look like key=value (e.g. optimizer.lr=3e-4)")
     key, _, value_text = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -422,7 +502,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Returns ``raw`` with dotted ``key=value`` overrides applied (unchecked)."""
-    raw = _deep_copy(raw)
+    raw = copy.deepcopy(raw)
     for text in overrides:
         path, value = _parse_override(text)
         node = raw
@@ -431,31 +511,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override '{text}': '{part}' is a value, not a section"
-                )
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
             node = child
         node[path[-1]] = value
     return raw
 
 
-def _deep_copy(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {k: _deep_copy(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
-    return raw
-
-
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
-    """Reads a YAML config (or starts from defaults), applies overrides, checks it.
+    """Reads a YAML config (or starts from defaults), applies overrides, validates.
 
     Args:
       path: YAML file, or None for the defaults.
       overrides: ``key=value`` strings; dotted keys reach into sections.
 
     Returns:
-      The checked :class:`Config`.
+      The validated config (an :class:`LMConfig` or :class:`FNOConfig`).
 
     Raises:
       ConfigError: unreadable file, unknown key, wrong type or bad value.
@@ -471,140 +541,12 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a YAML mapping at the top level")
-    config = config_from_dict(apply_overrides(raw, list(overrides)))
-    check_values(config)
-    return config
+    return config_from_dict(apply_overrides(raw, list(overrides)))
 
 
 # ---------------------------------------------------------------------------
-# Value checks
+# Device-dependent checks
 # ---------------------------------------------------------------------------
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def check_values(config: Config) -> None:
-    """Range and consistency checks that need neither devices nor the model."""
-    _require(config.steps > 0, f"steps must be > 0, got {config.steps}")
-    _require(config.stop_after is None or config.stop_after > 0,
-             f"stop_after must be > 0, got {config.stop_after}")
-    _require(config.batch_size > 0, f"batch_size must be > 0, got {config.batch_size}")
-    _require(config.seq_len > 0, f"seq_len must be > 0, got {config.seq_len}")
-    _require(config.grad_accum_steps > 0,
-             f"grad_accum_steps must be > 0, got {config.grad_accum_steps}")
-    _require(config.batch_size % config.grad_accum_steps == 0,
-             f"batch_size ({config.batch_size}) must be divisible by "
-             f"grad_accum_steps ({config.grad_accum_steps})")
-    _require(config.log_every > 0, f"log_every must be > 0, got {config.log_every}")
-    _require(config.eval_every >= 0, f"eval_every must be >= 0, got {config.eval_every}")
-    _require(config.eval_batches > 0,
-             f"eval_batches must be > 0, got {config.eval_batches}")
-    _require(bool(config.output_dir), "output_dir must not be empty")
-
-    opt = config.optimizer
-    _require(opt.lr > 0, f"optimizer.lr must be > 0, got {opt.lr}")
-    _require(0 <= opt.warmup_fraction < 1,
-             f"optimizer.warmup_fraction must be in [0, 1), got {opt.warmup_fraction}")
-    _require(0 <= opt.final_lr_fraction <= 1,
-             f"optimizer.final_lr_fraction must be in [0, 1], got {opt.final_lr_fraction}")
-    _require(opt.grad_clip >= 0, f"optimizer.grad_clip must be >= 0, got {opt.grad_clip}")
-    _require(opt.update_proj_gap > 0,
-             f"optimizer.update_proj_gap must be > 0, got {opt.update_proj_gap}")
-    if isinstance(opt.rank, float):
-        _require(0 < opt.rank <= 1,
-                 f"optimizer.rank as a fraction must be in (0, 1], got {opt.rank}")
-    else:
-        _require(opt.rank > 0, f"optimizer.rank must be > 0, got {opt.rank}")
-
-    for axis in ("data", "fsdp", "tensor"):
-        size = getattr(config.mesh, axis)
-        _require(size == -1 or size > 0,
-                 f"mesh.{axis} must be a positive size or -1 (the rest), got {size}")
-    _require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
-             "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    if config.mesh.rules is not None:
-        for rule in config.mesh.rules:
-            _require(isinstance(rule, (list, tuple)) and len(rule) == 2
-                     and isinstance(rule[0], str),
-                     f"mesh.rules entries must be [logical_name, mesh_axes], got {rule!r}")
-
-    ckpt = config.checkpoint
-    _require(ckpt.every >= 0, f"checkpoint.every must be >= 0, got {ckpt.every}")
-    _require(ckpt.max_to_keep > 0,
-             f"checkpoint.max_to_keep must be > 0, got {ckpt.max_to_keep}")
-
-    if config.task == "lm":
-        _check_lm(config)
-    elif config.task == "fno":
-        _check_fno(config)
-
-
-def _check_lm(config: Config) -> None:
-    model, data = config.model, config.data
-    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "max_seq_len"):
-        value = getattr(model, name)
-        _require(value > 0, f"model.{name} must be > 0, got {value}")
-    kv_heads = model.num_kv_heads or model.num_heads
-    _require(model.num_heads % kv_heads == 0,
-             f"model.num_heads ({model.num_heads}) must be divisible by "
-             f"model.num_kv_heads ({kv_heads})")
-    _require(model.hidden_size % model.num_heads == 0
-             and (model.hidden_size // model.num_heads) % 2 == 0,
-             f"model.hidden_size ({model.hidden_size}) must split over "
-             f"model.num_heads ({model.num_heads}) into an even head size")
-    _require(model.vocab_multiple > 0,
-             f"model.vocab_multiple must be > 0, got {model.vocab_multiple}")
-    _require(config.seq_len <= model.max_seq_len,
-             f"seq_len ({config.seq_len}) is longer than the model's positions "
-             f"(model.max_seq_len={model.max_seq_len})")
-    _require(0 < data.val_fraction < 1,
-             f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
-    if data.source != "builtin":
-        _require(data.path is not None,
-                 f"data.path is required for data.source={data.source!r}")
-
-
-def _check_fno(config: Config) -> None:
-    model, data = config.model, config.data
-    for name in ("width", "num_layers", "projection_channels"):
-        value = getattr(model, name)
-        _require(value > 0, f"model.{name} must be > 0, got {value}")
-    _require(model.lifting_channels is None or model.lifting_channels > 0,
-             f"model.lifting_channels must be > 0 or null, got {model.lifting_channels}")
-    _require(model.padding >= 0, f"model.padding must be >= 0, got {model.padding}")
-    dim = 1 if data.dataset == "burgers" else 2
-    modes = model.modes if isinstance(model.modes, list) else [model.modes] * dim
-    _require(len(modes) == dim
-             and all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in modes),
-             f"model.modes must be a positive int or a list of {dim} positive ints for "
-             f"data.dataset={data.dataset!r}, got {model.modes!r}")
-    for name in ("n_train", "n_test", "resolution"):
-        value = getattr(data, name)
-        _require(value > 0, f"data.{name} must be > 0, got {value}")
-    _require(data.seed >= 0, f"data.seed must be >= 0, got {data.seed}")
-    _require(data.n_train >= config.batch_size,
-             f"data.n_train ({data.n_train}) must be >= batch_size ({config.batch_size})")
-    res = data.resolution
-    if data.dataset == "burgers":
-        _require(res % 2 == 0, f"data.resolution must be even for burgers, got {res}")
-        _require(data.viscosity > 0, f"data.viscosity must be > 0, got {data.viscosity}")
-        _require(data.t_final > 0, f"data.t_final must be > 0, got {data.t_final}")
-        n = res + model.padding  # the spectral layers see the padded grid
-        _require(modes[0] <= n // 2 + 1,
-                 f"model.modes ({modes[0]}) must be <= {n // 2 + 1}, the rfft "
-                 f"frequencies of the grid (data.resolution={res}, "
-                 f"model.padding={model.padding})")
-    else:
-        _require(res >= 3, f"data.resolution must be >= 3 for darcy, got {res}")
-        n = res + model.padding  # the spectral layers see the padded grid
-        _require(2 * modes[0] <= n and modes[1] <= n // 2 + 1,
-                 f"model.modes ({model.modes!r}) do not fit the grid: need "
-                 f"2 * modes[0] <= {n} and modes[1] <= {n // 2 + 1} "
-                 f"(data.resolution={res}, model.padding={model.padding})")
 
 
 def resolve_mesh_shape(config: Config, num_devices: int) -> dict[str, int]:
@@ -613,21 +555,15 @@ def resolve_mesh_shape(config: Config, num_devices: int) -> dict[str, int]:
     Raises:
       ConfigError: when the sizes do not fit the devices.
     """
-    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp,
-             "tensor": config.mesh.tensor}
-    fixed = 1
-    for size in sizes.values():
-        if size != -1:
-            fixed *= size
+    sizes = {axis: getattr(config.mesh, axis) for axis in ("data", "fsdp", "tensor")}
+    fixed = math.prod(size for size in sizes.values() if size != -1)
     described = ", ".join(f"{k}={v}" for k, v in sizes.items())
     if -1 in sizes.values():
-        _require(num_devices % fixed == 0,
-                 f"mesh sizes ({described}) do not divide the {num_devices} devices")
-        sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
-    else:
-        _require(fixed == num_devices,
-                 f"mesh sizes ({described}) use {fixed} devices but "
-                 f"{num_devices} are available")
+        _fail(num_devices % fixed,
+              f"mesh sizes ({described}) do not divide the {num_devices} devices")
+        return {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    _fail(fixed != num_devices,
+          f"mesh sizes ({described}) use {fixed} devices but {num_devices} are available")
     return sizes
 
 
@@ -640,15 +576,13 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
     shape = resolve_mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
     micro_batch = config.batch_size // config.grad_accum_steps
-    _require(micro_batch % batch_shards == 0,
-             f"micro-batch size batch_size/grad_accum_steps = {micro_batch} must be "
-             f"divisible by mesh data*fsdp = {batch_shards}")
+    _fail(micro_batch % batch_shards,
+          f"micro-batch size batch_size/grad_accum_steps = {micro_batch} must be "
+          f"divisible by mesh data*fsdp = {batch_shards}")
     if config.task == "lm":
         model = config.model
-        kv_heads = model.num_kv_heads or model.num_heads
         for name, value in (("model.num_heads", model.num_heads),
-                            ("model.num_kv_heads", kv_heads)):
-            _require(value % shape["tensor"] == 0,
-                     f"{name} ({value}) must be divisible by mesh.tensor "
-                     f"({shape['tensor']})")
+                            ("model.num_kv_heads", model.num_kv_heads or model.num_heads)):
+            _fail(value % shape["tensor"],
+                  f"{name} ({value}) must be divisible by mesh.tensor ({shape['tensor']})")
     return shape

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import re
@@ -87,10 +86,11 @@ def build_optimizer(
       ``(transformation, schedule)``; the schedule is also used for logging.
     """
     schedule = lr_schedule(cfg, total_steps)
+    rank = cfg.rank  # per-mode Tucker ranks are no config value: passed beside cfg
     if cfg.name == "tensor_galore" and cfg.tensor_rank_mode == "params":
-        cfg = dataclasses.replace(cfg, rank=_param_fraction_ranks(cfg, params))
+        rank = _param_fraction_ranks(cfg, params)
     try:
-        tx = _build(cfg, schedule, dimension_numbers, seed)
+        tx = _build(cfg, schedule, dimension_numbers, seed, rank)
     except ValueError as e:  # the library names the bad argument and value
         raise ConfigError(f"optimizer: {e}") from None
     if cfg.grad_clip > 0:
@@ -99,7 +99,7 @@ def build_optimizer(
 
 
 def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: Any,
-           seed: int) -> optax.GradientTransformation:
+           seed: int, rank: Any) -> optax.GradientTransformation:
     if cfg.name == "adamw":
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                          weight_decay=cfg.weight_decay)
@@ -109,7 +109,7 @@ def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: An
         if factory is None:
             raise ConfigError(f"optimizer.name={cfg.name!r} is not available in this "
                               "galore_jax version")
-        options = dict(_galore_options(cfg), rank=cfg.rank, seed=seed,
+        options = dict(_galore_options(cfg), rank=rank, seed=seed,
                        dimension_numbers=dimension_numbers)
         # Pass only what this factory takes (tensor_galore has no proj_type, ...).
         accepted = inspect.signature(factory).parameters
