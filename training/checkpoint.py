@@ -23,6 +23,7 @@ by the next run).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -119,23 +120,24 @@ class Checkpointer:
     """Saves and restores the training state with an orbax ``CheckpointManager``.
 
     Args:
-      directory: where the step directories go (created on the first save).
+      directory: where the step directories go (created on the first save). A
+        relative path is taken from the current directory (orbax needs absolute ones).
       max_to_keep: how many finalized checkpoints to keep.
       async_save: write in a background thread (the step loop keeps going).
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3,
                  async_save: bool = True):
-        self.directory = directory
+        self.directory = os.path.abspath(os.path.expanduser(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-                # Remove what a killed run left half-written; never read anyway.
+            # Remove what a killed run left half-written; never read anyway.
             cleanup_tmp_directories=True,
             create=True,
         )
         self._manager = ocp.CheckpointManager(
-            directory, options=options, item_names=ITEM_NAMES)
+            self.directory, options=options, item_names=ITEM_NAMES)
 
     # -- queries ---------------------------------------------------------------
 
