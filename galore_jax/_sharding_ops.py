@@ -5,6 +5,11 @@ type: a matmul whose contracting dimension is sharded needs an ``out_sharding``
 and dense factorisations (SVD, eigh, QR) refuse operands sharded on their matrix
 dimensions. These helpers read the operands' sharding types at trace time and do
 the right thing; in Auto mode and on one device they are plain ``jnp`` calls.
+
+Shardings are always built as ``NamedSharding`` on the mesh found in the
+operands' types (``jax.typeof(x).sharding.mesh``), never as a bare
+``PartitionSpec``: users jit on an Explicit mesh without entering
+``jax.set_mesh``, and a bare spec would need that ambient mesh.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 def explicit_spec(x: jax.Array) -> Optional[tuple]:
@@ -34,6 +39,11 @@ def explicit_spec(x: jax.Array) -> Optional[tuple]:
   if all(e is None for e in entries):
     return None
   return entries
+
+
+def _sharding(x: jax.Array, entries: Sequence) -> NamedSharding:
+  """NamedSharding with per-dimension `entries` on the mesh of `x`'s type."""
+  return NamedSharding(jax.typeof(x).sharding.mesh, P(*entries))
 
 
 def _mesh_axes(entry) -> tuple:
@@ -88,9 +98,9 @@ def einsum(subscripts: str, *operands: jax.Array, preferred_element_type=None):
       out_entries.append(entry)
     else:
       out_entries.append(None)
-  return jnp.einsum(
-      ",".join(inputs) + "->" + output, *operands, out_sharding=P(*out_entries), **kwargs
-  )
+  sharded = next(op for op, spec in zip(operands, specs) if spec is not None)
+  return jnp.einsum(",".join(inputs) + "->" + output, *operands,
+                    out_sharding=_sharding(sharded, out_entries), **kwargs)
 
 
 def replicate_matrix_dims(x: jax.Array) -> jax.Array:
@@ -98,14 +108,14 @@ def replicate_matrix_dims(x: jax.Array) -> jax.Array:
   spec = explicit_spec(x)
   if spec is None or (spec[-1] is None and spec[-2] is None):
     return x
-  return jax.sharding.reshard(x, P(*spec[:-2], None, None))
+  return jax.sharding.reshard(x, _sharding(x, (*spec[:-2], None, None)))
 
 
 def replicate(x: jax.Array) -> jax.Array:
   """Gathers every dimension of an explicitly sharded array."""
   if explicit_spec(x) is None:
     return x
-  return jax.sharding.reshard(x, P(*([None] * x.ndim)))
+  return jax.sharding.reshard(x, _sharding(x, [None] * x.ndim))
 
 
 def match_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -114,7 +124,8 @@ def match_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
   current = explicit_spec(x)
   if target == current:
     return x
-  return jax.sharding.reshard(x, P(*(target or (None,) * x.ndim)))
+  source = like if target is not None else x
+  return jax.sharding.reshard(x, _sharding(source, target or (None,) * x.ndim))
 
 
 def swap_last(x: jax.Array) -> jax.Array:
