@@ -68,22 +68,33 @@ def _gram(y: jax.Array) -> jax.Array:
   return sops.einsum("...mk,...ml->...kl", jnp.conj(y), y)
 
 
-def orthonormalize(y: jax.Array, *, passes: int = 2) -> jax.Array:
+def orthonormalize(y: jax.Array, *, passes: int = 2, key: Optional[jax.Array] = None) -> jax.Array:
   """Orthonormal basis of the columns of `y` by shifted Cholesky-QR.
 
   Each pass forms the small Gram matrix, shifts it by a multiple of machine
   epsilon times its trace (so rank-deficient or badly conditioned input never
   makes Cholesky fail), and multiplies `y` by the inverse triangular factor.
   The second pass restores orthogonality to working precision. Columns in
-  directions where `y` has (numerically) no energy come out near zero rather
-  than NaN.
+  directions where `y` has (numerically) no energy come out as zeros rather
+  than NaN; with a `key` they are filled with random unit directions
+  orthogonal to every other column instead, so the result is always a full
+  orthonormal basis (zero or rank-deficient `y` included).
 
   Args:
     y: (..., m, k) array, k <= m.
     passes: number of Cholesky-QR passes.
+    key: PRNG key to complete the basis where `y` has no energy (or None).
 
   Returns:
-    (..., m, k) array with orthonormal columns spanning range(y).
+    (..., m, k) array whose nonzero columns are orthonormal and span range(y);
+    all k columns are orthonormal when `key` is given.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> q = gj.orthonormalize(jnp.zeros((6, 3)), key=jax.random.PRNGKey(0))
+    >>> bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-5))
+    True
   """
   k = y.shape[-1]
   real_dtype = y.real.dtype
@@ -103,8 +114,30 @@ def orthonormalize(y: jax.Array, *, passes: int = 2) -> jax.Array:
   # The shifts shrink every column by about shift/2; undo that uniform shrink,
   # leaving (near-)zero columns of rank-deficient input alone.
   norms = jnp.sqrt(jnp.sum(jnp.real(jnp.conj(y) * y), axis=-2, keepdims=True))
-  y = y / jnp.where(norms > 0.5, norms, 1).astype(y.dtype)
-  return y
+  live = norms > 0.5
+  y = jnp.where(live, y / jnp.where(live, norms, 1).astype(y.dtype), 0)
+  if key is None:
+    return y
+  return _fill_dead_columns(y, live, key)
+
+
+def _fill_dead_columns(q: jax.Array, live: jax.Array, key: jax.Array) -> jax.Array:
+  """Replaces the zero columns of `q` by random orthonormal directions orthogonal to the rest.
+
+  `q`'s live columns are orthonormal; `live` is (..., 1, k). A Gaussian block is
+  kept only in the dead columns, projected off the live ones twice (twice is
+  enough for orthogonality) and orthonormalised among itself.
+  """
+  z = _gaussian(key, q.shape, q.dtype)
+  z = sops.match_sharding(jnp.where(live, 0, z), q)
+  for _ in range(2):
+    z = z - sops.einsum("...mk,...kl->...ml", q, _cross(q, z))
+  return jnp.where(live, q, orthonormalize(z))
+
+
+def _cross(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Replicated a^H b (k x l) of two (..., m, k), (..., m, l) blocks."""
+  return sops.replicate(sops.einsum("...mk,...ml->...kl", jnp.conj(a), b))
 
 
 def _gaussian(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
@@ -132,7 +165,9 @@ def randomized_range(
   """Orthonormal (..., m, width) basis approximating the dominant range of `a`.
 
   Halko-Martinsson-Tropp range finder with `power_iters` power (subspace)
-  iterations, re-orthonormalised after every product. With `init` (a previous
+  iterations, re-orthonormalised after every product. The basis is always
+  complete: where `a` has no energy (zero or rank-deficient input) its columns
+  are random orthonormal directions, never zeros. With `init` (a previous
   (..., m, r) basis, r <= width) the start block is `a^H init` topped up with
   Gaussian columns: one step of subspace iteration from the old basis, which
   converges in fewer power iterations when the subspace moves slowly.
@@ -151,10 +186,14 @@ def randomized_range(
       omega = orthonormalize(omega) * jnp.sqrt(jnp.asarray(n, a.real.dtype))
       extra = sops.match_sharding(extra.astype(omega.dtype), omega)
       omega = jnp.concatenate([omega, extra], axis=-1)
+  fill_key = jax.random.fold_in(key, 1)
+  if power_iters == 0:
+    return orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega), key=fill_key)
   q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega))
-  for _ in range(power_iters):
+  for i in range(power_iters):
     z = orthonormalize(sops.einsum("...nm,...mk->...nk", a_h, q))
-    q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, z))
+    last = i == power_iters - 1
+    q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, z), key=fill_key if last else None)
   return q
 
 
