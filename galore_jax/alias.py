@@ -12,9 +12,20 @@ from typing import Any, Callable, Optional, Union
 import optax
 
 from galore_jax import labels as labels_lib
+from galore_jax import transform
 from galore_jax.transform import scale_by_galore, scale_by_tensor_galore
 
 ScalarOrSchedule = Union[float, optax.Schedule]
+
+
+GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + ("tensor_rank",)
+
+
+def _decayed_weights(weight_decay, mask):
+  # A literal 0 adds nothing, so it must not demand params at update time.
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return optax.identity()
+  return optax.add_decayed_weights(weight_decay, mask)
 
 
 def _chain(learning_rate, *, labels, b1, b2, eps, mu_dtype, weight_decay, weight_decay_mask,
@@ -25,23 +36,27 @@ def _chain(learning_rate, *, labels, b1, b2, eps, mu_dtype, weight_decay, weight
           {labels_lib.GALORE: galore_tx(adam()), labels_lib.TENSOR_GALORE: tensor_tx(adam()),
            labels_lib.ADAM: adam()},
           labels),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      _decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def _label_fn(labels, label_overrides, dimension_numbers, matrices, tensors):
+def _label_fn(labels, **rule):
   if labels is not None:
     return labels
-  return lambda params: labels_lib.galore_labels(
-      params, label_overrides=label_overrides, dimension_numbers=dimension_numbers,
-      matrices=matrices, tensors=tensors)
+  return lambda params: labels_lib.galore_labels(params, **rule)
+
+
+def _check_ranks(name, rank, static_args):
+  for i, r in enumerate(rank) if isinstance(rank, (tuple, list)) else [(None, rank)]:
+    if r is not None or i is None:
+      transform.check_rank_value(r, name if i is None else f"{name}[{i}]", static_args)
 
 
 def galore_adamw(
     learning_rate: ScalarOrSchedule,
-    rank: Union[int, float] = 128,
     *,
+    rank: Union[int, float] = 128,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -67,11 +82,17 @@ def galore_adamw(
   """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
 
   Default labels (see `galore_labels`): 2-D matrices and stacked matrices
-  (leaves with batch axes in `dimension_numbers`) -> `scale_by_galore`; other
-  >= 3-D tensors -> `scale_by_tensor_galore` with `tensor_rank`; embeddings,
-  LM head, norms, biases and vectors -> plain Adam. `labels` replaces the rule
-  (a pytree of labels or a callable params -> labels); `label_overrides`
-  ({regex: label}) patches it by param path.
+  (batch axes in `dimension_numbers`, or found by structure) ->
+  `scale_by_galore`; other >= 3-D tensors -> `scale_by_tensor_galore` with
+  `tensor_rank`; embeddings, positional tables, output heads, norms, biases,
+  vectors and matrices too small for `rank` -> plain Adam. `labels` replaces
+  the rule (a pytree of labels or a callable params -> labels);
+  `label_overrides` ({regex: label}) patches it by param path.
+  `gj.describe(tx, params)` shows what each leaf gets.
+
+  Everything after `learning_rate` is keyword-only (torch's GaLore takes the
+  rank second: `galore_adamw(8, 1e-2)` would silently swap lr and rank). With
+  `optax.inject_hyperparams`, pass `static_args=gj.GALORE_ADAMW_STATIC_ARGS`.
 
   Args:
     learning_rate: float or optax schedule.
@@ -96,6 +117,10 @@ def galore_adamw(
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     >>> params = optax.apply_updates(params, updates)
   """
+  static = GALORE_ADAMW_STATIC_ARGS
+  _check_ranks("rank", rank, static)
+  _check_ranks("tensor_rank", tensor_rank, static)
+  transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
   galore = lambda base: scale_by_galore(
       rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
       oversample=oversample, power_iters=power_iters, warm_start=warm_start,
@@ -107,16 +132,17 @@ def galore_adamw(
       on_refresh=on_refresh, stagger=stagger, base_optimizer=base, seed=seed + 1)
   return _chain(
       learning_rate,
-      labels=_label_fn(labels, label_overrides, dimension_numbers, labels_lib.GALORE,
-                       labels_lib.TENSOR_GALORE),
+      labels=_label_fn(labels, label_overrides=label_overrides,
+                       dimension_numbers=dimension_numbers, rank=rank, proj_type=proj_type,
+                       tensor_rank=tensor_rank),
       b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, galore_tx=galore, tensor_tx=tensor)
 
 
 def tensor_galore_adamw(
     learning_rate: ScalarOrSchedule,
-    rank: Union[int, float, tuple] = 0.25,
     *,
+    rank: Union[int, float, tuple] = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -152,13 +178,17 @@ def tensor_galore_adamw(
     >>> updates["spectral"].dtype
     dtype('complex64')
   """
+  static = transform.TENSOR_GALORE_STATIC_ARGS
+  _check_ranks("rank", rank, static)
+  transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
   tensor = lambda base: scale_by_tensor_galore(
       rank, update_proj_gap=update_proj_gap, scale=scale, modes=modes, svd=svd,
       oversample=oversample, power_iters=power_iters, warm_start=warm_start,
       on_refresh=on_refresh, stagger=stagger, base_optimizer=base, seed=seed)
   return _chain(
       learning_rate,
-      labels=_label_fn(labels, label_overrides, None, labels_lib.ADAM, labels_lib.TENSOR_GALORE),
+      labels=_label_fn(labels, label_overrides=label_overrides, matrices=labels_lib.ADAM,
+                       tensor_rank=rank),
       b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask,
       galore_tx=lambda base: scale_by_galore(

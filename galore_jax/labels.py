@@ -1,23 +1,31 @@
 """Which parameters get which treatment: GaLore, Tensor-GaLore, or plain Adam.
 
 Labels are strings per leaf, for `optax.partition`:
-  "galore"         matrices (2-D), and stacked matrices whose batch (layer) axes
-                   are given by dimension numbers;
+  "galore"         matrices (2-D), and stacked matrices (L, m, n) whose layer axis
+                   is given by dimension numbers or found by structure;
   "tensor_galore"  other N-D tensors (>= 3-D), e.g. FNO spectral weights;
-  "adam"           embeddings, LM heads, norms, biases, vectors and scalars.
-User overrides are regular expressions searched in the param's path
-("layers/attn/q_proj/kernel"); the first matching one decides.
+  "adam"           embeddings, positional tables, output heads, norms, biases,
+                   vectors (stacked or not), scalars, and matrices too small for
+                   the rank to save anything.
+The default rule looks at names (`DEFAULT_PLAIN_PATTERN`) and at structure, so
+layers named `head`, `pos_emb` or `ln1` are treated like `lm_head`, `wpe` and
+`norm`. User overrides are regular expressions searched in the param's path
+("layers/attn/q_proj/kernel"); the first matching one decides, and a leaf forced
+to a label keeps it (a rank that does not fit is then an error, not a fallback).
 """
 
 from __future__ import annotations
 
+import collections
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
-from galore_jax.projection import DimensionNumbers
+from galore_jax import paths
+from galore_jax import projection as proj
 
 GALORE = "galore"
 TENSOR_GALORE = "tensor_galore"
@@ -28,19 +36,6 @@ LABELS = (GALORE, TENSOR_GALORE, ADAM)
 DEFAULT_PLAIN_PATTERN = r"embed|lm_head|wte|wpe|norm|bias"
 
 Overrides = Union[Mapping[str, str], Sequence[Tuple[str, str]], None]
-
-
-def path_string(keypath) -> str:
-  """'a/b/0/c' for a JAX key path (dict keys, attributes and indices)."""
-  parts = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def _normalize_overrides(overrides: Overrides):
@@ -59,11 +54,47 @@ def _normalize_overrides(overrides: Overrides):
   return compiled
 
 
+def _model_tables(shapes, dims) -> list:
+  """Which leaves are embedding / positional / output tables, by structure.
+
+  The repeated part of a model (stacked layers, or the same matrix shape in
+  several layers) fixes the layer dimensions (hidden and feed-forward sizes).
+  A 2-D leaf outside it with one side among them and the other a size no
+  layer uses (vocabulary, positions) is a table. Models without repetition
+  (a plain MLP) have no tables by this rule.
+  """
+  repeated = collections.Counter()
+  matrix_shapes = []
+  for shape, d in zip(shapes, dims):
+    if d is not None and len(shape) - len(d.batch_axes) == 2:
+      repeated[tuple(s for i, s in enumerate(shape) if i not in d.batch_axes)] += 2
+      matrix_shapes.append(None)  # a stack is repetition by itself
+    elif len(shape) == 2:
+      repeated[shape] += 1
+      matrix_shapes.append(shape)
+    else:
+      matrix_shapes.append(None)
+  layer_dims = {d for s, n in repeated.items() if n >= 2 for d in s}
+  return [shape is not None and repeated[shape] < 2
+          and (shape[0] in layer_dims) != (shape[1] in layer_dims) for shape in matrix_shapes]
+
+
+def _tucker_fits(shape, tensor_rank) -> bool:
+  try:
+    proj.tucker_plan(tuple(shape), tensor_rank, None, "")
+  except ValueError:
+    return False
+  return True
+
+
 def galore_labels(
     params: Any,
     *,
     label_overrides: Overrides = None,
     dimension_numbers: Any = None,
+    rank: Optional[Union[int, float]] = None,
+    proj_type: str = "std",
+    tensor_rank: Any = None,
     plain_pattern: str = DEFAULT_PLAIN_PATTERN,
     matrices: str = GALORE,
     tensors: str = TENSOR_GALORE,
@@ -71,11 +102,16 @@ def galore_labels(
   """Labels for each leaf of `params` (a pytree of strings with the same structure).
 
   Args:
-    params: the parameters (arrays or ShapeDtypeStructs).
+    params: the parameters (arrays or ShapeDtypeStructs; `nnx.State` too).
     label_overrides: {regex: label} or [(regex, label)], searched in order in
-      each param's path; the first match wins over the default rule.
-    dimension_numbers: as in `scale_by_galore`; leaves with batch axes are
-      stacked matrices and get `matrices`' label instead of `tensors`'.
+      each param's path; the first match wins over the default rule. A
+      pattern that matches no path is reported with a warning.
+    dimension_numbers: as in `scale_by_galore` (None: stacked layers are found
+      by structure); stacked matrices get `matrices`' label, stacked vectors
+      (norm scales, biases) plain Adam.
+    rank, proj_type: when given, a matrix whose rank would reach min(m, n)
+      gets plain Adam (no memory to save) unless an override forces it.
+    tensor_rank: when given, a tensor it does not fit gets plain Adam.
     plain_pattern: regex of names kept in plain Adam by default.
     matrices: label for 2-D leaves (and stacked matrices).
     tensors: label for other >= 3-D leaves.
@@ -89,29 +125,33 @@ def galore_labels(
   """
   overrides = _normalize_overrides(label_overrides)
   plain = re.compile(plain_pattern, re.IGNORECASE) if plain_pattern else None
-  if dimension_numbers is not None and callable(dimension_numbers) and not isinstance(
-      dimension_numbers, DimensionNumbers):
-    dimension_numbers = dimension_numbers(params)
-  if isinstance(dimension_numbers, DimensionNumbers) or dimension_numbers is None:
-    dims_by_path = None
-  else:
-    dims_by_path = dict(jax.tree_util.tree_flatten_with_path(
-        dimension_numbers, is_leaf=lambda x: x is None or isinstance(x, DimensionNumbers))[0])
+  names, leaves, treedef = paths.leaf_paths(params)
+  shapes = [tuple(jnp.shape(x)) for x in leaves]
+  dims = proj.resolve_dimension_numbers(dimension_numbers, params)
+  tables = _model_tables(shapes, dims)
+  matched = set()
 
-  def label(keypath, leaf):
-    path = path_string(keypath)
+  def label(name, shape, d, table):
     for pattern, lab in overrides:
-      if pattern.search(path):
+      if pattern.search(name):
+        matched.add(pattern.pattern)
         return lab
-    ndim = len(jnp.shape(leaf))
-    if ndim < 2 or (plain is not None and plain.search(path)):
+    matrix_axes = len(shape) - (len(d.batch_axes) if d is not None else 0)
+    if matrix_axes < 2 or (plain is not None and plain.search(name)) or table:
       return ADAM
-    if ndim == 2:
+    if d is not None or len(shape) == 2:
+      if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
+        return ADAM
       return matrices
-    if isinstance(dimension_numbers, DimensionNumbers):
-      stacked = ndim == 2 + len(dimension_numbers.batch_axes)
-    else:
-      stacked = dims_by_path is not None and dims_by_path.get(keypath) is not None
-    return matrices if stacked else tensors
+    if tensors != ADAM and tensor_rank is not None and not _tucker_fits(shape, tensor_rank):
+      return ADAM
+    return tensors
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  labels = [label(*args) for args in zip(names, shapes, dims, tables)]
+  for pattern, _ in overrides:
+    if pattern.pattern not in matched:
+      examples = ", ".join(repr(n) for n in names[:3])
+      warnings.warn(
+          f"label_overrides pattern {pattern.pattern!r} matches no param path (paths look like "
+          f"{examples}); it has no effect", stacklevel=2)
+  return treedef.unflatten(labels)

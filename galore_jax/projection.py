@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from galore_jax import _sharding_ops as sops
 from galore_jax import linalg
+from galore_jax import paths
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("randomized", "exact")
@@ -111,25 +112,25 @@ class MatrixPlan:
     return {"left": (*b, r, n), "right": (*b, m, r), "full": (*b, r, r)}[self.side]
 
 
-def matrix_plan(shape, dims: Optional[DimensionNumbers], proj_type: str, rank, path: str) -> MatrixPlan:
-  """Builds (and validates) the plan for one leaf; errors name the leaf."""
+def _matrix_layout(shape, dims: Optional[DimensionNumbers], path: str):
+  """(batch_axes, flatten) of a leaf; errors name the leaf."""
   ndim = len(shape)
-  batch_axes = ()
-  flatten = False
-  if dims is not None:
-    batch_axes = tuple(sorted(a % ndim if -ndim <= a < ndim else a for a in dims.batch_axes))
-    if any(not 0 <= a < ndim for a in batch_axes) or len(set(batch_axes)) != len(batch_axes):
-      raise ValueError(
-          f"dimension_numbers for '{path}' has batch_axes {dims.batch_axes}, which are not "
-          f"distinct axes of a leaf of shape {shape}")
-    if ndim - len(batch_axes) != 2:
-      raise ValueError(
-          f"dimension_numbers for '{path}' leave {ndim - len(batch_axes)} matrix axes for a leaf "
-          f"of shape {shape} with batch_axes {batch_axes}; exactly 2 must remain")
-  elif ndim > 2:
-    flatten = True
-  plan = MatrixPlan(tuple(shape), batch_axes, flatten, "left", 1)
-  m, n = plan.matrix_shape
+  if dims is None:
+    return (), ndim > 2
+  batch_axes = tuple(sorted(a % ndim if -ndim <= a < ndim else a for a in dims.batch_axes))
+  if any(not 0 <= a < ndim for a in batch_axes) or len(set(batch_axes)) != len(batch_axes):
+    raise ValueError(
+        f"dimension_numbers for '{path}' has batch_axes {dims.batch_axes}, which are not "
+        f"distinct axes of a leaf of shape {shape}")
+  if ndim - len(batch_axes) != 2:
+    raise ValueError(
+        f"dimension_numbers for '{path}' leave {ndim - len(batch_axes)} matrix axes for a leaf "
+        f"of shape {shape} with batch_axes {batch_axes}; exactly 2 must remain")
+  return batch_axes, False
+
+
+def _side_and_rank(matrix_shape, proj_type: str, rank):
+  m, n = matrix_shape
   side = {
       "std": "right" if m >= n else "left",
       "reverse_std": "left" if m >= n else "right",
@@ -138,13 +139,81 @@ def matrix_plan(shape, dims: Optional[DimensionNumbers], proj_type: str, rank, p
       "full": "full",
   }[proj_type]
   projected_dim = {"left": m, "right": n, "full": min(m, n)}[side]
-  r = resolve_rank(rank, projected_dim)
+  return side, resolve_rank(rank, projected_dim)
+
+
+def matrix_plan(shape, dims: Optional[DimensionNumbers], proj_type: str, rank, path: str) -> MatrixPlan:
+  """Builds (and validates) the plan for one leaf; errors name the leaf."""
+  batch_axes, flatten = _matrix_layout(shape, dims, path)
+  plan = MatrixPlan(tuple(shape), batch_axes, flatten, "left", 1)
+  m, n = plan.matrix_shape
+  side, r = _side_and_rank((m, n), proj_type, rank)
   if r > min(m, n):
     raise ValueError(
         f"rank={rank!r} gives {r} for '{path}' (matrix {m}x{n}), larger than its smaller "
         f"dimension {min(m, n)}; use a smaller rank, a fraction, or label this leaf for "
         "plain Adam")
   return dataclasses.replace(plan, side=side, rank=r)
+
+
+def saves_memory(shape, dims: Optional[DimensionNumbers], proj_type: str, rank) -> bool:
+  """Whether matrix GaLore at `rank` stores less than the full matrix (rank < min(m, n))."""
+  batch_axes, flatten = _matrix_layout(shape, dims, "")
+  m, n = MatrixPlan(tuple(shape), batch_axes, flatten, "left", 1).matrix_shape
+  return _side_and_rank((m, n), proj_type, rank)[1] < min(m, n)
+
+
+def infer_dimension_numbers(params) -> list:
+  """Per-leaf DimensionNumbers for stacked layers found by structure (None elsewhere).
+
+  A size L is a stack (layer) axis when it leads at least one 3-D leaf and never
+  appears as a non-leading dimension of any leaf with 2 or more axes: scanned
+  layers stack (L, m, n) kernels and (L, d) norm scales and biases on a leading
+  axis that no feature dimension shares. FNO spectral weights (c, c, k) or conv
+  kernels (k, c_in, c_out) whose leading size is also a feature size are not
+  stacks. Leaves (L, m, n) become L matrices; (L, d) become L vectors.
+  """
+  shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
+  inner = {d for s in shapes if len(s) >= 2 for d in s[1:]}
+  stacks = {s[0] for s in shapes if len(s) == 3 and s[0] not in inner}
+  return [DimensionNumbers((0,)) if len(s) in (2, 3) and s[0] in stacks else None
+          for s in shapes]
+
+
+def _is_dims_leaf(x):
+  return x is None or isinstance(x, DimensionNumbers)
+
+
+def resolve_dimension_numbers(dimension_numbers, params) -> list:
+  """Per-leaf DimensionNumbers (or None), from any accepted form; clear errors.
+
+  None infers stacked layers by structure (`infer_dimension_numbers`). A pytree
+  is matched to the params by key path, so it also fits the masked sub-trees
+  that `optax.partition` hands to an inner transform.
+  """
+  keypaths = jax.tree_util.tree_flatten_with_path(params)[0]
+  if dimension_numbers is None:
+    return infer_dimension_numbers(params)
+  if isinstance(dimension_numbers, DimensionNumbers):
+    n = 2 + len(dimension_numbers.batch_axes)
+    return [dimension_numbers if jnp.ndim(x) == n else None for _, x in keypaths]
+  tree = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+  by_path = {paths.path_string(kp): d for kp, d in
+             jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_dims_leaf)[0]}
+  per_leaf = []
+  for keypath, _ in keypaths:
+    name = paths.path_string(keypath)
+    if name not in by_path:
+      raise ValueError(
+          "dimension_numbers does not match the params' structure: no entry for "
+          f"'{name}'. Give a pytree with the params' structure holding DimensionNumbers or "
+          "None at each leaf, one DimensionNumbers for all leaves, or a callable params -> "
+          "such a pytree")
+    d = by_path[name]
+    if d is not None and not isinstance(d, DimensionNumbers):
+      raise TypeError(f"dimension_numbers entries must be DimensionNumbers or None, got {d!r}")
+    per_leaf.append(d)
+  return per_leaf
 
 
 def init_projectors(plan: MatrixPlan, dtype) -> tuple:

@@ -66,7 +66,7 @@ def state_shardings(abstract_state: Any, params: Any, param_shardings: Any,
     >>> tx = gj.scale_by_galore(rank=2)
     >>> shardings = gj.state_shardings(jax.eval_shape(tx.init, params), params,
     ...                                {"w": P("fsdp", None)}, mesh)
-    >>> tuple(shardings.projectors["w"][0].spec)  # Vh (rank, n): n's spec; rank replicated
+    >>> tuple(shardings.projectors.right["w"].spec)  # Vh (rank, n): n's spec; rank replicated
     (None, None)
   """
   p_paths, p_treedef = jax.tree_util.tree_flatten_with_path(params)

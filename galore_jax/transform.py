@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import _sharding_ops as sops
+from galore_jax import paths
 from galore_jax import projection as proj
 from galore_jax.projection import DimensionNumbers
 
 __all__ = [
+    "MatrixProjectors",
     "ScaleByGaloreState",
     "ScaleByTensorGaloreState",
     "scale_by_galore",
@@ -29,13 +31,26 @@ __all__ = [
 ]
 
 
+class MatrixProjectors(NamedTuple):
+  """GaLore's projectors, one tree per side (arrays only, `()` where a leaf has none).
+
+  Kept side by side rather than as a tuple per leaf: Flax's `nnx.Optimizer`
+  round-trips states through `nnx.State`, which turns containers nested inside
+  a params-shaped tree into dicts; trees of plain arrays survive it.
+  """
+
+  left: Any  # per param: U (*batch, m, r) for left / full projection, else ().
+  right: Any  # per param: Vh (*batch, r, n) for right / full projection, else ().
+
+
 class ScaleByGaloreState(NamedTuple):
-  """State of `scale_by_galore` (arrays only: jit, sharding and orbax just work)."""
+  """State of `scale_by_galore` (arrays only: jit, sharding, orbax and nnx just work)."""
 
   count: jax.Array  # shape=(), dtype=jnp.int32. Updates applied so far.
   key: jax.Array  # shape=(2,), dtype=jnp.uint32. PRNG key for randomized refreshes.
-  projectors: Any  # per param: tuple of projector arrays (() where not projected).
+  projectors: MatrixProjectors
   base_state: optax.OptState  # base optimizer state over the low-rank gradients.
+  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32. Refreshes skipped (non-finite grads).
 
 
 class ScaleByTensorGaloreState(NamedTuple):
@@ -43,31 +58,44 @@ class ScaleByTensorGaloreState(NamedTuple):
 
   count: jax.Array  # shape=(), dtype=jnp.int32.
   key: jax.Array  # shape=(2,), dtype=jnp.uint32.
-  factors: Any  # per param: tuple of (d_k, r_k) Tucker factors (() where not projected).
+  factors: tuple  # factors[k]: per param, its (d_k, r_k) mode-k factor, or () if none.
   base_state: optax.OptState  # base optimizer state over the Tucker cores.
+  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
 
 
 # ----------------------------------------------------------------------------
 # Argument checking (at construction / init, never inside a trace).
 # ----------------------------------------------------------------------------
 
-_INJECT_HINT = ("with optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap', "
-                "'oversample', 'power_iters', 'seed', 'dimension_numbers')")
+GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed",
+                      "dimension_numbers")
+TENSOR_GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed")
+_MAX_GAP = 2**31 - 1  # steps are counted in int32
 
 
-def _static_int(name: str, value, *, minimum: int) -> int:
+def inject_hint(static_args: Sequence[str]) -> str:
+  return f"with optax.inject_hyperparams pass static_args={tuple(static_args)!r}"
+
+
+def _static_int(name: str, value, *, minimum: int, maximum: Optional[int] = None,
+                static_args=GALORE_STATIC_ARGS) -> int:
   if isinstance(value, bool) or not isinstance(value, int):
     if isinstance(value, jax.Array):
-      raise TypeError(f"{name} must be a static Python int, got a jax.Array; {_INJECT_HINT}")
+      raise TypeError(f"{name} must be a static Python int, got a jax.Array; "
+                      f"{inject_hint(static_args)}")
     raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
   if value < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name} must be <= {maximum}, got {value}")
   return value
 
 
-def _check_rank_value(rank, name: str = "rank"):
+def check_rank_value(rank, name: str = "rank", static_args=GALORE_STATIC_ARGS):
+  """Raises a clear error unless `rank` is a positive int or a fraction in (0, 1]."""
   if isinstance(rank, jax.Array):
-    raise TypeError(f"{name} must be a static int or float, got a jax.Array; {_INJECT_HINT}")
+    raise TypeError(f"{name} must be a static int or float, got a jax.Array; "
+                    f"{inject_hint(static_args)}")
   if isinstance(rank, bool) or not isinstance(rank, (int, float)):
     raise TypeError(f"{name} must be an int (> 0) or a float fraction in (0, 1], got {rank!r}")
   if isinstance(rank, int) and rank <= 0:
@@ -81,26 +109,37 @@ def _check_choice(name: str, value, choices):
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh):
-  _static_int("update_proj_gap", update_proj_gap, minimum=1)
-  _static_int("oversample", oversample, minimum=0)
-  _static_int("power_iters", power_iters, minimum=0)
-  _static_int("seed", seed, minimum=0)
+def check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh,
+                 static_args=GALORE_STATIC_ARGS):
+  """Checks the options shared by both transforms (and the aliases)."""
+  _static_int("update_proj_gap", update_proj_gap, minimum=1, maximum=_MAX_GAP,
+              static_args=static_args)
+  _static_int("oversample", oversample, minimum=0, static_args=static_args)
+  _static_int("power_iters", power_iters, minimum=0, static_args=static_args)
+  _static_int("seed", seed, minimum=0, static_args=static_args)
   _check_choice("svd", svd, proj.SVD_METHODS)
   _check_choice("on_refresh", on_refresh, proj.ON_REFRESH)
 
 
-def _leaf_paths(tree):
-  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = ["/".join(_key_name(k) for k in path) or "<root>" for path, _ in leaves_with_path]
-  return paths, [leaf for _, leaf in leaves_with_path], treedef
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+def _check_base_optimizer(base_optimizer, transform: str):
+  """Base optimizers run on low-rank gradients and never see params: refuse ones that need them."""
+  if base_optimizer is None:
+    return
+  if not isinstance(base_optimizer, optax.GradientTransformation):
+    raise TypeError(f"{transform}: base_optimizer must be an optax.GradientTransformation, got "
+                    f"{base_optimizer!r}")
+  probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+  try:
+    jax.eval_shape(lambda g: base_optimizer.update(g, base_optimizer.init(g), None), probe)
+  except ValueError as e:
+    if "params" in str(e):
+      raise ValueError(
+          f"{transform}: base_optimizer needs params (e.g. optax.adamw's weight decay), but it "
+          "runs on low-rank gradients and never sees them. Use a params-free base such as "
+          "optax.scale_by_adam() and put optax.add_decayed_weights after the GaLore transform "
+          "(as gj.galore_adamw does)") from None
+  except Exception:  # pylint: disable=broad-except
+    pass  # needs other shapes or extra args: it will tell at its first update
 
 
 def _check_leaf_dtype(transform: str, path: str, leaf):
@@ -112,6 +151,15 @@ def _check_leaf_dtype(transform: str, path: str, leaf):
         "galore_adamw's labels).")
 
 
+def _low_dtype(dtype):
+  """Dtype of low-rank gradients and moments: the param's, but float16 widens to float32.
+
+  float16 cannot hold Adam's second moment (|g|^2 overflows at |g| > 256) nor its
+  default eps (1e-8 underflows to 0, giving 0/0); the low-rank state is small.
+  """
+  return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
 # ----------------------------------------------------------------------------
 # The shared low-rank machinery.
 # ----------------------------------------------------------------------------
@@ -119,9 +167,13 @@ def _check_leaf_dtype(transform: str, path: str, leaf):
 
 @dataclasses.dataclass(frozen=True)
 class _Projection:
-  """Per-plan operations; one instance for matrix GaLore, one for Tucker."""
+  """Per-plan operations; one instance for matrix GaLore, one for Tucker.
 
-  init: Callable  # (plan, dtype) -> tuple of projector arrays
+  A leaf's projectors are a tuple with one entry per slot (`()` where it has
+  none); the state keeps one tree per slot (see `MatrixProjectors`).
+  """
+
+  init: Callable  # (plan, dtype) -> per-slot tuple of projector arrays / ()
   low_shape: Callable  # plan -> shape of the low-rank gradient
   to_low: Callable  # (plan, g, projectors) -> low-rank gradient
   from_low: Callable  # (plan, low, projectors) -> full gradient
@@ -129,88 +181,105 @@ class _Projection:
   rotate: Callable  # (plan, moment, old, new, *, second) -> moment
 
 
+def _matrix_slots(plan, arrays):
+  """(U, Vh) slots of a matrix leaf from its side's tuple of projectors."""
+  return {"left": (arrays[0], ()), "right": ((), arrays[0]), "full": tuple(arrays)}[plan.side]
+
+
+def _side_arrays(plan, slots):
+  return tuple(p for p in slots if not _is_empty(p))
+
+
 def _matrix_projection(svd, oversample, power_iters) -> _Projection:
   def refresh(plan, g, old, *, key, warm):
-    return proj.refresh_projectors(plan, plan.to_standard(g), old, svd=svd, key=key,
-                                   oversample=oversample, power_iters=power_iters, warm=warm)
+    new = proj.refresh_projectors(plan, plan.to_standard(g), _side_arrays(plan, old), svd=svd,
+                                  key=key, oversample=oversample, power_iters=power_iters,
+                                  warm=warm)
+    return _matrix_slots(plan, new)
 
   def rotate(plan, moment, old, new, *, second):
-    return proj.rotate_moment(moment, proj.rotation(plan, old, new), second=second)
+    rotations = proj.rotation(plan, _side_arrays(plan, old), _side_arrays(plan, new))
+    return proj.rotate_moment(moment, rotations, second=second)
 
   return _Projection(
-      init=proj.init_projectors,
+      init=lambda plan, dtype: _matrix_slots(plan, proj.init_projectors(plan, dtype)),
       low_shape=lambda plan: plan.low_rank_shape(),
-      to_low=lambda plan, g, p: proj.project(plan, plan.to_standard(g), p),
-      from_low=lambda plan, low, p: plan.from_standard(proj.project_back(plan, low, p)),
+      to_low=lambda plan, g, p: proj.project(plan, plan.to_standard(g), _side_arrays(plan, p)),
+      from_low=lambda plan, low, p: plan.from_standard(
+          proj.project_back(plan, low, _side_arrays(plan, p))),
       refresh=refresh,
       rotate=rotate,
   )
 
 
-def _tucker_projection(svd, oversample, power_iters) -> _Projection:
+def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
+  def slots(plan, factors):
+    per_mode = [() if f is None else f for f in plan.expand(tuple(factors))]
+    return tuple(per_mode) + ((),) * (num_slots - len(per_mode))
+
   def refresh(plan, g, old, *, key, warm):
-    return proj.tucker_refresh(plan, g, old, svd=svd, key=key, oversample=oversample,
-                               power_iters=power_iters, warm=warm)
+    new = proj.tucker_refresh(plan, g, _side_arrays(plan, old), svd=svd, key=key,
+                              oversample=oversample, power_iters=power_iters, warm=warm)
+    return slots(plan, new)
 
   return _Projection(
-      init=lambda plan, dtype: tuple(jnp.zeros(s, dtype) for s in plan.factor_shapes()),
+      init=lambda plan, dtype: slots(plan, [jnp.zeros(s, dtype) for s in plan.factor_shapes()]),
       low_shape=lambda plan: plan.core_shape(),
-      to_low=proj.tucker_project,
-      from_low=proj.tucker_project_back,
+      to_low=lambda plan, g, p: proj.tucker_project(plan, g, _side_arrays(plan, p)),
+      from_low=lambda plan, low, p: proj.tucker_project_back(plan, low, _side_arrays(plan, p)),
       refresh=refresh,
       rotate=lambda plan, m, old, new, *, second: proj.tucker_rotate_moment(
-          plan, m, old, new, second=second),
+          plan, m, _side_arrays(plan, old), _side_arrays(plan, new), second=second),
   )
 
 
-def _increment(count):
-  # Saturates instead of wrapping at int32 max (as optax's counters do).
-  return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
+def _is_empty(x) -> bool:
+  return type(x) is tuple and not x  # noqa: E721 (not optax's MaskedNode, also a tuple)
 
 
-def _refresh_offsets(num_projected: int, gap: int, stagger: bool):
+def _slot_leaves(tree) -> list:
+  """Leaves of a per-slot tree in param order, `()` placeholders included."""
+  return jax.tree.leaves(tree, is_leaf=_is_empty)
+
+
+def refresh_offsets(num_projected: int, gap: int, stagger: bool):
+  """Step offset inside the gap at which each projected leaf refreshes (tree order)."""
   if not stagger or num_projected == 0:
     return [0] * num_projected
   return [(i * gap) // num_projected for i in range(num_projected)]
 
 
 def _map_base_moments(base_state, low_tree, per_leaf: Callable):
-  """Applies per_leaf(i, moment, second) to every low-rank moment tree in base_state.
+  """Applies per_leaf(i, moment, second) to every low-rank moment in base_state.
 
-  A moment tree is any subtree with the low-rank gradients' structure and
-  shapes (Adam's mu and nu, momentum traces, ...). Fields named `nu` (or `v`)
-  are treated as second moments.
+  A moment of leaf i is any state leaf whose key path ends with leaf i's path
+  in the low-rank tree and has its low-rank shape (Adam's mu and nu, momentum
+  traces, ...). Leaves under a field named `nu` (or `v`, `exp_avg_sq`) are
+  second moments. Paths are compared as strings, so the containers Flax's
+  `nnx.State` substitutes for dicts match too.
   """
-  low_leaves, low_def = jax.tree.flatten(low_tree)
-  shapes = [jnp.shape(x) for x in low_leaves]
+  low_paths = [paths.path_string(kp) for kp, _ in
+               jax.tree_util.tree_flatten_with_path(low_tree)[0]]
+  low_shapes = [jnp.shape(x) for x in jax.tree.leaves(low_tree)]
 
-  def is_moment_tree(node):
-    try:
-      leaves = low_def.flatten_up_to(node)
-    except (ValueError, TypeError):
-      return False
-    return all(hasattr(x, "shape") and x.shape == s for x, s in zip(leaves, shapes))
+  def visit(keypath, leaf):
+    names = [paths.path_string((k,)) for k in keypath]
+    for i, (low_path, shape) in enumerate(zip(low_paths, low_shapes)):
+      suffix = low_path.split("/") if low_path else []
+      if jnp.shape(leaf) == shape and (not suffix or names[-len(suffix):] == suffix):
+        second = any(n in ("nu", "v", "exp_avg_sq") for n in names)
+        return per_leaf(i, leaf, second)
+    return leaf
 
-  def visit(node, field):
-    if is_moment_tree(node):
-      leaves = low_def.flatten_up_to(node)
-      second = field in ("nu", "v", "exp_avg_sq")
-      return low_def.unflatten([per_leaf(i, x, second) for i, x in enumerate(leaves)])
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-      return type(node)(*[visit(getattr(node, f), f) for f in node._fields])
-    if isinstance(node, (tuple, list)):
-      return type(node)(visit(c, field) for c in node)
-    if isinstance(node, dict):
-      return type(node)({k: visit(v, field) for k, v in node.items()})
-    return node
-
-  return visit(base_state, None)
+  return jax.tree_util.tree_map_with_path(visit, base_state)
 
 
 def _low_rank_transform(
     *,
     make_plans: Callable,  # params -> (paths, leaves, treedef, plans list with None)
-    projection: _Projection,
+    projection: Callable,  # plans -> _Projection
+    num_slots: Callable,  # plans -> number of projector slots
+    pack_projectors: Callable,  # tuple of slot trees -> the state's projector field
     update_proj_gap: int,
     scale,
     base_optimizer: optax.GradientTransformation,
@@ -223,63 +292,79 @@ def _low_rank_transform(
 ) -> optax.GradientTransformationExtraArgs:
   base_optimizer = optax.with_extra_args_support(base_optimizer)
 
-  def low_rank_tree(leaves, plans, treedef):
-    low = [x if p is None else jnp.zeros(projection.low_shape(p), jnp.result_type(x))
+  def low_rank_tree(leaves, plans, treedef, project):
+    low = [x if p is None else jnp.zeros(project.low_shape(p), _low_dtype(jnp.result_type(x)))
            for x, p in zip(leaves, plans)]
     return treedef.unflatten(low)
 
+  def slot_trees(per_leaf, treedef, n):
+    return tuple(treedef.unflatten([leaf[k] for leaf in per_leaf]) for k in range(n))
+
   def init_fn(params):
     _, leaves, treedef, plans = make_plans(params)
-    projectors = [
-        () if p is None else projection.init(p, projector_dtype or jnp.result_type(x))
+    project, n = projection(plans), num_slots(plans)
+    per_leaf = [
+        ((),) * n if p is None else project.init(p, projector_dtype or jnp.result_type(x))
         for x, p in zip(leaves, plans)
     ]
-    low = low_rank_tree([jnp.zeros_like(x) for x in leaves], plans, treedef)
+    low = low_rank_tree(leaves, plans, treedef, project)
     return state_cls(
         jnp.zeros([], jnp.int32),
         jax.random.PRNGKey(seed),
-        treedef.unflatten(projectors),
+        pack_projectors(slot_trees(per_leaf, treedef, n)),
         base_optimizer.init(low),
+        jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
     _, grads, treedef, plans = make_plans(updates)
-    old_projectors = treedef.flatten_up_to(state[2])
+    project, n = projection(plans), num_slots(plans)
+    slots = [_slot_leaves(tree) for tree in tuple(state[2])]
+    old_projectors = [tuple(slot[i] for slot in slots) for i in range(len(grads))]
     count = state.count
     key, step_key = jax.random.split(state.key)
     projected = [i for i, p in enumerate(plans) if p is not None]
-    offsets = dict(zip(projected, _refresh_offsets(len(projected), update_proj_gap, stagger)))
+    offsets = dict(zip(projected, refresh_offsets(len(projected), update_proj_gap, stagger)))
 
     refresh_flags, new_projectors, low = {}, [], []
+    skipped = state.skipped_refreshes
     for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
       if plan is None:
         new_projectors.append(old)
         low.append(g)
         continue
+      # A non-finite gradient never reaches a projector or a moment: the leaf's
+      # gradient counts as zero (optax.zero_nans, per leaf: one NaN spreads through
+      # the whole projection) and a refresh due now keeps the old basis; only the
+      # first refresh, with no basis yet, proceeds (on zeros: a random basis).
+      finite = jnp.all(jnp.isfinite(g))
+      g = jnp.where(finite, g, jnp.zeros_like(g))
       phase = count % update_proj_gap
-      refresh = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
+      due = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
+      refresh = due & (finite | (count == 0))
+      skipped = skipped + (due & ~refresh).astype(jnp.int32)
       refresh_flags[i] = refresh
       leaf_key = jax.random.fold_in(step_key, i)
       branches = [
           lambda g, old: old,
-          lambda g, old, plan=plan, k=leaf_key: projection.refresh(plan, g, old, key=k, warm=False),
+          lambda g, old, plan=plan, k=leaf_key: project.refresh(plan, g, old, key=k, warm=False),
       ]
       branch = refresh.astype(jnp.int32)
       if warm_start:
         branches.append(
-            lambda g, old, plan=plan, k=leaf_key: projection.refresh(plan, g, old, key=k, warm=True))
+            lambda g, old, plan=plan, k=leaf_key: project.refresh(plan, g, old, key=k, warm=True))
         branch = jnp.where(refresh & (count > 0), 2, branch)
       new = jax.lax.switch(branch, branches, g, old)
       new_projectors.append(new)
-      low.append(projection.to_low(plan, g, new).astype(jnp.result_type(g)))
+      low.append(project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g))))
 
     base_state = state.base_state
     if on_refresh != "keep" and projected:
       base_state = _map_base_moments(
           base_state, treedef.unflatten(low),
           lambda i, m, second: _on_refresh_moment(
-              i, m, second, plans, refresh_flags, old_projectors, new_projectors))
+              project, i, m, second, plans, refresh_flags, old_projectors, new_projectors))
 
     low_updates, base_state = base_optimizer.update(treedef.unflatten(low), base_state, None,
                                                     **extra_args)
@@ -289,16 +374,17 @@ def _low_rank_transform(
       if plan is None:
         out.append(u)
       else:
-        out.append((projection.from_low(plan, u, p) * scale).astype(jnp.result_type(g)))
+        out.append((project.from_low(plan, u, p) * scale).astype(jnp.result_type(g)))
     new_state = state_cls(
-        _increment(count),
+        optax.safe_int32_increment(count),
         key,
-        treedef.unflatten(new_projectors),
+        pack_projectors(slot_trees(new_projectors, treedef, n)),
         base_state,
+        skipped,
     )
     return treedef.unflatten(out), new_state
 
-  def _on_refresh_moment(i, moment, second, plans, flags, old, new):
+  def _on_refresh_moment(project, i, moment, second, plans, flags, old, new):
     plan = plans[i]
     if plan is None:
       return moment
@@ -307,43 +393,11 @@ def _low_rank_transform(
     return jax.lax.cond(
         flags[i],
         lambda m: sops.match_sharding(
-            projection.rotate(plan, m, old[i], new[i], second=second), m),
+            project.rotate(plan, m, old[i], new[i], second=second), m),
         lambda m: m,
         moment)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _is_dims_leaf(x):
-  return x is None or isinstance(x, DimensionNumbers)
-
-
-def _resolve_dimension_numbers(dimension_numbers, params, leaf_keypaths):
-  """Per-leaf DimensionNumbers (or None), from any accepted form; clear errors.
-
-  A pytree is matched to the params by key path, so it also fits the masked
-  sub-trees that `optax.partition` hands to an inner transform.
-  """
-  if dimension_numbers is None:
-    return [None] * len(leaf_keypaths)
-  if isinstance(dimension_numbers, DimensionNumbers):
-    n = 2 + len(dimension_numbers.batch_axes)
-    return [dimension_numbers if len(shape) == n else None for _, shape in leaf_keypaths]
-  tree = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
-  by_path = dict(jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_dims_leaf)[0])
-  per_leaf = []
-  for keypath, _ in leaf_keypaths:
-    if keypath not in by_path:
-      raise ValueError(
-          "dimension_numbers does not match the params' structure: no entry for "
-          f"'{jax.tree_util.keystr(keypath)}'. Give a pytree with the params' structure holding "
-          "DimensionNumbers or None at each leaf, one DimensionNumbers for all leaves, or a "
-          "callable params -> such a pytree")
-    d = by_path[keypath]
-    if d is not None and not isinstance(d, DimensionNumbers):
-      raise TypeError(f"dimension_numbers entries must be DimensionNumbers or None, got {d!r}")
-    per_leaf.append(d)
-  return per_leaf
 
 
 def scale_by_galore(
@@ -368,7 +422,17 @@ def scale_by_galore(
   Every leaf with two matrix axes (plus optional batch axes, see
   `dimension_numbers`) is projected; leaves with fewer than two axes go to the
   base optimizer in full space, unscaled (as galore-torch's non-GaLore group).
-  N-D leaves without dimension numbers are flattened to (d0, prod(rest)).
+  Without `dimension_numbers`, stacked layers are found by structure
+  (`galore_jax.projection.infer_dimension_numbers`: a leading axis no feature
+  dimension shares): (L, m, n) leaves get L projectors, (L, d) leaves stay in
+  full space; other N-D leaves are flattened to (d0, prod(rest)).
+
+  Degenerate gradients: a refresh always yields an orthonormal basis of the
+  asked rank (where the gradient has no energy, e.g. zero at step 0 or rank
+  deficient, the basis is completed with random orthonormal directions). A
+  leaf whose gradient is not finite is treated as zero gradient for that step
+  (like `optax.zero_nans`, for the whole leaf), and a refresh due at that step
+  keeps the previous basis; `skipped_refreshes` in the state counts them.
 
   Projection side (fixed per leaf at trace time, galore-torch semantics for an
   m x n gradient): `std` projects on the right (G Vh_r^H, moments m x r) when
@@ -408,7 +472,8 @@ def scale_by_galore(
     dimension_numbers: `DimensionNumbers(batch_axes=...)` for all leaves, a
       pytree matching the params of DimensionNumbers or None, or a callable
       params -> such a pytree. Batch axes (e.g. the layer axis of scanned
-      weights of shape (L, m, n)) get independent projectors.
+      weights of shape (L, m, n)) get independent projectors. None: inferred
+      from the structure (see above).
     projector_dtype: dtype to store projectors in (default: the param's).
     seed: seed of the PRNG key kept in the state.
 
@@ -423,7 +488,7 @@ def scale_by_galore(
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = jax.jit(tx.update)(grads, state)
-    >>> updates["w"].shape, state[0].projectors["w"][0].shape
+    >>> updates["w"].shape, state[0].projectors.right["w"].shape  # Vh: rank x n
     ((16, 8), (4, 8))
 
   References:
@@ -432,31 +497,33 @@ def scale_by_galore(
     Su et al., GaLore 2: Large-Scale LLM Pre-Training by Gradient Low-Rank
     Projection, 2025. https://arxiv.org/abs/2504.20437
   """
-  _check_rank_value(rank)
-  _check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
+  check_rank_value(rank)
+  check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
   _check_choice("proj_type", proj_type, proj.PROJ_TYPES)
+  _check_base_optimizer(base_optimizer, "scale_by_galore")
 
   def make_plans(params):
-    paths, leaves, treedef = _leaf_paths(params)
-    keypaths = [(kp, jnp.shape(x)) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]]
-    dims = _resolve_dimension_numbers(dimension_numbers, params, keypaths)
+    names, leaves, treedef = paths.leaf_paths(params)
+    dims = proj.resolve_dimension_numbers(dimension_numbers, params)
     plans = []
-    for path, leaf, d in zip(paths, leaves, dims):
+    for path, leaf, d in zip(names, leaves, dims):
       _check_leaf_dtype("scale_by_galore", path, leaf)
       ndim = jnp.ndim(leaf) - (len(d.batch_axes) if d is not None else 0)
       if ndim < 2:
-        if d is not None:
+        if d is not None and dimension_numbers is not None:  # inferred: a stacked vector
           raise ValueError(
               f"dimension_numbers for '{path}' leave {ndim} matrix axes for a leaf of shape "
               f"{jnp.shape(leaf)}; exactly 2 must remain")
         plans.append(None)
       else:
         plans.append(proj.matrix_plan(jnp.shape(leaf), d, proj_type, rank, path))
-    return paths, leaves, treedef, plans
+    return names, leaves, treedef, plans
 
   return _low_rank_transform(
       make_plans=make_plans,
-      projection=_matrix_projection(svd, oversample, power_iters),
+      projection=lambda plans: _matrix_projection(svd, oversample, power_iters),
+      num_slots=lambda plans: 2,
+      pack_projectors=lambda slots: MatrixProjectors(*slots),
       update_proj_gap=update_proj_gap, scale=scale,
       base_optimizer=base_optimizer or optax.scale_by_adam(),
       warm_start=warm_start and svd == "randomized", on_refresh=on_refresh, stagger=stagger,
@@ -514,35 +581,43 @@ def scale_by_tensor_galore(
     >>> w = jnp.ones((8, 8, 4, 4), jnp.complex64)
     >>> tx = gj.scale_by_tensor_galore(rank=0.5, update_proj_gap=50)
     >>> state = tx.init({"w": w})
-    >>> [f.shape for f in state.factors["w"]]
+    >>> [factor["w"].shape for factor in state.factors]  # one tree per mode
     [(8, 4), (8, 4), (4, 2), (4, 2)]
 
   References:
     George et al., Tensor-GaLore: Memory-Efficient Training via Gradient
     Tensor Decomposition, 2025. https://arxiv.org/abs/2501.02379
   """
+  static = TENSOR_GALORE_STATIC_ARGS
   if isinstance(rank, (tuple, list)):
     for i, r in enumerate(rank):
       if r is not None:
-        _check_rank_value(r, f"rank[{i}]")
+        check_rank_value(r, f"rank[{i}]", static)
   else:
-    _check_rank_value(rank)
-  _check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
+    check_rank_value(rank, "rank", static)
+  check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
+  _check_base_optimizer(base_optimizer, "scale_by_tensor_galore")
 
   def make_plans(params):
-    paths, leaves, treedef = _leaf_paths(params)
+    names, leaves, treedef = paths.leaf_paths(params)
     plans = []
-    for path, leaf in zip(paths, leaves):
+    for path, leaf in zip(names, leaves):
       _check_leaf_dtype("scale_by_tensor_galore", path, leaf)
       if jnp.ndim(leaf) < 2:
         plans.append(None)
       else:
         plans.append(proj.tucker_plan(jnp.shape(leaf), rank, modes, path))
-    return paths, leaves, treedef, plans
+    return names, leaves, treedef, plans
+
+  def num_slots(plans):
+    return max([len(p.shape) for p in plans if p is not None], default=0)
 
   return _low_rank_transform(
       make_plans=make_plans,
-      projection=_tucker_projection(svd, oversample, power_iters),
+      projection=lambda plans: _tucker_projection(svd, oversample, power_iters,
+                                                  num_slots(plans)),
+      num_slots=num_slots,
+      pack_projectors=tuple,
       update_proj_gap=update_proj_gap, scale=scale,
       base_optimizer=base_optimizer or optax.scale_by_adam(),
       warm_start=warm_start and svd == "randomized", on_refresh=on_refresh, stagger=stagger,

@@ -5,7 +5,12 @@ import importlib
 
 import pytest
 
-MODULES = ["linalg", "projection", "transform", "alias", "labels", "sharding", "memory", "adam"]
+import pkgutil
+
+import galore_jax
+
+# Every module of the library, so a new module's examples cannot go untested.
+MODULES = sorted(m.name for m in pkgutil.iter_modules(galore_jax.__path__))
 
 
 @pytest.mark.parametrize("name", MODULES)

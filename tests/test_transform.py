@@ -16,14 +16,25 @@ def _grad_stream(params, steps, seed=0):
           for i in range(steps)]
 
 
+def _per_leaf(slot_trees):
+  """{param: [its projector arrays]} from the state's per-slot trees."""
+  out = {}
+  for tree in slot_trees:
+    for k, x in tree.items():
+      out.setdefault(k, [])
+      if not (isinstance(x, tuple) and not x):
+        out[k].append(x)
+  return out
+
+
 def _refresh_steps(tx, params, steps, get_projectors):
   state = tx.init(params)
   update = jax.jit(tx.update)
   changed = {k: [] for k in params}
   for t, g in enumerate(_grad_stream(params, steps)):
-    before = jax.tree.map(np.asarray, get_projectors(state))
+    before = jax.tree.map(np.asarray, _per_leaf(get_projectors(state)))
     _, state = update(g, state, params)
-    after = get_projectors(state)
+    after = _per_leaf(get_projectors(state))
     for k in params:
       if any(not np.array_equal(b, np.asarray(a)) for b, a in zip(before[k], after[k])):
         changed[k].append(t)
@@ -58,9 +69,10 @@ def test_tensor_galore_refreshes_its_factors():
   state = tx.init(params)
   changed = []
   for t, g in enumerate(grads):
-    before = [np.asarray(f) for f in state.factors["w"]]
+    before = [np.asarray(f["w"]) for f in state.factors]
     updates, state = jax.jit(tx.update)(g, state)
-    if any(not np.array_equal(b, np.asarray(a)) for b, a in zip(before, state.factors["w"])):
+    after = [f["w"] for f in state.factors]
+    if any(not np.array_equal(b, np.asarray(a)) for b, a in zip(before, after)):
       changed.append(t)
   assert changed == [0, 4, 8]
   assert updates["w"].dtype == jnp.complex64
@@ -85,10 +97,10 @@ def test_moments_follow_on_refresh(on_refresh):
   grads = _grad_stream(params, 3, seed=1)
   for g in grads[:2]:
     _, state = tx.update(g, state)
-  u_old, mu_old, nu_old = (_np(state.projectors["w"][0]), _np(state.base_state.mu["w"]),
+  u_old, mu_old, nu_old = (_np(state.projectors.left["w"]), _np(state.base_state.mu["w"]),
                            _np(state.base_state.nu["w"]))
   _, state = tx.update(grads[2], state)  # count 2: refresh
-  u_new = _np(state.projectors["w"][0])
+  u_new = _np(state.projectors.left["w"])
   assert not np.allclose(u_new, u_old)
   low = u_new.T @ _np(grads[2]["w"])
   rotation = u_new.T @ u_old
@@ -159,7 +171,7 @@ def test_bf16_params_keep_dtype():
   params = {"w": jnp.ones((16, 8), jnp.bfloat16), "b": jnp.zeros((8,), jnp.bfloat16)}
   out, state = _train(gj.galore_adamw(1e-2, rank=4, update_proj_gap=3), params, 4)
   assert out["w"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.bfloat16
-  projector = state[0].inner_states["galore"].inner_state.projectors["w"][0]
+  projector = state[0].inner_states["galore"].inner_state.projectors.right["w"]
   assert projector.dtype == jnp.bfloat16
 
 
@@ -179,7 +191,7 @@ def test_stacked_layers_equal_independent_matrices():
     u2, s2 = tx_separate.update({f"w{i}": g[i] for i in range(3)}, s2)
     for i in range(3):
       np.testing.assert_allclose(np.asarray(u1["w"][i]), np.asarray(u2[f"w{i}"]), atol=1e-6)
-  assert s1[0].projectors["w"][0].shape == (3, 3, 8)
+  assert s1[0].projectors.right["w"].shape == (3, 3, 8)
 
 
 def test_galore_adamw_labels_and_overrides():
@@ -246,8 +258,8 @@ def test_bad_leaves_raise_at_init():
 
 def test_rank_fraction_resolves_per_leaf():
   state = gj.scale_by_galore(rank=0.25).init({"w": jnp.zeros((64, 32)), "v": jnp.zeros((16, 40))})
-  assert state.projectors["w"][0].shape == (8, 32)  # right side: 0.25 * 32
-  assert state.projectors["v"][0].shape == (16, 4)  # left side: 0.25 * 16
+  assert state.projectors.right["w"].shape == (8, 32)  # right side: 0.25 * 32
+  assert state.projectors.left["v"].shape == (16, 4)  # left side: 0.25 * 16
 
 
 # ----------------------------------------------------------------------------
@@ -276,8 +288,9 @@ def test_memory_report_matches_analytic_count_for_llama_like_tree():
   galore = layers * (2 * galore_bytes(hidden, hidden) + galore_bytes(hidden, inter)
                      + galore_bytes(inter, hidden))
   adam = 2 * f32 * (2 * vocab * hidden + hidden + layers * hidden)
-  # + GaLore's int32 count, its uint32[2] PRNG key and the inner Adam's int32 count
-  assert report["per_label"]["galore"] == galore + 4 + 8 + 4
+  # + GaLore's int32 count, its uint32[2] PRNG key, its int32 skipped-refresh count and
+  # the inner Adam's int32 count
+  assert report["per_label"]["galore"] == galore + 4 + 8 + 4 + 4
   assert report["per_label"]["adam"] == adam + 4
   assert report["total_bytes"] == sum(report["per_label"].values())
   assert report["total_bytes"] == gj.optimizer_state_bytes(state)
