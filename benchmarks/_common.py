@@ -154,3 +154,40 @@ def pyplot():
               "pip install matplotlib (or '.[bench]') for the chart", file=sys.stderr)
         return None
     return plt
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def print_child_result(result: dict) -> None:
+    """A child process's answer: one ``RESULT {json}`` line on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(script: str, child_args: Sequence[str], *, label: str,
+              timeout: float) -> Optional[dict]:
+    """Runs ``python script --child ...`` in its own process; returns its RESULT or None.
+
+    One process per measured variant keeps device memory and its peak the
+    variant's own. A failed child prints its output tail and returns None.
+    """
+    start = time.perf_counter()
+    import subprocess
+    proc = subprocess.run([sys.executable, script, "--child", *child_args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+        print(f"{label}: failed (exit {proc.returncode}); skipped", file=sys.stderr)
+        return None
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def print_step_summary(name: str, result: dict) -> None:
+    """One progress line (stderr) for a timed train-step child."""
+    print(f"{name:15s} step {result['median_step_s']:.4f} s  amortized "
+          f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  "
+          f"state {result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
+          file=sys.stderr, flush=True)

@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _common as common
+
+REPO = common.REPO
 
 OPTIMIZERS = ("adamw", "galore", "tensor_galore")
 DATASETS = ("darcy", "burgers")
@@ -71,59 +69,40 @@ def parse_args(argv=None):
 def run_one(dataset: str, optimizer: str, args) -> dict:
     import jax
     import numpy as np
-    import optax
-    from flax import nnx
 
     import galore_jax as gj
-    from training import optim
+    from training import mesh as mesh_lib
+    from training import optim, steps
     from training.config import load_config
-    from training.fno_task import trivial_l2
-    from training.task import build_task
 
     overrides = [*args.overrides, *(kv for opt, kv in args.per_optimizer if opt == optimizer),
                  f"steps={args.steps}", f"seed={args.seed}",
                  f"optimizer.name={optimizer}", "progress_bar=false"]
     config = load_config(str(REPO / "configs" / f"fno_{dataset}.yaml"), overrides)
-    task = build_task(config)
-    opt_cfg = task.optimizer_defaults(config.optimizer)
-
-    model = task.make_model(nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.as_pure(params)
-    spectral_shapes = sorted({tuple(x.shape) for x in jax.tree.leaves(params)
-                              if np.iscomplexobj(x)})
-
-    tx, _ = optim.build_optimizer(opt_cfg, config.steps, seed=config.seed, params=params)
+    run = steps.build_run(config, jax.device_count())
+    opt_cfg = run.config.optimizer
+    spectral_shapes = sorted({tuple(x.shape) for x in jax.tree.leaves(run.abstract_params)
+                              if jax.numpy.iscomplexobj(x)})
     if optimizer == "tensor_galore" and opt_cfg.tensor_rank_mode == "params":
         tensor_rank = list(optim.tucker_ranks_for_param_fraction(spectral_shapes[0], opt_cfg.rank))
     else:
         tensor_rank = opt_cfg.rank
-    opt_state = jax.jit(tx.init)(params)
-    report = gj.memory_report(opt_state, params)
-    spectral_params = {k: v for k, v in _flat(params).items() if np.iscomplexobj(v)}
-    spectral_adamw = gj.adamw_state_bytes(spectral_params) - 4
+    with mesh_lib.use_mesh(run.mesh):
+        params, opt_state, _ = steps.init_or_restore(run, None)
+        train_step, eval_step = steps.make_train_step(run), steps.make_eval_step(run)
+        report = gj.memory_report(opt_state, params)
+        spectral_params = {k: v for k, v in _flat(params).items() if np.iscomplexobj(v)}
+        spectral_adamw = gj.adamw_state_bytes(spectral_params) - 4
 
-    def loss_of(params, batch):
-        return task.loss_fn(nnx.merge(graphdef, params), batch)
-
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_of)(params, batch)
-        grads = task.postprocess_grads(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    eval_step = jax.jit(lambda p, b: task.eval_loss_fn(nnx.merge(graphdef, p), b))
-
-    times, losses = [], []
-    for _ in range(config.steps):
-        batch = next(task.train_iterator)
-        start = time.perf_counter()
-        params, opt_state, loss = train_step(params, opt_state, batch)
-        jax.block_until_ready((params, opt_state, loss))
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss))
-    val_l2 = float(np.mean([float(eval_step(params, b)) for b in task.eval_batches()]))
+        times, losses = [], []
+        for _ in range(config.steps):
+            batches = steps.next_train_batches(run)
+            start = time.perf_counter()
+            params, opt_state, metrics = train_step(params, opt_state, batches)
+            jax.block_until_ready((params, opt_state, metrics))
+            times.append(time.perf_counter() - start)
+            losses.append(float(metrics["loss"]))
+        val_l2 = steps.evaluate(run, eval_step, params)["val_l2"]
 
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -207,7 +186,7 @@ def table(results) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_one(*args.child, args)), flush=True)
+        common.print_child_result(run_one(*args.child, args))
         return 0
 
     child_args = [f"--steps={args.steps}", f"--seed={args.seed}", f"--timeout={args.timeout}"]
@@ -217,17 +196,10 @@ def main(argv=None) -> int:
     results = []
     for dataset in args.datasets:
         for optimizer in args.optimizers:
-            start = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", dataset, optimizer, *child_args],
-                cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
-                env=dict(os.environ))
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{dataset}/{optimizer} failed ({proc.returncode})")
-            result = json.loads(lines[-1][len("RESULT "):])
-            result["wall_s"] = time.perf_counter() - start
+            result = common.run_child(__file__, [dataset, optimizer, *child_args],
+                                      label=f"{dataset}/{optimizer}", timeout=args.timeout)
+            if result is None:
+                raise SystemExit(f"{dataset}/{optimizer} failed")
             results.append(result)
             print(f"{dataset:8s} {optimizer:14s} val_l2 {result['val_l2']:.4f}  state "
                   f"{_mib(result['state_bytes'])} MiB  median {result['median_step_s']:.4f} s/step"

@@ -37,7 +37,6 @@ import importlib.util
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -381,7 +380,7 @@ def child_argv(args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
+        common.print_child_result(run_child(args.child, args))
         return 0
     missing = missing_modules(args.optimizers)
     if missing:
@@ -392,22 +391,11 @@ def main(argv=None) -> int:
 
     results = []
     for name in args.optimizers:
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", name, *child_argv(args)],
-                              cwd=common.REPO, capture_output=True, text=True,
-                              timeout=args.timeout)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            print(f"{name}: failed (exit {proc.returncode}); skipped", file=sys.stderr)
-            continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        result["wall_s"] = time.perf_counter() - start
-        results.append(result)
-        print(f"{name:13s} step {result['median_step_s']:.4f} s  amortized "
-              f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  state "
-              f"{result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
-              file=sys.stderr, flush=True)
+        result = common.run_child(__file__, [name, *child_argv(args)], label=name,
+                                  timeout=args.timeout)
+        if result is not None:
+            results.append(result)
+            common.print_step_summary(name, result)
     if not results:
         return 1
     r = results[0]

@@ -31,11 +31,9 @@ GPU (the measured-peers shape: LLaMA-1B, batch 32 x 256, bf16 compute, rank 512,
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -153,58 +151,25 @@ def load(args, name):
 # ---------------------------------------------------------------------------
 
 
-def _dimension_numbers(layer_axes):
-    """train.py's mapping of the model's stacked-layer axes to GaLore batch axes."""
-    try:
-        import train
-        return train._dimension_numbers(layer_axes)  # pylint: disable=protected-access
-    except (ImportError, AttributeError):
-        import jax
-        import galore_jax as gj
-        return jax.tree.map(lambda a: None if a is None else gj.DimensionNumbers((a,)),
-                            layer_axes, is_leaf=lambda x: x is None)
-
-
-def refresh_offsets(num_projected: int, gap: int) -> list[int]:
-    """Steps within a window where staggered leaves refresh (galore_jax's schedule)."""
-    try:
-        from galore_jax.transform import _refresh_offsets
-        return list(_refresh_offsets(num_projected, gap, True))
-    except ImportError:
-        return [(i * gap) // num_projected for i in range(num_projected)]
-
-
 def refresh_steps(name: str, opt_cfg, num_galore_leaves: int, total: int) -> set:
     """Indices (0-based, = optimizer count before the step) of steps that refresh."""
     gap = opt_cfg.update_proj_gap
     if name.startswith("adamw"):
         return set()
     if opt_cfg.stagger:
-        offsets = set(refresh_offsets(num_galore_leaves, gap))
+        import galore_jax as gj
+        offsets = set(gj.refresh_offsets(num_galore_leaves, gap, True))
         return {0} | {i for i in range(gap, total) if i % gap in offsets}
     return {i for i in range(total) if i % gap == 0}
 
 
 def build(name: str, args):
-    """The config, task, optimizer config, abstract params, dimension numbers and
-    optimizer of one variant, as train.py builds them (nothing is allocated)."""
-    from flax import nnx
+    """The ``training.steps.Run`` of one variant, as train.py builds it (nothing allocated)."""
+    import jax
 
-    from training import optim
-    from training.task import build_task
+    from training import steps
 
-    config = load(args, name)
-    task = build_task(config)
-    opt_cfg = getattr(task, "optimizer_defaults", lambda c: c)(config.optimizer)
-    abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(config.seed)))
-    graphdef, param_vars, _ = nnx.split(abstract_model, nnx.Param, ...)
-    abstract_params = nnx.as_pure(param_vars)
-    dims = _dimension_numbers(task.layer_axes(param_vars))
-    kwargs = dict(seed=config.seed, dimension_numbers=dims)
-    if "params" in inspect.signature(optim.build_optimizer).parameters:
-        kwargs["params"] = abstract_params
-    tx, _ = optim.build_optimizer(opt_cfg, config.steps, **kwargs)
-    return config, task, opt_cfg, graphdef, abstract_params, dims, tx
+    return steps.build_run(load(args, name), jax.device_count())
 
 
 def state_only(args) -> int:
@@ -215,8 +180,9 @@ def state_only(args) -> int:
 
     rows = []
     for name in args.optimizers:
-        config, _, _, _, abstract_params, _, tx = build(name, args)
-        report = gj.memory_report(jax.eval_shape(tx.init, abstract_params), abstract_params)
+        run = build(name, args)
+        config, abstract_params = run.config, run.abstract_params
+        report = gj.memory_report(run.abstract_opt_state, abstract_params)
         dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(abstract_params)})
         rows.append({"optimizer": name, "description": DESCRIPTIONS[name],
                      "param_dtypes": dtypes, **report})
@@ -241,56 +207,24 @@ def state_only(args) -> int:
 
 def run_child(name: str, args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
-    from flax import nnx
 
     import galore_jax as gj
+    from training import mesh as mesh_lib
+    from training import steps
 
-    config, task, opt_cfg, graphdef, abstract_params, dims, tx = build(name, args)
-    postprocess = getattr(task, "postprocess_grads", lambda g: g)
-
-    def init_params():
-        return nnx.as_pure(nnx.state(task.make_model(nnx.Rngs(config.seed)), nnx.Param))
-
-    params = jax.jit(init_params)()
-    opt_state = jax.jit(tx.init)(params)
+    run = build(name, args)
+    config, opt_cfg, tx = run.config, run.config.optimizer, run.tx
+    abstract_params = run.abstract_params
+    accum = config.grad_accum_steps
+    with mesh_lib.use_mesh(run.mesh):
+        params, opt_state, _ = steps.init_or_restore(run, None)
+        train_step = steps.make_train_step(run)
+        batches = [steps.next_train_batches(run) for _ in range(4)]  # on the device before timing
     state_bytes = int(gj.optimizer_state_bytes(opt_state))
-    labels = gj.galore_labels(abstract_params, dimension_numbers=dims,
+    labels = gj.galore_labels(abstract_params, dimension_numbers=run.dimension_numbers,
                               label_overrides=opt_cfg.label_overrides)
     num_galore = sum(1 for x in jax.tree.leaves(labels) if x == "galore")
-
-    accum = config.grad_accum_steps
-
-    def loss_of(params, batch):
-        return task.loss_fn(nnx.merge(graphdef, params), batch)
-
-    def loss_and_grads(params, batches):
-        if accum == 1:
-            return jax.value_and_grad(loss_of)(params, jax.tree.map(lambda x: x[0], batches))
-
-        def add(total, batch):
-            loss, grads = jax.value_and_grad(loss_of)(params, batch)
-            return jax.tree.map(jnp.add, total, (loss, grads)), None
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(add, zeros, batches)
-        return jax.tree.map(lambda x: x / accum, (loss, grads))
-
-    def train_step(params, opt_state, batches):
-        loss, grads = loss_and_grads(params, batches)
-        updates, opt_state = tx.update(postprocess(grads), opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-
-    batches = []
-    for _ in range(4):  # a few real batches, on the device before timing
-        batch = next(task.train_iterator)
-        batch = jax.tree.map(
-            lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-        batches.append(jax.device_put(batch))
 
     gap = opt_cfg.update_proj_gap
     windows = max(args.windows, 2) if opt_cfg.stagger else args.windows
@@ -298,10 +232,10 @@ def run_child(name: str, args) -> dict:
     times, losses = [], []
     for i in range(total):
         start = time.perf_counter()
-        params, opt_state, loss = train_step(params, opt_state, batches[i % len(batches)])
-        jax.block_until_ready((params, opt_state, loss))
+        params, opt_state, metrics = train_step(params, opt_state, batches[i % len(batches)])
+        jax.block_until_ready((params, opt_state, metrics))
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(metrics["loss"]))
     peak = common.jax_peak_memory_bytes()
     update_s = time_update_alone(tx, params, opt_state, reps=args.update_reps)
 
@@ -319,7 +253,7 @@ def run_child(name: str, args) -> dict:
         refresh_s = statistics.median(refresh)
         amortized = ((gap - 1) * median + refresh_s) / gap
 
-    sizes = {common_path(path): int(np.prod(x.shape))
+    sizes = {gj.path_string(path): int(np.prod(x.shape))
              for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
     num_params = sum(sizes.values())
     embedding = sum(v for k, v in sizes.items() if "embedding" in k)
@@ -384,11 +318,6 @@ def time_update_alone(tx, params, opt_state, *, reps: int):
     timing = common.time_calls(lambda: update(grads, opt_state, params), reps=reps,
                                sync=jax.block_until_ready)
     return timing["median_s"]
-
-
-def common_path(keypath) -> str:
-    import jax
-    return jax.tree_util.keystr(keypath, simple=True, separator="/")
 
 
 # ---------------------------------------------------------------------------
@@ -484,29 +413,18 @@ def child_argv(args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args)), flush=True)
+        common.print_child_result(run_child(args.child, args))
         return 0
     if args.state_only:
         return state_only(args)
 
     results = []
     for name in args.optimizers:
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", name, *child_argv(args)],
-            cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            print(f"{name}: failed (exit {proc.returncode}); skipped", file=sys.stderr)
-            continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        result["wall_s"] = time.perf_counter() - start
-        results.append(result)
-        print(f"{name:15s} step {result['median_step_s']:.4f} s  amortized "
-              f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  "
-              f"state {result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
-              file=sys.stderr, flush=True)
+        result = common.run_child(__file__, [name, *child_argv(args)], label=name,
+                                  timeout=args.timeout)
+        if result is not None:
+            results.append(result)
+            common.print_step_summary(name, result)
     if not results:
         return 1
     print(header(results))

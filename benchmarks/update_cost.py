@@ -228,7 +228,8 @@ def main(argv=None) -> int:
     solver_seconds = {}
     rows = []
     for name in args.optimizers:
-        _, _, opt_cfg, _, abstract_params, _, tx = train_step.build(name, args)
+        run = train_step.build(name, args)
+        opt_cfg, abstract_params, tx = run.config.optimizer, run.abstract_params, run.tx
         matmul_tflops = matmul_peak_tflops(abstract_params, peaks)
         gap = opt_cfg.update_proj_gap
         phases = {"steady": phase_cost(tx, abstract_params, 1)}

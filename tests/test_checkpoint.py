@@ -13,10 +13,10 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import galore_jax as gj
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer, CheckpointError
 from training.metrics import MetricsLogger, read_metrics
-from training.optim import shardings_by_shape
 
 CONFIG = {"task": "lm", "model": {"hidden_size": 8}, "optimizer": {"name": "adamw"}}
 
@@ -30,7 +30,7 @@ def make_state(mesh):
     abstract_params = jax.eval_shape(lambda: params)
     init = lambda p: (tx.init(p), jax.random.key(7))  # noqa: E731
     abstract_state = jax.eval_shape(init, abstract_params)
-    state_shardings = shardings_by_shape(abstract_state, abstract_params, param_shardings, mesh)
+    state_shardings = gj.state_shardings(abstract_state, abstract_params, param_shardings)
     params = jax.device_put(params, param_shardings)
     state = jax.device_put(init(params), state_shardings)
     # One update so the moments and counters are not trivial.

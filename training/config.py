@@ -352,6 +352,11 @@ class LMConfig(Config):
     model: LlamaModelConfig = dataclasses.field(default_factory=LlamaModelConfig)
     data: TextDataConfig = dataclasses.field(default_factory=TextDataConfig)
 
+    def build_task(self):
+        """The LLaMA LM task (loads the token data)."""
+        from training.lm_task import build_lm_task  # lazily: it imports jax and the model
+        return build_lm_task(self)
+
     @model_validator(mode="after")
     def _positions(self) -> LMConfig:
         _fail(self.seq_len > self.model.max_seq_len,
@@ -367,6 +372,11 @@ class FNOConfig(Config):
     task: Literal["fno"] = "fno"
     model: FNOModelConfig = dataclasses.field(default_factory=FNOModelConfig)
     data: PDEDataConfig = dataclasses.field(default_factory=PDEDataConfig)
+
+    def build_task(self):
+        """The FNO task (generates the PDE data)."""
+        from training.fno_task import build_fno_task  # lazily: it imports jax and the model
+        return build_fno_task(self)
 
     @model_validator(mode="after")
     def _fit(self) -> FNOConfig:
@@ -390,8 +400,9 @@ class FNOConfig(Config):
         return self
 
 
-# One config class per task, told apart by the ``task`` key. A new task adds
-# its Config subclass (with its own model/data sections) here.
+# The task registry: one config class per task, told apart by the ``task`` key,
+# each with its own model/data sections and a ``build_task()``. A new task adds
+# its Config subclass here.
 TASK_CONFIGS: dict[str, type[Config]] = {"lm": LMConfig, "fno": FNOConfig}
 _ADAPTER = TypeAdapter(Annotated[Union[tuple(TASK_CONFIGS.values())],
                                  Field(discriminator="task")])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
 from models import llama
 from training import data as data_lib
 from training.config import Config, ConfigError
-from training.task import Task, perplexity_metrics
+from training.task import Task
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -36,6 +38,11 @@ def llama_config(config: Config, tokenizer_vocab: int) -> llama.LlamaConfig:
             remat=m.remat, attention_implementation=m.attention_implementation)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def perplexity_metrics(mean_loss: float) -> dict:
+    """``val_loss`` and ``val_ppl`` (perplexity capped to stay finite in JSON)."""
+    return {"val_loss": mean_loss, "val_ppl": math.exp(min(mean_loss, 700.0))}
 
 
 def cross_entropy(model, batch) -> jax.Array:

@@ -8,23 +8,14 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-import re
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+import galore_jax as gj
 from training.config import ConfigError, OptimizerConfig
-
-try:  # The library may be absent in a stripped-down install.
-    import galore_jax as gj
-    _GJ_IMPORT_ERROR: Optional[BaseException] = None
-except Exception as e:  # pragma: no cover - depends on the checkout
-    gj = None
-    _GJ_IMPORT_ERROR = e
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -43,20 +34,11 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def _require_galore_jax(name: str) -> Any:
-    if gj is None or not hasattr(gj, "galore_adamw"):
-        reason = f": {_GJ_IMPORT_ERROR}" if _GJ_IMPORT_ERROR else ""
-        raise ConfigError(
-            f"optimizer.name={name!r} needs the galore_jax library, which is not "
-            f"available yet{reason}; use adamw or optax_galore")
-    return gj
-
-
 def _galore_options(cfg: OptimizerConfig) -> dict:
     return dict(
         b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
         update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-        proj_type=cfg.proj_type, svd=cfg.svd, oversample=cfg.oversample,
+        svd=cfg.svd, oversample=cfg.oversample,
         power_iters=cfg.power_iters, warm_start=cfg.warm_start,
         on_refresh=cfg.on_refresh, stagger=cfg.stagger,
         label_overrides=cfg.label_overrides,
@@ -103,17 +85,11 @@ def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: An
     if cfg.name == "adamw":
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                          weight_decay=cfg.weight_decay)
-    elif cfg.name in ("galore", "tensor_galore"):
-        lib = _require_galore_jax(cfg.name)
-        factory = getattr(lib, f"{cfg.name}_adamw", None)
-        if factory is None:
-            raise ConfigError(f"optimizer.name={cfg.name!r} is not available in this "
-                              "galore_jax version")
-        options = dict(_galore_options(cfg), rank=rank, seed=seed,
-                       dimension_numbers=dimension_numbers)
-        # Pass only what this factory takes (tensor_galore has no proj_type, ...).
-        accepted = inspect.signature(factory).parameters
-        tx = factory(schedule, **{k: v for k, v in options.items() if k in accepted})
+    elif cfg.name == "galore":
+        tx = gj.galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed,
+                             proj_type=cfg.proj_type, dimension_numbers=dimension_numbers)
+    elif cfg.name == "tensor_galore":
+        tx = gj.tensor_galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed)
     elif cfg.name == "optax_galore":
         if isinstance(cfg.rank, float):
             raise ConfigError("optimizer.rank must be an int for optax_galore, got "
@@ -133,7 +109,7 @@ def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: An
                 scale=cfg.scale, weight_decay=cfg.weight_decay, base_optimizer=adam),
              "adam": optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                                  weight_decay=cfg.weight_decay)},
-            _matrix_labels)
+            lambda params: gj.galore_labels(params, tensors="adam"))
     else:  # config validation already restricts the names
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
     return tx
@@ -168,8 +144,7 @@ def _param_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:
                           f"(a fraction of each tensor's entries), got {cfg.rank!r}")
     if params is None:
         raise ConfigError("optimizer.tensor_rank_mode='params' needs the params' shapes")
-    lib = _require_galore_jax(cfg.name)
-    labels = lib.galore_labels(params, label_overrides=cfg.label_overrides,
+    labels = gj.galore_labels(params, label_overrides=cfg.label_overrides,
                                matrices="adam", tensors="tensor_galore")
     shapes = sorted({tuple(p.shape) for p, label in zip(jax.tree.leaves(params),
                                                         jax.tree.leaves(labels))
@@ -181,77 +156,3 @@ def _param_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:
             "optimizer.tensor_rank_mode='params' needs every Tucker-projected tensor to "
             f"have one shape, got {shapes}; use tensor_rank_mode='mode'")
     return tucker_ranks_for_param_fraction(shapes[0], cfg.rank)
-
-
-_PLAIN_ADAM_PATTERN = re.compile(r"embed|lm_head|norm|bias", re.IGNORECASE)
-
-
-def _matrix_labels(params: Any) -> Any:
-    """'galore' for 2-D weight matrices, 'adam' for everything else."""
-    def label(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        is_matrix = len(leaf.shape) == 2 and not _PLAIN_ADAM_PATTERN.search(name)
-        return "galore" if is_matrix else "adam"
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def opt_state_shardings(
-    tx: optax.GradientTransformation,
-    abstract_opt_state: Any,
-    abstract_params: Any,
-    param_shardings: Any,
-    mesh: jax.sharding.Mesh,
-) -> Any:
-    """Shardings for the optimizer state, derived from the params' shardings.
-
-    Uses ``galore_jax.state_shardings`` when available (it knows projector and
-    low-rank moment layouts). Otherwise: a state leaf with exactly a param's
-    shape takes that param's sharding (Adam moments), everything else
-    (counters, keys, small projectors) is replicated.
-    """
-    del tx
-    if gj is not None and hasattr(gj, "state_shardings"):
-        return gj.state_shardings(abstract_opt_state, abstract_params, param_shardings)
-    return shardings_by_shape(abstract_opt_state, abstract_params, param_shardings, mesh)
-
-
-def shardings_by_shape(abstract_opt_state: Any, abstract_params: Any,
-                       param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Fallback: params-shaped subtrees (Adam moments) get the params' shardings.
-
-    Any other leaf takes the sharding of a param with the same shape and dtype
-    if there is one, else it is replicated (counters, keys, small projectors).
-    """
-    replicated = NamedSharding(mesh, P())
-    params_def = jax.tree.structure(abstract_params)
-    param_leaves = jax.tree.leaves(abstract_params)
-    sharding_leaves = params_def.flatten_up_to(param_shardings)
-    by_shape: dict[tuple, Any] = {}
-    for leaf, sharding in zip(param_leaves, sharding_leaves):
-        by_shape.setdefault((tuple(leaf.shape), str(leaf.dtype)), sharding)
-
-    def is_params_like(node):
-        if params_def.num_leaves <= 1:
-            return False  # a lone leaf matches anything; let the shape rule decide
-        try:
-            return jax.tree.structure(node) == params_def
-        except Exception:
-            return False
-
-    def assign(node):
-        if is_params_like(node):
-            return jax.tree_util.tree_unflatten(
-                jax.tree.structure(node), sharding_leaves)
-        if node is None or not hasattr(node, "shape"):
-            return node
-        return by_shape.get((tuple(node.shape), str(node.dtype)), replicated)
-
-    return jax.tree.map(assign, abstract_opt_state, is_leaf=is_params_like)
-
-
-def optimizer_state_bytes(opt_state: Any) -> int:
-    """Total bytes of the optimizer state's arrays."""
-    if gj is not None and hasattr(gj, "optimizer_state_bytes"):
-        return int(gj.optimizer_state_bytes(opt_state))
-    return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(opt_state)))
-

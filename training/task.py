@@ -2,15 +2,14 @@
 
 ``train.py`` is task-agnostic: it asks the task for a model, a loss, a training
 iterator and validation batches, and runs the same loop for all of them. A
-task is added by writing a ``build_<name>_task(config) -> Task`` function and
-listing it in :func:`build_task` (plus its config sections in
-``training.config.TASK_SECTIONS``).
+task is added by writing a ``build_<name>_task(config) -> Task`` function and a
+config class for it (its model/data sections and a ``build_task()`` calling
+that function) in ``training.config.TASK_CONFIGS``, the one task registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax
@@ -80,23 +79,3 @@ class Task:
     description: str = ""
     postprocess_grads: Callable[[Any], Any] = _identity
     optimizer_defaults: Callable[[Any], Any] = _identity
-
-
-def perplexity_metrics(mean_loss: float) -> dict:
-    """``val_loss`` and ``val_ppl`` (perplexity capped to stay finite in JSON)."""
-    return {"val_loss": mean_loss, "val_ppl": math.exp(min(mean_loss, 700.0))}
-
-
-def build_task(config: Any) -> Task:
-    """The :class:`Task` named by ``config.task``.
-
-    Raises:
-        ConfigError: bad data settings (missing path, empty corpus, ...).
-    """
-    if config.task == "lm":
-        from training.lm_task import build_lm_task
-        return build_lm_task(config)
-    if config.task == "fno":
-        from training.fno_task import build_fno_task
-        return build_fno_task(config)
-    raise ValueError(f"unknown task {config.task!r}")  # config validation prevents this

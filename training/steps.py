@@ -1,0 +1,247 @@
+"""What a training run builds before its loop, and the jitted steps it runs.
+
+``train.py`` and the benchmarks share these, so a benchmark measures exactly
+the step that training runs:
+
+    run = build_run(config, jax.device_count())   # mesh, task, shapes, optimizer
+    params, opt_state, step = init_or_restore(run, checkpointer)
+    train_step, eval_step = make_train_step(run), make_eval_step(run)
+
+Nothing is allocated by ``build_run``: params and optimizer state exist only
+as shapes and shardings until ``init_or_restore`` creates them in their shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import galore_jax as gj
+from training import mesh as mesh_lib
+from training.checkpoint import CheckpointError, Checkpointer
+from training.config import Config, ConfigError, config_to_dict, validate_for_devices
+from training.optim import build_optimizer
+from training.task import Task
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's static parts: mesh, task, model graph, abstract params and optimizer.
+
+    Attributes:
+        config: the run's config (with the task's optimizer defaults filled in).
+        task: the task (model, loss, data).
+        mesh, mesh_shape: the device mesh and its resolved axis sizes.
+        graphdef: the model's graph (``nnx.merge(graphdef, params)`` rebuilds it).
+        abstract_params: pure pytree of ``ShapeDtypeStruct`` (no Variables).
+        param_specs, param_shardings: their PartitionSpecs / NamedShardings.
+        dimension_numbers: GaLore batch axes (the model's stacked-layer axes).
+        tx, lr_schedule: the optimizer and its learning-rate schedule.
+        abstract_opt_state, opt_shardings: the optimizer state's shapes / shardings.
+    """
+
+    config: Config
+    task: Task
+    mesh: jax.sharding.Mesh
+    mesh_shape: dict
+    graphdef: Any
+    abstract_params: Any
+    param_specs: Any
+    param_shardings: Any
+    dimension_numbers: Any
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    abstract_opt_state: Any
+    opt_shardings: Any
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params))
+
+    @property
+    def explicit(self) -> bool:
+        return self.config.mesh.kind == "explicit"
+
+
+def dimension_numbers_from_layer_axes(layer_axes: Any) -> Any:
+    """Per-param GaLore batch axes from the model's stacked-layer axis (int or None)."""
+    return jax.tree.map(lambda axis: None if axis is None else gj.DimensionNumbers((axis,)),
+                        layer_axes, is_leaf=lambda x: x is None)
+
+
+def build_run(config: Config, num_devices: int) -> Run:
+    """config -> mesh -> task -> model shapes -> optimizer; nothing allocated.
+
+    Raises:
+        ConfigError: settings that do not fit the devices, the data or the model.
+    """
+    mesh_shape = validate_for_devices(config, num_devices)
+    mesh = mesh_lib.make_mesh(mesh_shape, config.mesh.kind)
+    task = config.build_task()  # ConfigError for a missing path / empty corpus
+    config.optimizer = task.optimizer_defaults(config.optimizer)
+    abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(config.seed)))
+    graphdef, param_vars, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ConfigError("models with non-Param state are not supported by train.py")
+    # The steps work on plain arrays; the Variables' metadata (logical axis
+    # names) is only needed here, to place them.
+    abstract_params = nnx.as_pure(param_vars)
+    rules = mesh_lib.normalize_rules(config.mesh.rules or task.default_rules)
+    param_specs = task.partition_specs(param_vars, rules)
+    mesh_lib.check_divisible(abstract_params, param_specs, mesh)
+    param_shardings = mesh_lib.named_shardings(mesh, param_specs)
+    dims = dimension_numbers_from_layer_axes(task.layer_axes(param_vars))
+    tx, lr_schedule = build_optimizer(config.optimizer, config.steps, seed=config.seed,
+                                      dimension_numbers=dims, params=abstract_params)
+    try:
+        abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+    except ValueError as e:  # e.g. a rank that does not fit a param's shape
+        raise ConfigError(f"optimizer: {e}") from None
+    opt_shardings = gj.state_shardings(abstract_opt_state, abstract_params, param_shardings)
+    return Run(config, task, mesh, mesh_shape, graphdef, abstract_params, param_specs,
+               param_shardings, dims, tx, lr_schedule, abstract_opt_state, opt_shardings)
+
+
+def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any, Any, int]:
+    """Params, optimizer state and step: from the latest checkpoint, else fresh (or no checkpointer).
+
+    A restore also puts the data iterator back where the checkpoint left it.
+    Fresh params are created directly in their shards (never whole on one device).
+
+    Raises:
+        ConfigError: checkpoints exist but ``checkpoint.resume`` is false.
+        CheckpointError: the checkpoint is damaged or does not fit this run.
+    """
+    config = run.config
+    step = checkpointer.latest_step() if checkpointer is not None else None
+    if step is None:
+        def init_params():
+            return nnx.as_pure(nnx.state(run.task.make_model(nnx.Rngs(config.seed)), nnx.Param))
+
+        params = jax.jit(init_params, out_shardings=run.param_shardings)()
+        opt_state = jax.jit(run.tx.init, out_shardings=run.opt_shardings)(params)
+        return params, opt_state, 0
+    if not config.checkpoint.resume:
+        raise ConfigError(f"{config.output_dir} already has checkpoints (latest step {step});"
+                          " use a new output_dir or checkpoint.resume=true")
+    checkpointer.check_compatible(step, config_to_dict(config))
+    params, opt_state, data_state = checkpointer.restore(
+        step, abstract_params=run.abstract_params, param_shardings=run.param_shardings,
+        abstract_opt_state=run.abstract_opt_state, opt_state_shardings=run.opt_shardings)
+    try:
+        run.task.train_iterator.set_state(data_state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint step {step}: cannot continue the data stream ({e})")
+    return params, opt_state, step
+
+
+def micro_batches(batch: Any, accum: int) -> Any:
+    """``[batch, ...]`` host arrays -> ``[accum, batch / accum, ...]``."""
+    return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+
+def global_batch(batch: Any, sharding: jax.sharding.Sharding, batch_axis: int) -> Any:
+    """This process's rows of a batch -> global arrays with ``sharding``."""
+    def to_global(x):
+        shape = list(x.shape)
+        shape[batch_axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+    return jax.tree.map(to_global, batch)
+
+
+def make_loss_and_grads(run: Run) -> Callable:
+    """``(params, batches[accum, ...]) -> (mean loss, mean grads)`` over the micro-batches."""
+    accum = run.config.grad_accum_steps
+
+    def loss_of(params, batch):
+        return run.task.loss_fn(nnx.merge(run.graphdef, params), batch)
+
+    def loss_and_grads(params, batches):
+        if accum == 1:
+            return jax.value_and_grad(loss_of)(params, jax.tree.map(lambda x: x[0], batches))
+
+        def add_micro_batch(total, batch):
+            loss, grads = jax.value_and_grad(loss_of)(params, batch)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add_micro_batch, zeros, batches)
+        return jax.tree.map(lambda x: x / accum, (loss, grads))
+
+    if run.explicit:
+        # The model annotates no activation shardings: let the partitioner place
+        # them, and hand back loss and grads in explicit types.
+        return jax.sharding.auto_axes(loss_and_grads, out_sharding=(P(), run.param_specs))
+    return loss_and_grads
+
+
+def make_train_step(run: Run, *, donate: bool = True) -> Callable:
+    """The jitted step ``(params, opt_state, batches) -> (params, opt_state, metrics)``.
+
+    ``batches`` are global arrays ``[accum, batch / accum, ...]`` (see
+    ``micro_batches`` / ``global_batch``); metrics are ``loss`` and ``grad_norm``.
+    """
+    loss_and_grads = make_loss_and_grads(run)
+
+    def train_step(params, opt_state, batches):
+        loss, grads = loss_and_grads(params, batches)
+        grads = run.task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
+        updates, opt_state = run.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(
+        train_step,
+        in_shardings=(run.param_shardings, run.opt_shardings, train_batch_sharding(run)),
+        out_shardings=(run.param_shardings, run.opt_shardings, mesh_lib.replicated(run.mesh)),
+        donate_argnums=(0, 1) if donate else ())
+
+
+def make_eval_step(run: Run) -> Callable:
+    """The jitted ``(params, batch) -> validation loss`` of one global batch."""
+    def eval_loss(params, batch):
+        return run.task.eval_loss_fn(nnx.merge(run.graphdef, params), batch)
+
+    if run.explicit:
+        eval_loss = jax.sharding.auto_axes(eval_loss, out_sharding=P())
+    return jax.jit(eval_loss, in_shardings=(run.param_shardings, eval_batch_sharding(run)))
+
+
+def train_batch_sharding(run: Run) -> jax.sharding.NamedSharding:
+    return mesh_lib.batch_sharding(run.mesh, leading_dims=1)  # [accum, batch, ...]
+
+
+def eval_batch_sharding(run: Run) -> jax.sharding.NamedSharding:
+    return mesh_lib.batch_sharding(run.mesh)
+
+
+def next_train_batches(run: Run) -> Any:
+    """The next global training batch, as ``make_train_step`` takes it."""
+    batch = micro_batches(next(run.task.train_iterator), run.config.grad_accum_steps)
+    return global_batch(batch, train_batch_sharding(run), 1)
+
+
+def evaluate(run: Run, eval_step: Callable, params: Any) -> dict:
+    """Validation metrics over the task's fixed validation batches."""
+    sharding = eval_batch_sharding(run)
+    losses = [float(eval_step(params, global_batch(b, sharding, 0)))
+              for b in run.task.eval_batches()]
+    return run.task.summarize_eval(float(np.mean(losses)))
+
+
+def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
+    """The start-up lines: data, mesh, params, optimizer and each leaf's treatment."""
+    state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
+    lines = [run.task.description,
+             f"{mesh_lib.describe(run.mesh)} | {run.num_params / 1e6:.2f}M params | optimizer "
+             f"{run.config.optimizer.name} ({state_bytes / 2**20:.1f} MiB state)"]
+    if run.config.optimizer.name != "adamw":
+        lines.append(str(gj.describe(run.tx, run.abstract_params)))
+    return "\n".join(lines)
