@@ -29,17 +29,22 @@ import yaml
 
 from training import mesh as mesh_lib
 from training import steps
-from training.checkpoint import CheckpointError, Checkpointer
+from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError, config_to_dict, load_config
 from training.metrics import MetricsLogger, Throughput
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Train a model (LLaMA LM, FNO) with AdamW, GaLore or Tensor-GaLore.")
+        description="Train a model (LLaMA LM, FNO) with AdamW, GaLore or Tensor-GaLore."
+    )
     parser.add_argument("--config", help="YAML config file (defaults if omitted)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. optimizer.lr=3e-4 steps=100")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. optimizer.lr=3e-4 steps=100",
+    )
     return parser.parse_args(argv)
 
 
@@ -82,12 +87,15 @@ def main(argv=None) -> int:
 def train(config) -> int:
     dist = config.distributed  # multi-host start-up, before anything touches the devices
     mesh_lib.maybe_initialize_distributed(
-        dist.coordinator_address, dist.num_processes, dist.process_id)
+        dist.coordinator_address, dist.num_processes, dist.process_id
+    )
     run = steps.build_run(config, jax.device_count())  # mesh, data, model, optimizer
     # Everything above only read files; from here on output_dir is written.
-    checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"),
-                                max_to_keep=config.checkpoint.max_to_keep,
-                                async_save=config.checkpoint.async_save)
+    checkpointer = Checkpointer(
+        os.path.join(config.output_dir, "checkpoints"),
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
     with mesh_lib.use_mesh(run.mesh):
         params, opt_state, start = steps.init_or_restore(run, checkpointer)
         write_config(config)
@@ -96,8 +104,10 @@ def train(config) -> int:
             say(f"resumed from step {start} ({checkpointer.directory})")
         last = min(config.steps, config.stop_after or config.steps)
         if start >= last:
-            say(f"already at step {start} (steps={config.steps}, "
-                f"stop_after={config.stop_after}); nothing to do")
+            say(
+                f"already at step {start} (steps={config.steps}, "
+                f"stop_after={config.stop_after}); nothing to do"
+            )
             checkpointer.close()
             return 0
 
@@ -109,7 +119,8 @@ def train(config) -> int:
         try:
             while reason is None:
                 params, opt_state, metrics = train_step(
-                    params, opt_state, steps.next_train_batches(run))
+                    params, opt_state, steps.next_train_batches(run)
+                )
                 step += 1
                 if not log.train(step, metrics, force=bool(stop)):
                     reason = "diverged"
@@ -118,8 +129,13 @@ def train(config) -> int:
                     log.eval(step, steps.evaluate(run, eval_step, params))
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
                     save(checkpointer, run, step, params, opt_state)
-                reason = ("done" if step == config.steps else "stop_after" if step == last
-                          else stop.signal_name)
+                reason = (
+                    "done"
+                    if step == config.steps
+                    else "stop_after"
+                    if step == last
+                    else stop.signal_name
+                )
             # A checkpoint of the last completed step (never of a divergence).
             if reason != "diverged":
                 save(checkpointer, run, step, params, opt_state)
@@ -152,9 +168,14 @@ def write_config(config):
 
 
 def save(checkpointer, run, step, params, opt_state):
-    checkpointer.save(step, params=params, opt_state=opt_state,
-                      data_state=run.task.train_iterator.get_state(),
-                      config=config_to_dict(run.config), mesh_shape=run.mesh_shape)
+    checkpointer.save(
+        step,
+        params=params,
+        opt_state=opt_state,
+        data_state=run.task.train_iterator.get_state(),
+        config=config_to_dict(run.config),
+        mesh_shape=run.mesh_shape,
+    )
 
 
 class Log:
@@ -162,8 +183,9 @@ class Log:
 
     def __init__(self, run, start, last):
         self.run, self.last = run, last
-        self.metrics = MetricsLogger(run.config.output_dir, tensorboard=run.config.tensorboard,
-                                     resume_step=start or None)
+        self.metrics = MetricsLogger(
+            run.config.output_dir, tensorboard=run.config.tensorboard, resume_step=start or None
+        )
         self.progress = _progress_bar(run.config, start, enabled=jax.process_index() == 0)
         self.throughput = Throughput()
         self.pending_losses = []
@@ -180,12 +202,18 @@ class Log:
         loss = float(np.mean(jax.device_get(self.pending_losses)))
         self.pending_losses = []
         rate = self.throughput.measure()
-        record = {"loss": loss, "lr": float(self.run.lr_schedule(step - 1)),
-                  "grad_norm": float(metrics["grad_norm"]), f"{task.units_name}_per_s": rate}
+        record = {
+            "loss": loss,
+            "lr": float(self.run.lr_schedule(step - 1)),
+            "grad_norm": float(metrics["grad_norm"]),
+            f"{task.units_name}_per_s": rate,
+        }
         self.metrics.log(step, record)
         self.progress.set_postfix(loss=f"{loss:.4f}", **{f"{task.units_name}/s": f"{rate:,.0f}"})
-        self.write(f"step {step:6d} | loss {loss:.4f} | lr {record['lr']:.2e} | "
-                   f"{rate:,.0f} {task.units_name}/s")
+        self.write(
+            f"step {step:6d} | loss {loss:.4f} | lr {record['lr']:.2e} | "
+            f"{rate:,.0f} {task.units_name}/s"
+        )
         if not np.isfinite(loss):
             self.write(f"loss is not finite at step {step}; stopping")
             return False
@@ -216,8 +244,9 @@ def _progress_bar(config, start_step, enabled):
         enabled = False
     if not (enabled and config.progress_bar):
         return _NoProgress()
-    return tqdm(total=config.steps, initial=start_step, dynamic_ncols=True,
-                leave=False, file=sys.stderr)
+    return tqdm(
+        total=config.steps, initial=start_step, dynamic_ncols=True, leave=False, file=sys.stderr
+    )
 
 
 class _NoProgress:

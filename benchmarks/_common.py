@@ -54,14 +54,20 @@ def peak_bf16_tflops(device_kind: str, override: Optional[float] = None) -> Opti
 
 def jax_device_info() -> dict:
     import jax
+
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": str(dev.device_kind),
-            "device_count": jax.device_count(), "jax": jax.__version__}
+    return {
+        "platform": dev.platform,
+        "device_kind": str(dev.device_kind),
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+    }
 
 
 def jax_peak_memory_bytes() -> Optional[int]:
     """``peak_bytes_in_use`` of device 0 where the backend reports it (GPU/TPU), else None."""
     import jax
+
     try:
         stats = jax.devices()[0].memory_stats() or {}
     except Exception:  # some backends raise instead of returning None
@@ -70,8 +76,13 @@ def jax_peak_memory_bytes() -> Optional[int]:
     return int(peak) if peak is not None else None
 
 
-def time_calls(fn: Callable[[], Any], *, reps: int, sync: Callable[[Any], Any],
-               on_first: Optional[Callable[[Any], Any]] = None) -> dict:
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    reps: int,
+    sync: Callable[[Any], Any],
+    on_first: Optional[Callable[[Any], Any]] = None,
+) -> dict:
     """Calls ``fn`` once to compile / warm up, then ``reps`` timed times.
 
     ``sync`` blocks until a result is ready (``jax.block_until_ready``);
@@ -92,8 +103,13 @@ def time_calls(fn: Callable[[], Any], *, reps: int, sync: Callable[[Any], Any],
         sync(out)
         times.append(time.perf_counter() - start)
         del out
-    return {"first_call_s": first, "median_s": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "times_s": times}
+    return {
+        "first_call_s": first,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+    }
 
 
 def model_flops_per_token(matmul_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
@@ -147,11 +163,15 @@ def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (with a message) when absent."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as e:  # ImportError, or a broken install
-        print(f"no PNG: matplotlib is not importable ({e}); "
-              "pip install matplotlib (or '.[bench]') for the chart", file=sys.stderr)
+        print(
+            f"no PNG: matplotlib is not importable ({e}); "
+            "pip install matplotlib (or '.[bench]') for the chart",
+            file=sys.stderr,
+        )
         return None
     return plt
 
@@ -164,8 +184,9 @@ def print_child_result(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(script: str, child_args: Sequence[str], *, label: str,
-              timeout: float) -> Optional[dict]:
+def run_child(
+    script: str, child_args: Sequence[str], *, label: str, timeout: float
+) -> Optional[dict]:
     """Runs ``python script --child ...`` in its own process; returns its RESULT or None.
 
     One process per measured variant keeps device memory and its peak the
@@ -173,21 +194,30 @@ def run_child(script: str, child_args: Sequence[str], *, label: str,
     """
     start = time.perf_counter()
     import subprocess
-    proc = subprocess.run([sys.executable, script, "--child", *child_args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+
+    proc = subprocess.run(
+        [sys.executable, script, "--child", *child_args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
         print(f"{label}: failed (exit {proc.returncode}); skipped", file=sys.stderr)
         return None
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["wall_s"] = time.perf_counter() - start
     return result
 
 
 def print_step_summary(name: str, result: dict) -> None:
     """One progress line (stderr) for a timed train-step child."""
-    print(f"{name:15s} step {result['median_step_s']:.4f} s  amortized "
-          f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  "
-          f"state {result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"{name:15s} step {result['median_step_s']:.4f} s  amortized "
+        f"{result['amortized_step_s']:.4f} s  max {result['max_step_s']:.4f} s  "
+        f"state {result['state_bytes'] / 2**20:.2f} MiB  ({result['wall_s']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )

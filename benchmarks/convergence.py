@@ -55,12 +55,24 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="validation interval (steps)")
     p.add_argument("--adamw-lr", type=float, help="AdamW peak LR (see the module docstring)")
     p.add_argument("--galore-lr", type=float, help="GaLore peak LR (see the module docstring)")
-    p.add_argument("--unrolled", action="store_true",
-                   help="model.scan_layers=false for every run (one shared initialisation)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="train.py override for every run (repeatable)")
-    p.add_argument("--out-dir", default=str(common.REPO / "runs" / "bench" / "convergence"),
-                   help="one train.py output_dir per optimizer under here (replaced)")
+    p.add_argument(
+        "--unrolled",
+        action="store_true",
+        help="model.scan_layers=false for every run (one shared initialisation)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train.py override for every run (repeatable)",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=str(common.REPO / "runs" / "bench" / "convergence"),
+        help="one train.py output_dir per optimizer under here (replaced)",
+    )
     p.add_argument("--png", default=None, help="chart path (default: <out-dir>/convergence.png)")
     p.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per run")
     return p.parse_args(argv)
@@ -77,11 +89,13 @@ def prepare_run_dir(path: Path) -> None:
     """Empties a previous run of this benchmark (train.py would resume from it)."""
     if not path.exists():
         return
-    looks_like_run = any((path / name).exists()
-                         for name in ("metrics.jsonl", "config.yaml", "checkpoints"))
+    looks_like_run = any(
+        (path / name).exists() for name in ("metrics.jsonl", "config.yaml", "checkpoints")
+    )
     if not looks_like_run and any(path.iterdir()):
-        raise SystemExit(f"{path} exists and is not a train.py run directory; "
-                         "choose another --out-dir")
+        raise SystemExit(
+            f"{path} exists and is not a train.py run directory; choose another --out-dir"
+        )
     shutil.rmtree(path)
 
 
@@ -93,6 +107,7 @@ def read_metrics(path: Path) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from training.config import load_config
+
     config = load_config(args.config, list(args.overrides))
     lrs = learning_rates(args, config)
     tokens_per_step = config.batch_size * config.seq_len
@@ -104,16 +119,29 @@ def main(argv=None) -> int:
     for name in args.optimizers:
         run_dir = out_dir / name
         prepare_run_dir(run_dir)
-        overrides = [*args.overrides, *OVERRIDES[name], f"optimizer.lr={lrs[name]}",
-                     f"steps={args.steps}", f"eval_every={args.eval_every}",
-                     f"output_dir={run_dir}", "progress_bar=false", "checkpoint.every=0"]
+        overrides = [
+            *args.overrides,
+            *OVERRIDES[name],
+            f"optimizer.lr={lrs[name]}",
+            f"steps={args.steps}",
+            f"eval_every={args.eval_every}",
+            f"output_dir={run_dir}",
+            "progress_bar=false",
+            "checkpoint.every=0",
+        ]
         if args.unrolled:
             overrides.append("model.scan_layers=false")
-        command = [sys.executable, str(common.REPO / "train.py"), "--config", args.config,
-                   *overrides]
+        command = [
+            sys.executable,
+            str(common.REPO / "train.py"),
+            "--config",
+            args.config,
+            *overrides,
+        ]
         start = time.perf_counter()
-        proc = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True,
-                              timeout=args.timeout)
+        proc = subprocess.run(
+            command, cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout
+        )
         wall = time.perf_counter() - start
         (out_dir / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
@@ -125,50 +153,86 @@ def main(argv=None) -> int:
         train = [r for r in records if "loss" in r]
         state = re.search(r"\(([\d.]+) MiB state\)", proc.stdout)
         final = evals[-1]
-        results.append({
-            "optimizer": name, "lr": lrs[name], "steps": final["step"],
-            "tokens": final["step"] * tokens_per_step,
-            "final_val_loss": final["val_loss"],
-            "final_val_ppl": final.get("val_ppl", math.exp(min(final["val_loss"], 700))),
-            "final_train_loss": train[-1]["loss"] if train else None,
-            "state_mib": float(state.group(1)) if state else None,
-            "tokens_per_s": steady_tokens_per_s(train),
-            "wall_s": wall, "command": " ".join(command[1:]),
-            "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in evals],
-            "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
-        })
-        print(f"{name:13s} val loss {final['val_loss']:.4f} after {final['step']} steps "
-              f"({wall:.0f} s)", file=sys.stderr, flush=True)
+        results.append(
+            {
+                "optimizer": name,
+                "lr": lrs[name],
+                "steps": final["step"],
+                "tokens": final["step"] * tokens_per_step,
+                "final_val_loss": final["val_loss"],
+                "final_val_ppl": final.get("val_ppl", math.exp(min(final["val_loss"], 700))),
+                "final_train_loss": train[-1]["loss"] if train else None,
+                "state_mib": float(state.group(1)) if state else None,
+                "tokens_per_s": steady_tokens_per_s(train),
+                "wall_s": wall,
+                "command": " ".join(command[1:]),
+                "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in evals],
+                "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
+            }
+        )
+        print(
+            f"{name:13s} val loss {final['val_loss']:.4f} after {final['step']} steps "
+            f"({wall:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     if not results:
         return 1
 
     base = next((r for r in results if r["optimizer"] == "adamw"), None)
-    headers = ["optimizer", "peak lr", "steps", "tokens", "final val loss", "val ppl",
-               "vs adamw", "final train loss", "tokens/s", "opt. state MiB", "wall s"]
+    headers = [
+        "optimizer",
+        "peak lr",
+        "steps",
+        "tokens",
+        "final val loss",
+        "val ppl",
+        "vs adamw",
+        "final train loss",
+        "tokens/s",
+        "opt. state MiB",
+        "wall s",
+    ]
     rows = []
     for r in results:
         delta = f"{r['final_val_loss'] - base['final_val_loss']:+.4f}" if base else "-"
-        rows.append([r["optimizer"], f"{r['lr']:g}", r["steps"], f"{r['tokens']:,}",
-                     f"{r['final_val_loss']:.4f}", f"{r['final_val_ppl']:.2f}", delta,
-                     f"{r['final_train_loss']:.4f}" if r["final_train_loss"] is not None else "-",
-                     f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
-                     f"{r['state_mib']:.2f}" if r["state_mib"] is not None else "-",
-                     f"{r['wall_s']:.0f}"])
+        rows.append(
+            [
+                r["optimizer"],
+                f"{r['lr']:g}",
+                r["steps"],
+                f"{r['tokens']:,}",
+                f"{r['final_val_loss']:.4f}",
+                f"{r['final_val_ppl']:.2f}",
+                delta,
+                f"{r['final_train_loss']:.4f}" if r["final_train_loss"] is not None else "-",
+                f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
+                f"{r['state_mib']:.2f}" if r["state_mib"] is not None else "-",
+                f"{r['wall_s']:.0f}",
+            ]
+        )
     m = config.model
-    print(f"{os.path.relpath(args.config, common.REPO)}: {m.num_layers} layers x "
-          f"d={m.hidden_size}, batch {config.batch_size} x {config.seq_len} tokens, rank "
-          f"{config.optimizer.rank}, gap {config.optimizer.update_proj_gap}, scale "
-          f"{config.optimizer.scale}, seed {config.seed}; validation every "
-          f"{args.eval_every} steps on {config.eval_batches} fixed batches.")
+    print(
+        f"{os.path.relpath(args.config, common.REPO)}: {m.num_layers} layers x "
+        f"d={m.hidden_size}, batch {config.batch_size} x {config.seq_len} tokens, rank "
+        f"{config.optimizer.rank}, gap {config.optimizer.update_proj_gap}, scale "
+        f"{config.optimizer.scale}, seed {config.seed}; validation every "
+        f"{args.eval_every} steps on {config.eval_batches} fixed batches."
+    )
     print()
     print(common.markdown_table(headers, rows))
     print()
     print(ppl_by_tokens(results))
     summary = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in results]
     print("\n```json\n" + json.dumps(summary) + "\n```")
-    common.write_json(str(out_dir / "convergence.json"),
-                      {"benchmark": "convergence", "command": " ".join(["python"] + sys.argv),
-                       "results": results})
+    common.write_json(
+        str(out_dir / "convergence.json"),
+        {
+            "benchmark": "convergence",
+            "command": " ".join(["python"] + sys.argv),
+            "results": results,
+        },
+    )
     chart(results, args.png or str(out_dir / "convergence.png"), args.config)
     return 0 if len(results) == len(args.optimizers) else 1
 
@@ -184,8 +248,9 @@ def ppl_by_tokens(results: list[dict]) -> str:
     curves = {r["optimizer"]: dict(r["val_curve"]) for r in results}
     tokens = sorted(set.intersection(*(set(c) for c in curves.values())))
     headers = ["tokens"] + [f"{name} val ppl" for name in curves]
-    rows = [[f"{t:,}"] + [f"{math.exp(min(c[t], 700)):.2f}" for c in curves.values()]
-            for t in tokens]
+    rows = [
+        [f"{t:,}"] + [f"{math.exp(min(c[t], 700)):.2f}" for c in curves.values()] for t in tokens
+    ]
     return common.markdown_table(headers, rows)
 
 

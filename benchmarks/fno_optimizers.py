@@ -48,16 +48,27 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--seed", type=int, default=0, help="model init and batch order")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="config override for every run (repeatable)")
-    p.add_argument("--set-for", dest="per_optimizer", action="append", default=[], nargs=2,
-                   metavar=("OPTIMIZER", "KEY=VALUE"),
-                   help="config override for one optimizer's runs (repeatable), e.g. "
-                        "--set-for tensor_galore optimizer.lr=6e-3")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable)",
+    )
+    p.add_argument(
+        "--set-for",
+        dest="per_optimizer",
+        action="append",
+        default=[],
+        nargs=2,
+        metavar=("OPTIMIZER", "KEY=VALUE"),
+        help="config override for one optimizer's runs (repeatable), e.g. "
+        "--set-for tensor_galore optimizer.lr=6e-3",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
-    p.add_argument("--child", nargs=2, metavar=("DATASET", "OPTIMIZER"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, metavar=("DATASET", "OPTIMIZER"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -75,14 +86,20 @@ def run_one(dataset: str, optimizer: str, args) -> dict:
     from training import optim, steps
     from training.config import load_config
 
-    overrides = [*args.overrides, *(kv for opt, kv in args.per_optimizer if opt == optimizer),
-                 f"steps={args.steps}", f"seed={args.seed}",
-                 f"optimizer.name={optimizer}", "progress_bar=false"]
+    overrides = [
+        *args.overrides,
+        *(kv for opt, kv in args.per_optimizer if opt == optimizer),
+        f"steps={args.steps}",
+        f"seed={args.seed}",
+        f"optimizer.name={optimizer}",
+        "progress_bar=false",
+    ]
     config = load_config(str(REPO / "configs" / f"fno_{dataset}.yaml"), overrides)
     run = steps.build_run(config, jax.device_count())
     opt_cfg = run.config.optimizer
-    spectral_shapes = sorted({tuple(x.shape) for x in jax.tree.leaves(run.abstract_params)
-                              if jax.numpy.iscomplexobj(x)})
+    spectral_shapes = sorted(
+        {tuple(x.shape) for x in jax.tree.leaves(run.abstract_params) if jax.numpy.iscomplexobj(x)}
+    )
     if optimizer == "tensor_galore" and opt_cfg.tensor_rank_mode == "params":
         tensor_rank = list(optim.tucker_ranks_for_param_fraction(spectral_shapes[0], opt_cfg.rank))
     else:
@@ -117,9 +134,18 @@ def run_one(dataset: str, optimizer: str, args) -> dict:
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "spectral_shapes": [list(s) for s in spectral_shapes],
         "tensor_rank": tensor_rank,
-        "optimizer_config": {k: getattr(opt_cfg, k) for k in (
-            "lr", "rank", "tensor_rank_mode", "update_proj_gap", "scale", "svd",
-            "label_overrides")},
+        "optimizer_config": {
+            k: getattr(opt_cfg, k)
+            for k in (
+                "lr",
+                "rank",
+                "tensor_rank_mode",
+                "update_proj_gap",
+                "scale",
+                "svd",
+                "label_overrides",
+            )
+        },
         "state_bytes": int(report["total_bytes"]),
         "state_bytes_per_label": report["per_label"],
         "adamw_state_bytes": int(report["adamw_bytes"]),
@@ -136,13 +162,17 @@ def run_one(dataset: str, optimizer: str, args) -> dict:
         "refresh_step_s": statistics.median(refresh_times) if refresh_times else None,
         "step_times_s": times,
         "device": str(jax.devices()[0].device_kind),
-        "config": {"model": vars(config.model), "data": vars(config.data),
-                   "batch_size": config.batch_size},
+        "config": {
+            "model": vars(config.model),
+            "data": vars(config.data),
+            "batch_size": config.batch_size,
+        },
     }
 
 
 def _flat(tree):
     import jax
+
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -179,7 +209,8 @@ def table(results) -> str:
             f"{r['optimizer_config']['scale'] if r['optimizer'] != 'adamw' else '-'} | "
             f"{_mib(r['state_bytes'])} | {state_vs} | "
             f"{_mib(r['spectral_state_bytes'])} | {peak} | {r['val_l2']:.4f} | {l2_vs} | "
-            f"{r['median_step_s']:.4f} | {r['mean_step_s']:.4f} |")
+            f"{r['median_step_s']:.4f} | {r['mean_step_s']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -196,14 +227,22 @@ def main(argv=None) -> int:
     results = []
     for dataset in args.datasets:
         for optimizer in args.optimizers:
-            result = common.run_child(__file__, [dataset, optimizer, *child_args],
-                                      label=f"{dataset}/{optimizer}", timeout=args.timeout)
+            result = common.run_child(
+                __file__,
+                [dataset, optimizer, *child_args],
+                label=f"{dataset}/{optimizer}",
+                timeout=args.timeout,
+            )
             if result is None:
                 raise SystemExit(f"{dataset}/{optimizer} failed")
             results.append(result)
-            print(f"{dataset:8s} {optimizer:14s} val_l2 {result['val_l2']:.4f}  state "
-                  f"{_mib(result['state_bytes'])} MiB  median {result['median_step_s']:.4f} s/step"
-                  f"  ({result['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{dataset:8s} {optimizer:14s} val_l2 {result['val_l2']:.4f}  state "
+                f"{_mib(result['state_bytes'])} MiB  median {result['median_step_s']:.4f} s/step"
+                f"  ({result['wall_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     print(table(results))
     if args.out:
         with open(args.out, "w") as f:

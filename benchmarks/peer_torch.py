@@ -56,13 +56,25 @@ def parse_args(argv=None):
     p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
     p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
     p.add_argument("--windows", type=int, default=2, help="refresh windows of `gap` steps to time")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (repeatable)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--peak-tflops", type=float,
-                   help="peak bf16 TFLOP/s for MFU when the device is not in the table")
-    p.add_argument("--out", default=str(common.REPO / "runs" / "bench" / "peer_torch.json"),
-                   help="JSON results ('' to skip)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak bf16 TFLOP/s for MFU when the device is not in the table",
+    )
+    p.add_argument(
+        "--out",
+        default=str(common.REPO / "runs" / "bench" / "peer_torch.json"),
+        help="JSON results ('' to skip)",
+    )
     p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -82,6 +94,7 @@ def galore_adamw_class():
     """
     try:
         from galore_torch import GaLoreAdamW
+
         return GaLoreAdamW
     except ImportError as e:
         if "bitsandbytes" not in str(e):
@@ -108,6 +121,7 @@ def missing_modules(optimizers) -> list[str]:
 
 def load_config(args):
     from training.config import load_config as load
+
     overrides = list(args.overrides)
     if args.batch_size:
         overrides += [f"batch_size={args.batch_size}", "grad_accum_steps=1"]
@@ -125,6 +139,7 @@ def vocab_size(config) -> int:
     if config.model.vocab_size:
         return config.model.vocab_size
     from training.data import make_tokenizer
+
     vocab = make_tokenizer(config.data.tokenizer).vocab_size
     multiple = config.model.vocab_multiple
     return -(-vocab // multiple) * multiple
@@ -182,8 +197,12 @@ def build_model(config, vocab: int):
             k = apply_rotary(self.k_proj(x).view(b, s, kv_heads, head_dim), cos, sin)
             v = self.v_proj(x).view(b, s, kv_heads, head_dim)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=kv_heads != heads)
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                is_causal=True,
+                enable_gqa=kv_heads != heads,
+            )
             return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * head_dim))
 
     class MLP(nn.Module):
@@ -267,9 +286,14 @@ def run_child(name: str, args) -> dict:
     opt_cfg = config.optimizer
     betas = (opt_cfg.b1, opt_cfg.b2)
     if name == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=betas,
-                                      eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
-                                      fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=opt_cfg.lr,
+            betas=betas,
+            eps=opt_cfg.eps,
+            weight_decay=opt_cfg.weight_decay,
+            fused=device.type == "cuda",
+        )
         galore_count = 0
     else:
         GaLoreAdamW = galore_adamw_class()
@@ -279,17 +303,31 @@ def run_child(name: str, args) -> dict:
             (galore_params if is_target else regular).append(p)
         galore_count = len(galore_params)
         optimizer = GaLoreAdamW(
-            [{"params": regular},
-             {"params": galore_params, "rank": opt_cfg.rank,
-              "update_proj_gap": opt_cfg.update_proj_gap, "scale": opt_cfg.scale,
-              "proj_type": opt_cfg.proj_type}],
-            lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
-            no_deprecation_warning=True)
+            [
+                {"params": regular},
+                {
+                    "params": galore_params,
+                    "rank": opt_cfg.rank,
+                    "update_proj_gap": opt_cfg.update_proj_gap,
+                    "scale": opt_cfg.scale,
+                    "proj_type": opt_cfg.proj_type,
+                },
+            ],
+            lr=opt_cfg.lr,
+            betas=betas,
+            eps=opt_cfg.eps,
+            weight_decay=opt_cfg.weight_decay,
+            no_deprecation_warning=True,
+        )
 
     autocast = config.model.dtype == "bfloat16"
     generator = torch.Generator().manual_seed(config.seed)
-    batches = [torch.randint(0, vocab, (config.batch_size, config.seq_len + 1),
-                             generator=generator).to(device) for _ in range(4)]
+    batches = [
+        torch.randint(0, vocab, (config.batch_size, config.seq_len + 1), generator=generator).to(
+            device
+        )
+        for _ in range(4)
+    ]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     params = [p for p in model.parameters()]
 
@@ -326,7 +364,8 @@ def run_child(name: str, args) -> dict:
     embedding = model.token_embedding.weight.numel()
     m = config.model
     flops_per_token = common.model_flops_per_token(
-        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len)
+        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len
+    )
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_tflops = common.peak_bf16_tflops(kind, args.peak_tflops)
     tokens = config.batch_size * config.seq_len
@@ -334,24 +373,49 @@ def run_child(name: str, args) -> dict:
     return {
         "optimizer": name,
         "device": {"platform": device.type, "device_kind": kind, "torch": torch.__version__},
-        "config": args.config, "overrides": overrides,
-        "model": {k: getattr(m, k) for k in (
-            "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-            "remat", "dtype", "param_dtype")},
-        "params": num_params, "vocab_size": vocab,
-        "batch_size": config.batch_size, "seq_len": config.seq_len, "tokens_per_step": tokens,
-        "optimizer_config": {"rank": opt_cfg.rank, "update_proj_gap": gap,
-                             "scale": opt_cfg.scale, "proj_type": opt_cfg.proj_type},
-        "num_galore_params": galore_count, "windows": args.windows,
-        "first_step_s": times[0], "median_step_s": median, "refresh_step_s": refresh_s,
-        "amortized_step_s": amortized, "max_step_s": max(times[1:]),
-        "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
+        "config": args.config,
+        "overrides": overrides,
+        "model": {
+            k: getattr(m, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "remat",
+                "dtype",
+                "param_dtype",
+            )
+        },
+        "params": num_params,
+        "vocab_size": vocab,
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "tokens_per_step": tokens,
+        "optimizer_config": {
+            "rank": opt_cfg.rank,
+            "update_proj_gap": gap,
+            "scale": opt_cfg.scale,
+            "proj_type": opt_cfg.proj_type,
+        },
+        "num_galore_params": galore_count,
+        "windows": args.windows,
+        "first_step_s": times[0],
+        "median_step_s": median,
+        "refresh_step_s": refresh_s,
+        "amortized_step_s": amortized,
+        "max_step_s": max(times[1:]),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
         "peak_tflops": peak_tflops,
         "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
         "state_bytes": state_bytes(optimizer),
-        "peak_device_bytes": (int(torch.cuda.max_memory_allocated(device))
-                              if device.type == "cuda" else None),
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "peak_device_bytes": (
+            int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        ),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
         "finite": all(math.isfinite(x) for x in losses),
         "step_times_s": times,
     }
@@ -365,6 +429,7 @@ def run_child(name: str, args) -> dict:
 def table(results: list[dict]) -> str:
     # Reuse train_step.py's columns and ratio rules (the base is torch AdamW here).
     import train_step
+
     return train_step.table(results)
 
 
@@ -384,15 +449,19 @@ def main(argv=None) -> int:
         return 0
     missing = missing_modules(args.optimizers)
     if missing:
-        print("skipped: the PyTorch peers need " + "; ".join(missing) +
-              ". Install them (pip install torch galore-torch transformers) to "
-              "run this benchmark.")
+        print(
+            "skipped: the PyTorch peers need "
+            + "; ".join(missing)
+            + ". Install them (pip install torch galore-torch transformers) to "
+            "run this benchmark."
+        )
         return 0
 
     results = []
     for name in args.optimizers:
-        result = common.run_child(__file__, [name, *child_argv(args)], label=name,
-                                  timeout=args.timeout)
+        result = common.run_child(
+            __file__, [name, *child_argv(args)], label=name, timeout=args.timeout
+        )
         if result is not None:
             results.append(result)
             common.print_step_summary(name, result)
@@ -400,18 +469,22 @@ def main(argv=None) -> int:
         return 1
     r = results[0]
     m = r["model"]
-    print(f"{r['device']['device_kind']} (torch {r['device']['torch']}); {r['config']}: "
-          f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
-          f"f={m['intermediate_size']}, compute {m['dtype']}; batch {r['batch_size']} x "
-          f"{r['seq_len']} tokens; rank {r['optimizer_config']['rank']}, gap "
-          f"{r['optimizer_config']['update_proj_gap']}; {r['windows']} window(s) timed after "
-          "step 0. Ratios are to torch AdamW (refresh step: to AdamW's step).")
+    print(
+        f"{r['device']['device_kind']} (torch {r['device']['torch']}); {r['config']}: "
+        f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
+        f"f={m['intermediate_size']}, compute {m['dtype']}; batch {r['batch_size']} x "
+        f"{r['seq_len']} tokens; rank {r['optimizer_config']['rank']}, gap "
+        f"{r['optimizer_config']['update_proj_gap']}; {r['windows']} window(s) timed after "
+        "step 0. Ratios are to torch AdamW (refresh step: to AdamW's step)."
+    )
     print()
     print(table(results))
     summary = [{k: v for k, v in r.items() if k != "step_times_s"} for r in results]
     print("\n```json\n" + json.dumps(summary) + "\n```")
-    common.write_json(args.out, {"benchmark": "peer_torch",
-                                 "command": " ".join(["python"] + sys.argv), "results": results})
+    common.write_json(
+        args.out,
+        {"benchmark": "peer_torch", "command": " ".join(["python"] + sys.argv), "results": results},
+    )
     return 0 if len(results) == len(args.optimizers) else 1
 
 

@@ -66,29 +66,57 @@ def parse_args(argv=None):
     p.add_argument("--proj-type", default="std")
     p.add_argument("--oversample", type=int, default=8)
     p.add_argument("--power-iters", type=int, default=1)
-    p.add_argument("--gap", type=int, default=200,
-                   help="update_proj_gap, for the amortized 'extra per step' column")
+    p.add_argument(
+        "--gap",
+        type=int,
+        default=200,
+        help="update_proj_gap, for the amortized 'extra per step' column",
+    )
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement")
-    p.add_argument("--exact-reps", type=int,
-                   help="timed calls for the exact method (default: --reps); at 1B one exact "
-                        "whole-model refresh takes tens of seconds on a GPU")
-    p.add_argument("--exact-refresh-only", action="store_true",
-                   help="time the exact method's refresh only, not its update at a refresh "
-                        "step (that is refresh + the update between refreshes)")
-    p.add_argument("--signal-rank", type=int,
-                   help="rank of the gradients' signal part (default: the GaLore rank)")
-    p.add_argument("--decay", type=float, default=1.0,
-                   help="signal singular values (i+1)^-decay")
-    p.add_argument("--noise", type=float, default=0.5,
-                   help="noise top singular value / r-th signal singular value")
-    p.add_argument("--drift", type=float, default=0.3,
-                   help="relative change of the signal factors between the previous "
-                        "gradient (warm-start basis) and the current one")
-    p.add_argument("--accuracy-leaves", nargs="*", default=["q_proj", "gate_proj", "down_proj"],
-                   choices=LEAVES, help="leaves whose layer 0 is checked against the exact SVD")
-    p.add_argument("--optax-contrib", action="store_true",
-                   help="also time optax.contrib.scale_by_galore (exact SVD, one 2-D leaf per "
-                        "layer and matrix, lax.cond) on the same gradients")
+    p.add_argument(
+        "--exact-reps",
+        type=int,
+        help="timed calls for the exact method (default: --reps); at 1B one exact "
+        "whole-model refresh takes tens of seconds on a GPU",
+    )
+    p.add_argument(
+        "--exact-refresh-only",
+        action="store_true",
+        help="time the exact method's refresh only, not its update at a refresh "
+        "step (that is refresh + the update between refreshes)",
+    )
+    p.add_argument(
+        "--signal-rank",
+        type=int,
+        help="rank of the gradients' signal part (default: the GaLore rank)",
+    )
+    p.add_argument("--decay", type=float, default=1.0, help="signal singular values (i+1)^-decay")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.5,
+        help="noise top singular value / r-th signal singular value",
+    )
+    p.add_argument(
+        "--drift",
+        type=float,
+        default=0.3,
+        help="relative change of the signal factors between the previous "
+        "gradient (warm-start basis) and the current one",
+    )
+    p.add_argument(
+        "--accuracy-leaves",
+        nargs="*",
+        default=["q_proj", "gate_proj", "down_proj"],
+        choices=LEAVES,
+        help="leaves whose layer 0 is checked against the exact SVD",
+    )
+    p.add_argument(
+        "--optax-contrib",
+        action="store_true",
+        help="also time optax.contrib.scale_by_galore (exact SVD, one 2-D leaf per "
+        "layer and matrix, lax.cond) on the same gradients",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the full results (all timings) as JSON here")
     args = p.parse_args(argv)
@@ -102,15 +130,22 @@ def parse_args(argv=None):
 
 
 def leaf_shapes(layers: int, d: int, f: int) -> dict:
-    return {"q_proj": (layers, d, d), "k_proj": (layers, d, d), "v_proj": (layers, d, d),
-            "o_proj": (layers, d, d), "gate_proj": (layers, d, f), "up_proj": (layers, d, f),
-            "down_proj": (layers, f, d)}
+    return {
+        "q_proj": (layers, d, d),
+        "k_proj": (layers, d, d),
+        "v_proj": (layers, d, d),
+        "o_proj": (layers, d, d),
+        "gate_proj": (layers, d, f),
+        "up_proj": (layers, d, f),
+        "down_proj": (layers, f, d),
+    }
 
 
 def make_gradient_fn(shape, args, dtype):
     """jitted (key, drift) -> synthetic (L, m, n) gradient with a decaying spectrum."""
     import jax
     import jax.numpy as jnp
+
     import galore_jax as gj
 
     layers, m, n = shape
@@ -147,14 +182,18 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     shapes = leaf_shapes(args.layers, args.hidden, args.intermediate)
     dims = gj.DimensionNumbers(batch_axes=(0,))
-    plans = {name: proj.matrix_plan(shape, dims, args.proj_type, args.rank, name)
-             for name, shape in shapes.items()}
+    plans = {
+        name: proj.matrix_plan(shape, dims, args.proj_type, args.rank, name)
+        for name, shape in shapes.items()
+    }
     info = common.jax_device_info()
     num_matrices = args.layers * len(shapes)
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     say(f"device: {info['device_kind']} ({info['platform']}), jax {info['jax']}")
-    say(f"{num_matrices} matrices ({args.layers} layers x 7; d={args.hidden}, "
-        f"f={args.intermediate}), rank {args.rank}, {args.dtype}")
+    say(
+        f"{num_matrices} matrices ({args.layers} layers x 7; d={args.hidden}, "
+        f"f={args.intermediate}), rank {args.rank}, {args.dtype}"
+    )
 
     # ---- Gradients: a "previous" one (gives the warm-start basis) and the current one.
     key = jax.random.PRNGKey(args.seed)
@@ -169,16 +208,23 @@ def main(argv=None) -> int:
         for i, name in enumerate(LEAVES):
             plan = plans[name]
             out[name] = proj.refresh_projectors(
-                plan, plan.to_standard(grads[name]), old[name], svd=svd,
-                key=jax.random.fold_in(refresh_key, i), oversample=args.oversample,
-                power_iters=args.power_iters, warm=warm)
+                plan,
+                plan.to_standard(grads[name]),
+                old[name],
+                svd=svd,
+                key=jax.random.fold_in(refresh_key, i),
+                oversample=args.oversample,
+                power_iters=args.power_iters,
+                warm=warm,
+            )
         return out
 
     jit_refresh = {
         "exact": jax.jit(lambda g, o, k: refresh_all(g, o, k, svd="exact", warm=False)),
         "randomized": jax.jit(lambda g, o, k: refresh_all(g, o, k, svd="randomized", warm=False)),
         "randomized_warm": jax.jit(
-            lambda g, o, k: refresh_all(g, o, k, svd="randomized", warm=True)),
+            lambda g, o, k: refresh_all(g, o, k, svd="randomized", warm=True)
+        ),
     }
     zeros = {name: proj.init_projectors(plans[name], dtype) for name in LEAVES}
     start = time.perf_counter()
@@ -189,8 +235,10 @@ def main(argv=None) -> int:
     del previous
     grads = gradients(args.drift)
     jax.block_until_ready(grads)
-    say(f"synthetic gradients: {time.perf_counter() - start:.1f} s "
-        f"({sum(g.nbytes for g in grads.values()) / 2**30:.2f} GiB per gradient set)")
+    say(
+        f"synthetic gradients: {time.perf_counter() - start:.1f} s "
+        f"({sum(g.nbytes for g in grads.values()) / 2**30:.2f} GiB per gradient set)"
+    )
 
     # ---- Accuracy reference data (layer 0 of a few leaves, on the host).
     def layer0_basis(name, projectors):
@@ -199,13 +247,16 @@ def main(argv=None) -> int:
         p = np.asarray(jax.device_get(projectors[name][0][0]), np.float64)
         return (p, "left") if plan.side == "left" else (p.T, "right")
 
-    g0 = {name: np.asarray(jax.device_get(grads[name][0]), np.float64)
-          for name in args.accuracy_leaves}
+    g0 = {
+        name: np.asarray(jax.device_get(grads[name][0]), np.float64)
+        for name in args.accuracy_leaves
+    }
     bases = {}
 
     def keep_bases(method):
         def keep(out):
             bases[method] = {name: layer0_basis(name, out) for name in args.accuracy_leaves}
+
         return keep
 
     # ---- Timings.
@@ -220,14 +271,26 @@ def main(argv=None) -> int:
         is_exact = method == "exact"
         reps = args.exact_reps if is_exact and args.exact_reps else args.reps
         say(f"{method}: refresh only ...")
-        out = {"refresh_only": common.time_calls(
-            lambda: fn(grads, old, refresh_key), reps=reps, sync=sync,
-            on_first=keep_bases(method))}
+        out = {
+            "refresh_only": common.time_calls(
+                lambda: fn(grads, old, refresh_key),
+                reps=reps,
+                sync=sync,
+                on_first=keep_bases(method),
+            )
+        }
         svd = "exact" if method == "exact" else "randomized"
         tx = gj.scale_by_galore(
-            args.rank, update_proj_gap=args.gap, proj_type=args.proj_type, svd=svd,
-            oversample=args.oversample, power_iters=args.power_iters,
-            warm_start=method == "randomized_warm", dimension_numbers=dims, seed=args.seed)
+            args.rank,
+            update_proj_gap=args.gap,
+            proj_type=args.proj_type,
+            svd=svd,
+            oversample=args.oversample,
+            power_iters=args.power_iters,
+            warm_start=method == "randomized_warm",
+            dimension_numbers=dims,
+            seed=args.seed,
+        )
         state = jax.jit(tx.init)(grads)
         # Projectors from the previous refresh; count = gap is a (non-first) refresh step.
         state = state._replace(projectors=previous_basis)
@@ -237,10 +300,12 @@ def main(argv=None) -> int:
         if not (is_exact and args.exact_refresh_only):
             say(f"{method}: update at a refresh step ...")
             out["update_refresh"] = common.time_calls(
-                lambda: update(grads, at_refresh), reps=reps, sync=sync)
+                lambda: update(grads, at_refresh), reps=reps, sync=sync
+            )
         say(f"{method}: update between refreshes ...")
         out["update_plain"] = common.time_calls(
-            lambda: update(grads, between), reps=args.reps, sync=sync)
+            lambda: update(grads, between), reps=args.reps, sync=sync
+        )
         return out
 
     def measure_adam():
@@ -249,8 +314,11 @@ def main(argv=None) -> int:
         adam = optax.scale_by_adam()
         adam_state = jax.jit(adam.init)(grads)
         adam_update = jax.jit(adam.update)
-        return {"update_plain": common.time_calls(
-            lambda: adam_update(grads, adam_state), reps=args.reps, sync=sync)}
+        return {
+            "update_plain": common.time_calls(
+                lambda: adam_update(grads, adam_state), reps=args.reps, sync=sync
+            )
+        }
 
     def guarded(fn, *a):
         try:
@@ -285,17 +353,37 @@ def main(argv=None) -> int:
                 accuracy[method][name] = {"max_sin_angle": sin_max, "energy_ratio": energy}
 
     payload = {
-        "benchmark": "refresh", "command": " ".join(["python"] + sys.argv),
+        "benchmark": "refresh",
+        "command": " ".join(["python"] + sys.argv),
         "device": info,
-        "shape": {"preset": args.shape, "layers": args.layers, "hidden": args.hidden,
-                  "intermediate": args.intermediate, "rank": args.rank, "dtype": args.dtype,
-                  "num_matrices": num_matrices,
-                  "leaves": {k: list(v) for k, v in shapes.items()},
-                  "sides": {k: plans[k].side for k in LEAVES}},
-        "settings": {k: getattr(args, k) for k in (
-            "proj_type", "oversample", "power_iters", "gap", "reps", "exact_reps",
-            "exact_refresh_only", "signal_rank", "decay",
-            "noise", "drift", "seed")},
+        "shape": {
+            "preset": args.shape,
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "rank": args.rank,
+            "dtype": args.dtype,
+            "num_matrices": num_matrices,
+            "leaves": {k: list(v) for k, v in shapes.items()},
+            "sides": {k: plans[k].side for k in LEAVES},
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "proj_type",
+                "oversample",
+                "power_iters",
+                "gap",
+                "reps",
+                "exact_reps",
+                "exact_refresh_only",
+                "signal_rank",
+                "decay",
+                "noise",
+                "drift",
+                "seed",
+            )
+        },
         "results": results,
         "accuracy": accuracy,
     }
@@ -316,8 +404,9 @@ def time_optax_contrib(args, grads, sync, say) -> dict:
     import jax.numpy as jnp
     import optax
 
-    flat = {f"{name}_{layer}": grads[name][layer] for name in LEAVES
-            for layer in range(args.layers)}
+    flat = {
+        f"{name}_{layer}": grads[name][layer] for name in LEAVES for layer in range(args.layers)
+    }
     tx = optax.contrib.scale_by_galore(rank=args.rank, update_proj_gap=args.gap)
     state = jax.jit(tx.init)(flat)
     update = jax.jit(tx.update)
@@ -327,19 +416,24 @@ def time_optax_contrib(args, grads, sync, say) -> dict:
     out = {}
     say("optax.contrib: update at a refresh step ...")
     at_refresh = state._replace(count=jnp.asarray(args.gap, jnp.int32))
-    out["update_refresh"] = common.time_calls(lambda: update(flat, at_refresh),
-                                              reps=args.reps, sync=sync)
+    out["update_refresh"] = common.time_calls(
+        lambda: update(flat, at_refresh), reps=args.reps, sync=sync
+    )
     say("optax.contrib: update between refreshes ...")
     between = state._replace(count=jnp.asarray(args.gap + 1, jnp.int32))
-    out["update_plain"] = common.time_calls(lambda: update(flat, between),
-                                            reps=args.reps, sync=sync)
+    out["update_plain"] = common.time_calls(
+        lambda: update(flat, between), reps=args.reps, sync=sync
+    )
     return out
 
 
-LABELS = {"exact": "exact SVD", "randomized": "randomized",
-          "randomized_warm": "randomized, warm start",
-          "optax_contrib": "optax.contrib.scale_by_galore (exact, per matrix)",
-          "adam": "full-rank optax.scale_by_adam (no GaLore)"}
+LABELS = {
+    "exact": "exact SVD",
+    "randomized": "randomized",
+    "randomized_warm": "randomized, warm start",
+    "optax_contrib": "optax.contrib.scale_by_galore (exact, per matrix)",
+    "adam": "full-rank optax.scale_by_adam (no GaLore)",
+}
 
 
 def report(payload: dict) -> str:
@@ -355,11 +449,18 @@ def report(payload: dict) -> str:
         "",
     ]
     gap = settings["gap"]
-    acc_leaves = sorted({leaf for m in payload["accuracy"].values() for leaf in m},
-                        key=LEAVES.index)
+    acc_leaves = sorted(
+        {leaf for m in payload["accuracy"].values() for leaf in m}, key=LEAVES.index
+    )
     short = "/".join(leaf.replace("_proj", "") for leaf in acc_leaves)
-    headers = ["method", "refresh only s", "update w/ refresh s", "update w/o refresh s",
-               f"refresh extra per step at gap {gap} s", "first call (compile) s"]
+    headers = [
+        "method",
+        "refresh only s",
+        "update w/ refresh s",
+        "update w/o refresh s",
+        f"refresh extra per step at gap {gap} s",
+        "first call (compile) s",
+    ]
     if acc_leaves:
         headers += [f"max sin angle vs exact ({short})", f"energy vs exact ({short})"]
     rows = []
@@ -371,9 +472,14 @@ def report(payload: dict) -> str:
         ref = r.get("update_refresh", {}).get("median_s")
         only = r.get("refresh_only", {}).get("median_s")
         first = r.get("update_refresh", r["update_plain"])["first_call_s"]
-        row = [LABELS[method], common.fmt_s(only), common.fmt_s(ref), common.fmt_s(plain),
-               common.fmt_s(max(ref - plain, 0.0) / gap) if ref is not None else "-",
-               common.fmt_s(first)]
+        row = [
+            LABELS[method],
+            common.fmt_s(only),
+            common.fmt_s(ref),
+            common.fmt_s(plain),
+            common.fmt_s(max(ref - plain, 0.0) / gap) if ref is not None else "-",
+            common.fmt_s(first),
+        ]
         if acc_leaves:
             acc = payload["accuracy"].get(method)
             if method == "exact":
@@ -381,8 +487,10 @@ def report(payload: dict) -> str:
             elif method == "adam":
                 row += ["", ""]
             elif acc:
-                row += [" / ".join(f"{acc[leaf]['max_sin_angle']:.3f}" for leaf in acc_leaves),
-                        " / ".join(f"{acc[leaf]['energy_ratio']:.4f}" for leaf in acc_leaves)]
+                row += [
+                    " / ".join(f"{acc[leaf]['max_sin_angle']:.3f}" for leaf in acc_leaves),
+                    " / ".join(f"{acc[leaf]['energy_ratio']:.4f}" for leaf in acc_leaves),
+                ]
             else:
                 row += ["-", "-"]
         rows.append(row)
@@ -394,7 +502,8 @@ def report(payload: dict) -> str:
         f"warm start from the basis of a gradient with factors drifted by "
         f"{settings['drift']:g}. Accuracy on layer 0 of each listed leaf (sides: "
         + ", ".join(f"{k.replace('_proj', '')} {shape['sides'][k]}" for k in acc_leaves)
-        + ").")
+        + ")."
+    )
     return "\n".join(lines)
 
 

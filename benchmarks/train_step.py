@@ -39,8 +39,7 @@ import time
 
 import _common as common
 
-OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galore",
-              "optax_galore")
+OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galore", "optax_galore")
 # adamw_unrolled: the fair baseline for optax_galore's unrolled model;
 # galore_reverse_std: projects the larger side of each matrix (as optax.contrib does),
 # so the low-rank moments are min(m, n) x r instead of max(m, n) x r.
@@ -68,15 +67,22 @@ def variant_overrides(name: str, args) -> list[str]:
     if name == "galore_exact":
         return ["optimizer.name=galore", "optimizer.svd=exact", "optimizer.stagger=false"]
     if name == "galore_reverse_std":
-        return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=false",
-                "optimizer.proj_type=reverse_std"]
+        return [
+            "optimizer.name=galore",
+            "optimizer.svd=randomized",
+            "optimizer.stagger=false",
+            "optimizer.proj_type=reverse_std",
+        ]
     if name == "galore_stagger":
         return ["optimizer.name=galore", "optimizer.svd=randomized", "optimizer.stagger=true"]
     if name == "tensor_galore":
         # An int rank would exceed the layer mode of a stacked (L, m, n) weight;
         # keep the same fraction of every mode as the matrix rank keeps of d.
-        return ["optimizer.name=tensor_galore", f"optimizer.rank={args.tensor_rank}",
-                "optimizer.stagger=false"]
+        return [
+            "optimizer.name=tensor_galore",
+            f"optimizer.rank={args.tensor_rank}",
+            "optimizer.stagger=false",
+        ]
     if name == "optax_galore":
         # optax.contrib.galore projects 2-D leaves only: unrolled layers.
         return ["optimizer.name=optax_galore", "model.scan_layers=false"]
@@ -86,33 +92,68 @@ def variant_overrides(name: str, args) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
-    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS + EXTRA, default=list(OPTIMIZERS),
-                   help="default: all but adamw_unrolled (AdamW on optax_galore's unrolled model)")
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=OPTIMIZERS + EXTRA,
+        default=list(OPTIMIZERS),
+        help="default: all but adamw_unrolled (AdamW on optax_galore's unrolled model)",
+    )
     p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
-    p.add_argument("--accum", type=int,
-                   help="gradient-accumulation micro-batches per step (default: 1 with "
-                        "--batch-size, else the config's)")
+    p.add_argument(
+        "--accum",
+        type=int,
+        help="gradient-accumulation micro-batches per step (default: 1 with "
+        "--batch-size, else the config's)",
+    )
     p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
     p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
-    p.add_argument("--tensor-rank", type=float,
-                   help="tensor_galore per-mode rank fraction (default: rank / hidden_size)")
-    p.add_argument("--windows", type=int, default=2,
-                   help="refresh windows of `gap` steps to time (stagger needs 2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="config override for every run (repeatable)")
-    p.add_argument("--peak-tflops", type=float,
-                   help="peak bf16 TFLOP/s for MFU when the device is not in the table")
-    p.add_argument("--out", default=str(common.REPO / "runs" / "bench" / "train_step.json"),
-                   help="JSON results ('' to skip)")
-    p.add_argument("--png", default=None,
-                   help="chart path (default: the JSON path with .png; '' to skip)")
-    p.add_argument("--update-reps", type=int, default=10,
-                   help="timed calls of the optimizer update alone (0: skip that column)")
+    p.add_argument(
+        "--tensor-rank",
+        type=float,
+        help="tensor_galore per-mode rank fraction (default: rank / hidden_size)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=2,
+        help="refresh windows of `gap` steps to time (stagger needs 2)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak bf16 TFLOP/s for MFU when the device is not in the table",
+    )
+    p.add_argument(
+        "--out",
+        default=str(common.REPO / "runs" / "bench" / "train_step.json"),
+        help="JSON results ('' to skip)",
+    )
+    p.add_argument(
+        "--png", default=None, help="chart path (default: the JSON path with .png; '' to skip)"
+    )
+    p.add_argument(
+        "--update-reps",
+        type=int,
+        default=10,
+        help="timed calls of the optimizer update alone (0: skip that column)",
+    )
     p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
-    p.add_argument("--state-only", action="store_true",
-                   help="only print each optimizer's state bytes per label, from the abstract "
-                        "state (no step is run, nothing is allocated: any model size on CPU)")
+    p.add_argument(
+        "--state-only",
+        action="store_true",
+        help="only print each optimizer's state bytes per label, from the abstract "
+        "state (no step is run, nothing is allocated: any model size on CPU)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.windows < 1:
@@ -139,6 +180,7 @@ def base_overrides(args) -> list[str]:
 
 def load(args, name):
     from training.config import load_config
+
     if args.tensor_rank is None:
         config = load_config(args.config, base_overrides(args))
         rank = config.optimizer.rank
@@ -158,6 +200,7 @@ def refresh_steps(name: str, opt_cfg, num_galore_leaves: int, total: int) -> set
         return set()
     if opt_cfg.stagger:
         import galore_jax as gj
+
         offsets = set(gj.refresh_offsets(num_galore_leaves, gap, True))
         return {0} | {i for i in range(gap, total) if i % gap in offsets}
     return {i for i in range(total) if i % gap == 0}
@@ -184,24 +227,52 @@ def state_only(args) -> int:
         config, abstract_params = run.config, run.abstract_params
         report = gj.memory_report(run.abstract_opt_state, abstract_params)
         dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(abstract_params)})
-        rows.append({"optimizer": name, "description": DESCRIPTIONS[name],
-                     "param_dtypes": dtypes, **report})
+        rows.append(
+            {"optimizer": name, "description": DESCRIPTIONS[name], "param_dtypes": dtypes, **report}
+        )
     gib = lambda b: f"{b / 2**30:.3f}"
-    print(f"Optimizer state of {args.config} (params {', '.join(rows[0]['param_dtypes'])}; "
-          f"rank {config.optimizer.rank}), from the abstract state (jax.eval_shape of "
-          "init: nothing allocated). Ratio: to AdamW's two moments.\n")
+    print(
+        f"Optimizer state of {args.config} (params {', '.join(rows[0]['param_dtypes'])}; "
+        f"rank {config.optimizer.rank}), from the abstract state (jax.eval_shape of "
+        "init: nothing allocated). Ratio: to AdamW's two moments.\n"
+    )
     labels = sorted({k for r in rows for k in r["per_label"] if k != "other"})
-    headers = ["optimizer", "what", "state bytes", "state GiB", "vs AdamW",
-               *(f"{k} GiB" for k in labels)]
-    print(common.markdown_table(headers, [
-        [r["optimizer"], r["description"], f"{r['total_bytes']:,}", gib(r["total_bytes"]),
-         f"{r['ratio_to_adamw']:.2f}x",
-         *(gib(r["per_label"].get(k, 0)) if set(r["per_label"]) != {"other"} else "-"
-           for k in labels)]
-        for r in rows]))
+    headers = [
+        "optimizer",
+        "what",
+        "state bytes",
+        "state GiB",
+        "vs AdamW",
+        *(f"{k} GiB" for k in labels),
+    ]
+    print(
+        common.markdown_table(
+            headers,
+            [
+                [
+                    r["optimizer"],
+                    r["description"],
+                    f"{r['total_bytes']:,}",
+                    gib(r["total_bytes"]),
+                    f"{r['ratio_to_adamw']:.2f}x",
+                    *(
+                        gib(r["per_label"].get(k, 0)) if set(r["per_label"]) != {"other"} else "-"
+                        for k in labels
+                    ),
+                ]
+                for r in rows
+            ],
+        )
+    )
     print("\n```json\n" + json.dumps(rows) + "\n```")
-    common.write_json(args.out, {"benchmark": "train_step --state-only",
-                                 "command": " ".join(["python"] + sys.argv), "results": rows})
+    common.write_json(
+        args.out,
+        {
+            "benchmark": "train_step --state-only",
+            "command": " ".join(["python"] + sys.argv),
+            "results": rows,
+        },
+    )
     return 0
 
 
@@ -222,8 +293,11 @@ def run_child(name: str, args) -> dict:
         train_step = steps.make_train_step(run)
         batches = [steps.next_train_batches(run) for _ in range(4)]  # on the device before timing
     state_bytes = int(gj.optimizer_state_bytes(opt_state))
-    labels = gj.galore_labels(abstract_params, dimension_numbers=run.dimension_numbers,
-                              label_overrides=opt_cfg.label_overrides)
+    labels = gj.galore_labels(
+        abstract_params,
+        dimension_numbers=run.dimension_numbers,
+        label_overrides=opt_cfg.label_overrides,
+    )
     num_galore = sum(1 for x in jax.tree.leaves(labels) if x == "galore")
 
     gap = opt_cfg.update_proj_gap
@@ -248,19 +322,22 @@ def run_child(name: str, args) -> dict:
         refresh_s, amortized = None, median
     elif opt_cfg.stagger:
         refresh_s = max(refresh)
-        amortized = statistics.fmean(times[gap:2 * gap])
+        amortized = statistics.fmean(times[gap : 2 * gap])
     else:
         refresh_s = statistics.median(refresh)
         amortized = ((gap - 1) * median + refresh_s) / gap
 
-    sizes = {gj.path_string(path): int(np.prod(x.shape))
-             for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    sizes = {
+        gj.path_string(path): int(np.prod(x.shape))
+        for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
     num_params = sum(sizes.values())
     embedding = sum(v for k, v in sizes.items() if "embedding" in k)
     tokens = config.batch_size * config.seq_len
     m = config.model
     flops_per_token = common.model_flops_per_token(
-        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len)
+        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len
+    )
     info = common.jax_device_info()
     peak_tflops = common.peak_bf16_tflops(info["device_kind"], args.peak_tflops)
     tokens_per_s = tokens / amortized
@@ -270,15 +347,38 @@ def run_child(name: str, args) -> dict:
         "device": info,
         "config": args.config,
         "overrides": base_overrides(args) + variant_overrides(name, args),
-        "model": {k: getattr(m, k) for k in (
-            "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-            "scan_layers", "remat", "dtype", "param_dtype")},
+        "model": {
+            k: getattr(m, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "scan_layers",
+                "remat",
+                "dtype",
+                "param_dtype",
+            )
+        },
         "params": num_params,
-        "batch_size": config.batch_size, "seq_len": config.seq_len,
-        "grad_accum_steps": accum, "tokens_per_step": tokens,
-        "optimizer_config": {k: getattr(opt_cfg, k) for k in (
-            "rank", "update_proj_gap", "svd", "stagger", "scale", "oversample",
-            "power_iters", "warm_start")},
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "grad_accum_steps": accum,
+        "tokens_per_step": tokens,
+        "optimizer_config": {
+            k: getattr(opt_cfg, k)
+            for k in (
+                "rank",
+                "update_proj_gap",
+                "svd",
+                "stagger",
+                "scale",
+                "oversample",
+                "power_iters",
+                "warm_start",
+            )
+        },
         "num_galore_leaves": num_galore,
         "windows": windows,
         "first_step_s": times[0],
@@ -295,7 +395,8 @@ def run_child(name: str, args) -> dict:
         "state_bytes": state_bytes,
         "adamw_state_bytes": int(gj.adamw_state_bytes(params)),
         "peak_device_bytes": peak,
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
         "step_times_s": times,
     }
 
@@ -305,18 +406,24 @@ def time_update_alone(tx, params, opt_state, *, reps: int):
 
     The step loop ends one step after a refresh window, so the state's count is
     not a refresh step (with stagger and a gap not much larger than the number
-    of projected leaves, count % gap == 1 can be one leaf's offset). Gradients are random (the update's cost does not depend
-    on their values); nothing is donated, so the state is reused across calls.
-    Step time minus this is the forward/backward, clipping and apply.
+    of projected leaves, count % gap == 1 can be one leaf's offset). Gradients are
+    random (the update's cost does not depend on their values); nothing is
+    donated, so the state is reused across calls. Step time minus this is the
+    forward/backward, clipping and apply.
     """
     if reps <= 0:
         return None
     import jax
-    grads = jax.jit(lambda p: jax.tree.map(
-        lambda x: 1e-3 * jax.random.normal(jax.random.PRNGKey(0), x.shape, x.dtype), p))(params)
+
+    grads = jax.jit(
+        lambda p: jax.tree.map(
+            lambda x: 1e-3 * jax.random.normal(jax.random.PRNGKey(0), x.shape, x.dtype), p
+        )
+    )(params)
     update = jax.jit(tx.update)
-    timing = common.time_calls(lambda: update(grads, opt_state, params), reps=reps,
-                               sync=jax.block_until_ready)
+    timing = common.time_calls(
+        lambda: update(grads, opt_state, params), reps=reps, sync=jax.block_until_ready
+    )
     return timing["median_s"]
 
 
@@ -329,44 +436,58 @@ def table(results: list[dict]) -> str:
     base = next((r for r in results if r["optimizer"] == "adamw"), None)
     b = (lambda key: base.get(key)) if base else (lambda key: None)  # noqa: E731
     gap = results[0]["optimizer_config"]["update_proj_gap"]
-    headers = ["optimizer", "step s", "update alone s", "refresh step s",
-               f"amortized s (gap {gap})", "max step s", "max/median", "tokens/s", "MFU",
-               "opt. state MiB", "peak device MiB"]
+    headers = [
+        "optimizer",
+        "step s",
+        "update alone s",
+        "refresh step s",
+        f"amortized s (gap {gap})",
+        "max step s",
+        "max/median",
+        "tokens/s",
+        "MFU",
+        "opt. state MiB",
+        "peak device MiB",
+    ]
     rows = []
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-        rows.append([
-            r["optimizer"],
-            common.fmt_s(r["median_step_s"]) + common.fmt_ratio(r["median_step_s"],
-                                                                b("median_step_s")),
-            common.fmt_s(r.get("update_alone_s")) + common.fmt_ratio(
-                r.get("update_alone_s"), b("update_alone_s")),
-            common.fmt_s(r["refresh_step_s"]) + common.fmt_ratio(r["refresh_step_s"],
-                                                                 b("median_step_s")),
-            common.fmt_s(r["amortized_step_s"]) + common.fmt_ratio(r["amortized_step_s"],
-                                                                   b("amortized_step_s")),
-            common.fmt_s(r["max_step_s"]) + common.fmt_ratio(r["max_step_s"], b("max_step_s")),
-            f"{r['max_step_s'] / r['median_step_s']:.2f}",
-            f"{r['tokens_per_s']:,.0f}",
-            mfu,
-            common.fmt_mib(r["state_bytes"]) + (
-                f" ({r['state_bytes'] / base['state_bytes']:.2f}x)" if base else ""),
-            common.fmt_mib(r["peak_device_bytes"]),
-        ])
+        rows.append(
+            [
+                r["optimizer"],
+                common.fmt_s(r["median_step_s"])
+                + common.fmt_ratio(r["median_step_s"], b("median_step_s")),
+                common.fmt_s(r.get("update_alone_s"))
+                + common.fmt_ratio(r.get("update_alone_s"), b("update_alone_s")),
+                common.fmt_s(r["refresh_step_s"])
+                + common.fmt_ratio(r["refresh_step_s"], b("median_step_s")),
+                common.fmt_s(r["amortized_step_s"])
+                + common.fmt_ratio(r["amortized_step_s"], b("amortized_step_s")),
+                common.fmt_s(r["max_step_s"]) + common.fmt_ratio(r["max_step_s"], b("max_step_s")),
+                f"{r['max_step_s'] / r['median_step_s']:.2f}",
+                f"{r['tokens_per_s']:,.0f}",
+                mfu,
+                common.fmt_mib(r["state_bytes"])
+                + (f" ({r['state_bytes'] / base['state_bytes']:.2f}x)" if base else ""),
+                common.fmt_mib(r["peak_device_bytes"]),
+            ]
+        )
     return common.markdown_table(headers, rows)
 
 
 def header(results: list[dict]) -> str:
     r = results[0]
     m = r["model"]
-    return (f"{r['device']['device_kind']} ({r['device']['platform']}, jax "
-            f"{r['device']['jax']}); {os.path.relpath(r['config'], common.REPO)}: "
-            f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
-            f"f={m['intermediate_size']}, compute {m['dtype']}, params {m['param_dtype']}; "
-            f"batch {r['batch_size']} x {r['seq_len']} tokens (accum {r['grad_accum_steps']}); "
-            f"rank {r['optimizer_config']['rank']}, gap {r['optimizer_config']['update_proj_gap']}; "
-            f"{r['windows']} window(s) of gap steps timed after step 0. Ratios are to adamw "
-            "(refresh step: to adamw's step).")
+    return (
+        f"{r['device']['device_kind']} ({r['device']['platform']}, jax "
+        f"{r['device']['jax']}); {os.path.relpath(r['config'], common.REPO)}: "
+        f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
+        f"f={m['intermediate_size']}, compute {m['dtype']}, params {m['param_dtype']}; "
+        f"batch {r['batch_size']} x {r['seq_len']} tokens (accum {r['grad_accum_steps']}); "
+        f"rank {r['optimizer_config']['rank']}, gap {r['optimizer_config']['update_proj_gap']}; "
+        f"{r['windows']} window(s) of gap steps timed after step 0. Ratios are to adamw "
+        "(refresh step: to adamw's step)."
+    )
 
 
 def chart(results: list[dict], path: str) -> None:
@@ -374,11 +495,15 @@ def chart(results: list[dict], path: str) -> None:
     if plt is None:
         return
     import numpy as np
+
     names = [r["optimizer"] for r in results]
     x = np.arange(len(names))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = [("median step", "median_step_s"), ("amortized", "amortized_step_s"),
-              ("max step", "max_step_s")]
+    series = [
+        ("median step", "median_step_s"),
+        ("amortized", "amortized_step_s"),
+        ("max step", "max_step_s"),
+    ]
     width = 0.27
     for k, (label, key) in enumerate(series):
         ax1.bar(x + (k - 1) * width, [r[key] for r in results], width, label=label)
@@ -391,9 +516,11 @@ def chart(results: list[dict], path: str) -> None:
     ax2.set_ylabel("MiB")
     ax2.set_title("optimizer state")
     r = results[0]
-    fig.suptitle(f"{os.path.basename(r['config'])} on {r['device']['device_kind']}: "
-                 f"batch {r['batch_size']}x{r['seq_len']}, gap "
-                 f"{r['optimizer_config']['update_proj_gap']}")
+    fig.suptitle(
+        f"{os.path.basename(r['config'])} on {r['device']['device_kind']}: "
+        f"batch {r['batch_size']}x{r['seq_len']}, gap "
+        f"{r['optimizer_config']['update_proj_gap']}"
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -402,8 +529,16 @@ def chart(results: list[dict], path: str) -> None:
 
 def child_argv(args) -> list[str]:
     argv = [f"--config={args.config}", f"--windows={args.windows}"]
-    for key in ("batch_size", "seq_len", "accum", "gap", "rank", "tensor_rank", "peak_tflops",
-                "update_reps"):
+    for key in (
+        "batch_size",
+        "seq_len",
+        "accum",
+        "gap",
+        "rank",
+        "tensor_rank",
+        "peak_tflops",
+        "update_reps",
+    ):
         value = getattr(args, key)
         if value is not None:
             argv.append(f"--{key.replace('_', '-')}={value}")
@@ -420,8 +555,9 @@ def main(argv=None) -> int:
 
     results = []
     for name in args.optimizers:
-        result = common.run_child(__file__, [name, *child_argv(args)], label=name,
-                                  timeout=args.timeout)
+        result = common.run_child(
+            __file__, [name, *child_argv(args)], label=name, timeout=args.timeout
+        )
         if result is not None:
             results.append(result)
             common.print_step_summary(name, result)
@@ -432,11 +568,17 @@ def main(argv=None) -> int:
     print(table(results))
     summary = [{k: v for k, v in r.items() if k != "step_times_s"} for r in results]
     print("\n```json\n" + json.dumps(summary) + "\n```")
-    payload = {"benchmark": "train_step", "command": " ".join(["python"] + sys.argv),
-               "results": results}
+    payload = {
+        "benchmark": "train_step",
+        "command": " ".join(["python"] + sys.argv),
+        "results": results,
+    }
     common.write_json(args.out, payload)
-    png = args.png if args.png is not None else (
-        os.path.splitext(args.out)[0] + ".png" if args.out else "")
+    png = (
+        args.png
+        if args.png is not None
+        else (os.path.splitext(args.out)[0] + ".png" if args.out else "")
+    )
     if png:
         chart(results, png)
     return 0 if len(results) == len(args.optimizers) else 1

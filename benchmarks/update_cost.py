@@ -71,33 +71,60 @@ SOLVER_KINDS = (  # (kind, substrings of the custom-call target or HLO opcode)
     ("qr", ("geqrf", "orgqr", "ungqr", "householder")),
     ("svd", ("gesdd", "gesvd", "svd")),
 )
-_INSTRUCTION = re.compile(r"=\s*\(?\s*(?P<dtype>[a-z]+\d*)\[(?P<shape>[\d,]*)\][^=]*?\s"
-                          r"(?P<op>custom-call|cholesky|triangular-solve)\(")
+_INSTRUCTION = re.compile(
+    r"=\s*\(?\s*(?P<dtype>[a-z]+\d*)\[(?P<shape>[\d,]*)\][^=]*?\s"
+    r"(?P<op>custom-call|cholesky|triangular-solve)\("
+)
 _TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
-HLO_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64",
-              "c64": "complex64", "c128": "complex128"}
+HLO_DTYPES = {
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "f32": "float32",
+    "f64": "float64",
+    "c64": "complex64",
+    "c128": "complex128",
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
-    p.add_argument("--optimizers", nargs="+",
-                   choices=train_step.OPTIMIZERS + train_step.EXTRA,
-                   default=["adamw", "galore", "galore_exact", "tensor_galore"])
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=train_step.OPTIMIZERS + train_step.EXTRA,
+        default=["adamw", "galore", "galore_exact", "tensor_galore"],
+    )
     p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
     p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
-    p.add_argument("--tensor-rank", type=float,
-                   help="tensor_galore per-mode rank fraction (default: rank / hidden_size)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--device", choices=sorted(DEVICE_PEAKS), default="h100",
-                   help="whose peaks give the floors")
-    p.add_argument("--time-solvers", action="store_true",
-                   help="time each distinct solver call alone on this machine's device")
+    p.add_argument(
+        "--tensor-rank",
+        type=float,
+        help="tensor_galore per-mode rank fraction (default: rank / hidden_size)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (repeatable)",
+    )
+    p.add_argument(
+        "--device", choices=sorted(DEVICE_PEAKS), default="h100", help="whose peaks give the floors"
+    )
+    p.add_argument(
+        "--time-solvers",
+        action="store_true",
+        help="time each distinct solver call alone on this machine's device",
+    )
     p.add_argument("--reps", type=int, default=3, help="timed calls per solver call")
     p.add_argument("--measured", help="train_step.py JSON to put measured times beside the floors")
-    p.add_argument("--out", default=str(common.REPO / "runs" / "bench" / "update_cost.json"),
-                   help="JSON results ('' to skip)")
+    p.add_argument(
+        "--out",
+        default=str(common.REPO / "runs" / "bench" / "update_cost.json"),
+        help="JSON results ('' to skip)",
+    )
     args = p.parse_args(argv)
     # train_step.build reads these.
     args.batch_size = args.seq_len = args.accum = None
@@ -139,6 +166,7 @@ def matmul_peak_tflops(params, peaks: dict) -> float:
     """TF32 rate if any param is f32 (XLA:GPU's default precision for f32 dots), else bf16."""
     import jax
     import jax.numpy as jnp
+
     dtypes = {x.dtype for x in jax.tree.leaves(params)}
     return peaks["tf32_tflops"] if jnp.dtype(jnp.float32) in dtypes else peaks["bf16_tflops"]
 
@@ -163,8 +191,10 @@ def phase_cost(tx, abstract_params, count: int) -> dict:
         "hlo_bytes": float(cost.get("bytes accessed", 0.0)),
         "in_out_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes),
         "temp_bytes": int(memory.temp_size_in_bytes),
-        "solver_calls": [{"kind": k, "dtype": d, "shape": [int(s) for s in shape.split(",") if s],
-                          "calls": n} for (k, d, shape), n in sorted(calls.items())],
+        "solver_calls": [
+            {"kind": k, "dtype": d, "shape": [int(s) for s in shape.split(",") if s], "calls": n}
+            for (k, d, shape), n in sorted(calls.items())
+        ],
     }
 
 
@@ -176,8 +206,9 @@ def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
     x = jax.random.normal(jax.random.PRNGKey(0), shape, HLO_DTYPES[dtype])
     if kind in ("cholesky", "triangular_solve", "eigh"):
         n = shape[-1]
-        spd = jax.jit(lambda x: x @ jnp.conj(jnp.swapaxes(x, -1, -2)) / n
-                      + jnp.eye(n, dtype=x.dtype))(x)
+        spd = jax.jit(
+            lambda x: x @ jnp.conj(jnp.swapaxes(x, -1, -2)) / n + jnp.eye(n, dtype=x.dtype)
+        )(x)
         if kind == "cholesky":
             fn, arg = jax.jit(jnp.linalg.cholesky), spd
         elif kind == "eigh":
@@ -185,7 +216,7 @@ def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
         else:
             lower = jax.jit(jnp.linalg.cholesky)(spd)
             eye = jnp.broadcast_to(jnp.eye(n, dtype=lower.dtype), lower.shape)
-            fn = jax.jit(lambda l: jax.scipy.linalg.solve_triangular(l, eye, lower=True))
+            fn = jax.jit(lambda low: jax.scipy.linalg.solve_triangular(low, eye, lower=True))
             arg = lower
     elif kind == "qr":
         fn, arg = jax.jit(lambda a: jnp.linalg.qr(a)), x
@@ -216,8 +247,9 @@ def call_key(call: dict) -> tuple:
 def describe_calls(calls: list) -> str:
     if not calls:
         return "none"
-    return ", ".join(f"{c['calls']}x {c['kind']} {c['dtype']}[{','.join(map(str, c['shape']))}]"
-                     for c in calls)
+    return ", ".join(
+        f"{c['calls']}x {c['kind']} {c['dtype']}[{','.join(map(str, c['shape']))}]" for c in calls
+    )
 
 
 def main(argv=None) -> int:
@@ -235,17 +267,23 @@ def main(argv=None) -> int:
         phases = {"steady": phase_cost(tx, abstract_params, 1)}
         if not name.startswith("adamw"):
             phases["refresh"] = phase_cost(tx, abstract_params, gap)
-        for phase, cost in phases.items():
+        for cost in phases.values():
             if args.time_solvers:
                 for c in cost["solver_calls"]:
                     key = call_key(c)
                     if key not in solver_seconds:
-                        solver_seconds[key] = time_solver(c["kind"], c["dtype"], c["shape"],
-                                                          args.reps)
-                        print(f"  {c['kind']} {c['dtype']}{list(c['shape'])}: "
-                              f"{solver_seconds[key]:.4f} s", file=sys.stderr, flush=True)
-                cost["solver_s"] = sum(solver_seconds[call_key(c)] * c["calls"]
-                                       for c in cost["solver_calls"])
+                        solver_seconds[key] = time_solver(
+                            c["kind"], c["dtype"], c["shape"], args.reps
+                        )
+                        print(
+                            f"  {c['kind']} {c['dtype']}{list(c['shape'])}: "
+                            f"{solver_seconds[key]:.4f} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                cost["solver_s"] = sum(
+                    solver_seconds[call_key(c)] * c["calls"] for c in cost["solver_calls"]
+                )
             cost["compute_floor_s"] = cost["flops"] / (matmul_tflops * 1e12)
             cost["memory_floor_s"] = cost["in_out_bytes"] / (peaks["hbm_gbs"] * 1e9)
             cost["floor_s"] = max(cost["compute_floor_s"], cost["memory_floor_s"])
@@ -256,25 +294,46 @@ def main(argv=None) -> int:
                 "flops": refresh["flops"] - steady["flops"],
                 "compute_floor_s": refresh["compute_floor_s"] - steady["compute_floor_s"],
                 "solver_calls": refresh["solver_calls"],
-                **({"solver_s": refresh["solver_s"] - steady.get("solver_s", 0.0)}
-                   if "solver_s" in refresh else {}),
+                **(
+                    {"solver_s": refresh["solver_s"] - steady.get("solver_s", 0.0)}
+                    if "solver_s" in refresh
+                    else {}
+                ),
             }
-        rows.append({"optimizer": name, "description": train_step.DESCRIPTIONS[name],
-                     "gap": gap, "rank": opt_cfg.rank, "matmul_tflops": matmul_tflops,
-                     "phases": phases})
+        rows.append(
+            {
+                "optimizer": name,
+                "description": train_step.DESCRIPTIONS[name],
+                "gap": gap,
+                "rank": opt_cfg.rank,
+                "matmul_tflops": matmul_tflops,
+                "phases": phases,
+            }
+        )
         print(f"{name}: compiled", file=sys.stderr, flush=True)
 
     measured = load_measured(args.measured)
     dev = jax.devices()[0]
-    print(f"Optimizer update alone (tx.update) of {args.config} "
-          f"({sum(x.size for x in jax.tree.leaves(abstract_params)) / 1e6:.1f}M params, "
-          f"rank {rows[0]['rank']}, gap {rows[0]['gap']}), compiled by jax {jax.__version__} for "
-          f"{dev.platform} ({dev.device_kind}); floors at {args.device} peaks "
-          f"(matmul {rows[0]['matmul_tflops']} TFLOP/s, HBM {peaks['hbm_gbs']:.0f} GB/s)"
-          + (f"; solver s timed on {dev.device_kind}" if args.time_solvers else "")
-          + (f"; measured: {args.measured}" if args.measured else "") + ".\n")
-    headers = ["optimizer", "phase", "GFLOP", "GB in+out", "GB HLO", "compute floor ms",
-               "memory floor ms", "floor ms"]
+    print(
+        f"Optimizer update alone (tx.update) of {args.config} "
+        f"({sum(x.size for x in jax.tree.leaves(abstract_params)) / 1e6:.1f}M params, "
+        f"rank {rows[0]['rank']}, gap {rows[0]['gap']}), compiled by jax {jax.__version__} for "
+        f"{dev.platform} ({dev.device_kind}); floors at {args.device} peaks "
+        f"(matmul {rows[0]['matmul_tflops']} TFLOP/s, HBM {peaks['hbm_gbs']:.0f} GB/s)"
+        + (f"; solver s timed on {dev.device_kind}" if args.time_solvers else "")
+        + (f"; measured: {args.measured}" if args.measured else "")
+        + ".\n"
+    )
+    headers = [
+        "optimizer",
+        "phase",
+        "GFLOP",
+        "GB in+out",
+        "GB HLO",
+        "compute floor ms",
+        "memory floor ms",
+        "floor ms",
+    ]
     if args.time_solvers:
         headers.append("solver s")
     if measured:
@@ -288,27 +347,38 @@ def main(argv=None) -> int:
                 continue
             is_extra = phase == "refresh_extra"
             floor_s = cost["compute_floor_s"] if is_extra else cost["floor_s"]
-            row = [r["optimizer"], "refresh extra" if is_extra else "steady",
-                   f"{cost['flops'] / 1e9:,.1f}",
-                   "-" if is_extra else f"{cost['in_out_bytes'] / 1e9:.2f}",
-                   "-" if is_extra else f"{cost['hlo_bytes'] / 1e9:.2f}",
-                   f"{cost['compute_floor_s'] * 1e3:.2f}",
-                   "-" if is_extra else f"{cost['memory_floor_s'] * 1e3:.2f}",
-                   f"{floor_s * 1e3:.2f}"]
+            row = [
+                r["optimizer"],
+                "refresh extra" if is_extra else "steady",
+                f"{cost['flops'] / 1e9:,.1f}",
+                "-" if is_extra else f"{cost['in_out_bytes'] / 1e9:.2f}",
+                "-" if is_extra else f"{cost['hlo_bytes'] / 1e9:.2f}",
+                f"{cost['compute_floor_s'] * 1e3:.2f}",
+                "-" if is_extra else f"{cost['memory_floor_s'] * 1e3:.2f}",
+                f"{floor_s * 1e3:.2f}",
+            ]
             if args.time_solvers:
                 row.append(f"{cost['solver_s']:.3f}")
             if measured:
                 m = measured.get(r["optimizer"], {}).get("refresh" if is_extra else "steady")
-                row += ["-" if m is None else f"{m * 1e3:.1f}",
-                        "-" if m is None or floor_s <= 0 else f"{m / floor_s:.1f}x"]
+                row += [
+                    "-" if m is None else f"{m * 1e3:.1f}",
+                    "-" if m is None or floor_s <= 0 else f"{m / floor_s:.1f}x",
+                ]
             row.append(describe_calls(cost["solver_calls"]))
             table_rows.append(row)
     print(common.markdown_table(headers, table_rows))
     print("\n```json\n" + json.dumps(rows) + "\n```")
-    common.write_json(args.out, {"benchmark": "update_cost",
-                                 "command": " ".join(["python"] + sys.argv),
-                                 "device": common.jax_device_info(), "peaks": peaks,
-                                 "results": rows})
+    common.write_json(
+        args.out,
+        {
+            "benchmark": "update_cost",
+            "command": " ".join(["python"] + sys.argv),
+            "device": common.jax_device_info(),
+            "peaks": peaks,
+            "results": rows,
+        },
+    )
     return 0
 
 

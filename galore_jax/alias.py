@@ -1,8 +1,8 @@
 """Ready-made optimizers: GaLore / Tensor-GaLore + AdamW in one optax chain.
 
-    partition(labels -> {galore, tensor_galore, adam})   low-rank or plain Adam scaling
-    -> add_decayed_weights(weight_decay)                 decoupled decay, full space
-    -> scale_by_learning_rate(learning_rate)             schedules allowed
+partition(labels -> {galore, tensor_galore, adam})   low-rank or plain Adam scaling
+-> add_decayed_weights(weight_decay)                 decoupled decay, full space
+-> scale_by_learning_rate(learning_rate)             schedules allowed
 """
 
 from __future__ import annotations
@@ -22,35 +22,50 @@ GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + ("tensor_rank",)
 
 
 def _decayed_weights(weight_decay, mask):
-  # A literal 0 adds nothing, so it must not demand params at update time.
-  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-    return optax.identity()
-  return optax.add_decayed_weights(weight_decay, mask)
+    # A literal 0 adds nothing, so it must not demand params at update time.
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        return optax.identity()
+    return optax.add_decayed_weights(weight_decay, mask)
 
 
-def _chain(learning_rate, *, labels, b1, b2, eps, mu_dtype, weight_decay, weight_decay_mask,
-           galore_tx, tensor_tx):
-  adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
-  return optax.chain(
-      optax.partition(
-          {labels_lib.GALORE: galore_tx(adam()), labels_lib.TENSOR_GALORE: tensor_tx(adam()),
-           labels_lib.ADAM: adam()},
-          labels),
-      _decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+def _chain(
+    learning_rate,
+    *,
+    labels,
+    b1,
+    b2,
+    eps,
+    mu_dtype,
+    weight_decay,
+    weight_decay_mask,
+    galore_tx,
+    tensor_tx,
+):
+    adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    return optax.chain(
+        optax.partition(
+            {
+                labels_lib.GALORE: galore_tx(adam()),
+                labels_lib.TENSOR_GALORE: tensor_tx(adam()),
+                labels_lib.ADAM: adam(),
+            },
+            labels,
+        ),
+        _decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 def _label_fn(labels, **rule):
-  if labels is not None:
-    return labels
-  return lambda params: labels_lib.galore_labels(params, **rule)
+    if labels is not None:
+        return labels
+    return lambda params: labels_lib.galore_labels(params, **rule)
 
 
 def _check_ranks(name, rank, static_args):
-  for i, r in enumerate(rank) if isinstance(rank, (tuple, list)) else [(None, rank)]:
-    if r is not None or i is None:
-      transform.check_rank_value(r, name if i is None else f"{name}[{i}]", static_args)
+    for i, r in enumerate(rank) if isinstance(rank, (tuple, list)) else [(None, rank)]:
+        if r is not None or i is None:
+            transform.check_rank_value(r, name if i is None else f"{name}[{i}]", static_args)
 
 
 def galore_adamw(
@@ -79,64 +94,95 @@ def galore_adamw(
     tensor_svd: str = "exact",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
+    """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
 
-  Default labels (see `galore_labels`): 2-D matrices and stacked matrices
-  (batch axes in `dimension_numbers`, or found by structure) ->
-  `scale_by_galore`; other >= 3-D tensors -> `scale_by_tensor_galore` with
-  `tensor_rank`; embeddings, positional tables, output heads, norms, biases,
-  vectors and matrices too small for `rank` -> plain Adam. `labels` replaces
-  the rule (a pytree of labels or a callable params -> labels);
-  `label_overrides` ({regex: label}) patches it by param path.
-  `gj.describe(tx, params)` shows what each leaf gets.
+    Default labels (see `galore_labels`): 2-D matrices and stacked matrices
+    (batch axes in `dimension_numbers`, or found by structure) ->
+    `scale_by_galore`; other >= 3-D tensors -> `scale_by_tensor_galore` with
+    `tensor_rank`; embeddings, positional tables, output heads, norms, biases,
+    vectors and matrices too small for `rank` -> plain Adam. `labels` replaces
+    the rule (a pytree of labels or a callable params -> labels);
+    `label_overrides` ({regex: label}) patches it by param path.
+    `gj.describe(tx, params)` shows what each leaf gets.
 
-  Everything after `learning_rate` is keyword-only (torch's GaLore takes the
-  rank second: `galore_adamw(8, 1e-2)` would silently swap lr and rank). With
-  `optax.inject_hyperparams`, pass `static_args=gj.GALORE_ADAMW_STATIC_ARGS`.
+    Everything after `learning_rate` is keyword-only (torch's GaLore takes the
+    rank second: `galore_adamw(8, 1e-2)` would silently swap lr and rank). With
+    `optax.inject_hyperparams`, pass `static_args=gj.GALORE_ADAMW_STATIC_ARGS`.
 
-  Args:
-    learning_rate: float or optax schedule.
-    rank: GaLore rank (int, or fraction of the projected dim).
-    b1, b2, eps, mu_dtype: Adam settings (optax convention for eps).
-    weight_decay, weight_decay_mask: decoupled weight decay in full space.
-    update_proj_gap, scale, proj_type, svd, oversample, power_iters,
-      warm_start, on_refresh, stagger, dimension_numbers, seed: as in
-      `scale_by_galore`.
-    labels, label_overrides: parameter selection (see above).
-    tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
+    Args:
+      learning_rate: float or optax schedule.
+      rank: GaLore rank (int, or fraction of the projected dim).
+      b1, b2, eps, mu_dtype: Adam settings (optax convention for eps).
+      weight_decay, weight_decay_mask: decoupled weight decay in full space.
+      update_proj_gap, scale, proj_type, svd, oversample, power_iters,
+        warm_start, on_refresh, stagger, dimension_numbers, seed: as in
+        `scale_by_galore`.
+      labels, label_overrides: parameter selection (see above).
+      tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
 
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import galore_jax as gj
-    >>> params = {"embed": jnp.zeros((32, 8)), "mlp": jnp.ones((8, 16)), "norm": jnp.ones(8)}
-    >>> tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=100, weight_decay=0.1)
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-    >>> params = optax.apply_updates(params, updates)
-  """
-  static = GALORE_ADAMW_STATIC_ARGS
-  _check_ranks("rank", rank, static)
-  _check_ranks("tensor_rank", tensor_rank, static)
-  transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
-  galore = lambda base: scale_by_galore(
-      rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
-      on_refresh=on_refresh, stagger=stagger, base_optimizer=base,
-      dimension_numbers=dimension_numbers, seed=seed)
-  tensor = lambda base: scale_by_tensor_galore(
-      tensor_rank, update_proj_gap=update_proj_gap, scale=scale, svd=tensor_svd,
-      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
-      on_refresh=on_refresh, stagger=stagger, base_optimizer=base, seed=seed + 1)
-  return _chain(
-      learning_rate,
-      labels=_label_fn(labels, label_overrides=label_overrides,
-                       dimension_numbers=dimension_numbers, rank=rank, proj_type=proj_type,
-                       tensor_rank=tensor_rank),
-      b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, galore_tx=galore, tensor_tx=tensor)
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import galore_jax as gj
+      >>> params = {"embed": jnp.zeros((32, 8)), "mlp": jnp.ones((8, 16)), "norm": jnp.ones(8)}
+      >>> tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=100, weight_decay=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> params = optax.apply_updates(params, updates)
+    """
+    static = GALORE_ADAMW_STATIC_ARGS
+    _check_ranks("rank", rank, static)
+    _check_ranks("tensor_rank", tensor_rank, static)
+    transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
+    galore = lambda base: scale_by_galore(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        svd=svd,
+        oversample=oversample,
+        power_iters=power_iters,
+        warm_start=warm_start,
+        on_refresh=on_refresh,
+        stagger=stagger,
+        base_optimizer=base,
+        dimension_numbers=dimension_numbers,
+        seed=seed,
+    )
+    tensor = lambda base: scale_by_tensor_galore(
+        tensor_rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        svd=tensor_svd,
+        oversample=oversample,
+        power_iters=power_iters,
+        warm_start=warm_start,
+        on_refresh=on_refresh,
+        stagger=stagger,
+        base_optimizer=base,
+        seed=seed + 1,
+    )
+    return _chain(
+        learning_rate,
+        labels=_label_fn(
+            labels,
+            label_overrides=label_overrides,
+            dimension_numbers=dimension_numbers,
+            rank=rank,
+            proj_type=proj_type,
+            tensor_rank=tensor_rank,
+        ),
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        mu_dtype=mu_dtype,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        galore_tx=galore,
+        tensor_tx=tensor,
+    )
 
 
 def tensor_galore_adamw(
@@ -162,35 +208,52 @@ def tensor_galore_adamw(
     label_overrides: labels_lib.Overrides = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdamW with Tensor-GaLore (Tucker) moments for N-D tensors.
+    """AdamW with Tensor-GaLore (Tucker) moments for N-D tensors.
 
-  Default labels: >= 3-D tensors (e.g. FNO spectral weights, complex) ->
-  `scale_by_tensor_galore`; everything else (2-D pointwise layers, biases,
-  norms) -> plain Adam. Override with `labels` / `label_overrides` (e.g.
-  {"kernel": "tensor_galore"} to Tucker-project matrices too).
+    Default labels: >= 3-D tensors (e.g. FNO spectral weights, complex) ->
+    `scale_by_tensor_galore`; everything else (2-D pointwise layers, biases,
+    norms) -> plain Adam. Override with `labels` / `label_overrides` (e.g.
+    {"kernel": "tensor_galore"} to Tucker-project matrices too).
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> import galore_jax as gj
-    >>> params = {"spectral": jnp.ones((8, 8, 6, 6), jnp.complex64), "w": jnp.ones((8, 8))}
-    >>> tx = gj.tensor_galore_adamw(1e-3, rank=0.25, update_proj_gap=50)
-    >>> updates, state = tx.update(params, tx.init(params), params)
-    >>> updates["spectral"].dtype
-    dtype('complex64')
-  """
-  static = transform.TENSOR_GALORE_STATIC_ARGS
-  _check_ranks("rank", rank, static)
-  transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
-  tensor = lambda base: scale_by_tensor_galore(
-      rank, update_proj_gap=update_proj_gap, scale=scale, modes=modes, svd=svd,
-      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
-      on_refresh=on_refresh, stagger=stagger, base_optimizer=base, seed=seed)
-  return _chain(
-      learning_rate,
-      labels=_label_fn(labels, label_overrides=label_overrides, matrices=labels_lib.ADAM,
-                       tensor_rank=rank),
-      b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-      galore_tx=lambda base: scale_by_galore(
-          0.25, update_proj_gap=update_proj_gap, scale=scale, base_optimizer=base, seed=seed),
-      tensor_tx=tensor)
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import galore_jax as gj
+      >>> params = {"spectral": jnp.ones((8, 8, 6, 6), jnp.complex64), "w": jnp.ones((8, 8))}
+      >>> tx = gj.tensor_galore_adamw(1e-3, rank=0.25, update_proj_gap=50)
+      >>> updates, state = tx.update(params, tx.init(params), params)
+      >>> updates["spectral"].dtype
+      dtype('complex64')
+    """
+    static = transform.TENSOR_GALORE_STATIC_ARGS
+    _check_ranks("rank", rank, static)
+    transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
+    tensor = lambda base: scale_by_tensor_galore(
+        rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        modes=modes,
+        svd=svd,
+        oversample=oversample,
+        power_iters=power_iters,
+        warm_start=warm_start,
+        on_refresh=on_refresh,
+        stagger=stagger,
+        base_optimizer=base,
+        seed=seed,
+    )
+    return _chain(
+        learning_rate,
+        labels=_label_fn(
+            labels, label_overrides=label_overrides, matrices=labels_lib.ADAM, tensor_rank=rank
+        ),
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        mu_dtype=mu_dtype,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        galore_tx=lambda base: scale_by_galore(
+            0.25, update_proj_gap=update_proj_gap, scale=scale, base_optimizer=base, seed=seed
+        ),
+        tensor_tx=tensor,
+    )

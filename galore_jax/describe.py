@@ -23,126 +23,137 @@ _PROJECTOR_FIELDS = ("left", "right", "factors")
 
 @dataclasses.dataclass
 class LeafTreatment:
-  """One param's treatment.
+    """One param's treatment.
 
-  Attributes:
-    path: the param's path ("layers/mlp/up_proj").
-    shape: the param's shape.
-    label: `optax.partition` label ("galore", "tensor_galore", "adam", ...), or
-      "-" when the optimizer does not partition.
-    side: "left" / "right" / "full" (GaLore), "tucker" (Tensor-GaLore) or "-".
-    rank: GaLore rank, Tucker ranks per mode, or None.
-    projector_shapes: shapes of the projectors / Tucker factors kept for it.
-    moment_shapes: shapes of the other state arrays kept for it (moments).
-    bytes: state bytes kept for it (projectors + moments).
-  """
+    Attributes:
+      path: the param's path ("layers/mlp/up_proj").
+      shape: the param's shape.
+      label: `optax.partition` label ("galore", "tensor_galore", "adam", ...), or
+        "-" when the optimizer does not partition.
+      side: "left" / "right" / "full" (GaLore), "tucker" (Tensor-GaLore) or "-".
+      rank: GaLore rank, Tucker ranks per mode, or None.
+      projector_shapes: shapes of the projectors / Tucker factors kept for it.
+      moment_shapes: shapes of the other state arrays kept for it (moments).
+      bytes: state bytes kept for it (projectors + moments).
+    """
 
-  path: str
-  shape: Tuple[int, ...]
-  label: str = "-"
-  side: str = "-"
-  rank: Any = None
-  projector_shapes: List[Tuple[int, ...]] = dataclasses.field(default_factory=list)
-  moment_shapes: List[Tuple[int, ...]] = dataclasses.field(default_factory=list)
-  bytes: int = 0
+    path: str
+    shape: Tuple[int, ...]
+    label: str = "-"
+    side: str = "-"
+    rank: Any = None
+    projector_shapes: List[Tuple[int, ...]] = dataclasses.field(default_factory=list)
+    moment_shapes: List[Tuple[int, ...]] = dataclasses.field(default_factory=list)
+    bytes: int = 0
 
 
 @dataclasses.dataclass
 class Treatment:
-  """Per-leaf treatments plus the state bytes not tied to one param (counters, keys)."""
+    """Per-leaf treatments plus the state bytes not tied to one param (counters, keys)."""
 
-  leaves: List[LeafTreatment]
-  shared_bytes: int
+    leaves: List[LeafTreatment]
+    shared_bytes: int
 
-  @property
-  def total_bytes(self) -> int:
-    return sum(leaf.bytes for leaf in self.leaves) + self.shared_bytes
+    @property
+    def total_bytes(self) -> int:
+        return sum(leaf.bytes for leaf in self.leaves) + self.shared_bytes
 
-  def by_path(self) -> Dict[str, LeafTreatment]:
-    return {leaf.path: leaf for leaf in self.leaves}
+    def by_path(self) -> Dict[str, LeafTreatment]:
+        return {leaf.path: leaf for leaf in self.leaves}
 
-  def __str__(self) -> str:
-    header = ("param", "shape", "label", "side", "rank", "projectors", "moments", "bytes")
-    rows = [header]
-    for t in self.leaves:
-      rows.append((t.path, _shape(t.shape), t.label, t.side, "-" if t.rank is None else str(t.rank),
-                   " ".join(map(_shape, t.projector_shapes)) or "-",
-                   " ".join(map(_shape, t.moment_shapes)) or "-", f"{t.bytes:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"total optimizer state: {self.total_bytes:,} bytes "
-                 f"({self.shared_bytes:,} in counters and keys)")
-    return "\n".join(lines)
+    def __str__(self) -> str:
+        header = ("param", "shape", "label", "side", "rank", "projectors", "moments", "bytes")
+        rows = [header]
+        for t in self.leaves:
+            rows.append(
+                (
+                    t.path,
+                    _shape(t.shape),
+                    t.label,
+                    t.side,
+                    "-" if t.rank is None else str(t.rank),
+                    " ".join(map(_shape, t.projector_shapes)) or "-",
+                    " ".join(map(_shape, t.moment_shapes)) or "-",
+                    f"{t.bytes:,}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"total optimizer state: {self.total_bytes:,} bytes "
+            f"({self.shared_bytes:,} in counters and keys)"
+        )
+        return "\n".join(lines)
 
 
 def _shape(shape) -> str:
-  return "x".join(map(str, shape)) if shape else "()"
+    return "x".join(map(str, shape)) if shape else "()"
 
 
 def _nbytes(x) -> int:
-  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
 def _owner(state_path: List[str], param_paths: List[List[str]]) -> Optional[int]:
-  """Index of the param whose path ends the state leaf's path (longest wins), if any.
+    """Index of the param whose path ends the state leaf's path (longest wins), if any.
 
-  optax states hold params-shaped trees, so a state leaf's path ends with its
-  param's path; for the params tree itself (a bare array) the path is empty.
-  """
-  best, best_len = None, -1
-  for i, p in enumerate(param_paths):
-    n = len(p)
-    if n > best_len and n <= len(state_path) and state_path[len(state_path) - n:] == p:
-      best, best_len = i, n
-  return best
+    optax states hold params-shaped trees, so a state leaf's path ends with its
+    param's path; for the params tree itself (a bare array) the path is empty.
+    """
+    best, best_len = None, -1
+    for i, p in enumerate(param_paths):
+        n = len(p)
+        if n > best_len and n <= len(state_path) and state_path[len(state_path) - n :] == p:
+            best, best_len = i, n
+    return best
 
 
 def describe(tx, params: Any) -> Treatment:
-  """Describes what `tx` keeps for each leaf of `params`.
+    """Describes what `tx` keeps for each leaf of `params`.
 
-  Args:
-    tx: an optax transformation (e.g. `gj.galore_adamw(...)`, or any chain).
-    params: params or their ShapeDtypeStructs.
+    Args:
+      tx: an optax transformation (e.g. `gj.galore_adamw(...)`, or any chain).
+      params: params or their ShapeDtypeStructs.
 
-  Returns:
-    A `Treatment`; `print` it for a table.
+    Returns:
+      A `Treatment`; `print` it for a table.
 
-  Example:
-    >>> import jax.numpy as jnp, galore_jax as gj
-    >>> params = {"embed": jnp.zeros((64, 16)), "w": jnp.zeros((16, 32)), "b": jnp.zeros(32)}
-    >>> t = gj.describe(gj.galore_adamw(1e-3, rank=4), params).by_path()
-    >>> t["w"].label, t["w"].side, t["w"].rank, t["w"].projector_shapes, t["w"].moment_shapes
-    ('galore', 'left', 4, [(16, 4)], [(4, 32), (4, 32)])
-    >>> t["embed"].label, t["embed"].moment_shapes
-    ('adam', [(64, 16), (64, 16)])
-  """
-  state = jax.eval_shape(tx.init, params)
-  param_names, param_leaves, _ = paths.leaf_paths(params)
-  split_names = [n.split("/") if n != "<root>" else [] for n in param_names]
-  leaves = [LeafTreatment(n, tuple(x.shape)) for n, x in zip(param_names, param_leaves)]
-  shared = 0
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if not hasattr(leaf, "shape"):
-      continue
-    names = [paths.path_string((k,)) for k in keypath]
-    owner = _owner(names, split_names)
-    if owner is None or not leaf.shape:
-      shared += _nbytes(leaf)
-      continue
-    t = leaves[owner]
-    t.bytes += _nbytes(leaf)
-    if "inner_states" in names and names.index("inner_states") + 1 < len(names):
-      t.label = names[names.index("inner_states") + 1]
-    field = next((f for f in reversed(names) if f in _PROJECTOR_FIELDS), None)
-    if field is None:
-      t.moment_shapes.append(tuple(leaf.shape))
-      continue
-    t.projector_shapes.append(tuple(leaf.shape))
-    if field == "factors":
-      t.side = "tucker"
-      t.rank = tuple(s[-1] for s in t.projector_shapes)
-    else:
-      t.side = field if t.side in ("-", field) else "full"
-      t.rank = leaf.shape[-1] if field == "left" else leaf.shape[-2]
-  return Treatment(leaves, shared)
+    Example:
+      >>> import jax.numpy as jnp, galore_jax as gj
+      >>> params = {"embed": jnp.zeros((64, 16)), "w": jnp.zeros((16, 32)), "b": jnp.zeros(32)}
+      >>> t = gj.describe(gj.galore_adamw(1e-3, rank=4), params).by_path()
+      >>> t["w"].label, t["w"].side, t["w"].rank, t["w"].projector_shapes, t["w"].moment_shapes
+      ('galore', 'left', 4, [(16, 4)], [(4, 32), (4, 32)])
+      >>> t["embed"].label, t["embed"].moment_shapes
+      ('adam', [(64, 16), (64, 16)])
+    """
+    state = jax.eval_shape(tx.init, params)
+    param_names, param_leaves, _ = paths.leaf_paths(params)
+    split_names = [n.split("/") if n != "<root>" else [] for n in param_names]
+    leaves = [LeafTreatment(n, tuple(x.shape)) for n, x in zip(param_names, param_leaves)]
+    shared = 0
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not hasattr(leaf, "shape"):
+            continue
+        names = [paths.path_string((k,)) for k in keypath]
+        owner = _owner(names, split_names)
+        if owner is None or not leaf.shape:
+            shared += _nbytes(leaf)
+            continue
+        t = leaves[owner]
+        t.bytes += _nbytes(leaf)
+        if "inner_states" in names and names.index("inner_states") + 1 < len(names):
+            t.label = names[names.index("inner_states") + 1]
+        field = next((f for f in reversed(names) if f in _PROJECTOR_FIELDS), None)
+        if field is None:
+            t.moment_shapes.append(tuple(leaf.shape))
+            continue
+        t.projector_shapes.append(tuple(leaf.shape))
+        if field == "factors":
+            t.side = "tucker"
+            t.rank = tuple(s[-1] for s in t.projector_shapes)
+        else:
+            t.side = field if t.side in ("-", field) else "full"
+            t.rank = leaf.shape[-1] if field == "left" else leaf.shape[-2]
+    return Treatment(leaves, shared)

@@ -21,7 +21,6 @@ import re
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
-import jax
 import jax.numpy as jnp
 
 from galore_jax import paths
@@ -39,52 +38,57 @@ Overrides = Union[Mapping[str, str], Sequence[Tuple[str, str]], None]
 
 
 def _normalize_overrides(overrides: Overrides):
-  if overrides is None:
-    return []
-  items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
-  compiled = []
-  for pattern, label in items:
-    if label not in LABELS:
-      raise ValueError(
-          f"label_overrides maps {pattern!r} to {label!r}; labels are {', '.join(LABELS)}")
-    try:
-      compiled.append((re.compile(pattern), label))
-    except re.error as e:
-      raise ValueError(f"label_overrides has an invalid regex {pattern!r}: {e}") from None
-  return compiled
+    if overrides is None:
+        return []
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
+    compiled = []
+    for pattern, label in items:
+        if label not in LABELS:
+            raise ValueError(
+                f"label_overrides maps {pattern!r} to {label!r}; labels are {', '.join(LABELS)}"
+            )
+        try:
+            compiled.append((re.compile(pattern), label))
+        except re.error as e:
+            raise ValueError(f"label_overrides has an invalid regex {pattern!r}: {e}") from None
+    return compiled
 
 
 def _model_tables(shapes, dims) -> list:
-  """Which leaves are embedding / positional / output tables, by structure.
+    """Which leaves are embedding / positional / output tables, by structure.
 
-  The repeated part of a model (stacked layers, or the same matrix shape in
-  several layers) fixes the layer dimensions (hidden and feed-forward sizes).
-  A 2-D leaf outside it with one side among them and the other a size no
-  layer uses (vocabulary, positions) is a table. Models without repetition
-  (a plain MLP) have no tables by this rule.
-  """
-  repeated = collections.Counter()
-  matrix_shapes = []
-  for shape, d in zip(shapes, dims):
-    if d is not None and len(shape) - len(d.batch_axes) == 2:
-      repeated[tuple(s for i, s in enumerate(shape) if i not in d.batch_axes)] += 2
-      matrix_shapes.append(None)  # a stack is repetition by itself
-    elif len(shape) == 2:
-      repeated[shape] += 1
-      matrix_shapes.append(shape)
-    else:
-      matrix_shapes.append(None)
-  layer_dims = {d for s, n in repeated.items() if n >= 2 for d in s}
-  return [shape is not None and repeated[shape] < 2
-          and (shape[0] in layer_dims) != (shape[1] in layer_dims) for shape in matrix_shapes]
+    The repeated part of a model (stacked layers, or the same matrix shape in
+    several layers) fixes the layer dimensions (hidden and feed-forward sizes).
+    A 2-D leaf outside it with one side among them and the other a size no
+    layer uses (vocabulary, positions) is a table. Models without repetition
+    (a plain MLP) have no tables by this rule.
+    """
+    repeated = collections.Counter()
+    matrix_shapes = []
+    for shape, d in zip(shapes, dims):
+        if d is not None and len(shape) - len(d.batch_axes) == 2:
+            repeated[tuple(s for i, s in enumerate(shape) if i not in d.batch_axes)] += 2
+            matrix_shapes.append(None)  # a stack is repetition by itself
+        elif len(shape) == 2:
+            repeated[shape] += 1
+            matrix_shapes.append(shape)
+        else:
+            matrix_shapes.append(None)
+    layer_dims = {d for s, n in repeated.items() if n >= 2 for d in s}
+    return [
+        shape is not None
+        and repeated[shape] < 2
+        and (shape[0] in layer_dims) != (shape[1] in layer_dims)
+        for shape in matrix_shapes
+    ]
 
 
 def _tucker_fits(shape, tensor_rank) -> bool:
-  try:
-    proj.tucker_plan(tuple(shape), tensor_rank, None, "")
-  except ValueError:
-    return False
-  return True
+    try:
+        proj.tucker_plan(tuple(shape), tensor_rank, None, "")
+    except ValueError:
+        return False
+    return True
 
 
 def galore_labels(
@@ -99,59 +103,61 @@ def galore_labels(
     matrices: str = GALORE,
     tensors: str = TENSOR_GALORE,
 ) -> Any:
-  """Labels for each leaf of `params` (a pytree of strings with the same structure).
+    """Labels for each leaf of `params` (a pytree of strings with the same structure).
 
-  Args:
-    params: the parameters (arrays or ShapeDtypeStructs; `nnx.State` too).
-    label_overrides: {regex: label} or [(regex, label)], searched in order in
-      each param's path; the first match wins over the default rule. A
-      pattern that matches no path is reported with a warning.
-    dimension_numbers: as in `scale_by_galore` (None: stacked layers are found
-      by structure); stacked matrices get `matrices`' label, stacked vectors
-      (norm scales, biases) plain Adam.
-    rank, proj_type: when given, a matrix whose rank would reach min(m, n)
-      gets plain Adam (no memory to save) unless an override forces it.
-    tensor_rank: when given, a tensor it does not fit gets plain Adam.
-    plain_pattern: regex of names kept in plain Adam by default.
-    matrices: label for 2-D leaves (and stacked matrices).
-    tensors: label for other >= 3-D leaves.
+    Args:
+      params: the parameters (arrays or ShapeDtypeStructs; `nnx.State` too).
+      label_overrides: {regex: label} or [(regex, label)], searched in order in
+        each param's path; the first match wins over the default rule. A
+        pattern that matches no path is reported with a warning.
+      dimension_numbers: as in `scale_by_galore` (None: stacked layers are found
+        by structure); stacked matrices get `matrices`' label, stacked vectors
+        (norm scales, biases) plain Adam.
+      rank, proj_type: when given, a matrix whose rank would reach min(m, n)
+        gets plain Adam (no memory to save) unless an override forces it.
+      tensor_rank: when given, a tensor it does not fit gets plain Adam.
+      plain_pattern: regex of names kept in plain Adam by default.
+      matrices: label for 2-D leaves (and stacked matrices).
+      tensors: label for other >= 3-D leaves.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import galore_jax as gj
-    >>> params = {"embed": jnp.zeros((10, 4)), "q": jnp.zeros((4, 4)), "norm": jnp.zeros(4)}
-    >>> gj.galore_labels(params)
-    {'embed': 'adam', 'norm': 'adam', 'q': 'galore'}
-  """
-  overrides = _normalize_overrides(label_overrides)
-  plain = re.compile(plain_pattern, re.IGNORECASE) if plain_pattern else None
-  names, leaves, treedef = paths.leaf_paths(params)
-  shapes = [tuple(jnp.shape(x)) for x in leaves]
-  dims = proj.resolve_dimension_numbers(dimension_numbers, params)
-  tables = _model_tables(shapes, dims)
-  matched = set()
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import galore_jax as gj
+      >>> params = {"embed": jnp.zeros((10, 4)), "q": jnp.zeros((4, 4)), "norm": jnp.zeros(4)}
+      >>> gj.galore_labels(params)
+      {'embed': 'adam', 'norm': 'adam', 'q': 'galore'}
+    """
+    overrides = _normalize_overrides(label_overrides)
+    plain = re.compile(plain_pattern, re.IGNORECASE) if plain_pattern else None
+    names, leaves, treedef = paths.leaf_paths(params)
+    shapes = [tuple(jnp.shape(x)) for x in leaves]
+    dims = proj.resolve_dimension_numbers(dimension_numbers, params)
+    tables = _model_tables(shapes, dims)
+    matched = set()
 
-  def label(name, shape, d, table):
-    for pattern, lab in overrides:
-      if pattern.search(name):
-        matched.add(pattern.pattern)
-        return lab
-    matrix_axes = len(shape) - (len(d.batch_axes) if d is not None else 0)
-    if matrix_axes < 2 or (plain is not None and plain.search(name)) or table:
-      return ADAM
-    if d is not None or len(shape) == 2:
-      if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
-        return ADAM
-      return matrices
-    if tensors != ADAM and tensor_rank is not None and not _tucker_fits(shape, tensor_rank):
-      return ADAM
-    return tensors
+    def label(name, shape, d, table):
+        for pattern, lab in overrides:
+            if pattern.search(name):
+                matched.add(pattern.pattern)
+                return lab
+        matrix_axes = len(shape) - (len(d.batch_axes) if d is not None else 0)
+        if matrix_axes < 2 or (plain is not None and plain.search(name)) or table:
+            return ADAM
+        if d is not None or len(shape) == 2:
+            if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
+                return ADAM
+            return matrices
+        if tensors != ADAM and tensor_rank is not None and not _tucker_fits(shape, tensor_rank):
+            return ADAM
+        return tensors
 
-  labels = [label(*args) for args in zip(names, shapes, dims, tables)]
-  for pattern, _ in overrides:
-    if pattern.pattern not in matched:
-      examples = ", ".join(repr(n) for n in names[:3])
-      warnings.warn(
-          f"label_overrides pattern {pattern.pattern!r} matches no param path (paths look like "
-          f"{examples}); it has no effect", stacklevel=2)
-  return treedef.unflatten(labels)
+    labels = [label(*args) for args in zip(names, shapes, dims, tables)]
+    for pattern, _ in overrides:
+        if pattern.pattern not in matched:
+            examples = ", ".join(repr(n) for n in names[:3])
+            warnings.warn(
+                f"label_overrides pattern {pattern.pattern!r} matches no param path (paths "
+                f"look like {examples}); it has no effect",
+                stacklevel=2,
+            )
+    return treedef.unflatten(labels)

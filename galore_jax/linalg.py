@@ -35,123 +35,127 @@ __all__ = [
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """float32 / complex64 at least (bf16 and f16 are refreshed in float32)."""
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    return jnp.promote_types(dtype, jnp.complex64)
-  return jnp.promote_types(dtype, jnp.float32)
+    """float32 / complex64 at least (bf16 and f16 are refreshed in float32)."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def canonicalize_signs(basis: jax.Array) -> jax.Array:
-  """Flips each column so its largest-magnitude entry is real and positive.
+    """Flips each column so its largest-magnitude entry is real and positive.
 
-  Ties go to the first index. For complex bases the column is multiplied by the
-  conjugate phase of that entry. GaLore keeps moments across refreshes, so
-  without a fixed sign the trajectory would depend on the SVD backend.
+    Ties go to the first index. For complex bases the column is multiplied by the
+    conjugate phase of that entry. GaLore keeps moments across refreshes, so
+    without a fixed sign the trajectory would depend on the SVD backend.
 
-  Args:
-    basis: (..., m, r) array whose columns are basis vectors.
+    Args:
+      basis: (..., m, r) array whose columns are basis vectors.
 
-  Returns:
-    The basis with canonical column signs (same shape and dtype).
-  """
-  magnitude = jnp.abs(basis)
-  pivot_index = jnp.argmax(magnitude, axis=-2)  # first index on ties
-  rows = jnp.arange(basis.shape[-2])[:, None]
-  is_pivot = rows == pivot_index[..., None, :]
-  pivot = jnp.sum(jnp.where(is_pivot, basis, 0), axis=-2)
-  pivot_abs = jnp.abs(pivot)
-  phase = jnp.where(pivot_abs > 0, pivot / jnp.where(pivot_abs > 0, pivot_abs, 1), 1)
-  return basis * jnp.conj(phase)[..., None, :].astype(basis.dtype)
+    Returns:
+      The basis with canonical column signs (same shape and dtype).
+    """
+    magnitude = jnp.abs(basis)
+    pivot_index = jnp.argmax(magnitude, axis=-2)  # first index on ties
+    rows = jnp.arange(basis.shape[-2])[:, None]
+    is_pivot = rows == pivot_index[..., None, :]
+    pivot = jnp.sum(jnp.where(is_pivot, basis, 0), axis=-2)
+    pivot_abs = jnp.abs(pivot)
+    phase = jnp.where(pivot_abs > 0, pivot / jnp.where(pivot_abs > 0, pivot_abs, 1), 1)
+    return basis * jnp.conj(phase)[..., None, :].astype(basis.dtype)
 
 
 def _gram(y: jax.Array) -> jax.Array:
-  return sops.einsum("...mk,...ml->...kl", jnp.conj(y), y)
+    return sops.einsum("...mk,...ml->...kl", jnp.conj(y), y)
 
 
 def orthonormalize(y: jax.Array, *, passes: int = 2, key: Optional[jax.Array] = None) -> jax.Array:
-  """Orthonormal basis of the columns of `y` by shifted Cholesky-QR.
+    """Orthonormal basis of the columns of `y` by shifted Cholesky-QR.
 
-  Each pass forms the small Gram matrix, shifts it by a multiple of machine
-  epsilon times its trace (so rank-deficient or badly conditioned input never
-  makes Cholesky fail), and multiplies `y` by the inverse triangular factor.
-  The second pass restores orthogonality to working precision. Columns in
-  directions where `y` has (numerically) no energy come out as zeros rather
-  than NaN; with a `key` they are filled with random unit directions
-  orthogonal to every other column instead, so the result is always a full
-  orthonormal basis (zero or rank-deficient `y` included).
+    Each pass forms the small Gram matrix, shifts it by a multiple of machine
+    epsilon times its trace (so rank-deficient or badly conditioned input never
+    makes Cholesky fail), and multiplies `y` by the inverse triangular factor.
+    The second pass restores orthogonality to working precision. Columns in
+    directions where `y` has (numerically) no energy come out as zeros rather
+    than NaN; with a `key` they are filled with random unit directions
+    orthogonal to every other column instead, so the result is always a full
+    orthonormal basis (zero or rank-deficient `y` included).
 
-  Args:
-    y: (..., m, k) array, k <= m.
-    passes: number of Cholesky-QR passes.
-    key: PRNG key to complete the basis where `y` has no energy (or None).
+    Args:
+      y: (..., m, k) array, k <= m.
+      passes: number of Cholesky-QR passes.
+      key: PRNG key to complete the basis where `y` has no energy (or None).
 
-  Returns:
-    (..., m, k) array whose nonzero columns are orthonormal and span range(y);
-    all k columns are orthonormal when `key` is given.
+    Returns:
+      (..., m, k) array whose nonzero columns are orthonormal and span range(y);
+      all k columns are orthonormal when `key` is given.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> import galore_jax as gj
-    >>> q = gj.orthonormalize(jnp.zeros((6, 3)), key=jax.random.PRNGKey(0))
-    >>> bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-5))
-    True
-  """
-  k = y.shape[-1]
-  real_dtype = y.real.dtype
-  eps = jnp.finfo(real_dtype).eps
-  eye = jnp.eye(k, dtype=y.dtype)
-  for i in range(passes):
-    gram = _gram(y)
-    trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
-    # A generous shift on the first pass survives any conditioning; later passes
-    # see a near-identity Gram and only need a shift that keeps rank-deficient
-    # input finite.
-    shift = eps * ((k + 1) if i == 0 else 1) * trace + jnp.finfo(real_dtype).tiny
-    chol = jnp.linalg.cholesky(gram + shift * eye)
-    inv_lower = jax.scipy.linalg.solve_triangular(chol, jnp.broadcast_to(eye, chol.shape), lower=True)
-    # y = Q L^H  =>  Q = y L^{-H}; the k x k factor is replicated, y keeps its sharding.
-    y = sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv_lower))
-  # The shifts shrink every column by about shift/2; undo that uniform shrink,
-  # leaving (near-)zero columns of rank-deficient input alone.
-  norms = jnp.sqrt(jnp.sum(jnp.real(jnp.conj(y) * y), axis=-2, keepdims=True))
-  live = norms > 0.5
-  y = jnp.where(live, y / jnp.where(live, norms, 1).astype(y.dtype), 0)
-  if key is None:
-    return y
-  return _fill_dead_columns(y, live, key)
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import galore_jax as gj
+      >>> q = gj.orthonormalize(jnp.zeros((6, 3)), key=jax.random.PRNGKey(0))
+      >>> bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-5))
+      True
+    """
+    k = y.shape[-1]
+    real_dtype = y.real.dtype
+    eps = jnp.finfo(real_dtype).eps
+    eye = jnp.eye(k, dtype=y.dtype)
+    for i in range(passes):
+        gram = _gram(y)
+        trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
+        # A generous shift on the first pass survives any conditioning; later passes
+        # see a near-identity Gram and only need a shift that keeps rank-deficient
+        # input finite.
+        shift = eps * ((k + 1) if i == 0 else 1) * trace + jnp.finfo(real_dtype).tiny
+        chol = jnp.linalg.cholesky(gram + shift * eye)
+        inv_lower = jax.scipy.linalg.solve_triangular(
+            chol, jnp.broadcast_to(eye, chol.shape), lower=True
+        )
+        # y = Q L^H  =>  Q = y L^{-H}; the k x k factor is replicated, y keeps its sharding.
+        y = sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv_lower))
+    # The shifts shrink every column by about shift/2; undo that uniform shrink,
+    # leaving (near-)zero columns of rank-deficient input alone.
+    norms = jnp.sqrt(jnp.sum(jnp.real(jnp.conj(y) * y), axis=-2, keepdims=True))
+    live = norms > 0.5
+    y = jnp.where(live, y / jnp.where(live, norms, 1).astype(y.dtype), 0)
+    if key is None:
+        return y
+    return _fill_dead_columns(y, live, key)
 
 
 def _fill_dead_columns(q: jax.Array, live: jax.Array, key: jax.Array) -> jax.Array:
-  """Replaces the zero columns of `q` by random orthonormal directions orthogonal to the rest.
+    """Replaces the zero columns of `q` by random orthonormal directions orthogonal to the rest.
 
-  `q`'s live columns are orthonormal; `live` is (..., 1, k). A Gaussian block is
-  kept only in the dead columns, projected off the live ones twice (twice is
-  enough for orthogonality) and orthonormalised among itself.
-  """
-  z = _gaussian(key, q.shape, q.dtype)
-  z = sops.match_sharding(jnp.where(live, 0, z), q)
-  for _ in range(2):
-    z = z - sops.einsum("...mk,...kl->...ml", q, _cross(q, z))
-  return jnp.where(live, q, orthonormalize(z))
+    `q`'s live columns are orthonormal; `live` is (..., 1, k). A Gaussian block is
+    kept only in the dead columns, projected off the live ones twice (twice is
+    enough for orthogonality) and orthonormalised among itself.
+    """
+    z = _gaussian(key, q.shape, q.dtype)
+    z = sops.match_sharding(jnp.where(live, 0, z), q)
+    for _ in range(2):
+        z = z - sops.einsum("...mk,...kl->...ml", q, _cross(q, z))
+    return jnp.where(live, q, orthonormalize(z))
 
 
 def _cross(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Replicated a^H b (k x l) of two (..., m, k), (..., m, l) blocks."""
-  return sops.replicate(sops.einsum("...mk,...ml->...kl", jnp.conj(a), b))
+    """Replicated a^H b (k x l) of two (..., m, k), (..., m, l) blocks."""
+    return sops.replicate(sops.einsum("...mk,...ml->...kl", jnp.conj(a), b))
 
 
 def _gaussian(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    real_dtype = jnp.finfo(dtype).dtype
-    re_key, im_key = jax.random.split(key)
-    scale = jnp.sqrt(jnp.asarray(0.5, real_dtype))
-    return (jax.random.normal(re_key, shape, real_dtype) * scale
-            + 1j * jax.random.normal(im_key, shape, real_dtype) * scale).astype(dtype)
-  return jax.random.normal(key, shape, dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        real_dtype = jnp.finfo(dtype).dtype
+        re_key, im_key = jax.random.split(key)
+        scale = jnp.sqrt(jnp.asarray(0.5, real_dtype))
+        return (
+            jax.random.normal(re_key, shape, real_dtype) * scale
+            + 1j * jax.random.normal(im_key, shape, real_dtype) * scale
+        ).astype(dtype)
+    return jax.random.normal(key, shape, dtype)
 
 
 def _sketch_width(rank: int, oversample: int, m: int, n: int) -> int:
-  return min(rank + oversample, m, n)
+    return min(rank + oversample, m, n)
 
 
 def randomized_range(
@@ -162,39 +166,39 @@ def randomized_range(
     power_iters: int = 1,
     init: Optional[jax.Array] = None,
 ) -> jax.Array:
-  """Orthonormal (..., m, width) basis approximating the dominant range of `a`.
+    """Orthonormal (..., m, width) basis approximating the dominant range of `a`.
 
-  Halko-Martinsson-Tropp range finder with `power_iters` power (subspace)
-  iterations, re-orthonormalised after every product. The basis is always
-  complete: where `a` has no energy (zero or rank-deficient input) its columns
-  are random orthonormal directions, never zeros. With `init` (a previous
-  (..., m, r) basis, r <= width) the start block is `a^H init` topped up with
-  Gaussian columns: one step of subspace iteration from the old basis, which
-  converges in fewer power iterations when the subspace moves slowly.
-  """
-  n = a.shape[-1]
-  batch = a.shape[:-2]
-  a_h = sops.swap_last(a)
-  if init is None:
-    omega = _gaussian(key, (*batch, n, width), a.dtype)
-  else:
-    r0 = init.shape[-1]
-    omega = sops.einsum("...nm,...mr->...nr", a_h, init.astype(a.dtype))
-    if width > r0:
-      extra = _gaussian(key, (*batch, n, width - r0), a.dtype)
-      # Bring the warm block to the Gaussian block's column scale before mixing.
-      omega = orthonormalize(omega) * jnp.sqrt(jnp.asarray(n, a.real.dtype))
-      extra = sops.match_sharding(extra.astype(omega.dtype), omega)
-      omega = jnp.concatenate([omega, extra], axis=-1)
-  fill_key = jax.random.fold_in(key, 1)
-  if power_iters == 0:
-    return orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega), key=fill_key)
-  q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega))
-  for i in range(power_iters):
-    z = orthonormalize(sops.einsum("...nm,...mk->...nk", a_h, q))
-    last = i == power_iters - 1
-    q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, z), key=fill_key if last else None)
-  return q
+    Halko-Martinsson-Tropp range finder with `power_iters` power (subspace)
+    iterations, re-orthonormalised after every product. The basis is always
+    complete: where `a` has no energy (zero or rank-deficient input) its columns
+    are random orthonormal directions, never zeros. With `init` (a previous
+    (..., m, r) basis, r <= width) the start block is `a^H init` topped up with
+    Gaussian columns: one step of subspace iteration from the old basis, which
+    converges in fewer power iterations when the subspace moves slowly.
+    """
+    n = a.shape[-1]
+    batch = a.shape[:-2]
+    a_h = sops.swap_last(a)
+    if init is None:
+        omega = _gaussian(key, (*batch, n, width), a.dtype)
+    else:
+        r0 = init.shape[-1]
+        omega = sops.einsum("...nm,...mr->...nr", a_h, init.astype(a.dtype))
+        if width > r0:
+            extra = _gaussian(key, (*batch, n, width - r0), a.dtype)
+            # Bring the warm block to the Gaussian block's column scale before mixing.
+            omega = orthonormalize(omega) * jnp.sqrt(jnp.asarray(n, a.real.dtype))
+            extra = sops.match_sharding(extra.astype(omega.dtype), omega)
+            omega = jnp.concatenate([omega, extra], axis=-1)
+    fill_key = jax.random.fold_in(key, 1)
+    if power_iters == 0:
+        return orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega), key=fill_key)
+    q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega))
+    for i in range(power_iters):
+        z = orthonormalize(sops.einsum("...nm,...mk->...nk", a_h, q))
+        last = i == power_iters - 1
+        q = orthonormalize(sops.einsum("...mn,...nk->...mk", a, z), key=fill_key if last else None)
+    return q
 
 
 def randomized_svd(
@@ -207,73 +211,74 @@ def randomized_svd(
     init: Optional[jax.Array] = None,
     canonical_signs: bool = True,
 ):
-  """Truncated SVD by randomized range finding plus Rayleigh-Ritz.
+    """Truncated SVD by randomized range finding plus Rayleigh-Ritz.
 
-  Args:
-    a: (..., m, n) matrix or batch of matrices (any float or complex dtype).
-    rank: number of singular triplets to return (<= min(m, n)).
-    key: PRNG key for the Gaussian test matrix.
-    oversample: extra sketch columns beyond `rank`.
-    power_iters: power iterations (each costs two passes over `a`).
-    init: optional previous (..., m, r) left basis to warm-start from.
-    canonical_signs: flip each left vector so its largest entry is positive
-      (right vectors follow, so `u @ diag(s) @ vt` is unchanged).
+    Args:
+      a: (..., m, n) matrix or batch of matrices (any float or complex dtype).
+      rank: number of singular triplets to return (<= min(m, n)).
+      key: PRNG key for the Gaussian test matrix.
+      oversample: extra sketch columns beyond `rank`.
+      power_iters: power iterations (each costs two passes over `a`).
+      init: optional previous (..., m, r) left basis to warm-start from.
+      canonical_signs: flip each left vector so its largest entry is positive
+        (right vectors follow, so `u @ diag(s) @ vt` is unchanged).
 
-  Returns:
-    `(u, s, vt)` with shapes (..., m, rank), (..., rank), (..., rank, n), in
-    float32 / complex64, singular values in descending order.
+    Returns:
+      `(u, s, vt)` with shapes (..., m, rank), (..., rank), (..., rank, n), in
+      float32 / complex64, singular values in descending order.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> import galore_jax as gj
-    >>> a = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
-    >>> u, s, vt = gj.randomized_svd(a, 4, key=jax.random.PRNGKey(1), power_iters=2)
-    >>> u.shape, s.shape, vt.shape
-    ((64, 4), (4,), (4, 32))
-  """
-  m, n = a.shape[-2], a.shape[-1]
-  _check_rank(rank, m, n)
-  a = a.astype(compute_dtype(a.dtype))
-  q, b, evals, evecs = _rayleigh_ritz(a, rank, key=key, oversample=oversample,
-                                      power_iters=power_iters, init=init)
-  s = jnp.sqrt(jnp.maximum(evals, 0))
-  u = sops.einsum("...mk,...kr->...mr", q, evecs)
-  vt = sops.einsum("...kr,...kn->...rn", jnp.conj(evecs), b)
-  safe_s = jnp.where(s > 0, s, 1)
-  vt = vt / safe_s[..., :, None].astype(vt.dtype)
-  if canonical_signs:
-    u_canon = canonicalize_signs(u)
-    phase = _column_phase(u, u_canon)
-    u = u_canon
-    vt = vt * jnp.conj(phase)[..., :, None]
-  return u, s, vt
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import galore_jax as gj
+      >>> a = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
+      >>> u, s, vt = gj.randomized_svd(a, 4, key=jax.random.PRNGKey(1), power_iters=2)
+      >>> u.shape, s.shape, vt.shape
+      ((64, 4), (4,), (4, 32))
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    _check_rank(rank, m, n)
+    a = a.astype(compute_dtype(a.dtype))
+    q, b, evals, evecs = _rayleigh_ritz(
+        a, rank, key=key, oversample=oversample, power_iters=power_iters, init=init
+    )
+    s = jnp.sqrt(jnp.maximum(evals, 0))
+    u = sops.einsum("...mk,...kr->...mr", q, evecs)
+    vt = sops.einsum("...kr,...kn->...rn", jnp.conj(evecs), b)
+    safe_s = jnp.where(s > 0, s, 1)
+    vt = vt / safe_s[..., :, None].astype(vt.dtype)
+    if canonical_signs:
+        u_canon = canonicalize_signs(u)
+        phase = _column_phase(u, u_canon)
+        u = u_canon
+        vt = vt * jnp.conj(phase)[..., :, None]
+    return u, s, vt
 
 
 def _column_phase(before: jax.Array, after: jax.Array) -> jax.Array:
-  """Per-column unit factor c with after = before * c (c = +-1 or a phase)."""
-  num = jnp.sum(jnp.conj(before) * after, axis=-2)
-  den = jnp.sum(jnp.conj(before) * before, axis=-2)
-  c = num / jnp.where(jnp.abs(den) > 0, den, 1)
-  return jnp.where(jnp.abs(c) > 0, c / jnp.where(jnp.abs(c) > 0, jnp.abs(c), 1), 1)
+    """Per-column unit factor c with after = before * c (c = +-1 or a phase)."""
+    num = jnp.sum(jnp.conj(before) * after, axis=-2)
+    den = jnp.sum(jnp.conj(before) * before, axis=-2)
+    c = num / jnp.where(jnp.abs(den) > 0, den, 1)
+    return jnp.where(jnp.abs(c) > 0, c / jnp.where(jnp.abs(c) > 0, jnp.abs(c), 1), 1)
 
 
 def exact_svd(a: jax.Array, rank: int, *, canonical_signs: bool = True):
-  """Truncated exact SVD in float32/complex64 with canonical signs.
+    """Truncated exact SVD in float32/complex64 with canonical signs.
 
-  Returns `(u, s, vt)` like `randomized_svd`. Under Explicit sharding the
-  matrix dims are gathered first (dense SVD refuses sharded operands).
-  """
-  m, n = a.shape[-2], a.shape[-1]
-  _check_rank(rank, m, n)
-  a = sops.replicate_matrix_dims(a.astype(compute_dtype(a.dtype)))
-  u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-  u, s, vt = u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
-  if canonical_signs:
-    u_canon = canonicalize_signs(u)
-    phase = _column_phase(u, u_canon)
-    u = u_canon
-    vt = vt * jnp.conj(phase)[..., :, None]
-  return u, s, vt
+    Returns `(u, s, vt)` like `randomized_svd`. Under Explicit sharding the
+    matrix dims are gathered first (dense SVD refuses sharded operands).
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    _check_rank(rank, m, n)
+    a = sops.replicate_matrix_dims(a.astype(compute_dtype(a.dtype)))
+    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+    u, s, vt = u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
+    if canonical_signs:
+        u_canon = canonicalize_signs(u)
+        phase = _column_phase(u, u_canon)
+        u = u_canon
+        vt = vt * jnp.conj(phase)[..., :, None]
+    return u, s, vt
 
 
 def top_left_basis(
@@ -286,46 +291,47 @@ def top_left_basis(
     power_iters: int = 1,
     init: Optional[jax.Array] = None,
 ) -> jax.Array:
-  """Sign-canonical (..., m, rank) basis of the top-`rank` left singular vectors.
+    """Sign-canonical (..., m, rank) basis of the top-`rank` left singular vectors.
 
-  The randomized path skips the right vectors and singular values it would
-  otherwise compute: only the Rayleigh-Ritz eigenvectors are needed.
-  """
-  m, n = a.shape[-2], a.shape[-1]
-  _check_rank(rank, m, n)
-  a = a.astype(compute_dtype(a.dtype))
-  if svd == "exact":
-    u = jnp.linalg.svd(sops.replicate_matrix_dims(a), full_matrices=False)[0][..., :, :rank]
-    return canonicalize_signs(u)
-  if svd != "randomized":
-    raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
-  if key is None:
-    raise ValueError("top_left_basis(svd='randomized') needs a PRNG `key`")
-  q, _, _, evecs = _rayleigh_ritz(a, rank, key=key, oversample=oversample,
-                                 power_iters=power_iters, init=init)
-  return canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
+    The randomized path skips the right vectors and singular values it would
+    otherwise compute: only the Rayleigh-Ritz eigenvectors are needed.
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    _check_rank(rank, m, n)
+    a = a.astype(compute_dtype(a.dtype))
+    if svd == "exact":
+        u = jnp.linalg.svd(sops.replicate_matrix_dims(a), full_matrices=False)[0][..., :, :rank]
+        return canonicalize_signs(u)
+    if svd != "randomized":
+        raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+    if key is None:
+        raise ValueError("top_left_basis(svd='randomized') needs a PRNG `key`")
+    q, _, _, evecs = _rayleigh_ritz(
+        a, rank, key=key, oversample=oversample, power_iters=power_iters, init=init
+    )
+    return canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
 
 
 def _rayleigh_ritz(a, rank, *, key, oversample, power_iters, init):
-  """Sketch basis Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
+    """Sketch basis Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
 
-  The k x k Gram is reduced across shards and factorised replicated: cheap, and
-  `eigh` of it replaces the batched SVD/QR that are slow on GPU.
-  """
-  m, n = a.shape[-2], a.shape[-1]
-  width = max(_sketch_width(rank, oversample, m, n), rank)
-  q = randomized_range(a, width, key=key, power_iters=power_iters, init=init)
-  b = sops.einsum("...mk,...mn->...kn", jnp.conj(q), a)
-  gram = sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b)))
-  evals, evecs = jnp.linalg.eigh(gram)
-  return q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank]
+    The k x k Gram is reduced across shards and factorised replicated: cheap, and
+    `eigh` of it replaces the batched SVD/QR that are slow on GPU.
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    width = max(_sketch_width(rank, oversample, m, n), rank)
+    q = randomized_range(a, width, key=key, power_iters=power_iters, init=init)
+    b = sops.einsum("...mk,...mn->...kn", jnp.conj(q), a)
+    gram = sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b)))
+    evals, evecs = jnp.linalg.eigh(gram)
+    return q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank]
 
 
 def _check_rank(rank: int, m: int, n: int) -> None:
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-    raise ValueError(f"rank must be a positive int, got {rank!r}")
-  if rank > min(m, n):
-    raise ValueError(f"rank={rank} exceeds min(m, n)={min(m, n)} for a {m}x{n} matrix")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if rank > min(m, n):
+        raise ValueError(f"rank={rank} exceeds min(m, n)={min(m, n)} for a {m}x{n} matrix")
 
 
 # ----------------------------------------------------------------------------
@@ -334,41 +340,41 @@ def _check_rank(rank: int, m: int, n: int) -> None:
 
 
 def mode_unfold(t: jax.Array, mode: int) -> jax.Array:
-  """Mode-`mode` unfolding: (d_mode, prod of the other dims), other dims in order."""
-  return jnp.moveaxis(t, mode, 0).reshape(t.shape[mode], -1)
+    """Mode-`mode` unfolding: (d_mode, prod of the other dims), other dims in order."""
+    return jnp.moveaxis(t, mode, 0).reshape(t.shape[mode], -1)
 
 
 def mode_fold(matrix: jax.Array, mode: int, shape: Sequence[int]) -> jax.Array:
-  """Inverse of `mode_unfold` for a tensor of the given shape."""
-  moved = (shape[mode],) + tuple(d for i, d in enumerate(shape) if i != mode)
-  return jnp.moveaxis(matrix.reshape(moved), 0, mode)
+    """Inverse of `mode_unfold` for a tensor of the given shape."""
+    moved = (shape[mode],) + tuple(d for i, d in enumerate(shape) if i != mode)
+    return jnp.moveaxis(matrix.reshape(moved), 0, mode)
 
 
 def mode_product(t: jax.Array, matrix: jax.Array, mode: int) -> jax.Array:
-  """Mode-`mode` product t x_mode matrix: contracts t's axis `mode` with matrix's columns.
+    """Mode-`mode` product t x_mode matrix: contracts t's axis `mode` with matrix's columns.
 
-  `matrix` has shape (new_dim, t.shape[mode]); the result has new_dim at `mode`.
-  """
-  out = jnp.tensordot(matrix, t, axes=([1], [mode]))
-  return jnp.moveaxis(out, 0, mode)
+    `matrix` has shape (new_dim, t.shape[mode]); the result has new_dim at `mode`.
+    """
+    out = jnp.tensordot(matrix, t, axes=([1], [mode]))
+    return jnp.moveaxis(out, 0, mode)
 
 
 def tucker_project(t: jax.Array, factors: Sequence[Optional[jax.Array]]) -> jax.Array:
-  """Core = t x_k U_k^H for every mode k whose factor is not None."""
-  core = t
-  for mode, factor in enumerate(factors):
-    if factor is not None:
-      core = mode_product(core, jnp.conj(factor).T.astype(core.dtype), mode)
-  return core
+    """Core = t x_k U_k^H for every mode k whose factor is not None."""
+    core = t
+    for mode, factor in enumerate(factors):
+        if factor is not None:
+            core = mode_product(core, jnp.conj(factor).T.astype(core.dtype), mode)
+    return core
 
 
 def tucker_reconstruct(core: jax.Array, factors: Sequence[Optional[jax.Array]]) -> jax.Array:
-  """t = core x_k U_k for every mode k whose factor is not None."""
-  t = core
-  for mode, factor in enumerate(factors):
-    if factor is not None:
-      t = mode_product(t, factor.astype(t.dtype), mode)
-  return t
+    """t = core x_k U_k for every mode k whose factor is not None."""
+    t = core
+    for mode, factor in enumerate(factors):
+        if factor is not None:
+            t = mode_product(t, factor.astype(t.dtype), mode)
+    return t
 
 
 def hosvd(
@@ -381,51 +387,61 @@ def hosvd(
     power_iters: int = 1,
     init: Optional[Sequence[Optional[jax.Array]]] = None,
 ):
-  """Truncated higher-order SVD (Tucker decomposition) of a real or complex tensor.
+    """Truncated higher-order SVD (Tucker decomposition) of a real or complex tensor.
 
-  Factor k holds the top `ranks[k]` left singular vectors of the mode-k
-  unfolding (sign-canonical); the core is `t` projected on all factors with
-  conjugate transposes. A rank of None leaves that mode unprojected.
+    Factor k holds the top `ranks[k]` left singular vectors of the mode-k
+    unfolding (sign-canonical); the core is `t` projected on all factors with
+    conjugate transposes. A rank of None leaves that mode unprojected.
 
-  Args:
-    t: N-D array (float or complex).
-    ranks: one int for every mode, or a per-mode sequence of int or None.
-    key: PRNG key (needed for svd="randomized").
-    svd: "exact" or "randomized" per-mode SVD.
-    oversample, power_iters: randomized range-finder settings.
-    init: previous factors (per mode, or None) to warm-start the randomized path.
+    Args:
+      t: N-D array (float or complex).
+      ranks: one int for every mode, or a per-mode sequence of int or None.
+      key: PRNG key (needed for svd="randomized").
+      svd: "exact" or "randomized" per-mode SVD.
+      oversample, power_iters: randomized range-finder settings.
+      init: previous factors (per mode, or None) to warm-start the randomized path.
 
-  Returns:
-    `(core, factors)`: core of shape (r_0, ..., r_{N-1}) and a list of
-    (d_k, r_k) factors (None for unprojected modes), float32 / complex64.
+    Returns:
+      `(core, factors)`: core of shape (r_0, ..., r_{N-1}) and a list of
+      (d_k, r_k) factors (None for unprojected modes), float32 / complex64.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> import galore_jax as gj
-    >>> t = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 4))
-    >>> core, factors = gj.hosvd(t, (3, 2, 2))
-    >>> core.shape, [f.shape for f in factors]
-    ((3, 2, 2), [(6, 3), (5, 2), (4, 2)])
-  """
-  if isinstance(ranks, int):
-    ranks = (ranks,) * t.ndim
-  ranks = tuple(ranks)
-  if len(ranks) != t.ndim:
-    raise ValueError(f"ranks has {len(ranks)} entries but the tensor has {t.ndim} modes")
-  t = sops.replicate(t.astype(compute_dtype(t.dtype)))
-  keys = jax.random.split(key, t.ndim) if key is not None else [None] * t.ndim
-  factors = []
-  for mode, r in enumerate(ranks):
-    if r is None:
-      factors.append(None)
-      continue
-    unfolding = mode_unfold(t, mode)
-    if r > unfolding.shape[0]:
-      raise ValueError(f"ranks[{mode}]={r} exceeds the mode's size {unfolding.shape[0]}")
-    if r > unfolding.shape[1]:
-      raise ValueError(
-          f"ranks[{mode}]={r} exceeds the product of the other modes {unfolding.shape[1]}")
-    prev = None if init is None else init[mode]
-    factors.append(top_left_basis(unfolding, r, svd=svd, key=keys[mode], oversample=oversample,
-                                  power_iters=power_iters, init=prev))
-  return tucker_project(t, factors), factors
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import galore_jax as gj
+      >>> t = jax.random.normal(jax.random.PRNGKey(0), (6, 5, 4))
+      >>> core, factors = gj.hosvd(t, (3, 2, 2))
+      >>> core.shape, [f.shape for f in factors]
+      ((3, 2, 2), [(6, 3), (5, 2), (4, 2)])
+    """
+    if isinstance(ranks, int):
+        ranks = (ranks,) * t.ndim
+    ranks = tuple(ranks)
+    if len(ranks) != t.ndim:
+        raise ValueError(f"ranks has {len(ranks)} entries but the tensor has {t.ndim} modes")
+    t = sops.replicate(t.astype(compute_dtype(t.dtype)))
+    keys = jax.random.split(key, t.ndim) if key is not None else [None] * t.ndim
+    factors = []
+    for mode, r in enumerate(ranks):
+        if r is None:
+            factors.append(None)
+            continue
+        unfolding = mode_unfold(t, mode)
+        if r > unfolding.shape[0]:
+            raise ValueError(f"ranks[{mode}]={r} exceeds the mode's size {unfolding.shape[0]}")
+        if r > unfolding.shape[1]:
+            raise ValueError(
+                f"ranks[{mode}]={r} exceeds the product of the other modes {unfolding.shape[1]}"
+            )
+        prev = None if init is None else init[mode]
+        factors.append(
+            top_left_basis(
+                unfolding,
+                r,
+                svd=svd,
+                key=keys[mode],
+                oversample=oversample,
+                power_iters=power_iters,
+                init=prev,
+            )
+        )
+    return tucker_project(t, factors), factors

@@ -15,28 +15,28 @@ __all__ = ["path_string", "leaf_paths"]
 
 
 def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def path_string(keypath) -> str:
-  """'a/b/0/c' for a JAX key path (dict keys, attributes, indices; NNX `.value` dropped).
+    """'a/b/0/c' for a JAX key path (dict keys, attributes, indices; NNX `.value` dropped).
 
-  Example:
-    >>> import jax, galore_jax as gj
-    >>> [gj.path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
-    ['a/0', 'a/1']
-  """
-  keys = list(keypath)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys = keys[:-1]
-  return "/".join(_key_name(k) for k in keys)
+    Example:
+      >>> import jax, galore_jax as gj
+      >>> [gj.path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
+      ['a/0', 'a/1']
+    """
+    keys = list(keypath)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_name(k) for k in keys)
 
 
 def leaf_paths(tree: Any) -> Tuple[List[str], List[Any], Any]:
-  """(path strings, leaves, treedef) of `tree`; a bare array's path is '<root>'."""
-  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = [path_string(path) or "<root>" for path, _ in leaves_with_path]
-  return paths, [leaf for _, leaf in leaves_with_path], treedef
+    """(path strings, leaves, treedef) of `tree`; a bare array's path is '<root>'."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [path_string(path) or "<root>" for path, _ in leaves_with_path]
+    return paths, [leaf for _, leaf in leaves_with_path], treedef

@@ -72,7 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from galore_jax import _sharding_ops as sops
 
@@ -109,73 +110,73 @@ NAN_CODE = 255  # Reserved code of every map: a non-finite input, dequantized as
 
 
 class QuantizedArray(NamedTuple):
-  """A real array stored as 8-bit codes plus one float32 scale per block.
+    """A real array stored as 8-bit codes plus one float32 scale per block.
 
-  Blocks run along the last axis only (see `block_layout`), so every other
-  axis of `codes` and `scales` is the value's axis.
-  """
+    Blocks run along the last axis only (see `block_layout`), so every other
+    axis of `codes` and `scales` is the value's axis.
+    """
 
-  codes: jax.Array  # shape=value.shape, dtype=jnp.uint8.
-  scales: jax.Array  # shape=(*value.shape[:-1], num_blocks), dtype=jnp.float32.
+    codes: jax.Array  # shape=value.shape, dtype=jnp.uint8.
+    scales: jax.Array  # shape=(*value.shape[:-1], num_blocks), dtype=jnp.float32.
 
 
 class QuantizedComplex(NamedTuple):
-  """A complex array: real and imaginary parts quantized separately."""
+    """A complex array: real and imaginary parts quantized separately."""
 
-  real: QuantizedArray
-  imag: QuantizedArray
+    real: QuantizedArray
+    imag: QuantizedArray
 
 
 class QuantizedProjector(NamedTuple):
-  """A projector (basis) stored as int8 or packed int4 codes with per-group scales.
+    """A projector (basis) stored as int8 or packed int4 codes with per-group scales.
 
-  With `axis` the axis along which each basis vector runs (-2 for U of shape
-  (..., m, r), -1 for Vh of shape (..., r, n)): int8 codes have the
-  projector's shape, int4 codes have that axis halved (rounded up, two values
-  per byte), and scales have that axis replaced by the number of groups
-  (1 for per-vector scales). All other axes are the projector's axes.
-  """
+    With `axis` the axis along which each basis vector runs (-2 for U of shape
+    (..., m, r), -1 for Vh of shape (..., r, n)): int8 codes have the
+    projector's shape, int4 codes have that axis halved (rounded up, two values
+    per byte), and scales have that axis replaced by the number of groups
+    (1 for per-vector scales). All other axes are the projector's axes.
+    """
 
-  # shape=p.shape (int8) or p.shape with axis -> ceil(len / 2) (int4); dtype=jnp.int8 / jnp.uint8.
-  codes: jax.Array
-  scales: jax.Array  # shape=p.shape with axis -> num_groups, dtype=jnp.float32.
+    # shape=p.shape (int8) or p.shape with axis -> ceil(len / 2) (int4); dtype=jnp.int8 / jnp.uint8.
+    codes: jax.Array
+    scales: jax.Array  # shape=p.shape with axis -> num_groups, dtype=jnp.float32.
 
 
 def _field(x, name):
-  if isinstance(x, Mapping):
-    return x.get(name)
-  try:
-    return getattr(x, name, None)
-  except Exception:  # pylint: disable=broad-except
-    return None
+    if isinstance(x, Mapping):
+        return x.get(name)
+    try:
+        return getattr(x, name, None)
+    except Exception:  # pylint: disable=broad-except
+        return None
 
 
 def as_quantized(x):
-  """`x` as a `QuantizedArray` / `QuantizedComplex` if it is one or looks like one.
+    """`x` as a `QuantizedArray` / `QuantizedComplex` if it is one or looks like one.
 
-  flax's `nnx.Optimizer` writes each new state back into its `nnx.State`, which
-  turns a NamedTuple nested under a dict (e.g. `mu["kernel"]`) into a mapping
-  {codes, scales} / {real, imag} from the second step on; this rebuilds ours.
-  Plain arrays and anything else are returned unchanged. The functions here
-  call it on their inputs; use it before `isinstance` checks on state leaves.
-  """
-  if isinstance(x, (QuantizedArray, QuantizedComplex, jax.Array, np.ndarray)):
+    flax's `nnx.Optimizer` writes each new state back into its `nnx.State`, which
+    turns a NamedTuple nested under a dict (e.g. `mu["kernel"]`) into a mapping
+    {codes, scales} / {real, imag} from the second step on; this rebuilds ours.
+    Plain arrays and anything else are returned unchanged. The functions here
+    call it on their inputs; use it before `isinstance` checks on state leaves.
+    """
+    if isinstance(x, (QuantizedArray, QuantizedComplex, jax.Array, np.ndarray)):
+        return x
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    codes, scales = _field(x, "codes"), _field(x, "scales")
+    if codes is not None and scales is not None:
+        return QuantizedArray(codes, scales)
+    real, imag = _field(x, "real"), _field(x, "imag")
+    if real is not None and imag is not None:
+        return QuantizedComplex(as_quantized(real), as_quantized(imag))
     return x
-  if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return x
-  codes, scales = _field(x, "codes"), _field(x, "scales")
-  if codes is not None and scales is not None:
-    return QuantizedArray(codes, scales)
-  real, imag = _field(x, "real"), _field(x, "imag")
-  if real is not None and imag is not None:
-    return QuantizedComplex(as_quantized(real), as_quantized(imag))
-  return x
 
 
 def is_quantized(x) -> bool:
-  """Whether `x` is a `QuantizedArray` or `QuantizedComplex` (or such a container
-  after a round trip through flax's `nnx.State`), not a plain array."""
-  return isinstance(as_quantized(x), (QuantizedArray, QuantizedComplex))
+    """Whether `x` is a `QuantizedArray` or `QuantizedComplex` (or such a container
+    after a round trip through flax's `nnx.State`), not a plain array."""
+    return isinstance(as_quantized(x), (QuantizedArray, QuantizedComplex))
 
 
 # ----------------------------------------------------------------------------
@@ -184,51 +185,51 @@ def is_quantized(x) -> bool:
 
 
 def _dynamic_values(signed: bool) -> np.ndarray:
-  """bitsandbytes' dynamic-exponent map (7 decades), adjusted to 255 finite values.
+    """bitsandbytes' dynamic-exponent map (7 decades), adjusted to 255 finite values.
 
-  bitsandbytes' `create_dynamic_map` gives 256 values: 0, 1 and, for decades
-  10^-6 .. 10^0, the midpoints of a linear grid on [0.1, 1] scaled by the
-  decade (2^i points per sign in decade i for the signed map, 2^(i+1) for the
-  unsigned one). To free code 255 for NaN and make the block maximum exact for
-  both signs, the largest interior point (0.993 signed, 0.996 unsigned) is
-  dropped and, in the signed map, -0.993 becomes -1.
-  """
-  data = []
-  for i in range(7):
-    items = 2**i + 1 if signed else 2**(i + 1) + 1
-    bounds = np.linspace(0.1, 1.0, items)
-    means = (bounds[:-1] + bounds[1:]) / 2.0
-    data.extend(10.0**(i - 6) * means)
+    bitsandbytes' `create_dynamic_map` gives 256 values: 0, 1 and, for decades
+    10^-6 .. 10^0, the midpoints of a linear grid on [0.1, 1] scaled by the
+    decade (2^i points per sign in decade i for the signed map, 2^(i+1) for the
+    unsigned one). To free code 255 for NaN and make the block maximum exact for
+    both signs, the largest interior point (0.993 signed, 0.996 unsigned) is
+    dropped and, in the signed map, -0.993 becomes -1.
+    """
+    data = []
+    for i in range(7):
+        items = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = np.linspace(0.1, 1.0, items)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data.extend(10.0 ** (i - 6) * means)
+        if signed:
+            data.extend(-(10.0 ** (i - 6)) * means)
+    data += [0.0, 1.0]
+    values = np.sort(np.asarray(data, np.float64))
+    assert values.size == 256
     if signed:
-      data.extend(-(10.0**(i - 6)) * means)
-  data += [0.0, 1.0]
-  values = np.sort(np.asarray(data, np.float64))
-  assert values.size == 256
-  if signed:
-    values[0] = -1.0
-  return np.delete(values, -2)
+        values[0] = -1.0
+    return np.delete(values, -2)
 
 
 class _Map(NamedTuple):
-  values: np.ndarray  # (255,) float32, sorted: the finite code book (code i -> values[i]).
-  signed: bool
-  sqrt: bool  # quantize sqrt(x), square on dequantize
-  linear: bool  # uniform grid: encode by rounding instead of searching
+    values: np.ndarray  # (255,) float32, sorted: the finite code book (code i -> values[i]).
+    signed: bool
+    sqrt: bool  # quantize sqrt(x), square on dequantize
+    linear: bool  # uniform grid: encode by rounding instead of searching
 
 
 def _make_maps():
-  lin_signed = (np.arange(255, dtype=np.float64) - 127.0) / 127.0
-  lin_unsigned = np.arange(255, dtype=np.float64) / 254.0
-  dyn_signed, dyn_unsigned = _dynamic_values(True), _dynamic_values(False)
-  f32 = lambda v: v.astype(np.float32)
-  return {
-      "linear": _Map(f32(lin_signed), True, False, True),
-      "dynamic": _Map(f32(dyn_signed), True, False, False),
-      "linear_unsigned": _Map(f32(lin_unsigned), False, False, True),
-      "dynamic_unsigned": _Map(f32(dyn_unsigned), False, False, False),
-      "sqrt_linear": _Map(f32(lin_unsigned), False, True, True),
-      "sqrt_dynamic": _Map(f32(dyn_unsigned), False, True, False),
-  }
+    lin_signed = (np.arange(255, dtype=np.float64) - 127.0) / 127.0
+    lin_unsigned = np.arange(255, dtype=np.float64) / 254.0
+    dyn_signed, dyn_unsigned = _dynamic_values(True), _dynamic_values(False)
+    f32 = lambda v: v.astype(np.float32)
+    return {
+        "linear": _Map(f32(lin_signed), True, False, True),
+        "dynamic": _Map(f32(dyn_signed), True, False, False),
+        "linear_unsigned": _Map(f32(lin_unsigned), False, False, True),
+        "dynamic_unsigned": _Map(f32(dyn_unsigned), False, False, False),
+        "sqrt_linear": _Map(f32(lin_unsigned), False, True, True),
+        "sqrt_dynamic": _Map(f32(dyn_unsigned), False, True, False),
+    }
 
 
 _MAPS = _make_maps()
@@ -239,89 +240,89 @@ NU_KIND = "sqrt_dynamic"  # map used by scale_by_adam_8bit for second moments (n
 
 
 def map_levels(kind: str) -> np.ndarray:
-  """The 255 finite levels of map `kind` (sorted, in [-1, 1] or [0, 1]); code i -> level i.
+    """The 255 finite levels of map `kind` (sorted, in [-1, 1] or [0, 1]); code i -> level i.
 
-  For "sqrt_*" kinds the levels apply to sqrt(x) / max(sqrt(x)) of the block.
+    For "sqrt_*" kinds the levels apply to sqrt(x) / max(sqrt(x)) of the block.
 
-  Example:
-    >>> from galore_jax.quantization import map_levels
-    >>> v = map_levels("dynamic")
-    >>> v.shape, float(v[0]), float(v[127]), float(v[-1])
-    ((255,), -1.0, 0.0, 1.0)
-  """
-  return _get_map(kind).values.copy()
+    Example:
+      >>> from galore_jax.quantization import map_levels
+      >>> v = map_levels("dynamic")
+      >>> v.shape, float(v[0]), float(v[127]), float(v[-1])
+      ((255,), -1.0, 0.0, 1.0)
+    """
+    return _get_map(kind).values.copy()
 
 
 def _get_map(kind: str) -> _Map:
-  if kind not in _MAPS:
-    raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
-  return _MAPS[kind]
+    if kind not in _MAPS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+    return _MAPS[kind]
 
 
 def _encode(y: jax.Array, m: _Map) -> jax.Array:
-  """Nearest code of normalized values y (in [-1, 1] or [0, 1]) as uint8 in [0, 254]."""
-  if m.linear:
-    if m.signed:
-      c = jnp.round(y * 127.0) + 127.0
-    else:
-      c = jnp.round(y * 254.0)
-    return jnp.clip(c, 0, 254).astype(jnp.uint8)
-  # Branchless binary search: code = number of midpoints below y (ties go down).
-  # (jnp.searchsorted fails under Explicit sharding in jax 0.10; this is 8 lookups.)
-  mid = (m.values[:-1].astype(np.float64) + m.values[1:]) / 2.0
-  mid = np.append(mid, np.inf).astype(np.float32)  # 255 entries
-  pos = jnp.zeros(y.shape, jnp.int32)
-  for step in (128, 64, 32, 16, 8, 4, 2, 1):
-    cand = pos + step
-    pos = jnp.where(_lookup(mid, cand - 1) < y, cand, pos)
-  return pos.astype(jnp.uint8)
+    """Nearest code of normalized values y (in [-1, 1] or [0, 1]) as uint8 in [0, 254]."""
+    if m.linear:
+        if m.signed:
+            c = jnp.round(y * 127.0) + 127.0
+        else:
+            c = jnp.round(y * 254.0)
+        return jnp.clip(c, 0, 254).astype(jnp.uint8)
+    # Branchless binary search: code = number of midpoints below y (ties go down).
+    # (jnp.searchsorted fails under Explicit sharding in jax 0.10; this is 8 lookups.)
+    mid = (m.values[:-1].astype(np.float64) + m.values[1:]) / 2.0
+    mid = np.append(mid, np.inf).astype(np.float32)  # 255 entries
+    pos = jnp.zeros(y.shape, jnp.int32)
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        cand = pos + step
+        pos = jnp.where(_lookup(mid, cand - 1) < y, cand, pos)
+    return pos.astype(jnp.uint8)
 
 
 def _table(m: _Map) -> np.ndarray:
-  return np.append(m.values, np.float32(np.nan)).astype(np.float32)
+    return np.append(m.values, np.float32(np.nan)).astype(np.float32)
 
 
 def _explicit_sharding(x: jax.Array):
-  return jax.typeof(x).sharding if sops.explicit_spec(x) is not None else None
+    return jax.typeof(x).sharding if sops.explicit_spec(x) is not None else None
 
 
 def _lookup(table: np.ndarray, idx: jax.Array) -> jax.Array:
-  """table[idx] for a small constant table (gives the gather its sharding when explicit)."""
-  sharding = _explicit_sharding(idx)
-  if sharding is None:
-    return jnp.asarray(table)[idx]
-  return jnp.asarray(table).at[idx].get(out_sharding=sharding)
+    """table[idx] for a small constant table (gives the gather its sharding when explicit)."""
+    sharding = _explicit_sharding(idx)
+    if sharding is None:
+        return jnp.asarray(table)[idx]
+    return jnp.asarray(table).at[idx].get(out_sharding=sharding)
 
 
 def _last_axis_shards(x: jax.Array) -> int:
-  """How many explicit shards the last axis of `x` has (1 in Auto mode / unsharded)."""
-  spec = sops.explicit_spec(x)
-  if spec is None or spec[-1] is None:
-    return 1
-  mesh = jax.typeof(x).sharding.mesh
-  names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
-  return math.prod(mesh.shape[a] for a in names)
+    """How many explicit shards the last axis of `x` has (1 in Auto mode / unsharded)."""
+    spec = sops.explicit_spec(x)
+    if spec is None or spec[-1] is None:
+        return 1
+    mesh = jax.typeof(x).sharding.mesh
+    names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
+    return math.prod(mesh.shape[a] for a in names)
 
 
 def _replicate_last(x: jax.Array) -> jax.Array:
-  spec = sops.explicit_spec(x)
-  if spec is None or spec[-1] is None:
-    return x
-  return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, P(*spec[:-1], None)))
+    spec = sops.explicit_spec(x)
+    if spec is None or spec[-1] is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, P(*spec[:-1], None)))
 
 
 def _local_last(x: jax.Array, nb: int, block: int) -> jax.Array:
-  """`x`, with its last axis gathered if its explicit sharding cannot split into (nb, block).
+    """`x`, with its last axis gathered if its explicit sharding cannot split into (nb, block).
 
-  Blocks never straddle shards on other axes; on the last axis they line up
-  with shards when num_blocks is a multiple of the shard count and no padding
-  is needed (e.g. power-of-two dims). Otherwise (rare shapes) the last axis is
-  all-gathered for the (cheap, elementwise) quantization math.
-  """
-  shards = _last_axis_shards(x)
-  if shards == 1 or (nb * block == x.shape[-1] and nb % shards == 0):
-    return x
-  return _replicate_last(x)
+    Blocks never straddle shards on other axes; on the last axis they line up
+    with shards when num_blocks is a multiple of the shard count and no padding
+    is needed (e.g. power-of-two dims). Otherwise (rare shapes) the last axis is
+    all-gathered for the (cheap, elementwise) quantization math.
+    """
+    shards = _last_axis_shards(x)
+    if shards == 1 or (nb * block == x.shape[-1] and nb % shards == 0):
+        return x
+    return _replicate_last(x)
 
 
 # ----------------------------------------------------------------------------
@@ -330,89 +331,89 @@ def _local_last(x: jax.Array, nb: int, block: int) -> jax.Array:
 
 
 def block_layout(n: int, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int]:
-  """(block, num_blocks) used along a last axis of length `n`.
+    """(block, num_blocks) used along a last axis of length `n`.
 
-  Rule: if `n` has a divisor in [block_size / 2, block_size] (or n <= block_size),
-  the blocks are the largest divisor of n that is <= block_size, so blocks tile
-  the axis exactly (any power-of-two block_size tiles power-of-two dims and
-  shards of them). Otherwise num_blocks = ceil(n / block_size) blocks of
-  ceil(n / num_blocks) values; the last one is shorter (padded internally, codes
-  keep the value's shape). Dequantization recovers the layout from
-  `scales.shape[-1]`: block = ceil(n / num_blocks).
+    Rule: if `n` has a divisor in [block_size / 2, block_size] (or n <= block_size),
+    the blocks are the largest divisor of n that is <= block_size, so blocks tile
+    the axis exactly (any power-of-two block_size tiles power-of-two dims and
+    shards of them). Otherwise num_blocks = ceil(n / block_size) blocks of
+    ceil(n / num_blocks) values; the last one is shorter (padded internally, codes
+    keep the value's shape). Dequantization recovers the layout from
+    `scales.shape[-1]`: block = ceil(n / num_blocks).
 
-  Args:
-    n: length of the last axis (>= 1).
-    block_size: nominal block size (>= 1).
+    Args:
+      n: length of the last axis (>= 1).
+      block_size: nominal block size (>= 1).
 
-  Returns:
-    (block, num_blocks).
+    Returns:
+      (block, num_blocks).
 
-  Example:
-    >>> from galore_jax.quantization import block_layout
-    >>> block_layout(1024), block_layout(100), block_layout(768), block_layout(257)
-    ((256, 4), (100, 1), (256, 3), (129, 2))
-  """
-  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-  if n < 1:
-    raise ValueError(f"the last axis must have length >= 1 to be quantized, got {n}")
-  if n <= block_size:
-    return n, 1
-  for d in range(block_size, (block_size + 1) // 2 - 1, -1):
-    if d >= 1 and n % d == 0:
-      return d, n // d
-  nb = -(-n // block_size)
-  return -(-n // nb), nb
+    Example:
+      >>> from galore_jax.quantization import block_layout
+      >>> block_layout(1024), block_layout(100), block_layout(768), block_layout(257)
+      ((256, 4), (100, 1), (256, 3), (129, 2))
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if n < 1:
+        raise ValueError(f"the last axis must have length >= 1 to be quantized, got {n}")
+    if n <= block_size:
+        return n, 1
+    for d in range(block_size, (block_size + 1) // 2 - 1, -1):
+        if d >= 1 and n % d == 0:
+            return d, n // d
+    nb = -(-n // block_size)
+    return -(-n // nb), nb
 
 
 def _to_blocks(x: jax.Array, block: int, nb: int) -> jax.Array:
-  n = x.shape[-1]
-  pad = block * nb - n
-  if pad:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(*x.shape[:-1], nb, block)
+    n = x.shape[-1]
+    pad = block * nb - n
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], nb, block)
 
 
 def _normalize(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
-  """blocks / absmax[..., None] (0 where absmax is 0), safe up to float32 max.
+    """blocks / absmax[..., None] (0 where absmax is 0), safe up to float32 max.
 
-  XLA may turn x / s into x * (1 / s), and 1 / s is subnormal (flushed to 0)
-  for s >= 2^126: such blocks are first scaled by the exact power 2^-64.
-  """
-  big = absmax >= 2.0**100
-  c = jnp.where(big, jnp.asarray(2.0**-64, blocks.dtype), jnp.ones((), blocks.dtype))
-  safe = jnp.where(absmax > 0, absmax, 1).astype(blocks.dtype) * c
-  return (blocks * c[..., None]) / safe[..., None]
+    XLA may turn x / s into x * (1 / s), and 1 / s is subnormal (flushed to 0)
+    for s >= 2^126: such blocks are first scaled by the exact power 2^-64.
+    """
+    big = absmax >= 2.0**100
+    c = jnp.where(big, jnp.asarray(2.0**-64, blocks.dtype), jnp.ones((), blocks.dtype))
+    safe = jnp.where(absmax > 0, absmax, 1).astype(blocks.dtype) * c
+    return (blocks * c[..., None]) / safe[..., None]
 
 
 def _from_blocks(x: jax.Array, n: int) -> jax.Array:
-  x = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-  return x[..., :n]
+    x = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    return x[..., :n]
 
 
 def _expand_scales(scales: jax.Array, n: int) -> jax.Array:
-  nb = scales.shape[-1]
-  block = -(-n // nb)
-  scales = _local_last(scales, nb, 1) if nb * block == n else _replicate_last(scales)
-  full = jnp.broadcast_to(scales[..., None], (*scales.shape, block))
-  return full.reshape(*scales.shape[:-1], nb * block)[..., :n]
+    nb = scales.shape[-1]
+    block = -(-n // nb)
+    scales = _local_last(scales, nb, 1) if nb * block == n else _replicate_last(scales)
+    full = jnp.broadcast_to(scales[..., None], (*scales.shape, block))
+    return full.reshape(*scales.shape[:-1], nb * block)[..., :n]
 
 
 def _match_spec(x: jax.Array, like: jax.Array) -> jax.Array:
-  """Gives `x` the explicit sharding of `like` on every axis whose length allows it."""
-  spec = sops.explicit_spec(like)
-  if spec is None:
-    return x
-  mesh = jax.typeof(like).sharding.mesh
-  entries = []
-  for size, entry in zip(x.shape, spec):
-    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-    entries.append(entry if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
-  target = tuple(entries)
-  current = sops.explicit_spec(x) or (None,) * x.ndim
-  if current == target:
-    return x
-  return jax.sharding.reshard(x, NamedSharding(mesh, P(*target)))
+    """Gives `x` the explicit sharding of `like` on every axis whose length allows it."""
+    spec = sops.explicit_spec(like)
+    if spec is None:
+        return x
+    mesh = jax.typeof(like).sharding.mesh
+    entries = []
+    for size, entry in zip(x.shape, spec):
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        entries.append(entry if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    target = tuple(entries)
+    current = sops.explicit_spec(x) or (None,) * x.ndim
+    if current == target:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P(*target)))
 
 
 # ----------------------------------------------------------------------------
@@ -421,144 +422,149 @@ def _match_spec(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _quantize_real(x: jax.Array, m: _Map, nb: Optional[int], block_size: int) -> QuantizedArray:
-  n = x.shape[-1]
-  if nb is None:
-    block, nb = block_layout(n, block_size)
-  else:
-    block = -(-n // nb)
-  y = _local_last(x.astype(jnp.promote_types(x.dtype, jnp.float32)), nb, block)
-  if not m.signed:
-    y = jnp.where((y < 0) & jnp.isfinite(y), jnp.zeros_like(y), y)  # -inf, NaN stay non-finite
-  if m.sqrt:
-    y = jnp.sqrt(y)
-  blocks = _to_blocks(y, block, nb)
-  finite = jnp.isfinite(blocks)
-  absmax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0), axis=-1)
-  codes = _encode(_normalize(blocks, absmax), m)
-  codes = jnp.where(finite, codes, jnp.uint8(NAN_CODE))
-  codes = _match_spec(_from_blocks(codes, n), x)
-  return QuantizedArray(codes, _match_spec(absmax.astype(jnp.float32), x))
+    n = x.shape[-1]
+    if nb is None:
+        block, nb = block_layout(n, block_size)
+    else:
+        block = -(-n // nb)
+    y = _local_last(x.astype(jnp.promote_types(x.dtype, jnp.float32)), nb, block)
+    if not m.signed:
+        y = jnp.where((y < 0) & jnp.isfinite(y), jnp.zeros_like(y), y)  # -inf, NaN stay non-finite
+    if m.sqrt:
+        y = jnp.sqrt(y)
+    blocks = _to_blocks(y, block, nb)
+    finite = jnp.isfinite(blocks)
+    absmax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0), axis=-1)
+    codes = _encode(_normalize(blocks, absmax), m)
+    codes = jnp.where(finite, codes, jnp.uint8(NAN_CODE))
+    codes = _match_spec(_from_blocks(codes, n), x)
+    return QuantizedArray(codes, _match_spec(absmax.astype(jnp.float32), x))
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "block_size"))
-def quantize(x: jax.Array, *, kind: str, block_size: int = DEFAULT_BLOCK_SIZE
-             ) -> Union[QuantizedArray, QuantizedComplex]:
-  """Block-wise 8-bit quantization along the last axis (absmax scaling, nearest code).
+def quantize(
+    x: jax.Array, *, kind: str, block_size: int = DEFAULT_BLOCK_SIZE
+) -> Union[QuantizedArray, QuantizedComplex]:
+    """Block-wise 8-bit quantization along the last axis (absmax scaling, nearest code).
 
-  Each block (see `block_layout`) is divided by its largest finite magnitude
-  (the float32 scale) and every value is replaced by the nearest entry of the
-  map `kind` (see the module docstring; `MU_KIND` / `NU_KIND` are what
-  `scale_by_adam_8bit` uses). Unsigned maps clamp negative inputs to 0.
+    Each block (see `block_layout`) is divided by its largest finite magnitude
+    (the float32 scale) and every value is replaced by the nearest entry of the
+    map `kind` (see the module docstring; `MU_KIND` / `NU_KIND` are what
+    `scale_by_adam_8bit` uses). Unsigned maps clamp negative inputs to 0.
 
-  Special values: non-finite inputs (NaN, +-inf) get the reserved code 255 and
-  dequantize to NaN; they are left out of their block's scale, so the rest of
-  the block is unaffected. An all-zero block has scale 0 and dequantizes to
-  zeros. Values below the map's smallest step relative to their block's
-  maximum (about 1e-6 of it for the dynamic maps, 1/254 for the linear ones)
-  round to 0. Float32 subnormals may be flushed to zero by XLA.
+    Special values: non-finite inputs (NaN, +-inf) get the reserved code 255 and
+    dequantize to NaN; they are left out of their block's scale, so the rest of
+    the block is unaffected. An all-zero block has scale 0 and dequantizes to
+    zeros. Values below the map's smallest step relative to their block's
+    maximum (about 1e-6 of it for the dynamic maps, 1/254 for the linear ones)
+    round to 0. Float32 subnormals may be flushed to zero by XLA.
 
-  Args:
-    x: real or complex array with at least one axis (complex: real and
-      imaginary parts are quantized separately, giving a `QuantizedComplex`).
-    kind: one of `KINDS`.
-    block_size: nominal block size along the last axis.
+    Args:
+      x: real or complex array with at least one axis (complex: real and
+        imaginary parts are quantized separately, giving a `QuantizedComplex`).
+      kind: one of `KINDS`.
+      block_size: nominal block size along the last axis.
 
-  Returns:
-    `QuantizedArray(codes, scales)` (or `QuantizedComplex`); jittable, shapes static.
+    Returns:
+      `QuantizedArray(codes, scales)` (or `QuantizedComplex`); jittable, shapes static.
 
-  Example:
-    >>> import numpy as np
-    >>> from galore_jax import quantization as q
-    >>> x = np.linspace(-1.0, 1.0, 512, dtype=np.float32).reshape(2, 256)
-    >>> qx = q.quantize(x, kind=q.MU_KIND)
-    >>> qx.codes.shape, qx.codes.dtype, qx.scales.shape
-    ((2, 256), dtype('uint8'), (2, 1))
-    >>> bool(np.abs(np.asarray(q.dequantize(qx, kind=q.MU_KIND)) - x).max() < 0.02)
-    True
-  """
-  return _quantize(x, kind, None, block_size)
+    Example:
+      >>> import numpy as np
+      >>> from galore_jax import quantization as q
+      >>> x = np.linspace(-1.0, 1.0, 512, dtype=np.float32).reshape(2, 256)
+      >>> qx = q.quantize(x, kind=q.MU_KIND)
+      >>> qx.codes.shape, qx.codes.dtype, qx.scales.shape
+      ((2, 256), dtype('uint8'), (2, 1))
+      >>> bool(np.abs(np.asarray(q.dequantize(qx, kind=q.MU_KIND)) - x).max() < 0.02)
+      True
+    """
+    return _quantize(x, kind, None, block_size)
 
 
 def _quantize(x, kind, nb, block_size):
-  m = _get_map(kind)
-  x = jnp.asarray(x)
-  if x.ndim < 1:
-    raise ValueError(f"quantize needs an array with at least one axis, got shape {x.shape}")
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    nbr = None if nb is None else nb[0]
-    nbi = None if nb is None else nb[1]
-    return QuantizedComplex(_quantize_real(jnp.real(x), m, nbr, block_size),
-                            _quantize_real(jnp.imag(x), m, nbi, block_size))
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"quantize needs a float or complex array, got dtype {x.dtype}")
-  return _quantize_real(x, m, nb, block_size)
+    m = _get_map(kind)
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"quantize needs an array with at least one axis, got shape {x.shape}")
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        nbr = None if nb is None else nb[0]
+        nbi = None if nb is None else nb[1]
+        return QuantizedComplex(
+            _quantize_real(jnp.real(x), m, nbr, block_size),
+            _quantize_real(jnp.imag(x), m, nbi, block_size),
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"quantize needs a float or complex array, got dtype {x.dtype}")
+    return _quantize_real(x, m, nb, block_size)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
 def quantize_like(x: jax.Array, like, *, kind: str):
-  """Quantizes `x` into the same layout as `like` (same block count); plain `like`: cast.
+    """Quantizes `x` into the same layout as `like` (same block count); plain `like`: cast.
 
-  For requantizing a moment after changing it in full precision (e.g. rotating
-  it into a new GaLore basis): `like` is the stored leaf, a `QuantizedArray`,
-  `QuantizedComplex` or a plain array (small leaves), and the result has the
-  same structure, shapes and dtypes.
+    For requantizing a moment after changing it in full precision (e.g. rotating
+    it into a new GaLore basis): `like` is the stored leaf, a `QuantizedArray`,
+    `QuantizedComplex` or a plain array (small leaves), and the result has the
+    same structure, shapes and dtypes.
 
-  Example:
-    >>> import numpy as np
-    >>> from galore_jax import quantization as q
-    >>> old = q.quantize(np.ones((4, 300), np.float32), kind=q.NU_KIND, block_size=64)
-    >>> new = q.quantize_like(np.full((4, 300), 2.0, np.float32), old, kind=q.NU_KIND)
-    >>> new.scales.shape, old.scales.shape  # 300 in blocks of 60, as `old`
-    ((4, 5), (4, 5))
-    >>> round(float(np.asarray(q.dequantize(new, kind=q.NU_KIND))[0, 0]), 5)
-    2.0
-  """
-  like = as_quantized(like)
-  if isinstance(like, QuantizedComplex):
-    nb = (like.real.scales.shape[-1], like.imag.scales.shape[-1])
-    return _quantize(jnp.asarray(x), kind, nb, 0)
-  if isinstance(like, QuantizedArray):
-    if jnp.shape(x) != like.codes.shape:
-      raise ValueError(f"quantize_like: x has shape {jnp.shape(x)}, like has {like.codes.shape}")
-    return _quantize(x, kind, like.scales.shape[-1], 0)
-  return jnp.asarray(x).astype(jnp.result_type(like))
+    Example:
+      >>> import numpy as np
+      >>> from galore_jax import quantization as q
+      >>> old = q.quantize(np.ones((4, 300), np.float32), kind=q.NU_KIND, block_size=64)
+      >>> new = q.quantize_like(np.full((4, 300), 2.0, np.float32), old, kind=q.NU_KIND)
+      >>> new.scales.shape, old.scales.shape  # 300 in blocks of 60, as `old`
+      ((4, 5), (4, 5))
+      >>> round(float(np.asarray(q.dequantize(new, kind=q.NU_KIND))[0, 0]), 5)
+      2.0
+    """
+    like = as_quantized(like)
+    if isinstance(like, QuantizedComplex):
+        nb = (like.real.scales.shape[-1], like.imag.scales.shape[-1])
+        return _quantize(jnp.asarray(x), kind, nb, 0)
+    if isinstance(like, QuantizedArray):
+        if jnp.shape(x) != like.codes.shape:
+            raise ValueError(
+                f"quantize_like: x has shape {jnp.shape(x)}, like has {like.codes.shape}"
+            )
+        return _quantize(x, kind, like.scales.shape[-1], 0)
+    return jnp.asarray(x).astype(jnp.result_type(like))
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "dtype"))
 def dequantize(q, *, kind: str, dtype: Optional[Any] = None) -> jax.Array:
-  """Inverse of `quantize` (up to rounding): codes -> table value * block scale.
+    """Inverse of `quantize` (up to rounding): codes -> table value * block scale.
 
-  Args:
-    q: a `QuantizedArray`, `QuantizedComplex`, or a plain array (returned cast
-      to `dtype`, so callers can treat quantized and full-precision leaves alike).
-    kind: the map `q` was quantized with.
-    dtype: result dtype; default float32 (complex64 for `QuantizedComplex`,
-      the array's own dtype for a plain array).
+    Args:
+      q: a `QuantizedArray`, `QuantizedComplex`, or a plain array (returned cast
+        to `dtype`, so callers can treat quantized and full-precision leaves alike).
+      kind: the map `q` was quantized with.
+      dtype: result dtype; default float32 (complex64 for `QuantizedComplex`,
+        the array's own dtype for a plain array).
 
-  Returns:
-    An array of the original shape.
-  """
-  q = as_quantized(q)
-  m = _get_map(kind)
-  if isinstance(q, QuantizedComplex):
-    dtype = jnp.complex64 if dtype is None else dtype
-    re = _dequantize_real(q.real, m)
-    im = _dequantize_real(q.imag, m)
-    return jax.lax.complex(re, im).astype(dtype)
-  if isinstance(q, QuantizedArray):
-    return _dequantize_real(q, m).astype(jnp.float32 if dtype is None else dtype)
-  q = jnp.asarray(q)
-  return q if dtype is None else q.astype(dtype)
+    Returns:
+      An array of the original shape.
+    """
+    q = as_quantized(q)
+    m = _get_map(kind)
+    if isinstance(q, QuantizedComplex):
+        dtype = jnp.complex64 if dtype is None else dtype
+        re = _dequantize_real(q.real, m)
+        im = _dequantize_real(q.imag, m)
+        return jax.lax.complex(re, im).astype(dtype)
+    if isinstance(q, QuantizedArray):
+        return _dequantize_real(q, m).astype(jnp.float32 if dtype is None else dtype)
+    q = jnp.asarray(q)
+    return q if dtype is None else q.astype(dtype)
 
 
 def _dequantize_real(q: QuantizedArray, m: _Map) -> jax.Array:
-  n = q.codes.shape[-1]
-  nb = q.scales.shape[-1]
-  codes = _local_last(q.codes, nb, -(-n // nb))
-  y = _lookup(_table(m), codes.astype(jnp.int32))
-  y = y * _match_spec(_expand_scales(q.scales, n), y)
-  y = y * y if m.sqrt else y
-  return _match_spec(y, q.codes)
+    n = q.codes.shape[-1]
+    nb = q.scales.shape[-1]
+    codes = _local_last(q.codes, nb, -(-n // nb))
+    y = _lookup(_table(m), codes.astype(jnp.int32))
+    y = y * _match_spec(_expand_scales(q.scales, n), y)
+    y = y * y if m.sqrt else y
+    return _match_spec(y, q.codes)
 
 
 # ----------------------------------------------------------------------------
@@ -567,30 +573,31 @@ def _dequantize_real(q: QuantizedArray, m: _Map) -> jax.Array:
 
 
 class ScaleByAdam8bitState(NamedTuple):
-  """State of `scale_by_adam_8bit` (arrays only)."""
+    """State of `scale_by_adam_8bit` (arrays only)."""
 
-  count: jax.Array  # shape=(), dtype=jnp.int32.
-  mu: optax.Updates  # per leaf: QuantizedArray / QuantizedComplex (MU_KIND) or float32 array.
-  nu: optax.Updates  # per leaf: QuantizedArray (NU_KIND) or float32 array.
+    count: jax.Array  # shape=(), dtype=jnp.int32.
+    mu: optax.Updates  # per leaf: QuantizedArray / QuantizedComplex (MU_KIND) or float32 array.
+    nu: optax.Updates  # per leaf: QuantizedArray (NU_KIND) or float32 array.
 
 
 def _zeros_quantized(shape, dtype, kind, block_size):
-  """What `quantize(jnp.zeros(shape, dtype), ...)` returns, built directly (cheap init)."""
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    part = _zeros_quantized(shape, jnp.float32, kind, block_size)
-    return QuantizedComplex(part, part)
-  zero_code = int(np.flatnonzero(_get_map(kind).values == 0)[0])
-  _, nb = block_layout(shape[-1], block_size)
-  return QuantizedArray(jnp.full(shape, zero_code, jnp.uint8),
-                        jnp.zeros((*shape[:-1], nb), jnp.float32))
+    """What `quantize(jnp.zeros(shape, dtype), ...)` returns, built directly (cheap init)."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        part = _zeros_quantized(shape, jnp.float32, kind, block_size)
+        return QuantizedComplex(part, part)
+    zero_code = int(np.flatnonzero(_get_map(kind).values == 0)[0])
+    _, nb = block_layout(shape[-1], block_size)
+    return QuantizedArray(
+        jnp.full(shape, zero_code, jnp.uint8), jnp.zeros((*shape[:-1], nb), jnp.float32)
+    )
 
 
 def _full_dtype(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _real_dtype(dtype):
-  return jnp.finfo(dtype).dtype
+    return jnp.finfo(dtype).dtype
 
 
 def scale_by_adam_8bit(
@@ -602,95 +609,97 @@ def scale_by_adam_8bit(
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_size: int = 4096,
 ) -> optax.GradientTransformation:
-  """Adam scaling with block-wise 8-bit moments (bitsandbytes-style Adam8bit).
+    """Adam scaling with block-wise 8-bit moments (bitsandbytes-style Adam8bit).
 
-  Same math as `optax.scale_by_adam` (bias correction, eps outside and
-  eps_root inside the root; complex-safe: mu is complex, nu tracks |g|^2).
-  Each step, leaf by leaf: dequantize mu and nu, update them in float32,
-  compute the update from the float32 moments, requantize them for storage.
-  So a step's update is exact given the stored state; only the stored moments
-  carry rounding. mu uses the map `MU_KIND`, nu `NU_KIND` (see module docstring).
+    Same math as `optax.scale_by_adam` (bias correction, eps outside and
+    eps_root inside the root; complex-safe: mu is complex, nu tracks |g|^2).
+    Each step, leaf by leaf: dequantize mu and nu, update them in float32,
+    compute the update from the float32 moments, requantize them for storage.
+    So a step's update is exact given the stored state; only the stored moments
+    carry rounding. mu uses the map `MU_KIND`, nu `NU_KIND` (see module docstring).
 
-  Leaves with fewer than `min_size` elements, no axes, or fewer than 2
-  elements in their last axis keep full-precision moments (float32, or the
-  leaf's dtype if wider; complex64 mu for complex leaves), as in bitsandbytes.
-  Needs no params, so it can be `scale_by_galore(base_optimizer=...)`.
+    Leaves with fewer than `min_size` elements, no axes, or fewer than 2
+    elements in their last axis keep full-precision moments (float32, or the
+    leaf's dtype if wider; complex64 mu for complex leaves), as in bitsandbytes.
+    Needs no params, so it can be `scale_by_galore(base_optimizer=...)`.
 
-  Args:
-    b1: decay of the first moment.
-    b2: decay of the second moment.
-    eps: added to the root of the second moment.
-    eps_root: added to the second moment inside the root.
-    block_size: nominal block size along each leaf's last axis (`block_layout`).
-    min_size: leaves with fewer elements stay full precision.
+    Args:
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added to the root of the second moment.
+      eps_root: added to the second moment inside the root.
+      block_size: nominal block size along each leaf's last axis (`block_layout`).
+      min_size: leaves with fewer elements stay full precision.
 
-  Returns:
-    An `optax.GradientTransformation`.
+    Returns:
+      An `optax.GradientTransformation`.
 
-  Example:
-    >>> import jax, numpy as np, optax
-    >>> from galore_jax import quantization as q
-    >>> params = {"w": np.zeros((64, 128), np.float32), "b": np.zeros((128,), np.float32)}
-    >>> tx = optax.chain(q.scale_by_adam_8bit(), optax.scale(-1e-3))
-    >>> state = tx.init(params)
-    >>> type(state[0].mu["w"]).__name__, state[0].mu["w"].codes.dtype, state[0].mu["b"].dtype
-    ('QuantizedArray', dtype('uint8'), dtype('float32'))
-    >>> updates, state = jax.jit(tx.update)(jax.tree.map(np.ones_like, params), state)
-    >>> round(float(np.asarray(updates["w"])[0, 0]), 6)
-    -0.001
+    Example:
+      >>> import jax, numpy as np, optax
+      >>> from galore_jax import quantization as q
+      >>> params = {"w": np.zeros((64, 128), np.float32), "b": np.zeros((128,), np.float32)}
+      >>> tx = optax.chain(q.scale_by_adam_8bit(), optax.scale(-1e-3))
+      >>> state = tx.init(params)
+      >>> type(state[0].mu["w"]).__name__, state[0].mu["w"].codes.dtype, state[0].mu["b"].dtype
+      ('QuantizedArray', dtype('uint8'), dtype('float32'))
+      >>> updates, state = jax.jit(tx.update)(jax.tree.map(np.ones_like, params), state)
+      >>> round(float(np.asarray(updates["w"])[0, 0]), 6)
+      -0.001
 
-  References:
-    Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
-    https://arxiv.org/abs/2110.02861
-  """
-  if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-    raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
-  block_layout(1, block_size)  # validates block_size
+    References:
+      Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
+      https://arxiv.org/abs/2110.02861
+    """
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+    block_layout(1, block_size)  # validates block_size
 
-  def quantized_leaf(x) -> bool:
-    shape = jnp.shape(x)
-    return len(shape) >= 1 and shape[-1] >= 2 and math.prod(shape) >= min_size
+    def quantized_leaf(x) -> bool:
+        shape = jnp.shape(x)
+        return len(shape) >= 1 and shape[-1] >= 2 and math.prod(shape) >= min_size
 
-  def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    mu, nu = [], []
-    for x in leaves:
-      dtype = _full_dtype(jnp.result_type(x))
-      m = jnp.zeros(jnp.shape(x), dtype)
-      v = jnp.zeros(jnp.shape(x), _real_dtype(dtype))
-      if quantized_leaf(x):
-        m = _zeros_quantized(m.shape, m.dtype, MU_KIND, block_size)
-        v = _zeros_quantized(v.shape, v.dtype, NU_KIND, block_size)
-      mu.append(m)
-      nu.append(v)
-    return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), treedef.unflatten(mu),
-                                treedef.unflatten(nu))
+    def init_fn(params):
+        leaves, treedef = jax.tree.flatten(params)
+        mu, nu = [], []
+        for x in leaves:
+            dtype = _full_dtype(jnp.result_type(x))
+            m = jnp.zeros(jnp.shape(x), dtype)
+            v = jnp.zeros(jnp.shape(x), _real_dtype(dtype))
+            if quantized_leaf(x):
+                m = _zeros_quantized(m.shape, m.dtype, MU_KIND, block_size)
+                v = _zeros_quantized(v.shape, v.dtype, NU_KIND, block_size)
+            mu.append(m)
+            nu.append(v)
+        return ScaleByAdam8bitState(
+            jnp.zeros([], jnp.int32), treedef.unflatten(mu), treedef.unflatten(nu)
+        )
 
-  def update_fn(updates, state, params=None):
-    del params
-    grads, treedef = jax.tree.flatten(updates)
-    mus = [as_quantized(x) for x in treedef.flatten_up_to(state.mu)]
-    nus = [as_quantized(x) for x in treedef.flatten_up_to(state.nu)]
-    count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    c1 = 1 - b1**t
-    c2 = 1 - b2**t
-    out, new_mu, new_nu = [], [], []
-    for g, mq, vq in zip(grads, mus, nus):
-      dtype = _full_dtype(jnp.result_type(g))
-      m = dequantize(mq, kind=MU_KIND, dtype=dtype)
-      v = dequantize(vq, kind=NU_KIND, dtype=_real_dtype(dtype))
-      gf = g.astype(dtype)
-      m = b1 * m + (1 - b1) * gf
-      v = b2 * v + (1 - b2) * (jnp.real(gf)**2 + jnp.imag(gf)**2).astype(v.dtype)
-      u = (m / c1.astype(v.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
-      out.append(u.astype(jnp.result_type(g)))
-      new_mu.append(quantize_like(m, mq, kind=MU_KIND))
-      new_nu.append(quantize_like(v, vq, kind=NU_KIND))
-    return treedef.unflatten(out), ScaleByAdam8bitState(
-        count, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
+    def update_fn(updates, state, params=None):
+        del params
+        grads, treedef = jax.tree.flatten(updates)
+        mus = [as_quantized(x) for x in treedef.flatten_up_to(state.mu)]
+        nus = [as_quantized(x) for x in treedef.flatten_up_to(state.nu)]
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        c1 = 1 - b1**t
+        c2 = 1 - b2**t
+        out, new_mu, new_nu = [], [], []
+        for g, mq, vq in zip(grads, mus, nus):
+            dtype = _full_dtype(jnp.result_type(g))
+            m = dequantize(mq, kind=MU_KIND, dtype=dtype)
+            v = dequantize(vq, kind=NU_KIND, dtype=_real_dtype(dtype))
+            gf = g.astype(dtype)
+            m = b1 * m + (1 - b1) * gf
+            v = b2 * v + (1 - b2) * (jnp.real(gf) ** 2 + jnp.imag(gf) ** 2).astype(v.dtype)
+            u = (m / c1.astype(v.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
+            out.append(u.astype(jnp.result_type(g)))
+            new_mu.append(quantize_like(m, mq, kind=MU_KIND))
+            new_nu.append(quantize_like(v, vq, kind=NU_KIND))
+        return treedef.unflatten(out), ScaleByAdam8bitState(
+            count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)
+        )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------
@@ -700,144 +709,150 @@ def scale_by_adam_8bit(
 
 @functools.partial(jax.jit, static_argnames=("axis",))
 def pack_int4(x: jax.Array, *, axis: int = -2) -> jax.Array:
-  """Packs int values in [-8, 7] two per byte along `axis` (odd length: zero pad).
+    """Packs int values in [-8, 7] two per byte along `axis` (odd length: zero pad).
 
-  Element 2i goes to the low nibble, 2i+1 to the high nibble, both in two's
-  complement; the result is uint8 with `axis` of length ceil(len / 2).
+    Element 2i goes to the low nibble, 2i+1 to the high nibble, both in two's
+    complement; the result is uint8 with `axis` of length ceil(len / 2).
 
-  Example:
-    >>> import numpy as np
-    >>> from galore_jax.quantization import pack_int4, unpack_int4
-    >>> v = np.arange(-8, 7, dtype=np.int8)  # 15 values, odd length
-    >>> p = pack_int4(v, axis=0)
-    >>> p.shape, p.dtype, np.array_equal(unpack_int4(p, 15, axis=0), v)
-    ((8,), dtype('uint8'), True)
-  """
-  x = jnp.moveaxis(jnp.asarray(x), axis, -1)
-  n = x.shape[-1]
-  x = _local_last(x, -(-n // 2), 2)
-  if n % 2:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
-  nib = (x.astype(jnp.int32) & 0xF).astype(jnp.uint8)
-  pairs = nib.reshape(*nib.shape[:-1], -1, 2)
-  packed = pairs[..., 0] | (pairs[..., 1] << 4)
-  return jnp.moveaxis(packed, -1, axis)
+    Example:
+      >>> import numpy as np
+      >>> from galore_jax.quantization import pack_int4, unpack_int4
+      >>> v = np.arange(-8, 7, dtype=np.int8)  # 15 values, odd length
+      >>> p = pack_int4(v, axis=0)
+      >>> p.shape, p.dtype, np.array_equal(unpack_int4(p, 15, axis=0), v)
+      ((8,), dtype('uint8'), True)
+    """
+    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+    n = x.shape[-1]
+    x = _local_last(x, -(-n // 2), 2)
+    if n % 2:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+    nib = (x.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+    pairs = nib.reshape(*nib.shape[:-1], -1, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    return jnp.moveaxis(packed, -1, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("length", "axis"))
 def unpack_int4(packed: jax.Array, length: int, *, axis: int = -2) -> jax.Array:
-  """Inverse of `pack_int4`: int8 values in [-8, 7], `axis` of length `length`."""
-  p = jnp.moveaxis(jnp.asarray(packed), axis, -1).astype(jnp.int32)
-  if length != 2 * p.shape[-1]:
-    p = _replicate_last(p)
-  nib = jnp.stack([p & 0xF, p >> 4], axis=-1)
-  vals = jnp.where(nib >= 8, nib - 16, nib).astype(jnp.int8)
-  vals = vals.reshape(*vals.shape[:-2], -1)[..., :length]
-  return jnp.moveaxis(vals, -1, axis)
+    """Inverse of `pack_int4`: int8 values in [-8, 7], `axis` of length `length`."""
+    p = jnp.moveaxis(jnp.asarray(packed), axis, -1).astype(jnp.int32)
+    if length != 2 * p.shape[-1]:
+        p = _replicate_last(p)
+    nib = jnp.stack([p & 0xF, p >> 4], axis=-1)
+    vals = jnp.where(nib >= 8, nib - 16, nib).astype(jnp.int8)
+    vals = vals.reshape(*vals.shape[:-2], -1)[..., :length]
+    return jnp.moveaxis(vals, -1, axis)
 
 
 def _check_bits(bits):
-  if bits not in (4, 8):
-    raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
 
 
 def _group_layout(n: int, group_size: Optional[int]) -> tuple[int, int]:
-  if group_size is None:
-    return n, 1
-  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-    raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
-  if group_size >= n:
-    return n, 1
-  ng = -(-n // group_size)
-  return -(-n // ng), ng
+    if group_size is None:
+        return n, 1
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
+    if group_size >= n:
+        return n, 1
+    ng = -(-n // group_size)
+    return -(-n // ng), ng
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "axis", "group_size"))
-def quantize_projector(p: jax.Array, bits: int = 8, *, axis: int = -2,
-                       group_size: Optional[int] = None) -> QuantizedProjector:
-  """Symmetric absmax, round-to-nearest int8 or int4 quantization of a basis.
+def quantize_projector(
+    p: jax.Array, bits: int = 8, *, axis: int = -2, group_size: Optional[int] = None
+) -> QuantizedProjector:
+    """Symmetric absmax, round-to-nearest int8 or int4 quantization of a basis.
 
-  Each basis vector runs along `axis` (-2 for U of shape (..., m, r), -1 for
-  Vh of shape (..., r, n)). Scales are per vector (`group_size=None`) or per
-  group of `group_size` consecutive values along `axis` (Q-GaLore: INT4,
-  group 256); a length that `group_size` does not divide gets ceil(len /
-  group_size) groups of ceil(len / num_groups) values, the last one shorter.
-  Levels: int8 in [-127, 127], int4 in [-7, 7] (two per byte along `axis`,
-  see `pack_int4`), so a value's error is at most scale / 254 or scale / 14
-  where scale is its group's absmax. Non-finite entries are stored as 0 and
-  left out of the scales (refreshes never produce them). Real only.
+    Each basis vector runs along `axis` (-2 for U of shape (..., m, r), -1 for
+    Vh of shape (..., r, n)). Scales are per vector (`group_size=None`) or per
+    group of `group_size` consecutive values along `axis` (Q-GaLore: INT4,
+    group 256); a length that `group_size` does not divide gets ceil(len /
+    group_size) groups of ceil(len / num_groups) values, the last one shorter.
+    Levels: int8 in [-127, 127], int4 in [-7, 7] (two per byte along `axis`,
+    see `pack_int4`), so a value's error is at most scale / 254 or scale / 14
+    where scale is its group's absmax. Non-finite entries are stored as 0 and
+    left out of the scales (refreshes never produce them). Real only.
 
-  Args:
-    p: real projector, at least 1-D.
-    bits: 8 or 4.
-    axis: the axis along which basis vectors run (packing and groups).
-    group_size: None (per vector) or the group length along `axis`.
+    Args:
+      p: real projector, at least 1-D.
+      bits: 8 or 4.
+      axis: the axis along which basis vectors run (packing and groups).
+      group_size: None (per vector) or the group length along `axis`.
 
-  Returns:
-    `QuantizedProjector(codes, scales)`.
+    Returns:
+      `QuantizedProjector(codes, scales)`.
 
-  Example:
-    >>> import numpy as np
-    >>> from galore_jax import quantization as q
-    >>> u = np.linalg.qr(np.random.default_rng(0).standard_normal((513, 8)))[0]
-    >>> qu = q.quantize_projector(u.astype(np.float32), 4, group_size=256)  # Q-GaLore
-    >>> qu.codes.shape, qu.codes.dtype, qu.scales.shape
-    ((257, 8), dtype('uint8'), (3, 8))
-    >>> u4 = np.asarray(q.dequantize_projector(qu, 4, np.float32, u.shape))
-    >>> bool(np.linalg.norm(u4 - u) / np.linalg.norm(u) < 0.15)
-    True
-  """
-  _check_bits(bits)
-  p = jnp.asarray(p)
-  if jnp.issubdtype(p.dtype, jnp.complexfloating) or not jnp.issubdtype(p.dtype, jnp.floating):
-    raise TypeError(f"quantize_projector needs a real float projector, got dtype {p.dtype}; "
-                    "quantize real and imaginary parts of complex bases separately")
-  if p.ndim < 1:
-    raise ValueError(f"quantize_projector needs at least one axis, got shape {p.shape}")
-  x0 = jnp.moveaxis(p, axis, -1).astype(jnp.promote_types(p.dtype, jnp.float32))
-  n = x0.shape[-1]
-  group, ng = _group_layout(n, group_size)
-  x = _local_last(x0, ng, group)
-  blocks = _to_blocks(x, group, ng)
-  finite = jnp.isfinite(blocks)
-  blocks = jnp.where(finite, blocks, 0)
-  absmax = jnp.max(jnp.abs(blocks), axis=-1)
-  qmax = 127 if bits == 8 else 7
-  ints = jnp.clip(jnp.round(_normalize(blocks, absmax) * qmax), -qmax, qmax).astype(jnp.int8)
-  ints = _from_blocks(ints, n)
-  codes = _match_spec(ints if bits == 8 else pack_int4(ints, axis=-1), x0)
-  scales = _match_spec(absmax.astype(jnp.float32), x0)
-  return QuantizedProjector(jnp.moveaxis(codes, -1, axis), jnp.moveaxis(scales, -1, axis))
+    Example:
+      >>> import numpy as np
+      >>> from galore_jax import quantization as q
+      >>> u = np.linalg.qr(np.random.default_rng(0).standard_normal((513, 8)))[0]
+      >>> qu = q.quantize_projector(u.astype(np.float32), 4, group_size=256)  # Q-GaLore
+      >>> qu.codes.shape, qu.codes.dtype, qu.scales.shape
+      ((257, 8), dtype('uint8'), (3, 8))
+      >>> u4 = np.asarray(q.dequantize_projector(qu, 4, np.float32, u.shape))
+      >>> bool(np.linalg.norm(u4 - u) / np.linalg.norm(u) < 0.15)
+      True
+    """
+    _check_bits(bits)
+    p = jnp.asarray(p)
+    if jnp.issubdtype(p.dtype, jnp.complexfloating) or not jnp.issubdtype(p.dtype, jnp.floating):
+        raise TypeError(
+            f"quantize_projector needs a real float projector, got dtype {p.dtype}; "
+            "quantize real and imaginary parts of complex bases separately"
+        )
+    if p.ndim < 1:
+        raise ValueError(f"quantize_projector needs at least one axis, got shape {p.shape}")
+    x0 = jnp.moveaxis(p, axis, -1).astype(jnp.promote_types(p.dtype, jnp.float32))
+    n = x0.shape[-1]
+    group, ng = _group_layout(n, group_size)
+    x = _local_last(x0, ng, group)
+    blocks = _to_blocks(x, group, ng)
+    finite = jnp.isfinite(blocks)
+    blocks = jnp.where(finite, blocks, 0)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    qmax = 127 if bits == 8 else 7
+    ints = jnp.clip(jnp.round(_normalize(blocks, absmax) * qmax), -qmax, qmax).astype(jnp.int8)
+    ints = _from_blocks(ints, n)
+    codes = _match_spec(ints if bits == 8 else pack_int4(ints, axis=-1), x0)
+    scales = _match_spec(absmax.astype(jnp.float32), x0)
+    return QuantizedProjector(jnp.moveaxis(codes, -1, axis), jnp.moveaxis(scales, -1, axis))
 
 
-def dequantize_projector(q: QuantizedProjector, bits: int, dtype, shape, *,
-                         axis: int = -2) -> jax.Array:
-  """Inverse of `quantize_projector` (up to rounding).
+def dequantize_projector(
+    q: QuantizedProjector, bits: int, dtype, shape, *, axis: int = -2
+) -> jax.Array:
+    """Inverse of `quantize_projector` (up to rounding).
 
-  Args:
-    q: the `QuantizedProjector`.
-    bits: 8 or 4, as quantized.
-    dtype: result dtype.
-    shape: the projector's shape (fixes odd int4 lengths).
-    axis: as quantized.
+    Args:
+      q: the `QuantizedProjector`.
+      bits: 8 or 4, as quantized.
+      dtype: result dtype.
+      shape: the projector's shape (fixes odd int4 lengths).
+      axis: as quantized.
 
-  Returns:
-    The projector, `shape` and `dtype`.
-  """
-  return _dequantize_projector(q, bits, dtype, tuple(int(d) for d in shape), axis)
+    Returns:
+      The projector, `shape` and `dtype`.
+    """
+    return _dequantize_projector(q, bits, dtype, tuple(int(d) for d in shape), axis)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _dequantize_projector(q, bits, dtype, shape, axis):
-  _check_bits(bits)
-  n = shape[axis]
-  codes = jnp.moveaxis(q.codes, axis, -1)
-  ints = codes if bits == 8 else unpack_int4(codes, n, axis=-1)
-  scales = _expand_scales(jnp.moveaxis(q.scales, axis, -1), n)
-  qmax = 127 if bits == 8 else 7
-  x = ints.astype(jnp.float32)
-  x = _match_spec(x * _match_spec(scales / qmax, x), codes)
-  x = jnp.moveaxis(x, -1, axis)
-  if x.shape != tuple(shape):
-    raise ValueError(f"dequantize_projector: codes give shape {x.shape}, asked for {tuple(shape)}")
-  return x.astype(dtype)
+    _check_bits(bits)
+    n = shape[axis]
+    codes = jnp.moveaxis(q.codes, axis, -1)
+    ints = codes if bits == 8 else unpack_int4(codes, n, axis=-1)
+    scales = _expand_scales(jnp.moveaxis(q.scales, axis, -1), n)
+    qmax = 127 if bits == 8 else 7
+    x = ints.astype(jnp.float32)
+    x = _match_spec(x * _match_spec(scales / qmax, x), codes)
+    x = jnp.moveaxis(x, -1, axis)
+    if x.shape != tuple(shape):
+        raise ValueError(
+            f"dequantize_projector: codes give shape {x.shape}, asked for {tuple(shape)}"
+        )
+    return x.astype(dtype)

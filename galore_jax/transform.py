@@ -32,132 +32,147 @@ __all__ = [
 
 
 class MatrixProjectors(NamedTuple):
-  """GaLore's projectors, one tree per side (arrays only, `()` where a leaf has none).
+    """GaLore's projectors, one tree per side (arrays only, `()` where a leaf has none).
 
-  Kept side by side rather than as a tuple per leaf: Flax's `nnx.Optimizer`
-  round-trips states through `nnx.State`, which turns containers nested inside
-  a params-shaped tree into dicts; trees of plain arrays survive it.
-  """
+    Kept side by side rather than as a tuple per leaf: Flax's `nnx.Optimizer`
+    round-trips states through `nnx.State`, which turns containers nested inside
+    a params-shaped tree into dicts; trees of plain arrays survive it.
+    """
 
-  left: Any  # per param: U (*batch, m, r) for left / full projection, else ().
-  right: Any  # per param: Vh (*batch, r, n) for right / full projection, else ().
+    left: Any  # per param: U (*batch, m, r) for left / full projection, else ().
+    right: Any  # per param: Vh (*batch, r, n) for right / full projection, else ().
 
 
 class ScaleByGaloreState(NamedTuple):
-  """State of `scale_by_galore` (arrays only: jit, sharding, orbax and nnx just work)."""
+    """State of `scale_by_galore` (arrays only: jit, sharding, orbax and nnx just work)."""
 
-  count: jax.Array  # shape=(), dtype=jnp.int32. Updates applied so far.
-  key: jax.Array  # shape=(2,), dtype=jnp.uint32. PRNG key for randomized refreshes.
-  projectors: MatrixProjectors
-  base_state: optax.OptState  # base optimizer state over the low-rank gradients.
-  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32. Refreshes skipped (non-finite grads).
+    count: jax.Array  # shape=(), dtype=jnp.int32. Updates applied so far.
+    key: jax.Array  # shape=(2,), dtype=jnp.uint32. PRNG key for randomized refreshes.
+    projectors: MatrixProjectors
+    base_state: optax.OptState  # base optimizer state over the low-rank gradients.
+    skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32. Refreshes skipped (non-finite grads).
 
 
 class ScaleByTensorGaloreState(NamedTuple):
-  """State of `scale_by_tensor_galore` (arrays only)."""
+    """State of `scale_by_tensor_galore` (arrays only)."""
 
-  count: jax.Array  # shape=(), dtype=jnp.int32.
-  key: jax.Array  # shape=(2,), dtype=jnp.uint32.
-  factors: tuple  # factors[k]: per param, its (d_k, r_k) mode-k factor, or () if none.
-  base_state: optax.OptState  # base optimizer state over the Tucker cores.
-  skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
+    count: jax.Array  # shape=(), dtype=jnp.int32.
+    key: jax.Array  # shape=(2,), dtype=jnp.uint32.
+    factors: tuple  # factors[k]: per param, its (d_k, r_k) mode-k factor, or () if none.
+    base_state: optax.OptState  # base optimizer state over the Tucker cores.
+    skipped_refreshes: jax.Array  # shape=(), dtype=jnp.int32.
 
 
 # ----------------------------------------------------------------------------
 # Argument checking (at construction / init, never inside a trace).
 # ----------------------------------------------------------------------------
 
-GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed",
-                      "dimension_numbers")
+GALORE_STATIC_ARGS = (
+    "rank",
+    "update_proj_gap",
+    "oversample",
+    "power_iters",
+    "seed",
+    "dimension_numbers",
+)
 TENSOR_GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed")
 _MAX_GAP = 2**31 - 1  # steps are counted in int32
 
 
 def inject_hint(static_args: Sequence[str]) -> str:
-  return f"with optax.inject_hyperparams pass static_args={tuple(static_args)!r}"
+    return f"with optax.inject_hyperparams pass static_args={tuple(static_args)!r}"
 
 
-def _static_int(name: str, value, *, minimum: int, maximum: Optional[int] = None,
-                static_args=GALORE_STATIC_ARGS) -> int:
-  if isinstance(value, bool) or not isinstance(value, int):
-    if isinstance(value, jax.Array):
-      raise TypeError(f"{name} must be a static Python int, got a jax.Array; "
-                      f"{inject_hint(static_args)}")
-    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
-  if maximum is not None and value > maximum:
-    raise ValueError(f"{name} must be <= {maximum}, got {value}")
-  return value
+def _static_int(
+    name: str, value, *, minimum: int, maximum: Optional[int] = None, static_args=GALORE_STATIC_ARGS
+) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, jax.Array):
+            raise TypeError(
+                f"{name} must be a static Python int, got a jax.Array; {inject_hint(static_args)}"
+            )
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
 
 
 def check_rank_value(rank, name: str = "rank", static_args=GALORE_STATIC_ARGS):
-  """Raises a clear error unless `rank` is a positive int or a fraction in (0, 1]."""
-  if isinstance(rank, jax.Array):
-    raise TypeError(f"{name} must be a static int or float, got a jax.Array; "
-                    f"{inject_hint(static_args)}")
-  if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-    raise TypeError(f"{name} must be an int (> 0) or a float fraction in (0, 1], got {rank!r}")
-  if isinstance(rank, int) and rank <= 0:
-    raise ValueError(f"{name} must be a positive int, got {rank}")
-  if isinstance(rank, float) and not 0.0 < rank <= 1.0:
-    raise ValueError(f"{name} as a fraction must be in (0, 1], got {rank}")
+    """Raises a clear error unless `rank` is a positive int or a fraction in (0, 1]."""
+    if isinstance(rank, jax.Array):
+        raise TypeError(
+            f"{name} must be a static int or float, got a jax.Array; {inject_hint(static_args)}"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TypeError(f"{name} must be an int (> 0) or a float fraction in (0, 1], got {rank!r}")
+    if isinstance(rank, int) and rank <= 0:
+        raise ValueError(f"{name} must be a positive int, got {rank}")
+    if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+        raise ValueError(f"{name} as a fraction must be in (0, 1], got {rank}")
 
 
 def _check_choice(name: str, value, choices):
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh,
-                 static_args=GALORE_STATIC_ARGS):
-  """Checks the options shared by both transforms (and the aliases)."""
-  _static_int("update_proj_gap", update_proj_gap, minimum=1, maximum=_MAX_GAP,
-              static_args=static_args)
-  _static_int("oversample", oversample, minimum=0, static_args=static_args)
-  _static_int("power_iters", power_iters, minimum=0, static_args=static_args)
-  _static_int("seed", seed, minimum=0, static_args=static_args)
-  _check_choice("svd", svd, proj.SVD_METHODS)
-  _check_choice("on_refresh", on_refresh, proj.ON_REFRESH)
+def check_common(
+    update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static_args=GALORE_STATIC_ARGS
+):
+    """Checks the options shared by both transforms (and the aliases)."""
+    _static_int(
+        "update_proj_gap", update_proj_gap, minimum=1, maximum=_MAX_GAP, static_args=static_args
+    )
+    _static_int("oversample", oversample, minimum=0, static_args=static_args)
+    _static_int("power_iters", power_iters, minimum=0, static_args=static_args)
+    _static_int("seed", seed, minimum=0, static_args=static_args)
+    _check_choice("svd", svd, proj.SVD_METHODS)
+    _check_choice("on_refresh", on_refresh, proj.ON_REFRESH)
 
 
 def _check_base_optimizer(base_optimizer, transform: str):
-  """Base optimizers run on low-rank gradients and never see params: refuse ones that need them."""
-  if base_optimizer is None:
-    return
-  if not isinstance(base_optimizer, optax.GradientTransformation):
-    raise TypeError(f"{transform}: base_optimizer must be an optax.GradientTransformation, got "
-                    f"{base_optimizer!r}")
-  probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
-  try:
-    jax.eval_shape(lambda g: base_optimizer.update(g, base_optimizer.init(g), None), probe)
-  except ValueError as e:
-    if "params" in str(e):
-      raise ValueError(
-          f"{transform}: base_optimizer needs params (e.g. optax.adamw's weight decay), but it "
-          "runs on low-rank gradients and never sees them. Use a params-free base such as "
-          "optax.scale_by_adam() and put optax.add_decayed_weights after the GaLore transform "
-          "(as gj.galore_adamw does)") from None
-  except Exception:  # pylint: disable=broad-except
-    pass  # needs other shapes or extra args: it will tell at its first update
+    """Refuses base optimizers that need params (they run on low-rank gradients only)."""
+    if base_optimizer is None:
+        return
+    if not isinstance(base_optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"{transform}: base_optimizer must be an optax.GradientTransformation, got "
+            f"{base_optimizer!r}"
+        )
+    probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+    try:
+        jax.eval_shape(lambda g: base_optimizer.update(g, base_optimizer.init(g), None), probe)
+    except ValueError as e:
+        if "params" in str(e):
+            raise ValueError(
+                f"{transform}: base_optimizer needs params (e.g. optax.adamw's weight decay), "
+                "but it runs on low-rank gradients and never sees them. Use a params-free base "
+                "such as optax.scale_by_adam() and put optax.add_decayed_weights after the "
+                "GaLore transform (as gj.galore_adamw does)"
+            ) from None
+    except Exception:  # pylint: disable=broad-except
+        pass  # needs other shapes or extra args: it will tell at its first update
 
 
 def _check_leaf_dtype(transform: str, path: str, leaf):
-  dtype = jnp.result_type(leaf)
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(
-        f"{transform}: leaf '{path}' has dtype {dtype}; GaLore needs float or complex leaves. "
-        "Keep integer/bool leaves out of the optimizer (optax.masked / optax.partition, or "
-        "galore_adamw's labels).")
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{transform}: leaf '{path}' has dtype {dtype}; GaLore needs float or complex leaves. "
+            "Keep integer/bool leaves out of the optimizer (optax.masked / optax.partition, or "
+            "galore_adamw's labels)."
+        )
 
 
 def _low_dtype(dtype):
-  """Dtype of low-rank gradients and moments: the param's, but float16 widens to float32.
+    """Dtype of low-rank gradients and moments: the param's, but float16 widens to float32.
 
-  float16 cannot hold Adam's second moment (|g|^2 overflows at |g| > 256) nor its
-  default eps (1e-8 underflows to 0, giving 0/0); the low-rank state is small.
-  """
-  return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+    float16 cannot hold Adam's second moment (|g|^2 overflows at |g| > 256) nor its
+    default eps (1e-8 underflows to 0, giving 0/0); the low-rank state is small.
+    """
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -167,111 +182,129 @@ def _low_dtype(dtype):
 
 @dataclasses.dataclass(frozen=True)
 class _Projection:
-  """Per-plan operations; one instance for matrix GaLore, one for Tucker.
+    """Per-plan operations; one instance for matrix GaLore, one for Tucker.
 
-  A leaf's projectors are a tuple with one entry per slot (`()` where it has
-  none); the state keeps one tree per slot (see `MatrixProjectors`).
-  """
+    A leaf's projectors are a tuple with one entry per slot (`()` where it has
+    none); the state keeps one tree per slot (see `MatrixProjectors`).
+    """
 
-  init: Callable  # (plan, dtype) -> per-slot tuple of projector arrays / ()
-  low_shape: Callable  # plan -> shape of the low-rank gradient
-  to_low: Callable  # (plan, g, projectors) -> low-rank gradient
-  from_low: Callable  # (plan, low, projectors) -> full gradient
-  refresh: Callable  # (plan, g, old, *, key, warm) -> new projectors
-  rotate: Callable  # (plan, moment, old, new, *, second) -> moment
+    init: Callable  # (plan, dtype) -> per-slot tuple of projector arrays / ()
+    low_shape: Callable  # plan -> shape of the low-rank gradient
+    to_low: Callable  # (plan, g, projectors) -> low-rank gradient
+    from_low: Callable  # (plan, low, projectors) -> full gradient
+    refresh: Callable  # (plan, g, old, *, key, warm) -> new projectors
+    rotate: Callable  # (plan, moment, old, new, *, second) -> moment
 
 
 def _matrix_slots(plan, arrays):
-  """(U, Vh) slots of a matrix leaf from its side's tuple of projectors."""
-  return {"left": (arrays[0], ()), "right": ((), arrays[0]), "full": tuple(arrays)}[plan.side]
+    """(U, Vh) slots of a matrix leaf from its side's tuple of projectors."""
+    return {"left": (arrays[0], ()), "right": ((), arrays[0]), "full": tuple(arrays)}[plan.side]
 
 
 def _side_arrays(plan, slots):
-  return tuple(p for p in slots if not _is_empty(p))
+    return tuple(p for p in slots if not _is_empty(p))
 
 
 def _matrix_projection(svd, oversample, power_iters) -> _Projection:
-  def refresh(plan, g, old, *, key, warm):
-    new = proj.refresh_projectors(plan, plan.to_standard(g), _side_arrays(plan, old), svd=svd,
-                                  key=key, oversample=oversample, power_iters=power_iters,
-                                  warm=warm)
-    return _matrix_slots(plan, new)
+    def refresh(plan, g, old, *, key, warm):
+        new = proj.refresh_projectors(
+            plan,
+            plan.to_standard(g),
+            _side_arrays(plan, old),
+            svd=svd,
+            key=key,
+            oversample=oversample,
+            power_iters=power_iters,
+            warm=warm,
+        )
+        return _matrix_slots(plan, new)
 
-  def rotate(plan, moment, old, new, *, second):
-    rotations = proj.rotation(plan, _side_arrays(plan, old), _side_arrays(plan, new))
-    return proj.rotate_moment(moment, rotations, second=second)
+    def rotate(plan, moment, old, new, *, second):
+        rotations = proj.rotation(plan, _side_arrays(plan, old), _side_arrays(plan, new))
+        return proj.rotate_moment(moment, rotations, second=second)
 
-  return _Projection(
-      init=lambda plan, dtype: _matrix_slots(plan, proj.init_projectors(plan, dtype)),
-      low_shape=lambda plan: plan.low_rank_shape(),
-      to_low=lambda plan, g, p: proj.project(plan, plan.to_standard(g), _side_arrays(plan, p)),
-      from_low=lambda plan, low, p: plan.from_standard(
-          proj.project_back(plan, low, _side_arrays(plan, p))),
-      refresh=refresh,
-      rotate=rotate,
-  )
+    return _Projection(
+        init=lambda plan, dtype: _matrix_slots(plan, proj.init_projectors(plan, dtype)),
+        low_shape=lambda plan: plan.low_rank_shape(),
+        to_low=lambda plan, g, p: proj.project(plan, plan.to_standard(g), _side_arrays(plan, p)),
+        from_low=lambda plan, low, p: plan.from_standard(
+            proj.project_back(plan, low, _side_arrays(plan, p))
+        ),
+        refresh=refresh,
+        rotate=rotate,
+    )
 
 
 def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
-  def slots(plan, factors):
-    per_mode = [() if f is None else f for f in plan.expand(tuple(factors))]
-    return tuple(per_mode) + ((),) * (num_slots - len(per_mode))
+    def slots(plan, factors):
+        per_mode = [() if f is None else f for f in plan.expand(tuple(factors))]
+        return tuple(per_mode) + ((),) * (num_slots - len(per_mode))
 
-  def refresh(plan, g, old, *, key, warm):
-    new = proj.tucker_refresh(plan, g, _side_arrays(plan, old), svd=svd, key=key,
-                              oversample=oversample, power_iters=power_iters, warm=warm)
-    return slots(plan, new)
+    def refresh(plan, g, old, *, key, warm):
+        new = proj.tucker_refresh(
+            plan,
+            g,
+            _side_arrays(plan, old),
+            svd=svd,
+            key=key,
+            oversample=oversample,
+            power_iters=power_iters,
+            warm=warm,
+        )
+        return slots(plan, new)
 
-  return _Projection(
-      init=lambda plan, dtype: slots(plan, [jnp.zeros(s, dtype) for s in plan.factor_shapes()]),
-      low_shape=lambda plan: plan.core_shape(),
-      to_low=lambda plan, g, p: proj.tucker_project(plan, g, _side_arrays(plan, p)),
-      from_low=lambda plan, low, p: proj.tucker_project_back(plan, low, _side_arrays(plan, p)),
-      refresh=refresh,
-      rotate=lambda plan, m, old, new, *, second: proj.tucker_rotate_moment(
-          plan, m, _side_arrays(plan, old), _side_arrays(plan, new), second=second),
-  )
+    return _Projection(
+        init=lambda plan, dtype: slots(plan, [jnp.zeros(s, dtype) for s in plan.factor_shapes()]),
+        low_shape=lambda plan: plan.core_shape(),
+        to_low=lambda plan, g, p: proj.tucker_project(plan, g, _side_arrays(plan, p)),
+        from_low=lambda plan, low, p: proj.tucker_project_back(plan, low, _side_arrays(plan, p)),
+        refresh=refresh,
+        rotate=lambda plan, m, old, new, *, second: proj.tucker_rotate_moment(
+            plan, m, _side_arrays(plan, old), _side_arrays(plan, new), second=second
+        ),
+    )
 
 
 def _is_empty(x) -> bool:
-  return type(x) is tuple and not x  # noqa: E721 (not optax's MaskedNode, also a tuple)
+    return type(x) is tuple and not x  # noqa: E721 (not optax's MaskedNode, also a tuple)
 
 
 def _slot_leaves(tree) -> list:
-  """Leaves of a per-slot tree in param order, `()` placeholders included."""
-  return jax.tree.leaves(tree, is_leaf=_is_empty)
+    """Leaves of a per-slot tree in param order, `()` placeholders included."""
+    return jax.tree.leaves(tree, is_leaf=_is_empty)
 
 
 def refresh_offsets(num_projected: int, gap: int, stagger: bool):
-  """Step offset inside the gap at which each projected leaf refreshes (tree order)."""
-  if not stagger or num_projected == 0:
-    return [0] * num_projected
-  return [(i * gap) // num_projected for i in range(num_projected)]
+    """Step offset inside the gap at which each projected leaf refreshes (tree order)."""
+    if not stagger or num_projected == 0:
+        return [0] * num_projected
+    return [(i * gap) // num_projected for i in range(num_projected)]
 
 
 def _map_base_moments(base_state, low_tree, per_leaf: Callable):
-  """Applies per_leaf(i, moment, second) to every low-rank moment in base_state.
+    """Applies per_leaf(i, moment, second) to every low-rank moment in base_state.
 
-  A moment of leaf i is any state leaf whose key path ends with leaf i's path
-  in the low-rank tree and has its low-rank shape (Adam's mu and nu, momentum
-  traces, ...). Leaves under a field named `nu` (or `v`, `exp_avg_sq`) are
-  second moments. Paths are compared as strings, so the containers Flax's
-  `nnx.State` substitutes for dicts match too.
-  """
-  low_paths = [paths.path_string(kp) for kp, _ in
-               jax.tree_util.tree_flatten_with_path(low_tree)[0]]
-  low_shapes = [jnp.shape(x) for x in jax.tree.leaves(low_tree)]
+    A moment of leaf i is any state leaf whose key path ends with leaf i's path
+    in the low-rank tree and has its low-rank shape (Adam's mu and nu, momentum
+    traces, ...). Leaves under a field named `nu` (or `v`, `exp_avg_sq`) are
+    second moments. Paths are compared as strings, so the containers Flax's
+    `nnx.State` substitutes for dicts match too.
+    """
+    low_paths = [
+        paths.path_string(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(low_tree)[0]
+    ]
+    low_shapes = [jnp.shape(x) for x in jax.tree.leaves(low_tree)]
 
-  def visit(keypath, leaf):
-    names = [paths.path_string((k,)) for k in keypath]
-    for i, (low_path, shape) in enumerate(zip(low_paths, low_shapes)):
-      suffix = low_path.split("/") if low_path else []
-      if jnp.shape(leaf) == shape and (not suffix or names[-len(suffix):] == suffix):
-        second = any(n in ("nu", "v", "exp_avg_sq") for n in names)
-        return per_leaf(i, leaf, second)
-    return leaf
+    def visit(keypath, leaf):
+        names = [paths.path_string((k,)) for k in keypath]
+        for i, (low_path, shape) in enumerate(zip(low_paths, low_shapes)):
+            suffix = low_path.split("/") if low_path else []
+            if jnp.shape(leaf) == shape and (not suffix or names[-len(suffix) :] == suffix):
+                second = any(n in ("nu", "v", "exp_avg_sq") for n in names)
+                return per_leaf(i, leaf, second)
+        return leaf
 
-  return jax.tree_util.tree_map_with_path(visit, base_state)
+    return jax.tree_util.tree_map_with_path(visit, base_state)
 
 
 def _low_rank_transform(
@@ -290,114 +323,127 @@ def _low_rank_transform(
     seed: int,
     state_cls,
 ) -> optax.GradientTransformationExtraArgs:
-  base_optimizer = optax.with_extra_args_support(base_optimizer)
+    base_optimizer = optax.with_extra_args_support(base_optimizer)
 
-  def low_rank_tree(leaves, plans, treedef, project):
-    low = [x if p is None else jnp.zeros(project.low_shape(p), _low_dtype(jnp.result_type(x)))
-           for x, p in zip(leaves, plans)]
-    return treedef.unflatten(low)
+    def low_rank_tree(leaves, plans, treedef, project):
+        low = [
+            x if p is None else jnp.zeros(project.low_shape(p), _low_dtype(jnp.result_type(x)))
+            for x, p in zip(leaves, plans)
+        ]
+        return treedef.unflatten(low)
 
-  def slot_trees(per_leaf, treedef, n):
-    return tuple(treedef.unflatten([leaf[k] for leaf in per_leaf]) for k in range(n))
+    def slot_trees(per_leaf, treedef, n):
+        return tuple(treedef.unflatten([leaf[k] for leaf in per_leaf]) for k in range(n))
 
-  def init_fn(params):
-    _, leaves, treedef, plans = make_plans(params)
-    project, n = projection(plans), num_slots(plans)
-    per_leaf = [
-        ((),) * n if p is None else project.init(p, projector_dtype or jnp.result_type(x))
-        for x, p in zip(leaves, plans)
-    ]
-    low = low_rank_tree(leaves, plans, treedef, project)
-    return state_cls(
-        jnp.zeros([], jnp.int32),
-        jax.random.PRNGKey(seed),
-        pack_projectors(slot_trees(per_leaf, treedef, n)),
-        base_optimizer.init(low),
-        jnp.zeros([], jnp.int32),
-    )
+    def init_fn(params):
+        _, leaves, treedef, plans = make_plans(params)
+        project, n = projection(plans), num_slots(plans)
+        per_leaf = [
+            ((),) * n if p is None else project.init(p, projector_dtype or jnp.result_type(x))
+            for x, p in zip(leaves, plans)
+        ]
+        low = low_rank_tree(leaves, plans, treedef, project)
+        return state_cls(
+            jnp.zeros([], jnp.int32),
+            jax.random.PRNGKey(seed),
+            pack_projectors(slot_trees(per_leaf, treedef, n)),
+            base_optimizer.init(low),
+            jnp.zeros([], jnp.int32),
+        )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params
-    _, grads, treedef, plans = make_plans(updates)
-    project, n = projection(plans), num_slots(plans)
-    slots = [_slot_leaves(tree) for tree in tuple(state[2])]
-    old_projectors = [tuple(slot[i] for slot in slots) for i in range(len(grads))]
-    count = state.count
-    key, step_key = jax.random.split(state.key)
-    projected = [i for i, p in enumerate(plans) if p is not None]
-    offsets = dict(zip(projected, refresh_offsets(len(projected), update_proj_gap, stagger)))
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        _, grads, treedef, plans = make_plans(updates)
+        project, n = projection(plans), num_slots(plans)
+        slots = [_slot_leaves(tree) for tree in tuple(state[2])]
+        old_projectors = [tuple(slot[i] for slot in slots) for i in range(len(grads))]
+        count = state.count
+        key, step_key = jax.random.split(state.key)
+        projected = [i for i, p in enumerate(plans) if p is not None]
+        offsets = dict(zip(projected, refresh_offsets(len(projected), update_proj_gap, stagger)))
 
-    refresh_flags, new_projectors, low = {}, [], []
-    skipped = state.skipped_refreshes
-    for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
-      if plan is None:
-        new_projectors.append(old)
-        low.append(g)
-        continue
-      # A non-finite gradient never reaches a projector or a moment: the leaf's
-      # gradient counts as zero (optax.zero_nans, per leaf: one NaN spreads through
-      # the whole projection) and a refresh due now keeps the old basis; only the
-      # first refresh, with no basis yet, proceeds (on zeros: a random basis).
-      finite = jnp.all(jnp.isfinite(g))
-      g = jnp.where(finite, g, jnp.zeros_like(g))
-      phase = count % update_proj_gap
-      due = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
-      refresh = due & (finite | (count == 0))
-      skipped = skipped + (due & ~refresh).astype(jnp.int32)
-      refresh_flags[i] = refresh
-      leaf_key = jax.random.fold_in(step_key, i)
-      branches = [
-          lambda g, old: old,
-          lambda g, old, plan=plan, k=leaf_key: project.refresh(plan, g, old, key=k, warm=False),
-      ]
-      branch = refresh.astype(jnp.int32)
-      if warm_start:
-        branches.append(
-            lambda g, old, plan=plan, k=leaf_key: project.refresh(plan, g, old, key=k, warm=True))
-        branch = jnp.where(refresh & (count > 0), 2, branch)
-      new = jax.lax.switch(branch, branches, g, old)
-      new_projectors.append(new)
-      low.append(project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g))))
+        refresh_flags, new_projectors, low = {}, [], []
+        skipped = state.skipped_refreshes
+        for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
+            if plan is None:
+                new_projectors.append(old)
+                low.append(g)
+                continue
+            # A non-finite gradient never reaches a projector or a moment: the leaf's
+            # gradient counts as zero (optax.zero_nans, per leaf: one NaN spreads through
+            # the whole projection) and a refresh due now keeps the old basis; only the
+            # first refresh, with no basis yet, proceeds (on zeros: a random basis).
+            finite = jnp.all(jnp.isfinite(g))
+            g = jnp.where(finite, g, jnp.zeros_like(g))
+            phase = count % update_proj_gap
+            due = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
+            refresh = due & (finite | (count == 0))
+            skipped = skipped + (due & ~refresh).astype(jnp.int32)
+            refresh_flags[i] = refresh
+            leaf_key = jax.random.fold_in(step_key, i)
+            branches = [
+                lambda g, old: old,
+                lambda g, old, plan=plan, k=leaf_key: project.refresh(
+                    plan, g, old, key=k, warm=False
+                ),
+            ]
+            branch = refresh.astype(jnp.int32)
+            if warm_start:
+                branches.append(
+                    lambda g, old, plan=plan, k=leaf_key: project.refresh(
+                        plan, g, old, key=k, warm=True
+                    )
+                )
+                branch = jnp.where(refresh & (count > 0), 2, branch)
+            new = jax.lax.switch(branch, branches, g, old)
+            new_projectors.append(new)
+            low.append(project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g))))
 
-    base_state = state.base_state
-    if on_refresh != "keep" and projected:
-      base_state = _map_base_moments(
-          base_state, treedef.unflatten(low),
-          lambda i, m, second: _on_refresh_moment(
-              project, i, m, second, plans, refresh_flags, old_projectors, new_projectors))
+        base_state = state.base_state
+        if on_refresh != "keep" and projected:
+            base_state = _map_base_moments(
+                base_state,
+                treedef.unflatten(low),
+                lambda i, m, second: _on_refresh_moment(
+                    project, i, m, second, plans, refresh_flags, old_projectors, new_projectors
+                ),
+            )
 
-    low_updates, base_state = base_optimizer.update(treedef.unflatten(low), base_state, None,
-                                                    **extra_args)
-    low_updates = treedef.flatten_up_to(low_updates)
-    out = []
-    for g, plan, u, p in zip(grads, plans, low_updates, new_projectors):
-      if plan is None:
-        out.append(u)
-      else:
-        out.append((project.from_low(plan, u, p) * scale).astype(jnp.result_type(g)))
-    new_state = state_cls(
-        optax.safe_int32_increment(count),
-        key,
-        pack_projectors(slot_trees(new_projectors, treedef, n)),
-        base_state,
-        skipped,
-    )
-    return treedef.unflatten(out), new_state
+        low_updates, base_state = base_optimizer.update(
+            treedef.unflatten(low), base_state, None, **extra_args
+        )
+        low_updates = treedef.flatten_up_to(low_updates)
+        out = []
+        for g, plan, u, p in zip(grads, plans, low_updates, new_projectors):
+            if plan is None:
+                out.append(u)
+            else:
+                out.append((project.from_low(plan, u, p) * scale).astype(jnp.result_type(g)))
+        new_state = state_cls(
+            optax.safe_int32_increment(count),
+            key,
+            pack_projectors(slot_trees(new_projectors, treedef, n)),
+            base_state,
+            skipped,
+        )
+        return treedef.unflatten(out), new_state
 
-  def _on_refresh_moment(project, i, moment, second, plans, flags, old, new):
-    plan = plans[i]
-    if plan is None:
-      return moment
-    if on_refresh == "reset":
-      return jnp.where(flags[i], jnp.zeros_like(moment), moment)
-    return jax.lax.cond(
-        flags[i],
-        lambda m: sops.match_sharding(
-            project.rotate(plan, m, old[i], new[i], second=second), m),
-        lambda m: m,
-        moment)
+    def _on_refresh_moment(project, i, moment, second, plans, flags, old, new):
+        plan = plans[i]
+        if plan is None:
+            return moment
+        if on_refresh == "reset":
+            return jnp.where(flags[i], jnp.zeros_like(moment), moment)
+        return jax.lax.cond(
+            flags[i],
+            lambda m: sops.match_sharding(
+                project.rotate(plan, m, old[i], new[i], second=second), m
+            ),
+            lambda m: m,
+            moment,
+        )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_galore(
@@ -417,117 +463,124 @@ def scale_by_galore(
     projector_dtype: Optional[Any] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """GaLore: runs `base_optimizer` on low-rank projections of matrix gradients.
+    """GaLore: runs `base_optimizer` on low-rank projections of matrix gradients.
 
-  Every leaf with two matrix axes (plus optional batch axes, see
-  `dimension_numbers`) is projected; leaves with fewer than two axes go to the
-  base optimizer in full space, unscaled (as galore-torch's non-GaLore group).
-  Without `dimension_numbers`, stacked layers are found by structure
-  (`galore_jax.projection.infer_dimension_numbers`: a leading axis no feature
-  dimension shares): (L, m, n) leaves get L projectors, (L, d) leaves stay in
-  full space; other N-D leaves are flattened to (d0, prod(rest)).
+    Every leaf with two matrix axes (plus optional batch axes, see
+    `dimension_numbers`) is projected; leaves with fewer than two axes go to the
+    base optimizer in full space, unscaled (as galore-torch's non-GaLore group).
+    Without `dimension_numbers`, stacked layers are found by structure
+    (`galore_jax.projection.infer_dimension_numbers`: a leading axis no feature
+    dimension shares): (L, m, n) leaves get L projectors, (L, d) leaves stay in
+    full space; other N-D leaves are flattened to (d0, prod(rest)).
 
-  Degenerate gradients: a refresh always yields an orthonormal basis of the
-  asked rank (where the gradient has no energy, e.g. zero at step 0 or rank
-  deficient, the basis is completed with random orthonormal directions). A
-  leaf whose gradient is not finite is treated as zero gradient for that step
-  (like `optax.zero_nans`, for the whole leaf), and a refresh due at that step
-  keeps the previous basis; `skipped_refreshes` in the state counts them.
+    Degenerate gradients: a refresh always yields an orthonormal basis of the
+    asked rank (where the gradient has no energy, e.g. zero at step 0 or rank
+    deficient, the basis is completed with random orthonormal directions). A
+    leaf whose gradient is not finite is treated as zero gradient for that step
+    (like `optax.zero_nans`, for the whole leaf), and a refresh due at that step
+    keeps the previous basis; `skipped_refreshes` in the state counts them.
 
-  Projection side (fixed per leaf at trace time, galore-torch semantics for an
-  m x n gradient): `std` projects on the right (G Vh_r^H, moments m x r) when
-  m >= n, else on the left (U_r^H G, moments r x n); `reverse_std` the
-  opposite; `left` / `right` forced; `full` both (U_r^H G Vh_r^H, r x r).
+    Projection side (fixed per leaf at trace time, galore-torch semantics for an
+    m x n gradient): `std` projects on the right (G Vh_r^H, moments m x r) when
+    m >= n, else on the left (U_r^H G, moments r x n); `reverse_std` the
+    opposite; `left` / `right` forced; `full` both (U_r^H G Vh_r^H, r x r).
 
-  Refresh schedule: every leaf refreshes at step 0 from the first gradient.
-  Without `stagger` all leaves then refresh together at steps T, 2T, ...
-  With `stagger`, leaf i (among the projected leaves, in tree order) refreshes
-  at k*T + offset_i for k >= 1, offsets spread evenly over [0, T), so no single
-  step pays for every SVD. Stacked layers of one leaf refresh together.
+    Refresh schedule: every leaf refreshes at step 0 from the first gradient.
+    Without `stagger` all leaves then refresh together at steps T, 2T, ...
+    With `stagger`, leaf i (among the projected leaves, in tree order) refreshes
+    at k*T + offset_i for k >= 1, offsets spread evenly over [0, T), so no single
+    step pays for every SVD. Stacked layers of one leaf refresh together.
 
-  `on_refresh` says what happens to the base optimizer's low-rank moments when
-  a leaf's subspace changes:
-    * "keep" (galore-torch): left as they are, reinterpreted in the new basis.
-    * "reset": set to zero (the base optimizer's shared step count, and so its
-      bias correction, is not reset).
-    * "project": first moments are rotated into the new basis with
-      P_new^H P_old (exact for the part of the moment inside both subspaces).
-      Second moments are per-coordinate magnitudes that cannot be rotated: they
-      are mapped with the elementwise-squared rotation |P_new^H P_old|^2, which
-      is exact when the old coordinates are uncorrelated and keeps their scale.
+    `on_refresh` says what happens to the base optimizer's low-rank moments when
+    a leaf's subspace changes:
+      * "keep" (galore-torch): left as they are, reinterpreted in the new basis.
+      * "reset": set to zero (the base optimizer's shared step count, and so its
+        bias correction, is not reset).
+      * "project": first moments are rotated into the new basis with
+        P_new^H P_old (exact for the part of the moment inside both subspaces).
+        Second moments are per-coordinate magnitudes that cannot be rotated: they
+        are mapped with the elementwise-squared rotation |P_new^H P_old|^2, which
+        is exact when the old coordinates are uncorrelated and keeps their scale.
 
-  Args:
-    rank: int rank, or float in (0, 1] as a fraction of the projected dim.
-    update_proj_gap: steps between subspace refreshes (T).
-    scale: multiplies the projected-back update (GaLore's alpha). May be an array.
-    proj_type: "std" | "reverse_std" | "left" | "right" | "full".
-    svd: "randomized" (GaLore 2 range finder, Cholesky-QR + eigh) or "exact".
-    oversample: extra sketch columns for the randomized SVD.
-    power_iters: power iterations for the randomized SVD.
-    warm_start: start the randomized range finder from the previous basis.
-    on_refresh: "keep" | "reset" | "project" (see above).
-    stagger: spread the leaves' refreshes over the gap.
-    base_optimizer: transformation run on the low-rank gradients; default
-      `optax.scale_by_adam()`. It must not need `params` (they are not low-rank).
-    dimension_numbers: `DimensionNumbers(batch_axes=...)` for all leaves, a
-      pytree matching the params of DimensionNumbers or None, or a callable
-      params -> such a pytree. Batch axes (e.g. the layer axis of scanned
-      weights of shape (L, m, n)) get independent projectors. None: inferred
-      from the structure (see above).
-    projector_dtype: dtype to store projectors in (default: the param's).
-    seed: seed of the PRNG key kept in the state.
+    Args:
+      rank: int rank, or float in (0, 1] as a fraction of the projected dim.
+      update_proj_gap: steps between subspace refreshes (T).
+      scale: multiplies the projected-back update (GaLore's alpha). May be an array.
+      proj_type: "std" | "reverse_std" | "left" | "right" | "full".
+      svd: "randomized" (GaLore 2 range finder, Cholesky-QR + eigh) or "exact".
+      oversample: extra sketch columns for the randomized SVD.
+      power_iters: power iterations for the randomized SVD.
+      warm_start: start the randomized range finder from the previous basis.
+      on_refresh: "keep" | "reset" | "project" (see above).
+      stagger: spread the leaves' refreshes over the gap.
+      base_optimizer: transformation run on the low-rank gradients; default
+        `optax.scale_by_adam()`. It must not need `params` (they are not low-rank).
+      dimension_numbers: `DimensionNumbers(batch_axes=...)` for all leaves, a
+        pytree matching the params of DimensionNumbers or None, or a callable
+        params -> such a pytree. Batch axes (e.g. the layer axis of scanned
+        weights of shape (L, m, n)) get independent projectors. None: inferred
+        from the structure (see above).
+      projector_dtype: dtype to store projectors in (default: the param's).
+      seed: seed of the PRNG key kept in the state.
 
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import galore_jax as gj
-    >>> params = {"w": jnp.ones((16, 8)), "b": jnp.zeros((8,))}
-    >>> tx = optax.chain(gj.scale_by_galore(rank=4, update_proj_gap=10), optax.scale(-1e-2))
-    >>> state = tx.init(params)
-    >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = jax.jit(tx.update)(grads, state)
-    >>> updates["w"].shape, state[0].projectors.right["w"].shape  # Vh: rank x n
-    ((16, 8), (4, 8))
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import galore_jax as gj
+      >>> params = {"w": jnp.ones((16, 8)), "b": jnp.zeros((8,))}
+      >>> tx = optax.chain(gj.scale_by_galore(rank=4, update_proj_gap=10), optax.scale(-1e-2))
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = jax.jit(tx.update)(grads, state)
+      >>> updates["w"].shape, state[0].projectors.right["w"].shape  # Vh: rank x n
+      ((16, 8), (4, 8))
 
-  References:
-    Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
-    Projection, ICML 2024. https://arxiv.org/abs/2403.03507
-    Su et al., GaLore 2: Large-Scale LLM Pre-Training by Gradient Low-Rank
-    Projection, 2025. https://arxiv.org/abs/2504.20437
-  """
-  check_rank_value(rank)
-  check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
-  _check_choice("proj_type", proj_type, proj.PROJ_TYPES)
-  _check_base_optimizer(base_optimizer, "scale_by_galore")
+    References:
+      Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+      Projection, ICML 2024. https://arxiv.org/abs/2403.03507
+      Su et al., GaLore 2: Large-Scale LLM Pre-Training by Gradient Low-Rank
+      Projection, 2025. https://arxiv.org/abs/2504.20437
+    """
+    check_rank_value(rank)
+    check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
+    _check_choice("proj_type", proj_type, proj.PROJ_TYPES)
+    _check_base_optimizer(base_optimizer, "scale_by_galore")
 
-  def make_plans(params):
-    names, leaves, treedef = paths.leaf_paths(params)
-    dims = proj.resolve_dimension_numbers(dimension_numbers, params)
-    plans = []
-    for path, leaf, d in zip(names, leaves, dims):
-      _check_leaf_dtype("scale_by_galore", path, leaf)
-      ndim = jnp.ndim(leaf) - (len(d.batch_axes) if d is not None else 0)
-      if ndim < 2:
-        if d is not None and dimension_numbers is not None:  # inferred: a stacked vector
-          raise ValueError(
-              f"dimension_numbers for '{path}' leave {ndim} matrix axes for a leaf of shape "
-              f"{jnp.shape(leaf)}; exactly 2 must remain")
-        plans.append(None)
-      else:
-        plans.append(proj.matrix_plan(jnp.shape(leaf), d, proj_type, rank, path))
-    return names, leaves, treedef, plans
+    def make_plans(params):
+        names, leaves, treedef = paths.leaf_paths(params)
+        dims = proj.resolve_dimension_numbers(dimension_numbers, params)
+        plans = []
+        for path, leaf, d in zip(names, leaves, dims):
+            _check_leaf_dtype("scale_by_galore", path, leaf)
+            ndim = jnp.ndim(leaf) - (len(d.batch_axes) if d is not None else 0)
+            if ndim < 2:
+                if d is not None and dimension_numbers is not None:  # inferred: a stacked vector
+                    raise ValueError(
+                        f"dimension_numbers for '{path}' leave {ndim} matrix axes for a leaf of "
+                        f"shape {jnp.shape(leaf)}; exactly 2 must remain"
+                    )
+                plans.append(None)
+            else:
+                plans.append(proj.matrix_plan(jnp.shape(leaf), d, proj_type, rank, path))
+        return names, leaves, treedef, plans
 
-  return _low_rank_transform(
-      make_plans=make_plans,
-      projection=lambda plans: _matrix_projection(svd, oversample, power_iters),
-      num_slots=lambda plans: 2,
-      pack_projectors=lambda slots: MatrixProjectors(*slots),
-      update_proj_gap=update_proj_gap, scale=scale,
-      base_optimizer=base_optimizer or optax.scale_by_adam(),
-      warm_start=warm_start and svd == "randomized", on_refresh=on_refresh, stagger=stagger,
-      projector_dtype=projector_dtype, seed=seed, state_cls=ScaleByGaloreState)
+    return _low_rank_transform(
+        make_plans=make_plans,
+        projection=lambda plans: _matrix_projection(svd, oversample, power_iters),
+        num_slots=lambda plans: 2,
+        pack_projectors=lambda slots: MatrixProjectors(*slots),
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        base_optimizer=base_optimizer or optax.scale_by_adam(),
+        warm_start=warm_start and svd == "randomized",
+        on_refresh=on_refresh,
+        stagger=stagger,
+        projector_dtype=projector_dtype,
+        seed=seed,
+        state_cls=ScaleByGaloreState,
+    )
 
 
 def scale_by_tensor_galore(
@@ -546,79 +599,84 @@ def scale_by_tensor_galore(
     projector_dtype: Optional[Any] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """Tensor-GaLore: base optimizer on the Tucker core of N-D gradients.
+    """Tensor-GaLore: base optimizer on the Tucker core of N-D gradients.
 
-  For each leaf with >= 2 axes, factor k is the top r_k left singular vectors
-  of the gradient's mode-k unfolding (HOSVD, sign-canonical); the base
-  optimizer sees the core G x_k U_k^H and its update is mapped back with
-  core x_k U_k, times `scale`. Complex leaves (FNO spectral weights) use
-  conjugate transposes; the default `optax.scale_by_adam` keeps |g|^2 in its
-  second moment for them. Factors are recomputed from the current gradient at
-  step 0 and every `update_proj_gap` steps (staggered if asked, as in
-  `scale_by_galore`). Leaves with fewer than 2 axes get the base optimizer in
-  full space.
+    For each leaf with >= 2 axes, factor k is the top r_k left singular vectors
+    of the gradient's mode-k unfolding (HOSVD, sign-canonical); the base
+    optimizer sees the core G x_k U_k^H and its update is mapped back with
+    core x_k U_k, times `scale`. Complex leaves (FNO spectral weights) use
+    conjugate transposes; the default `optax.scale_by_adam` keeps |g|^2 in its
+    second moment for them. Factors are recomputed from the current gradient at
+    step 0 and every `update_proj_gap` steps (staggered if asked, as in
+    `scale_by_galore`). Leaves with fewer than 2 axes get the base optimizer in
+    full space.
 
-  Args:
-    rank: one rank for every projected mode (int, or float fraction of each
-      mode's size), or a per-mode tuple (None leaves a mode unprojected).
-    update_proj_gap: steps between refreshes.
-    scale: multiplies the projected-back update.
-    modes: which modes to project (default: all).
-    svd: "exact" or "randomized" per-mode SVD.
-    oversample, power_iters, warm_start: randomized SVD settings.
-    on_refresh: "keep" | "reset" | "project" (moments rotated mode by mode).
-    stagger: spread leaves' refreshes over the gap.
-    base_optimizer: default `optax.scale_by_adam()`.
-    projector_dtype: dtype of the stored factors (default: the param's).
-    seed: PRNG seed.
+    Args:
+      rank: one rank for every projected mode (int, or float fraction of each
+        mode's size), or a per-mode tuple (None leaves a mode unprojected).
+      update_proj_gap: steps between refreshes.
+      scale: multiplies the projected-back update.
+      modes: which modes to project (default: all).
+      svd: "exact" or "randomized" per-mode SVD.
+      oversample, power_iters, warm_start: randomized SVD settings.
+      on_refresh: "keep" | "reset" | "project" (moments rotated mode by mode).
+      stagger: spread leaves' refreshes over the gap.
+      base_optimizer: default `optax.scale_by_adam()`.
+      projector_dtype: dtype of the stored factors (default: the param's).
+      seed: PRNG seed.
 
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import galore_jax as gj
-    >>> w = jnp.ones((8, 8, 4, 4), jnp.complex64)
-    >>> tx = gj.scale_by_tensor_galore(rank=0.5, update_proj_gap=50)
-    >>> state = tx.init({"w": w})
-    >>> [factor["w"].shape for factor in state.factors]  # one tree per mode
-    [(8, 4), (8, 4), (4, 2), (4, 2)]
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import galore_jax as gj
+      >>> w = jnp.ones((8, 8, 4, 4), jnp.complex64)
+      >>> tx = gj.scale_by_tensor_galore(rank=0.5, update_proj_gap=50)
+      >>> state = tx.init({"w": w})
+      >>> [factor["w"].shape for factor in state.factors]  # one tree per mode
+      [(8, 4), (8, 4), (4, 2), (4, 2)]
 
-  References:
-    George et al., Tensor-GaLore: Memory-Efficient Training via Gradient
-    Tensor Decomposition, 2025. https://arxiv.org/abs/2501.02379
-  """
-  static = TENSOR_GALORE_STATIC_ARGS
-  if isinstance(rank, (tuple, list)):
-    for i, r in enumerate(rank):
-      if r is not None:
-        check_rank_value(r, f"rank[{i}]", static)
-  else:
-    check_rank_value(rank, "rank", static)
-  check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
-  _check_base_optimizer(base_optimizer, "scale_by_tensor_galore")
+    References:
+      George et al., Tensor-GaLore: Memory-Efficient Training via Gradient
+      Tensor Decomposition, 2025. https://arxiv.org/abs/2501.02379
+    """
+    static = TENSOR_GALORE_STATIC_ARGS
+    if isinstance(rank, (tuple, list)):
+        for i, r in enumerate(rank):
+            if r is not None:
+                check_rank_value(r, f"rank[{i}]", static)
+    else:
+        check_rank_value(rank, "rank", static)
+    check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
+    _check_base_optimizer(base_optimizer, "scale_by_tensor_galore")
 
-  def make_plans(params):
-    names, leaves, treedef = paths.leaf_paths(params)
-    plans = []
-    for path, leaf in zip(names, leaves):
-      _check_leaf_dtype("scale_by_tensor_galore", path, leaf)
-      if jnp.ndim(leaf) < 2:
-        plans.append(None)
-      else:
-        plans.append(proj.tucker_plan(jnp.shape(leaf), rank, modes, path))
-    return names, leaves, treedef, plans
+    def make_plans(params):
+        names, leaves, treedef = paths.leaf_paths(params)
+        plans = []
+        for path, leaf in zip(names, leaves):
+            _check_leaf_dtype("scale_by_tensor_galore", path, leaf)
+            if jnp.ndim(leaf) < 2:
+                plans.append(None)
+            else:
+                plans.append(proj.tucker_plan(jnp.shape(leaf), rank, modes, path))
+        return names, leaves, treedef, plans
 
-  def num_slots(plans):
-    return max([len(p.shape) for p in plans if p is not None], default=0)
+    def num_slots(plans):
+        return max([len(p.shape) for p in plans if p is not None], default=0)
 
-  return _low_rank_transform(
-      make_plans=make_plans,
-      projection=lambda plans: _tucker_projection(svd, oversample, power_iters,
-                                                  num_slots(plans)),
-      num_slots=num_slots,
-      pack_projectors=tuple,
-      update_proj_gap=update_proj_gap, scale=scale,
-      base_optimizer=base_optimizer or optax.scale_by_adam(),
-      warm_start=warm_start and svd == "randomized", on_refresh=on_refresh, stagger=stagger,
-      projector_dtype=projector_dtype, seed=seed, state_cls=ScaleByTensorGaloreState)
+    return _low_rank_transform(
+        make_plans=make_plans,
+        projection=lambda plans: _tucker_projection(svd, oversample, power_iters, num_slots(plans)),
+        num_slots=num_slots,
+        pack_projectors=tuple,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        base_optimizer=base_optimizer or optax.scale_by_adam(),
+        warm_start=warm_start and svd == "randomized",
+        on_refresh=on_refresh,
+        stagger=stagger,
+        projector_dtype=projector_dtype,
+        seed=seed,
+        state_cls=ScaleByTensorGaloreState,
+    )

@@ -37,6 +37,7 @@ References:
     "Fourier Neural Operator for Parametric Partial Differential Equations",
     ICLR 2021. https://arxiv.org/abs/2010.08895
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -209,7 +210,9 @@ class SpectralConv(nnx.Module):
         self.modes = modes
         shape = (in_channels, out_channels, *modes)
         init = functools.partial(
-            _spectral_init, shape=shape, dtype=_complex_dtype(param_dtype),
+            _spectral_init,
+            shape=shape,
+            dtype=_complex_dtype(param_dtype),
             scale=1.0 / (in_channels * out_channels),
         )
         if len(modes) == 1:

@@ -133,28 +133,39 @@ class LlamaConfig:
         if self.num_kv_heads is None:
             # Frozen dataclass: fill the default through object.__setattr__.
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
-                     "num_kv_heads", "num_layers", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "num_layers",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"LlamaConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_heads ({self.num_heads}).")
+                f"num_heads ({self.num_heads})."
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig.num_heads ({self.num_heads}) must be divisible by "
-                f"num_kv_heads ({self.num_kv_heads}).")
+                f"num_kv_heads ({self.num_kv_heads})."
+            )
         if self.head_dim % 2:
             raise ValueError(
                 f"LlamaConfig.hidden_size / num_heads = {self.head_dim} must be even "
-                "(rotary embeddings rotate pairs of features).")
+                "(rotary embeddings rotate pairs of features)."
+            )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(
                     f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, "
-                    f"got {getattr(self, name)!r}.")
+                    f"got {getattr(self, name)!r}."
+                )
         if not self.rope_theta > 0:
             raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
         if not self.norm_eps > 0:
@@ -162,7 +173,8 @@ class LlamaConfig:
         if self.attention_implementation not in _ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 "LlamaConfig.attention_implementation must be one of "
-                f"{_ATTENTION_IMPLEMENTATIONS}, got {self.attention_implementation!r}.")
+                f"{_ATTENTION_IMPLEMENTATIONS}, got {self.attention_implementation!r}."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -187,8 +199,9 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, init=_normal_init) -> nnx.Param:
     not be applied at creation time (that needs a mesh and rules); callers shard
     the state later with :func:`logical_partition_specs`.
     """
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(names),
-                     eager_sharding=False)
+    return nnx.Param(
+        init(rngs.params(), shape, dtype), out_sharding=tuple(names), eager_sharding=False
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -197,8 +210,13 @@ class RMSNorm(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.eps = config.norm_eps
         self.dtype = config.jnp_dtype
-        self.scale = _param(rngs, (config.hidden_size,), ("norm",), config.jnp_param_dtype,
-                            init=nnx.initializers.ones)
+        self.scale = _param(
+            rngs,
+            (config.hidden_size,),
+            ("norm",),
+            config.jnp_param_dtype,
+            init=nnx.initializers.ones,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -253,8 +271,9 @@ class Attention(nnx.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         # Handles num_kv_heads < num_heads itself (GQA), no need to repeat k/v.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                           implementation=self.implementation)
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=self.implementation
+        )
         return out.reshape(batch, seq, self.num_heads * self.head_dim) @ self.o_proj[...].astype(dt)
 
 
@@ -317,24 +336,29 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         pdt = config.jnp_param_dtype
-        self.token_embedding = _param(rngs, (config.vocab_size, config.hidden_size),
-                                      ("vocab", "embed"), pdt)
+        self.token_embedding = _param(
+            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdt
+        )
         if config.scan_layers:
             # One DecoderLayer whose params carry a leading layer axis; vmap
             # adds "layers" in front of every param's logical axis names.
             @nnx.split_rngs(splits=config.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0,
-                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            @nnx.vmap(
+                in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS}
+            )
             def make_stacked_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
                 return DecoderLayer(config, rngs=layer_rngs)
 
             self.layers = make_stacked_layers(rngs)
             _prepend_layers_axis_name(self.layers)
         else:
-            self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
-                                    for _ in range(config.num_layers)])
+            self.layers = nnx.List(
+                [DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+            )
         self.final_norm = RMSNorm(config, rngs=rngs)
-        self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdt)
+        self.lm_head = _param(
+            rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdt
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Next-token logits.
@@ -351,17 +375,23 @@ class Llama(nnx.Module):
         seq = tokens.shape[1]
         if seq > config.max_seq_len:
             raise ValueError(
-                f"Sequence length {seq} exceeds LlamaConfig.max_seq_len={config.max_seq_len}.")
+                f"Sequence length {seq} exceeds LlamaConfig.max_seq_len={config.max_seq_len}."
+            )
         cos, sin = rotary_tables(seq, config.head_dim, config.rope_theta)
         x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(config.jnp_dtype)
 
         apply_layer = nnx.remat(_apply_layer) if config.remat else _apply_layer
         if config.scan_layers:
+
             def scan_body(x, layer):
                 return apply_layer(layer, x, cos, sin)
 
-            run_layers = nnx.scan(scan_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                                  transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            run_layers = nnx.scan(
+                scan_body,
+                in_axes=(nnx.Carry, 0),
+                out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
+            )
             x = run_layers(x, self.layers)
         else:
             for layer in self.layers:
@@ -369,8 +399,9 @@ class Llama(nnx.Module):
 
         x = self.final_norm(x)
         # float32 logits (accumulated in f32 even for bf16 compute) for a stable loss.
-        return jnp.dot(x, self.lm_head[...].astype(config.jnp_dtype),
-                       preferred_element_type=jnp.float32)
+        return jnp.dot(
+            x, self.lm_head[...].astype(config.jnp_dtype), preferred_element_type=jnp.float32
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -391,15 +422,17 @@ def _map_params(fn, model_or_state: Any):
     (what ``nnx.Optimizer`` hands the optax transform), so it is also a valid
     pytree prefix of the Variable-wrapped state for ``jax.jit`` shardings.
     """
-    return jax.tree.map(fn, _param_state(model_or_state),
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        fn, _param_state(model_or_state), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def _names_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     if not isinstance(variable, nnx.Variable):
         raise TypeError(
             "Expected a model or nnx.state(model, nnx.Param) (Variables carry the logical "
-            f"axis names), got a {type(variable).__name__} leaf: pure arrays have no names.")
+            f"axis names), got a {type(variable).__name__} leaf: pure arrays have no names."
+        )
     names = variable.get_metadata().get("out_sharding", None)
     if not names:
         return (None,) * variable.ndim
@@ -420,10 +453,11 @@ def logical_axes(model_or_state: Any) -> nnx.State:
     return _map_params(lambda v: jax.sharding.PartitionSpec(*_names_of(v)), model_or_state)
 
 
-def logical_partition_specs(model_or_state: Any,
-                            rules=DEFAULT_LOGICAL_RULES,
-                            mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-                            ) -> nnx.State:
+def logical_partition_specs(
+    model_or_state: Any,
+    rules=DEFAULT_LOGICAL_RULES,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> nnx.State:
     """PartitionSpecs of every param from its logical axis names and a rules table.
 
     Args:
@@ -487,6 +521,7 @@ def layer_axis_tree(model_or_state: Any) -> nnx.State:
         int or None leaves. JAX treats None as an empty subtree, so map over it
         with ``is_leaf=lambda x: x is None`` (or flatten with the same is_leaf).
     """
+
     def axis_of(variable):
         names = _names_of(variable)
         return names.index(LAYERS_AXIS) if LAYERS_AXIS in names else None

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from training import mesh as mesh_lib
@@ -24,8 +25,10 @@ CONFIG = {"task": "lm", "model": {"hidden_size": 8}, "optimizer": {"name": "adam
 def make_state(mesh):
     """Params, optimizer state (Adam moments, counters, a PRNG key) and shardings."""
     params = {"w": jnp.arange(64.0).reshape(8, 8), "layers": {"b": jnp.ones(8)}}
-    param_shardings = {"w": NamedSharding(mesh, P("fsdp", None)),
-                       "layers": {"b": NamedSharding(mesh, P())}}
+    param_shardings = {
+        "w": NamedSharding(mesh, P("fsdp", None)),
+        "layers": {"b": NamedSharding(mesh, P())},
+    }
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     abstract_params = jax.eval_shape(lambda: params)
     init = lambda p: (tx.init(p), jax.random.key(7))  # noqa: E731
@@ -37,21 +40,37 @@ def make_state(mesh):
     grads = jax.tree.map(lambda x: x * 0.1, params)
     updates, opt = tx.update(grads, state[0], params)
     state = (opt, state[1])
-    return dict(params=params, param_shardings=param_shardings, abstract_params=abstract_params,
-                state=state, abstract_state=abstract_state, state_shardings=state_shardings)
+    return dict(
+        params=params,
+        param_shardings=param_shardings,
+        abstract_params=abstract_params,
+        state=state,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+    )
 
 
 def save(directory, step, s, config=CONFIG):
     ckpt = Checkpointer(str(directory))
-    ckpt.save(step, params=s["params"], opt_state=s["state"], data_state={"position": step},
-              config=config, mesh_shape={"data": 2, "fsdp": 4, "tensor": 1})
+    ckpt.save(
+        step,
+        params=s["params"],
+        opt_state=s["state"],
+        data_state={"position": step},
+        config=config,
+        mesh_shape={"data": 2, "fsdp": 4, "tensor": 1},
+    )
     ckpt.close()
 
 
 def restore(directory, step, s):
     return Checkpointer(str(directory)).restore(
-        step, abstract_params=s["abstract_params"], param_shardings=s["param_shardings"],
-        abstract_opt_state=s["abstract_state"], opt_state_shardings=s["state_shardings"])
+        step,
+        abstract_params=s["abstract_params"],
+        param_shardings=s["param_shardings"],
+        abstract_opt_state=s["abstract_state"],
+        opt_state_shardings=s["state_shardings"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +108,12 @@ def test_round_trip_is_exact_and_keeps_shardings(saved):
 
 def test_restore_onto_smaller_mesh(saved):
     directory, s8 = saved
-    mesh4 = jax.make_mesh((1, 4, 1), mesh_lib.MESH_AXES, devices=jax.devices()[:4],
-                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh4 = jax.make_mesh(
+        (1, 4, 1),
+        mesh_lib.MESH_AXES,
+        devices=jax.devices()[:4],
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    )
     s4 = make_state(mesh4)
     params, state, _ = restore(directory, 3, s4)
     assert_trees_equal(params, s8["params"])
@@ -110,8 +133,12 @@ def test_half_written_checkpoint_is_never_listed(saved, tmp_path):
     ckpt = Checkpointer(str(copy))
     assert ckpt.latest_step() == 3 and ckpt.all_steps() == [3]
     params, _, _ = ckpt.restore(
-        3, abstract_params=s["abstract_params"], param_shardings=s["param_shardings"],
-        abstract_opt_state=s["abstract_state"], opt_state_shardings=s["state_shardings"])
+        3,
+        abstract_params=s["abstract_params"],
+        param_shardings=s["param_shardings"],
+        abstract_opt_state=s["abstract_state"],
+        opt_state_shardings=s["state_shardings"],
+    )
     assert_trees_equal(params, s["params"])
     ckpt.close()
     assert not partial.exists()  # cleaned up at start-up
@@ -120,21 +147,29 @@ def test_half_written_checkpoint_is_never_listed(saved, tmp_path):
 def test_config_mismatch_is_a_clear_error(saved):
     directory, _ = saved
     changed = {**CONFIG, "model": {"hidden_size": 16}}
-    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint has 8, config has 16"):
+    with pytest.raises(
+        CheckpointError, match=r"model.hidden_size: checkpoint has 8, config has 16"
+    ):
         Checkpointer(str(directory)).check_compatible(3, changed)
     Checkpointer(str(directory)).check_compatible(3, CONFIG)  # same: fine
 
 
 def test_different_structure_or_shape_is_a_clear_error(saved, mesh8):
     directory, s = saved
-    other = dict(s, abstract_params={"w": jax.ShapeDtypeStruct((4, 8), jnp.float32),
-                                     "layers": {"b": jax.ShapeDtypeStruct((8,), jnp.float32)}})
+    other = dict(
+        s,
+        abstract_params={
+            "w": jax.ShapeDtypeStruct((4, 8), jnp.float32),
+            "layers": {"b": jax.ShapeDtypeStruct((8,), jnp.float32)},
+        },
+    )
     with pytest.raises(CheckpointError, match=r"params 'w' has shape/dtype \[\[8, 8\]"):
         restore(directory, 3, other)
-    renamed = dict(s, abstract_params={"v": s["abstract_params"]["w"],
-                                       "layers": s["abstract_params"]["layers"]},
-                   param_shardings={"v": s["param_shardings"]["w"],
-                                    "layers": s["param_shardings"]["layers"]})
+    renamed = dict(
+        s,
+        abstract_params={"v": s["abstract_params"]["w"], "layers": s["abstract_params"]["layers"]},
+        param_shardings={"v": s["param_shardings"]["w"], "layers": s["param_shardings"]["layers"]},
+    )
     with pytest.raises(CheckpointError, match=r"different params structure \(missing \['v'\]"):
         restore(directory, 3, renamed)
 

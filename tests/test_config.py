@@ -5,10 +5,20 @@ import dataclasses
 import pytest
 import yaml
 
-from training.config import (Config, ConfigError, FNOConfig, FNOModelConfig, LMConfig,
-                             OptimizerConfig, apply_overrides, config_from_dict,
-                             config_to_dict, load_config, resolve_mesh_shape,
-                             validate_for_devices)
+from training.config import (
+    Config,
+    ConfigError,
+    FNOConfig,
+    FNOModelConfig,
+    LMConfig,
+    OptimizerConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    resolve_mesh_shape,
+    validate_for_devices,
+)
 
 
 def write_yaml(tmp_path, data, name="cfg.yaml"):
@@ -26,9 +36,16 @@ def test_defaults_load_and_round_trip():
 
 def test_yaml_and_dotted_overrides(tmp_path):
     path = write_yaml(tmp_path, {"steps": 10, "optimizer": {"name": "adamw", "lr": 0.01}})
-    config = load_config(path, ["optimizer.lr=3e-4", "model.hidden_size=64",
-                                "mesh.rules=[[embed, fsdp], [mlp, null]]",
-                                "optimizer.rank=0.25", "optimizer.label_overrides={embed: adamw}"])
+    config = load_config(
+        path,
+        [
+            "optimizer.lr=3e-4",
+            "model.hidden_size=64",
+            "mesh.rules=[[embed, fsdp], [mlp, null]]",
+            "optimizer.rank=0.25",
+            "optimizer.label_overrides={embed: adamw}",
+        ],
+    )
     assert config.steps == 10
     assert config.optimizer.lr == pytest.approx(3e-4)
     assert config.model.hidden_size == 64
@@ -107,8 +124,9 @@ def test_batch_and_heads_must_split_over_mesh():
     config = load_config(None, ["batch_size=6", "mesh.data=4"])
     with pytest.raises(ConfigError, match="divisible by mesh data\\*fsdp = 4"):
         validate_for_devices(config, 4)
-    config = load_config(None, ["model.num_heads=2", "model.hidden_size=64",
-                                "mesh.data=1", "mesh.tensor=4"])
+    config = load_config(
+        None, ["model.num_heads=2", "model.hidden_size=64", "mesh.data=1", "mesh.tensor=4"]
+    )
     with pytest.raises(ConfigError, match=r"model.num_heads \(2\).*mesh.tensor \(4\)"):
         validate_for_devices(config, 4)
 
@@ -121,6 +139,7 @@ def test_apply_overrides_does_not_mutate_input():
 
 def test_shipped_configs_load():
     import glob
+
     paths = sorted(glob.glob("configs/llama_*.yaml"))
     assert paths, "no configs/llama_*.yaml"
     for path in paths:
@@ -140,7 +159,9 @@ def test_task_selects_the_sections():
 
 
 def test_bool_is_not_a_number_and_ranges_name_the_key():
-    with pytest.raises(ConfigError, match=r"'optimizer.rank' expects int or float, got True \(bool\)"):
+    with pytest.raises(
+        ConfigError, match=r"'optimizer.rank' expects int or float, got True \(bool\)"
+    ):
         load_config(None, ["optimizer.rank=true"])
     with pytest.raises(ConfigError, match=r"^optimizer.lr must be > 0, got -1$"):
         load_config(None, ["optimizer.lr=-1"])
@@ -148,14 +169,20 @@ def test_bool_is_not_a_number_and_ranges_name_the_key():
         load_config(None, ["model.num_kv_heads=0"])
     with pytest.raises(ConfigError, match=r"expects dict of str to str or null"):
         load_config(None, ["optimizer.label_overrides={embed: 1}"])
-    with pytest.raises(ConfigError, match=r"^config key 'steps' expects int, got 'x' \(str\) \(and 1 more\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^config key 'steps' expects int, got 'x' \(str\) \(and 1 more\)$"
+    ):
         load_config(None, ["steps=x", "seq_len=y"])
 
 
 def test_llama_shape_checked_by_the_model_config():
-    with pytest.raises(ConfigError, match=r"model.hidden_size \(30\) must be divisible by model.num_heads \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"model.hidden_size \(30\) must be divisible by model.num_heads \(4\)"
+    ):
         load_config(None, ["model.hidden_size=30"])
-    with pytest.raises(ConfigError, match=r"model.num_heads \(4\) must be divisible by model.num_kv_heads \(3\)"):
+    with pytest.raises(
+        ConfigError, match=r"model.num_heads \(4\) must be divisible by model.num_kv_heads \(3\)"
+    ):
         load_config(None, ["model.num_kv_heads=3"])
     with pytest.raises(ConfigError, match=r"must be even"):
         load_config(None, ["model.hidden_size=36"])

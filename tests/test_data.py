@@ -20,8 +20,14 @@ SMALL_CORPUS = {"source": "builtin", "max_corpus_bytes": 256 * 1024}
 
 
 def make_iterator(tokens, *, batch=4, seq=8, seed=0, index=0, count=1):
-    return TokenBatchIterator(tokens, global_batch_size=batch, seq_len=seq, seed=seed,
-                              process_index=index, process_count=count)
+    return TokenBatchIterator(
+        tokens,
+        global_batch_size=batch,
+        seq_len=seq,
+        seed=seed,
+        process_index=index,
+        process_count=count,
+    )
 
 
 def take(iterator, n):
@@ -50,8 +56,9 @@ def test_builtin_corpus_is_deterministic_and_split():
     assert first.vocab_size == 259
     assert len(first.train) > 0 and len(first.val) > 0
     # Disjoint: validation is exactly the tail of the stream, 5% of it by default.
-    stream = tokenize_documents(builtin_documents(SMALL_CORPUS["max_corpus_bytes"]),
-                                ByteTokenizer())
+    stream = tokenize_documents(
+        builtin_documents(SMALL_CORPUS["max_corpus_bytes"]), ByteTokenizer()
+    )
     np.testing.assert_array_equal(np.concatenate([first.train, first.val]), stream)
     assert abs(len(first.val) / len(stream) - 0.05) < 1e-3
 
@@ -89,13 +96,14 @@ def test_iterator_batches_are_shifted_windows(small_stream):
     # Each row is a contiguous slice of the stream.
     for row_in, row_target in zip(batch["inputs"], batch["targets"]):
         start = int(row_in[0])
-        np.testing.assert_array_equal(row_in, small_stream[start:start + 8])
-        np.testing.assert_array_equal(row_target, small_stream[start + 1:start + 9])
+        np.testing.assert_array_equal(row_in, small_stream[start : start + 8])
+        np.testing.assert_array_equal(row_target, small_stream[start + 1 : start + 9])
 
 
 def test_iterator_order_depends_only_on_seed(small_stream):
-    assert_same_batches(take(make_iterator(small_stream, seed=3), 5),
-                        take(make_iterator(small_stream, seed=3), 5))
+    assert_same_batches(
+        take(make_iterator(small_stream, seed=3), 5), take(make_iterator(small_stream, seed=3), 5)
+    )
     a = take(make_iterator(small_stream, seed=3), 5)
     b = take(make_iterator(small_stream, seed=4), 5)
     assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
@@ -126,8 +134,9 @@ def test_state_restore_continues_same_stream(small_stream):
 
 def test_process_shards_partition_the_global_batch(small_stream):
     whole = take(make_iterator(small_stream, batch=6, seed=1), 3)
-    shards = [take(make_iterator(small_stream, batch=6, seed=1, index=p, count=3), 3)
-              for p in range(3)]
+    shards = [
+        take(make_iterator(small_stream, batch=6, seed=1, index=p, count=3), 3) for p in range(3)
+    ]
     for step, batch in enumerate(whole):
         for key in ("inputs", "targets"):
             local = [shard[step][key] for shard in shards]
@@ -153,10 +162,12 @@ def test_eval_batches_are_fixed(small_stream):
     np.testing.assert_array_equal(batches[0]["inputs"][1], small_stream[8:16])
     np.testing.assert_array_equal(batches[2]["targets"][3], small_stream[89:97])
     assert len(list(eval_batches(small_stream, 4, 8))) == 999 // 8 // 4
-    halves = [next(eval_batches(small_stream, 4, 8, process_index=p, process_count=2))
-              for p in range(2)]
-    np.testing.assert_array_equal(np.concatenate([h["inputs"] for h in halves]),
-                                  batches[0]["inputs"])
+    halves = [
+        next(eval_batches(small_stream, 4, 8, process_index=p, process_count=2)) for p in range(2)
+    ]
+    np.testing.assert_array_equal(
+        np.concatenate([h["inputs"] for h in halves]), batches[0]["inputs"]
+    )
     with pytest.raises(ValueError, match="too short"):
         eval_batches(small_stream[:20], 4, 8)
 
@@ -178,10 +189,13 @@ def test_text_file_and_directory(tmp_path):
 
 def test_jsonl_with_custom_field(tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"body": t, "id": i})
-                              for i, t in enumerate(["one", "two", "three"])) + "\n\n")
-    data = load_tokens({"source": "jsonl", "path": path, "jsonl_field": "body",
-                        "val_fraction": 0.2})
+    path.write_text(
+        "\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(["one", "two", "three"]))
+        + "\n\n"
+    )
+    data = load_tokens(
+        {"source": "jsonl", "path": path, "jsonl_field": "body", "val_fraction": 0.2}
+    )
     stream = np.concatenate([data.train, data.val])
     assert ByteTokenizer().decode(stream) == "onetwothree"
     with pytest.raises(ValueError, match="'text'"):
@@ -193,8 +207,15 @@ def test_pretokenized_bin(tmp_path, dtype):
     tokens = (np.arange(500) * 7 % 1000).astype(dtype)
     path = tmp_path / "tokens.bin"
     tokens.tofile(path)
-    data = load_tokens({"source": "bin", "path": str(path), "bin_dtype": dtype,
-                        "vocab_size": 1000, "val_fraction": 0.1})
+    data = load_tokens(
+        {
+            "source": "bin",
+            "path": str(path),
+            "bin_dtype": dtype,
+            "vocab_size": 1000,
+            "val_fraction": 0.1,
+        }
+    )
     assert isinstance(data.train, np.memmap) and data.vocab_size == 1000
     np.testing.assert_array_equal(np.concatenate([data.train, data.val]), tokens)
     assert len(data.val) == 50
@@ -254,13 +275,21 @@ def test_hf_tokenizer_is_used_when_available(tmp_path, monkeypatch):
             return words.get(token)
 
         def encode_batch(self, texts, add_special_tokens=False):
-            return [types.SimpleNamespace(ids=[words[w] + 65535 * (w == "beta")
-                                               for w in t.split()]) for t in texts]
+            return [
+                types.SimpleNamespace(ids=[words[w] + 65535 * (w == "beta") for w in t.split()])
+                for t in texts
+            ]
 
     monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=FakeTokenizer))
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "doc.txt").write_text("alpha beta alpha")
-    data = load_tokens({"source": "text", "path": str(tmp_path / "doc.txt"),
-                        "tokenizer": str(tmp_path / "tokenizer.json"), "val_fraction": 0.25})
+    data = load_tokens(
+        {
+            "source": "text",
+            "path": str(tmp_path / "doc.txt"),
+            "tokenizer": str(tmp_path / "tokenizer.json"),
+            "val_fraction": 0.25,
+        }
+    )
     assert data.vocab_size == 70000 and data.train.dtype == np.uint32
     np.testing.assert_array_equal(np.concatenate([data.train, data.val]), [1, 65537, 1, 0])

@@ -2,10 +2,9 @@
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
-
-import pkgutil
 
 import galore_jax
 
@@ -15,6 +14,6 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(galore_jax.__path__))
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-  module = importlib.import_module(f"galore_jax.{name}")
-  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert result.failed == 0, f"{result.failed} doctest(s) failed in galore_jax.{name}"
+    module = importlib.import_module(f"galore_jax.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} doctest(s) failed in galore_jax.{name}"

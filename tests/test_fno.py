@@ -1,5 +1,6 @@
 """Tests for models/fno.py: spectral convolution against a direct DFT, FNO shapes,
 jit/grad with complex weights, and that the FNO learns Burgers."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,23 +116,48 @@ def test_spectral_conv_rejects_too_many_modes():
         conv2(jnp.ones((1, 8, 4, 3)))  # 4 // 2 + 1 = 3 frequencies
 
 
-@pytest.mark.parametrize("field, value", [
-    ("dim", 3), ("width", 0), ("modes", (4, 4, 4)), ("modes", 0), ("num_layers", -1),
-    ("activation", "swish2"), ("padding", -1), ("param_dtype", "int32"),
-    ("lifting_channels", 0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("dim", 3),
+        ("width", 0),
+        ("modes", (4, 4, 4)),
+        ("modes", 0),
+        ("num_layers", -1),
+        ("activation", "swish2"),
+        ("padding", -1),
+        ("param_dtype", "int32"),
+        ("lifting_channels", 0),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         FNOConfig(**{"dim": 2, field: value})
 
 
-CONFIG_2D = FNOConfig(dim=2, in_channels=1, out_channels=2, width=8, modes=[3, 4],
-                      num_layers=2, projection_channels=16)
+CONFIG_2D = FNOConfig(
+    dim=2,
+    in_channels=1,
+    out_channels=2,
+    width=8,
+    modes=[3, 4],
+    num_layers=2,
+    projection_channels=16,
+)
 
 
 def test_fno_shapes_and_resolution_independence():
-    config1 = FNOConfig(dim=1, in_channels=2, out_channels=3, width=8, modes=4, num_layers=2,
-                        projection_channels=16, lifting_channels=8, padding=2)
+    config1 = FNOConfig(
+        dim=1,
+        in_channels=2,
+        out_channels=3,
+        width=8,
+        modes=4,
+        num_layers=2,
+        projection_channels=16,
+        lifting_channels=8,
+        padding=2,
+    )
     model1 = FNO(config1, rngs=nnx.Rngs(0))
 
     def out_shape(model, shape):
@@ -218,8 +244,10 @@ def test_fno_learns_burgers():
     # Zero-shot super-resolution: the same seed gives the same functions on 128 points.
     x_fine, y_fine = pde.burgers_dataset(144, 128, seed=0)
     fine_error = float(jax.jit(loss_fn)(params, x_fine[112:], y_fine[112:]))
-    print(f"burgers test relative L2: FNO {test_error:.4f} (at 128 points {fine_error:.4f}), "
-          f"mean predictor {trivial:.4f}")
+    print(
+        f"burgers test relative L2: FNO {test_error:.4f} (at 128 points {fine_error:.4f}), "
+        f"mean predictor {trivial:.4f}"
+    )
     assert trivial > 0.5
     assert test_error < 0.1 * trivial, (test_error, trivial)
     assert fine_error < 0.1 * trivial, (fine_error, trivial)

@@ -27,18 +27,33 @@ import galore_jax as gj
 from models import fno
 from training import optim
 from training.config import ConfigError, OptimizerConfig, load_config
-from training.fno_task import (GALORE_SPECTRAL_ONLY, ArrayBatchIterator, eval_batches,
-                               load_pde_data, trivial_l2)
+from training.fno_task import (
+    GALORE_SPECTRAL_ONLY,
+    ArrayBatchIterator,
+    eval_batches,
+    load_pde_data,
+    trivial_l2,
+)
 from training.metrics import read_metrics
 from training.task import build_task
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 
-COMMON = ["steps=4", "batch_size=4", "log_every=1", "eval_every=2", "progress_bar=false",
-          "checkpoint.every=0", "optimizer.update_proj_gap=2", "data.n_train=16",
-          "data.n_test=6",  # 6 = one full batch of 4 + a padded one
-          "model.width=8", "model.num_layers=2", "model.projection_channels=16"]
+COMMON = [
+    "steps=4",
+    "batch_size=4",
+    "log_every=1",
+    "eval_every=2",
+    "progress_bar=false",
+    "checkpoint.every=0",
+    "optimizer.update_proj_gap=2",
+    "data.n_train=16",
+    "data.n_test=6",  # 6 = one full batch of 4 + a padded one
+    "model.width=8",
+    "model.num_layers=2",
+    "model.projection_channels=16",
+]
 TINY = {
     "darcy": [*COMMON, "data.resolution=16", "model.modes=[4,4]"],
     "burgers": [*COMMON, "data.resolution=32", "model.modes=6"],
@@ -51,14 +66,24 @@ def xla_cache(tmp_path_factory):
 
 
 def run_train(dataset, output_dir, cache, *overrides, devices=1):
-    cmd = [sys.executable, "train.py", "--config", f"configs/fno_{dataset}.yaml",
-           *TINY[dataset], f"output_dir={output_dir}", *overrides]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        f"configs/fno_{dataset}.yaml",
+        *TINY[dataset],
+        f"output_dir={output_dir}",
+        *overrides,
+    ]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"train.py failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -66,8 +91,15 @@ def run_train(dataset, output_dir, cache, *overrides, devices=1):
 def test_train_py_fno_darcy_reports_val_l2(tmp_path, xla_cache):
     """Matrix GaLore, on a 2-device explicit mesh with gradient accumulation."""
     out = tmp_path / "darcy"
-    proc = run_train("darcy", out, xla_cache, "optimizer.name=galore", "mesh.kind=explicit",
-                     "grad_accum_steps=2", devices=2)
+    proc = run_train(
+        "darcy",
+        out,
+        xla_cache,
+        "optimizer.name=galore",
+        "mesh.kind=explicit",
+        "grad_accum_steps=2",
+        devices=2,
+    )
     records = read_metrics(str(out))
     val = {r["step"]: r["val_l2"] for r in records if "val_l2" in r}
     assert sorted(val) == [2, 4]
@@ -91,8 +123,7 @@ def test_train_py_fno_burgers_resumes_exactly(tmp_path, xla_cache):
 
     assert by_step(straight, "val_l2").keys() == {2, 4}
     assert by_step(resumed, "loss") == pytest.approx(by_step(straight, "loss"), rel=1e-5)
-    assert by_step(resumed, "val_l2")[4] == pytest.approx(by_step(straight, "val_l2")[4],
-                                                          rel=1e-5)
+    assert by_step(resumed, "val_l2")[4] == pytest.approx(by_step(straight, "val_l2")[4], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -146,8 +177,9 @@ def test_tucker_ranks_for_param_fraction():
 
 
 def _small_fno(dim=2):
-    config = fno.FNOConfig(dim=dim, width=8, modes=(4, 3) if dim == 2 else 6, num_layers=2,
-                           projection_channels=16)
+    config = fno.FNOConfig(
+        dim=dim, width=8, modes=(4, 3) if dim == 2 else 6, num_layers=2, projection_channels=16
+    )
     model = fno.FNO(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, nnx.as_pure(params)
@@ -173,8 +205,7 @@ def _nbytes(tree):
 def test_tensor_galore_on_fno_spectral_weights():
     graphdef, params = _small_fno()
     gap, rank = 3, 0.5
-    tx = gj.tensor_galore_adamw(1e-3, rank=rank, update_proj_gap=gap, scale=0.25,
-                                svd="exact")
+    tx = gj.tensor_galore_adamw(1e-3, rank=rank, update_proj_gap=gap, scale=0.25, svd="exact")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(gap + 2, 4, 12, 10, 1)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(gap + 2, 4, 12, 10, 1)), jnp.float32)
@@ -189,8 +220,11 @@ def test_tensor_galore_on_fno_spectral_weights():
         return optax.apply_updates(p, updates), s, updates
 
     state = jax.jit(tx.init)(params)
-    spectral = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-                if jnp.iscomplexobj(leaf)}
+    spectral = {
+        path: leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jnp.iscomplexobj(leaf)
+    }
     assert len(spectral) == 4 and all(v.ndim == 4 for v in spectral.values())
 
     # Exact state size: sum_k d_k r_k factor entries + 2 prod_k r_k core moments
@@ -205,7 +239,8 @@ def test_tensor_galore_on_fno_spectral_weights():
     scalars = 4 + 8 + 4  # counter, PRNG key, Adam's counter
     assert report["per_label"]["tensor_galore"] == analytic + scalars
     assert report["per_label"]["tensor_galore"] < 0.25 * gj.adamw_state_bytes(
-        {str(k): v for k, v in spectral.items()})
+        {str(k): v for k, v in spectral.items()}
+    )
 
     history = []
     for i in range(gap + 2):
@@ -233,10 +268,20 @@ def test_tensor_galore_on_fno_spectral_weights():
 
 
 def test_fno_learns_burgers_with_tensor_galore():
-    overrides = ["optimizer.name=tensor_galore", "steps=150", "batch_size=16",
-                 "data.n_train=96", "data.n_test=32", "data.resolution=64",
-                 "model.width=16", "model.modes=8", "model.num_layers=3",
-                 "model.projection_channels=32", "optimizer.lr=6e-3", "optimizer.scale=1.0"]
+    overrides = [
+        "optimizer.name=tensor_galore",
+        "steps=150",
+        "batch_size=16",
+        "data.n_train=96",
+        "data.n_test=32",
+        "data.resolution=64",
+        "model.width=16",
+        "model.modes=8",
+        "model.num_layers=3",
+        "model.projection_channels=32",
+        "optimizer.lr=6e-3",
+        "optimizer.scale=1.0",
+    ]
     config = load_config("configs/fno_burgers.yaml", overrides)
     task = build_task(config)
     opt_cfg = task.optimizer_defaults(config.optimizer)
@@ -276,8 +321,9 @@ def test_optimizer_defaults_and_param_fraction_rank():
     report = gj.memory_report(tx.init(params), params)
     assert set(report["per_label"]) >= {"galore", "adam"}
     # tensor_rank_mode=params turns rank 0.25 into per-mode ranks for the spectral shape.
-    cfg = OptimizerConfig(name="tensor_galore", rank=0.25, tensor_rank_mode="params",
-                          update_proj_gap=5)
+    cfg = OptimizerConfig(
+        name="tensor_galore", rank=0.25, tensor_rank_mode="params", update_proj_gap=5
+    )
     tx, _ = optim.build_optimizer(cfg, 10, params=params)
     (tg,) = _tensor_galore_states(tx.init(params))
     want = optim.tucker_ranks_for_param_fraction((8, 8, 4, 3), 0.25)

@@ -10,124 +10,131 @@ from galore_jax import linalg
 
 
 def _gapped_matrix(rng, m, n, rank, gap=10.0, complex_=False):
-  """m x n matrix whose top `rank` singular values sit a factor `gap` above the rest."""
-  def orth(k, cols):
-    x = rng.normal(size=(k, cols))
-    if complex_:
-      x = x + 1j * rng.normal(size=(k, cols))
-    return np.linalg.qr(x)[0]
-  k = min(m, n)
-  s = np.concatenate([np.linspace(2.0, 1.0, rank) * gap, rng.uniform(0.0, 1.0, k - rank)])
-  return (orth(m, k) * s) @ orth(n, k).conj().T
+    """m x n matrix whose top `rank` singular values sit a factor `gap` above the rest."""
+
+    def orth(k, cols):
+        x = rng.normal(size=(k, cols))
+        if complex_:
+            x = x + 1j * rng.normal(size=(k, cols))
+        return np.linalg.qr(x)[0]
+
+    k = min(m, n)
+    s = np.concatenate([np.linspace(2.0, 1.0, rank) * gap, rng.uniform(0.0, 1.0, k - rank)])
+    return (orth(m, k) * s) @ orth(n, k).conj().T
 
 
 def _max_sine(basis, reference):
-  """Largest principal-angle sine between the column spans of two orthonormal bases."""
-  basis = np.asarray(basis, np.complex128)
-  reference = np.asarray(reference, np.complex128)
-  residual = basis - reference @ (reference.conj().T @ basis)
-  return np.linalg.svd(residual, compute_uv=False).max()
+    """Largest principal-angle sine between the column spans of two orthonormal bases."""
+    basis = np.asarray(basis, np.complex128)
+    reference = np.asarray(reference, np.complex128)
+    residual = basis - reference @ (reference.conj().T @ basis)
+    return np.linalg.svd(residual, compute_uv=False).max()
 
 
-@pytest.mark.parametrize("shape,rank,complex_", [((200, 120), 10, False), ((96, 300), 16, False),
-                                                 ((80, 64), 8, True)])
+@pytest.mark.parametrize(
+    "shape,rank,complex_", [((200, 120), 10, False), ((96, 300), 16, False), ((80, 64), 8, True)]
+)
 def test_randomized_spans_exact_subspace(shape, rank, complex_):
-  rng = np.random.default_rng(0)
-  a = _gapped_matrix(rng, *shape, rank, complex_=complex_)
-  dtype = jnp.complex64 if complex_ else jnp.float32
-  u, s, vt = gj.randomized_svd(jnp.asarray(a, dtype), rank, key=jax.random.PRNGKey(1))
-  u_ref, s_ref, vt_ref = np.linalg.svd(a)
-  assert _max_sine(u, u_ref[:, :rank]) <= 1e-2
-  assert _max_sine(np.conj(vt).T, np.conj(vt_ref[:rank]).T) <= 1e-2
-  np.testing.assert_allclose(np.asarray(s), s_ref[:rank], rtol=1e-3)
-  gram = np.asarray(u).conj().T @ np.asarray(u)
-  np.testing.assert_allclose(gram, np.eye(rank), atol=1e-5)
+    rng = np.random.default_rng(0)
+    a = _gapped_matrix(rng, *shape, rank, complex_=complex_)
+    dtype = jnp.complex64 if complex_ else jnp.float32
+    u, s, vt = gj.randomized_svd(jnp.asarray(a, dtype), rank, key=jax.random.PRNGKey(1))
+    u_ref, s_ref, vt_ref = np.linalg.svd(a)
+    assert _max_sine(u, u_ref[:, :rank]) <= 1e-2
+    assert _max_sine(np.conj(vt).T, np.conj(vt_ref[:rank]).T) <= 1e-2
+    np.testing.assert_allclose(np.asarray(s), s_ref[:rank], rtol=1e-3)
+    gram = np.asarray(u).conj().T @ np.asarray(u)
+    np.testing.assert_allclose(gram, np.eye(rank), atol=1e-5)
 
 
 def test_randomized_batched_and_vmapped_agree():
-  rng = np.random.default_rng(1)
-  stack = jnp.asarray(np.stack([_gapped_matrix(rng, 64, 48, 6) for _ in range(3)]), jnp.float32)
-  key = jax.random.PRNGKey(0)
-  batched = gj.top_left_basis(stack, 6, key=key, power_iters=2)
-  vmapped = jax.vmap(lambda a: gj.top_left_basis(a, 6, key=key, power_iters=2))(stack)
-  for layer in range(3):
-    exact = np.linalg.svd(np.asarray(stack[layer], np.float64))[0][:, :6]
-    assert _max_sine(batched[layer], exact) <= 1e-2
-    assert _max_sine(vmapped[layer], exact) <= 1e-2
+    rng = np.random.default_rng(1)
+    stack = jnp.asarray(np.stack([_gapped_matrix(rng, 64, 48, 6) for _ in range(3)]), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    batched = gj.top_left_basis(stack, 6, key=key, power_iters=2)
+    vmapped = jax.vmap(lambda a: gj.top_left_basis(a, 6, key=key, power_iters=2))(stack)
+    for layer in range(3):
+        exact = np.linalg.svd(np.asarray(stack[layer], np.float64))[0][:, :6]
+        assert _max_sine(batched[layer], exact) <= 1e-2
+        assert _max_sine(vmapped[layer], exact) <= 1e-2
 
 
 def test_warm_start_needs_fewer_power_iterations():
-  """A slowly moving subspace (as between GaLore refreshes): warm start with 0 power
-  iterations is more accurate than a cold start with 1."""
-  rng = np.random.default_rng(2)
-  m, n, rank = 300, 200, 20
-  # Slowly decaying spectrum: no big gap, where power iterations matter.
-  s = 1.0 / np.sqrt(np.arange(1, n + 1))
-  u0 = np.linalg.qr(rng.normal(size=(m, n)))[0]
-  v0 = np.linalg.qr(rng.normal(size=(n, n)))[0]
-  old = (u0 * s) @ v0.T
-  new = old + 0.02 * rng.normal(size=(m, n)) / np.sqrt(m)
-  exact_new = np.linalg.svd(new)[0][:, :rank]
-  prev_basis = jnp.asarray(np.linalg.svd(old)[0][:, :rank], jnp.float32)
-  a = jnp.asarray(new, jnp.float32)
+    """A slowly moving subspace (as between GaLore refreshes): warm start with 0 power
+    iterations is more accurate than a cold start with 1."""
+    rng = np.random.default_rng(2)
+    m, n, rank = 300, 200, 20
+    # Slowly decaying spectrum: no big gap, where power iterations matter.
+    s = 1.0 / np.sqrt(np.arange(1, n + 1))
+    u0 = np.linalg.qr(rng.normal(size=(m, n)))[0]
+    v0 = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    old = (u0 * s) @ v0.T
+    new = old + 0.02 * rng.normal(size=(m, n)) / np.sqrt(m)
+    exact_new = np.linalg.svd(new)[0][:, :rank]
+    prev_basis = jnp.asarray(np.linalg.svd(old)[0][:, :rank], jnp.float32)
+    a = jnp.asarray(new, jnp.float32)
 
-  def error(power_iters, init):
-    basis = gj.top_left_basis(a, rank, key=jax.random.PRNGKey(3), oversample=8,
-                              power_iters=power_iters, init=init)
-    return _max_sine(basis, exact_new)
+    def error(power_iters, init):
+        basis = gj.top_left_basis(
+            a, rank, key=jax.random.PRNGKey(3), oversample=8, power_iters=power_iters, init=init
+        )
+        return _max_sine(basis, exact_new)
 
-  cold = [error(q, None) for q in range(3)]
-  warm0 = error(0, prev_basis)
-  assert cold[0] > cold[1] > cold[2]  # power iterations help a cold start
-  assert warm0 < cold[1], (warm0, cold)
-  assert warm0 < 0.2
+    cold = [error(q, None) for q in range(3)]
+    warm0 = error(0, prev_basis)
+    assert cold[0] > cold[1] > cold[2]  # power iterations help a cold start
+    assert warm0 < cold[1], (warm0, cold)
+    assert warm0 < 0.2
 
 
 def test_exact_svd_matches_numpy_and_sign_rule():
-  rng = np.random.default_rng(3)
-  a = rng.normal(size=(30, 20))
-  u, s, vt = gj.exact_svd(jnp.asarray(a, jnp.float32), 5)
-  u_np, s_np, vt_np = np.linalg.svd(a)
-  flip = np.sign(u_np[np.argmax(np.abs(u_np[:, :5]), axis=0), np.arange(5)])
-  np.testing.assert_allclose(np.asarray(u), u_np[:, :5] * flip, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(vt), vt_np[:5] * flip[:, None], atol=1e-4)
-  np.testing.assert_allclose(np.asarray(s), s_np[:5], rtol=1e-5)
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(30, 20))
+    u, s, vt = gj.exact_svd(jnp.asarray(a, jnp.float32), 5)
+    u_np, s_np, vt_np = np.linalg.svd(a)
+    flip = np.sign(u_np[np.argmax(np.abs(u_np[:, :5]), axis=0), np.arange(5)])
+    np.testing.assert_allclose(np.asarray(u), u_np[:, :5] * flip, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(vt), vt_np[:5] * flip[:, None], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(s), s_np[:5], rtol=1e-5)
 
 
 def test_canonicalize_signs_rule_and_ties():
-  basis = jnp.asarray([[0.5, -0.7, 0.5], [-0.5, 0.1, -0.5], [0.1, 0.7, 0.2]])
-  out = np.asarray(gj.canonicalize_signs(basis))
-  # column 0: tie between rows 0 and 1 -> first index (0.5) positive: unchanged
-  np.testing.assert_allclose(out[:, 0], [0.5, -0.5, 0.1])
-  # column 1: tie |-0.7| == |0.7| -> first index (row 0) made positive: flipped
-  np.testing.assert_allclose(out[:, 1], [0.7, -0.1, -0.7])
-  # column 2: largest is -0.5? no, 0.5 at row 0 (tie with row 1, first wins): unchanged
-  np.testing.assert_allclose(out[:, 2], [0.5, -0.5, 0.2])
-  complex_basis = jnp.asarray([[1j, 0.1], [0.2, -2.0]], jnp.complex64)
-  out = np.asarray(gj.canonicalize_signs(complex_basis))
-  assert abs(out[0, 0] - 1.0) < 1e-6 and abs(out[1, 1] - 2.0) < 1e-6
+    basis = jnp.asarray([[0.5, -0.7, 0.5], [-0.5, 0.1, -0.5], [0.1, 0.7, 0.2]])
+    out = np.asarray(gj.canonicalize_signs(basis))
+    # column 0: tie between rows 0 and 1 -> first index (0.5) positive: unchanged
+    np.testing.assert_allclose(out[:, 0], [0.5, -0.5, 0.1])
+    # column 1: tie |-0.7| == |0.7| -> first index (row 0) made positive: flipped
+    np.testing.assert_allclose(out[:, 1], [0.7, -0.1, -0.7])
+    # column 2: largest is -0.5? no, 0.5 at row 0 (tie with row 1, first wins): unchanged
+    np.testing.assert_allclose(out[:, 2], [0.5, -0.5, 0.2])
+    complex_basis = jnp.asarray([[1j, 0.1], [0.2, -2.0]], jnp.complex64)
+    out = np.asarray(gj.canonicalize_signs(complex_basis))
+    assert abs(out[0, 0] - 1.0) < 1e-6 and abs(out[1, 1] - 2.0) < 1e-6
 
 
 def test_degenerate_inputs_stay_finite():
-  key = jax.random.PRNGKey(0)
-  for a in [jnp.zeros((40, 30)), jnp.ones((40, 30)),
-            jax.random.normal(key, (40, 2)) @ jax.random.normal(key, (2, 30))]:
-    u, s, vt = gj.randomized_svd(a, 5, key=key)
-    assert np.isfinite(np.asarray(u)).all() and np.isfinite(np.asarray(vt)).all()
+    key = jax.random.PRNGKey(0)
+    for a in [
+        jnp.zeros((40, 30)),
+        jnp.ones((40, 30)),
+        jax.random.normal(key, (40, 2)) @ jax.random.normal(key, (2, 30)),
+    ]:
+        u, s, vt = gj.randomized_svd(a, 5, key=key)
+        assert np.isfinite(np.asarray(u)).all() and np.isfinite(np.asarray(vt)).all()
 
 
 def test_bf16_input_is_refreshed_in_float32():
-  a = jax.random.normal(jax.random.PRNGKey(0), (32, 16)).astype(jnp.bfloat16)
-  u, s, vt = gj.randomized_svd(a, 4, key=jax.random.PRNGKey(1))
-  assert u.dtype == jnp.float32 and s.dtype == jnp.float32
+    a = jax.random.normal(jax.random.PRNGKey(0), (32, 16)).astype(jnp.bfloat16)
+    u, s, vt = gj.randomized_svd(a, 4, key=jax.random.PRNGKey(1))
+    assert u.dtype == jnp.float32 and s.dtype == jnp.float32
 
 
 def test_orthonormalize_is_orthonormal_for_ill_conditioned_input():
-  rng = np.random.default_rng(4)
-  y = rng.normal(size=(500, 40)) * np.logspace(0, -4, 40)
-  q = np.asarray(linalg.orthonormalize(jnp.asarray(y, jnp.float32), passes=3), np.float64)
-  np.testing.assert_allclose(q.T @ q, np.eye(40), atol=1e-5)
-  assert _max_sine(q, np.linalg.qr(y)[0]) < 1e-3
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=(500, 40)) * np.logspace(0, -4, 40)
+    q = np.asarray(linalg.orthonormalize(jnp.asarray(y, jnp.float32), passes=3), np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(40), atol=1e-5)
+    assert _max_sine(q, np.linalg.qr(y)[0]) < 1e-3
 
 
 # ----------------------------------------------------------------------------
@@ -136,51 +143,51 @@ def test_orthonormalize_is_orthonormal_for_ill_conditioned_input():
 
 
 def _numpy_hosvd(t, ranks):
-  """Reference: factor k = top r_k left singular vectors of the mode-k unfolding,
-  each column's largest-magnitude entry made real positive; core = t x_k U_k^H."""
-  factors = []
-  for mode, r in enumerate(ranks):
-    unfolding = np.moveaxis(t, mode, 0).reshape(t.shape[mode], -1)
-    u = np.linalg.svd(unfolding, full_matrices=False)[0][:, :r]
-    pivots = u[np.argmax(np.abs(u), axis=0), np.arange(r)]
-    factors.append(u * np.conj(pivots / np.abs(pivots)))
-  core = t
-  for mode, u in enumerate(factors):
-    core = np.moveaxis(np.tensordot(u.conj().T, core, axes=([1], [mode])), 0, mode)
-  return core, factors
+    """Reference: factor k = top r_k left singular vectors of the mode-k unfolding,
+    each column's largest-magnitude entry made real positive; core = t x_k U_k^H."""
+    factors = []
+    for mode, r in enumerate(ranks):
+        unfolding = np.moveaxis(t, mode, 0).reshape(t.shape[mode], -1)
+        u = np.linalg.svd(unfolding, full_matrices=False)[0][:, :r]
+        pivots = u[np.argmax(np.abs(u), axis=0), np.arange(r)]
+        factors.append(u * np.conj(pivots / np.abs(pivots)))
+    core = t
+    for mode, u in enumerate(factors):
+        core = np.moveaxis(np.tensordot(u.conj().T, core, axes=([1], [mode])), 0, mode)
+    return core, factors
 
 
 @pytest.mark.parametrize("shape,ranks", [((8, 7, 6), (4, 3, 3)), ((6, 5, 4, 4), (3, 3, 2, 2))])
 @pytest.mark.parametrize("complex_", [False, True])
 def test_hosvd_matches_numpy(shape, ranks, complex_):
-  rng = np.random.default_rng(5)
-  t = rng.normal(size=shape) + (1j * rng.normal(size=shape) if complex_ else 0)
-  core_ref, factors_ref = _numpy_hosvd(t, ranks)
-  dtype = jnp.complex64 if complex_ else jnp.float32
-  core, factors = gj.hosvd(jnp.asarray(t, dtype), ranks)
-  for f, f_ref in zip(factors, factors_ref):
-    np.testing.assert_allclose(np.asarray(f), f_ref, atol=2e-4)
-  np.testing.assert_allclose(np.asarray(core), core_ref, atol=2e-4 * np.abs(core_ref).max())
+    rng = np.random.default_rng(5)
+    t = rng.normal(size=shape) + (1j * rng.normal(size=shape) if complex_ else 0)
+    core_ref, factors_ref = _numpy_hosvd(t, ranks)
+    dtype = jnp.complex64 if complex_ else jnp.float32
+    core, factors = gj.hosvd(jnp.asarray(t, dtype), ranks)
+    for f, f_ref in zip(factors, factors_ref):
+        np.testing.assert_allclose(np.asarray(f), f_ref, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(core), core_ref, atol=2e-4 * np.abs(core_ref).max())
 
 
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_tucker_roundtrip_of_exactly_low_multilinear_rank(complex_, svd):
-  rng = np.random.default_rng(6)
-  shape, ranks = (10, 9, 8, 6), (3, 2, 4, 2)
-  draw = lambda *s: rng.normal(size=s) + (1j * rng.normal(size=s) if complex_ else 0)
-  t = draw(*ranks)
-  for mode, (d, r) in enumerate(zip(shape, ranks)):
-    t = np.moveaxis(np.tensordot(draw(d, r), t, axes=([1], [mode])), 0, mode)
-  dtype = jnp.complex64 if complex_ else jnp.float32
-  core, factors = gj.hosvd(jnp.asarray(t, dtype), ranks, svd=svd, key=jax.random.PRNGKey(0))
-  back = np.asarray(gj.tucker_reconstruct(core, factors))
-  assert np.linalg.norm(back - t) / np.linalg.norm(t) < 1e-4
+    rng = np.random.default_rng(6)
+    shape, ranks = (10, 9, 8, 6), (3, 2, 4, 2)
+    draw = lambda *s: rng.normal(size=s) + (1j * rng.normal(size=s) if complex_ else 0)
+    t = draw(*ranks)
+    for mode, (d, r) in enumerate(zip(shape, ranks)):
+        t = np.moveaxis(np.tensordot(draw(d, r), t, axes=([1], [mode])), 0, mode)
+    dtype = jnp.complex64 if complex_ else jnp.float32
+    core, factors = gj.hosvd(jnp.asarray(t, dtype), ranks, svd=svd, key=jax.random.PRNGKey(0))
+    back = np.asarray(gj.tucker_reconstruct(core, factors))
+    assert np.linalg.norm(back - t) / np.linalg.norm(t) < 1e-4
 
 
 def test_mode_unfold_fold_roundtrip():
-  t = jnp.arange(2 * 3 * 4.0).reshape(2, 3, 4)
-  for mode in range(3):
-    unfolding = gj.mode_unfold(t, mode)
-    assert unfolding.shape == (t.shape[mode], t.size // t.shape[mode])
-    np.testing.assert_array_equal(gj.mode_fold(unfolding, mode, t.shape), t)
+    t = jnp.arange(2 * 3 * 4.0).reshape(2, 3, 4)
+    for mode in range(3):
+        unfolding = gj.mode_unfold(t, mode)
+        assert unfolding.shape == (t.shape[mode], t.size // t.shape[mode])
+        np.testing.assert_array_equal(gj.mode_fold(unfolding, mode, t.shape), t)

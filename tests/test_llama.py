@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models.llama import (
     DEFAULT_LOGICAL_RULES,
@@ -21,8 +22,15 @@ from models.llama import (
     rotary_tables,
 )
 
-TINY = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4,
-                   num_kv_heads=2, num_layers=2, max_seq_len=16)
+TINY = LlamaConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_heads=4,
+    num_kv_heads=2,
+    num_layers=2,
+    max_seq_len=16,
+)
 BATCH, SEQ = 2, 8
 
 
@@ -70,13 +78,21 @@ def test_params_are_stacked_2d_matrices(model):
     shapes = jax.tree.map(lambda a: a.shape, param_arrays(model))
     L, E, H, KV, M = 2, 32, 4 * 8, 2 * 8, 48
     assert shapes["layers"]["attention"] == {
-        "q_proj": (L, E, H), "k_proj": (L, E, KV), "v_proj": (L, E, KV), "o_proj": (L, H, E)}
-    assert shapes["layers"]["mlp"] == {"gate_proj": (L, E, M), "up_proj": (L, E, M),
-                                       "down_proj": (L, M, E)}
+        "q_proj": (L, E, H),
+        "k_proj": (L, E, KV),
+        "v_proj": (L, E, KV),
+        "o_proj": (L, H, E),
+    }
+    assert shapes["layers"]["mlp"] == {
+        "gate_proj": (L, E, M),
+        "up_proj": (L, E, M),
+        "down_proj": (L, M, E),
+    }
     assert shapes["layers"]["attention_norm"]["scale"] == (L, E)
     assert shapes["token_embedding"] == (61, E) and shapes["lm_head"] == (E, 61)
-    assert count_params(model) == sum(int(np.prod(s)) for s in jax.tree.leaves(
-        shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    assert count_params(model) == sum(
+        int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    )
 
 
 def test_init_distributions(model):
@@ -96,7 +112,7 @@ def test_causal(model):
     changed = base.at[:, t + 1].set((base[:, t + 1] + 7) % TINY.vocab_size)
     before, after = forward(model, base), forward(model, changed)
     np.testing.assert_allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-6)
-    assert not np.allclose(before[:, t + 1:], after[:, t + 1:])
+    assert not np.allclose(before[:, t + 1 :], after[:, t + 1 :])
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads(model):
@@ -146,8 +162,11 @@ def test_remat_same_logits_and_grads(model):
     loss_plain, grads_plain = loss_and_grads(plain)
     loss_remat, grads_remat = loss_and_grads(remat)
     np.testing.assert_allclose(loss_plain, loss_remat, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                 nnx.to_pure_dict(grads_plain), nnx.to_pure_dict(grads_remat))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        nnx.to_pure_dict(grads_plain),
+        nnx.to_pure_dict(grads_remat),
+    )
 
 
 def test_remat_unrolled_same_logits(model):
@@ -193,8 +212,10 @@ def test_logical_axes_specs_and_layer_axes(model):
     assert layer_axes["layers"]["attention_norm"]["scale"] == 0
     assert layer_axes["lm_head"] is None and layer_axes["token_embedding"] is None
     is_none = lambda x: x is None  # noqa: E731
-    assert (jax.tree.structure(layer_axes, is_leaf=is_none).num_leaves
-            == jax.tree.structure(pure).num_leaves)
+    assert (
+        jax.tree.structure(layer_axes, is_leaf=is_none).num_leaves
+        == jax.tree.structure(pure).num_leaves
+    )
 
 
 @pytest.mark.skipif(not hasattr(nnx, "set_graph_mode"), reason="flax without tree mode")
@@ -230,8 +251,9 @@ def test_sharded_forward_matches_single_device(model, axis_type):
     kind = jax.sharding.AxisType.Auto if axis_type == "auto" else jax.sharding.AxisType.Explicit
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(kind,) * 3)
     graphdef, params = nnx.split(model, nnx.Param)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
-                             logical_partition_specs(params, mesh=mesh))
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), logical_partition_specs(params, mesh=mesh)
+    )
     sharded = jax.device_put(params, shardings)
     assert sharded["layers"]["attention"]["q_proj"][...].sharding.spec == P(None, "fsdp", "tensor")
 
@@ -253,21 +275,25 @@ def test_sequence_longer_than_max_raises(model):
         model(tokens(seq=TINY.max_seq_len + 1))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("hidden_size", 30),          # not divisible by num_heads=4
-    ("num_kv_heads", 3),          # num_heads=4 not divisible by 3
-    ("num_layers", 0),
-    ("vocab_size", -1),
-    ("param_dtype", "float64"),
-    ("dtype", "int8"),
-    ("attention_implementation", "flash"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hidden_size", 30),  # not divisible by num_heads=4
+        ("num_kv_heads", 3),  # num_heads=4 not divisible by 3
+        ("num_layers", 0),
+        ("vocab_size", -1),
+        ("param_dtype", "float64"),
+        ("dtype", "int8"),
+        ("attention_implementation", "flash"),
+    ],
+)
 def test_bad_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TINY, **{field: value})
 
 
 def test_num_kv_heads_defaults_to_num_heads():
-    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=16, num_heads=2,
-                         num_layers=1, max_seq_len=4)
+    config = LlamaConfig(
+        vocab_size=8, hidden_size=16, intermediate_size=16, num_heads=2, num_layers=1, max_seq_len=4
+    )
     assert config.num_kv_heads == 2

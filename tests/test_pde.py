@@ -1,4 +1,5 @@
 """Tests for training/pde.py: Burgers and Darcy solvers and data sets."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,9 +7,9 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_examples_run():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-  assert blocks, "README has no python examples"
-  namespace = {}
-  for block in blocks:
-    exec(compile(block, str(README), "exec"), namespace)  # pylint: disable=exec-used
-  assert namespace["report"]["ratio_to_adamw"] < 1.0
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python examples"
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)  # pylint: disable=exec-used
+    assert namespace["report"]["ratio_to_adamw"] < 1.0

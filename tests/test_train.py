@@ -28,24 +28,45 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 
 TINY = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
-    "model.num_heads=2", "model.max_seq_len=64", "seq_len=32", "batch_size=8",
-    "data.max_corpus_bytes=200000", "progress_bar=false", "eval_every=0",
-    "eval_batches=1", "log_every=1", "checkpoint.every=0",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_seq_len=64",
+    "seq_len=32",
+    "batch_size=8",
+    "data.max_corpus_bytes=200000",
+    "progress_bar=false",
+    "eval_every=0",
+    "eval_batches=1",
+    "log_every=1",
+    "checkpoint.every=0",
 ]
 # GaLore with a refresh every 3 steps: the state holds projectors, counters and
 # a PRNG key, and refreshes happen on both sides of every resume point.
-GALORE = ["optimizer.name=galore", "optimizer.rank=8", "optimizer.update_proj_gap=3",
-          "optimizer.lr=0.01"]
+GALORE = [
+    "optimizer.name=galore",
+    "optimizer.rank=8",
+    "optimizer.update_proj_gap=3",
+    "optimizer.lr=0.01",
+]
 STEPS = 12
 
 
 def run_train(output_dir, *overrides, devices=1, check=True):
     """Runs ``train.py`` on the tiny config; returns the CompletedProcess."""
-    cmd = [sys.executable, "train.py", "--config", "configs/llama_tiny.yaml", *TINY,
-           f"output_dir={output_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(devices), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/llama_tiny.yaml",
+        *TINY,
+        f"output_dir={output_dir}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(devices), capture_output=True, text=True, timeout=TIMEOUT
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -66,8 +87,10 @@ def compilation_cache(tmp_path_factory):
 def subprocess_env(devices):
     env = dict(os.environ)
     # Same scheduler setting as tests/conftest.py (avoids a virtual-device deadlock).
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )
     env["JAX_PLATFORMS"] = "cpu"
     if "dir" in _COMPILATION_CACHE:
         env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE["dir"]
@@ -83,6 +106,7 @@ def losses(output_dir):
 def checkpoint_arrays(output_dir, step, item="params"):
     """The arrays of one checkpoint item, as a list of numpy arrays."""
     import orbax.checkpoint as ocp
+
     tree = ocp.StandardCheckpointer().restore(Path(output_dir, "checkpoints", str(step), item))
     if isinstance(tree, dict):  # lists may come back as {"0": ..., "1": ...}
         tree = [tree[k] for k in sorted(tree, key=int)]
@@ -128,8 +152,10 @@ def test_resume_is_exact(reference, tmp_path):
     assert losses(tmp_path) == losses(reference)  # bitwise on CPU
     for a, b in zip(checkpoint_arrays(tmp_path, STEPS), checkpoint_arrays(reference, STEPS)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(checkpoint_arrays(tmp_path, STEPS, "opt_state"),
-                    checkpoint_arrays(reference, STEPS, "opt_state")):
+    for a, b in zip(
+        checkpoint_arrays(tmp_path, STEPS, "opt_state"),
+        checkpoint_arrays(reference, STEPS, "opt_state"),
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -149,13 +175,29 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(reference, tmp_
     # usually lands inside that step's save. Retry a few delays until a kill
     # leaves a half-written (temporary) checkpoint directory behind.
     from training.checkpoint import Checkpointer
-    cmd = [sys.executable, "train.py", "--config", "configs/llama_tiny.yaml", *TINY,
-           f"output_dir={tmp_path}", f"steps={STEPS}", "checkpoint.every=1",
-           "checkpoint.max_to_keep=2", *GALORE]
+
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/llama_tiny.yaml",
+        *TINY,
+        f"output_dir={tmp_path}",
+        f"steps={STEPS}",
+        "checkpoint.every=1",
+        "checkpoint.max_to_keep=2",
+        *GALORE,
+    ]
     for delay in (0.005, 0.02, 0.01, 0.04, 0.0):
         shutil.rmtree(tmp_path, ignore_errors=True)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=subprocess_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             wait_for_step(proc, 4)
             time.sleep(delay)
@@ -165,12 +207,17 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(reference, tmp_
         if tmp_checkpoint_dirs(tmp_path):
             break
     else:
-        warnings.warn("no kill landed inside a checkpoint write; tested a plain kill")
+        warnings.warn("no kill landed inside a checkpoint write; tested a plain kill", stacklevel=1)
     complete = Checkpointer(str(tmp_path / "checkpoints")).latest_step()
-    print("killed; last complete checkpoint:", complete,
-          "half-written:", tmp_checkpoint_dirs(tmp_path))
-    resumed = run_train(tmp_path, f"steps={STEPS}", "checkpoint.every=1",
-                        "checkpoint.max_to_keep=2", *GALORE)
+    print(
+        "killed; last complete checkpoint:",
+        complete,
+        "half-written:",
+        tmp_checkpoint_dirs(tmp_path),
+    )
+    resumed = run_train(
+        tmp_path, f"steps={STEPS}", "checkpoint.every=1", "checkpoint.max_to_keep=2", *GALORE
+    )
     if complete:
         assert f"resumed from step {complete}" in resumed.stdout
     assert losses(tmp_path) == losses(reference)
@@ -178,10 +225,23 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(reference, tmp_
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "train.py", "--config", "configs/llama_tiny.yaml", *TINY,
-           f"output_dir={tmp_path}", "steps=100000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/llama_tiny.yaml",
+        *TINY,
+        f"output_dir={tmp_path}",
+        "steps=100000",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(proc, 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT)
@@ -197,8 +257,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def eight_devices(tmp_path_factory):
     """The reference run's first 6 steps on a data=2 x fsdp=4 mesh."""
     out = tmp_path_factory.mktemp("eight")
-    run_train(out, f"steps={STEPS}", "stop_after=6", "mesh.data=2", "mesh.fsdp=4",
-              *GALORE, devices=8)
+    run_train(
+        out, f"steps={STEPS}", "stop_after=6", "mesh.data=2", "mesh.fsdp=4", *GALORE, devices=8
+    )
     return out
 
 
@@ -215,6 +276,7 @@ def test_eight_device_mesh_matches_one_device(reference, eight_devices):
 
 def test_params_and_optimizer_state_are_sharded(eight_devices):
     import orbax.checkpoint as ocp
+
     step_dir = Path(eight_devices, "checkpoints", "6")
     meta = json.loads((step_dir / "meta" / "metadata").read_text())
     assert meta["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
@@ -224,8 +286,9 @@ def test_params_and_optimizer_state_are_sharded(eight_devices):
         tree = getattr(tree, "item_metadata", tree)  # TreeMetadata in newer orbax
         tree = getattr(tree, "tree", tree)
         leaves = tree.values() if isinstance(tree, dict) else tree
-        return dict(zip(meta[f"{item}_order"],
-                        [tuple(leaf.sharding.partition_spec) for leaf in leaves]))
+        return dict(
+            zip(meta[f"{item}_order"], [tuple(leaf.sharding.partition_spec) for leaf in leaves])
+        )
 
     params = specs("params")
     assert params["layers/attention/q_proj"][:2] == (None, "fsdp")  # (layers, embed, heads)
@@ -262,18 +325,39 @@ def test_gradient_accumulation_matches_full_batch(reference, tmp_path):
 def test_explicit_mesh_matches_one_device(tmp_path, optimizer):
     one, eight = tmp_path / "one", tmp_path / "eight"
     run_train(one, "steps=6", *optimizer)
-    run_train(eight, "steps=6", "mesh.kind=explicit", "mesh.data=2", "mesh.fsdp=2",
-              "mesh.tensor=2", *optimizer, devices=8)
+    run_train(
+        eight,
+        "steps=6",
+        "mesh.kind=explicit",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        *optimizer,
+        devices=8,
+    )
     ref, got = losses(one), losses(eight)
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=LOSS_RTOL)
 
 
 @pytest.mark.slow
 def test_optax_galore_and_tensor_galore_train(tmp_path):
-    run_train(tmp_path / "optax", "steps=20", "optimizer.name=optax_galore", "optimizer.rank=8",
-              "model.scan_layers=false", "optimizer.lr=0.01", "log_every=5")
-    run_train(tmp_path / "tensor", "steps=20", "optimizer.name=tensor_galore",
-              "optimizer.rank=0.5", "optimizer.lr=0.01", "log_every=5")
+    run_train(
+        tmp_path / "optax",
+        "steps=20",
+        "optimizer.name=optax_galore",
+        "optimizer.rank=8",
+        "model.scan_layers=false",
+        "optimizer.lr=0.01",
+        "log_every=5",
+    )
+    run_train(
+        tmp_path / "tensor",
+        "steps=20",
+        "optimizer.name=tensor_galore",
+        "optimizer.rank=0.5",
+        "optimizer.lr=0.01",
+        "log_every=5",
+    )
     for name in ("optax", "tensor"):
         loss = losses(tmp_path / name)
         assert loss[20] < loss[5] - 0.5, (name, loss)
@@ -285,8 +369,11 @@ def test_optax_galore_and_tensor_galore_train(tmp_path):
 
 
 def snapshot(directory):
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -297,20 +384,28 @@ def existing_output(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optimizer.lrr=0.1"], r"unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'"),
-    (["steps=ten"], r"config key 'steps' expects int, got 'ten' \(str\)"),
-    (["mesh.data=3"], r"mesh sizes \(data=3, fsdp=1, tensor=1\) use 3 devices but 8"),
-    (["mesh.data=1", "mesh.fsdp=8", "model.hidden_size=36"],
-     r"param '.*' dim \d \(size 36\) cannot be split over mesh axes 'fsdp' \(size 8\)"),
-    (["data.source=text", "data.path=/nonexistent/corpus.txt"],
-     r"data: data path not found: '/nonexistent/corpus.txt'"),
-    (["seq_len=128"], r"seq_len \(128\) is longer than the model's positions"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.lrr=0.1"], r"unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'"),
+        (["steps=ten"], r"config key 'steps' expects int, got 'ten' \(str\)"),
+        (["mesh.data=3"], r"mesh sizes \(data=3, fsdp=1, tensor=1\) use 3 devices but 8"),
+        (
+            ["mesh.data=1", "mesh.fsdp=8", "model.hidden_size=36"],
+            r"param '.*' dim \d \(size 36\) cannot be split over mesh axes 'fsdp' \(size 8\)",
+        ),
+        (
+            ["data.source=text", "data.path=/nonexistent/corpus.txt"],
+            r"data: data path not found: '/nonexistent/corpus.txt'",
+        ),
+        (["seq_len=128"], r"seq_len \(128\) is longer than the model's positions"),
+    ],
+)
 def test_bad_input_is_one_clear_error(existing_output, capsys, overrides, message):
     before = snapshot(existing_output)
-    code = train.main(["--config", "configs/llama_tiny.yaml", *TINY,
-                       f"output_dir={existing_output}", *overrides])
+    code = train.main(
+        ["--config", "configs/llama_tiny.yaml", *TINY, f"output_dir={existing_output}", *overrides]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert re.fullmatch(r"error: .+\n", err), err
@@ -323,7 +418,8 @@ def test_cli_error_has_no_traceback(existing_output):
     proc = run_train(existing_output, "optimizer.nmae=galore", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'optimizer.nmae'; did you mean 'optimizer.name'?"]
+        "error: unknown config key 'optimizer.nmae'; did you mean 'optimizer.name'?"
+    ]
 
 
 def test_corrupt_checkpoint_is_one_clear_error(reference, tmp_path, capsys):
@@ -333,11 +429,21 @@ def test_corrupt_checkpoint_is_one_clear_error(reference, tmp_path, capsys):
         if path.is_file():
             path.write_bytes(b"\0garbage")
     before = snapshot(out)
-    code = train.main(["--config", "configs/llama_tiny.yaml", *TINY, f"output_dir={out}",
-                       f"steps={STEPS + 4}", *GALORE])
+    code = train.main(
+        [
+            "--config",
+            "configs/llama_tiny.yaml",
+            *TINY,
+            f"output_dir={out}",
+            f"steps={STEPS + 4}",
+            *GALORE,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
-    assert re.fullmatch(rf"error: checkpoint step {STEPS} in .* could not be restored .*\n", err), err
+    assert re.fullmatch(rf"error: checkpoint step {STEPS} in .* could not be restored .*\n", err), (
+        err
+    )
     assert snapshot(out) == before
 
 
@@ -345,8 +451,16 @@ def test_incompatible_checkpoint_is_one_clear_error(reference, tmp_path, capsys)
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     before = snapshot(out)
-    code = train.main(["--config", "configs/llama_tiny.yaml", *TINY, f"output_dir={out}",
-                       f"steps={STEPS + 4}", "optimizer.name=adamw"])
+    code = train.main(
+        [
+            "--config",
+            "configs/llama_tiny.yaml",
+            *TINY,
+            f"output_dir={out}",
+            f"steps={STEPS + 4}",
+            "optimizer.name=adamw",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "optimizer.name: checkpoint has 'galore', config has 'adamw'" in err, err

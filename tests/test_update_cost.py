@@ -13,52 +13,70 @@ import update_cost  # noqa: E402
 
 
 def test_solver_calls_reads_custom_calls_and_opcodes():
-  hlo = "\n".join([
-      '%cholesky.0 = (f32[24,520,520]{1,2,0}, s32[24]{0}) custom-call(%a), '
-      'custom_call_target="cusolver_potrf_ffi"',
-      '%eigh.0 = (f32[24,520,520]{1,2,0}, f32[24,520]{1,0}, s32[24]{0}) custom-call(%b), '
-      'custom_call_target="lapack_ssyevd_ffi"',
-      '%eigh.1 = (f32[24,520,520]{1,2,0}, f32[24,520]{1,0}, s32[24]{0}) custom-call(%c), '
-      'custom_call_target="lapack_ssyevd_ffi"',
-      '%ts = f32[8,64,64]{2,1,0} triangular-solve(%l, %r), left_side=true, lower=true',
-      '%fusion.3 = f32[24,2048,512]{2,1,0} fusion(%g, %p), kind=kOutput',
-      '%cc = f32[4]{0} custom-call(%x), custom_call_target="SomethingElse"',
-  ])
-  calls = update_cost.solver_calls(hlo)
-  assert calls == {("cholesky", "f32", "24,520,520"): 1, ("eigh", "f32", "24,520,520"): 2,
-                   ("triangular_solve", "f32", "8,64,64"): 1}
+    hlo = "\n".join(
+        [
+            "%cholesky.0 = (f32[24,520,520]{1,2,0}, s32[24]{0}) custom-call(%a), "
+            'custom_call_target="cusolver_potrf_ffi"',
+            "%eigh.0 = (f32[24,520,520]{1,2,0}, f32[24,520]{1,0}, s32[24]{0}) custom-call(%b), "
+            'custom_call_target="lapack_ssyevd_ffi"',
+            "%eigh.1 = (f32[24,520,520]{1,2,0}, f32[24,520]{1,0}, s32[24]{0}) custom-call(%c), "
+            'custom_call_target="lapack_ssyevd_ffi"',
+            "%ts = f32[8,64,64]{2,1,0} triangular-solve(%l, %r), left_side=true, lower=true",
+            "%fusion.3 = f32[24,2048,512]{2,1,0} fusion(%g, %p), kind=kOutput",
+            '%cc = f32[4]{0} custom-call(%x), custom_call_target="SomethingElse"',
+        ]
+    )
+    calls = update_cost.solver_calls(hlo)
+    assert calls == {
+        ("cholesky", "f32", "24,520,520"): 1,
+        ("eigh", "f32", "24,520,520"): 2,
+        ("triangular_solve", "f32", "8,64,64"): 1,
+    }
 
 
 def test_with_constant_count_replaces_only_int32_scalar_counts():
-  params = {"w": jnp.ones((4, 3))}
-  tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda c: 1.0))
-  state = tx.init(params)
-  fixed = update_cost.with_constant_count(state, 7)
-  assert int(fixed[0].count) == 7 and int(fixed[1].count) == 7
-  assert fixed[0].mu["w"].shape == (4, 3)
+    params = {"w": jnp.ones((4, 3))}
+    tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda c: 1.0))
+    state = tx.init(params)
+    fixed = update_cost.with_constant_count(state, 7)
+    assert int(fixed[0].count) == 7 and int(fixed[1].count) == 7
+    assert fixed[0].mu["w"].shape == (4, 3)
 
 
 def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
-  out = tmp_path / "cost.json"
-  code = update_cost.main(["--config", str(REPO_ROOT / "configs" / "llama_tiny.yaml"),
-                           "--gap", "10", "--optimizers", "adamw", "galore",
-                           "--time-solvers", "--reps", "1", "--out", str(out)])
-  assert code == 0
-  results = {r["optimizer"]: r for r in json.loads(out.read_text())["results"]}
-  adamw, galore = results["adamw"]["phases"], results["galore"]["phases"]
-  assert set(adamw) == {"steady"} and adamw["steady"]["solver_calls"] == []
-  # Between refreshes the refresh branch is folded away: no factorization runs.
-  assert galore["steady"]["solver_calls"] == []
-  kinds = {}
-  for c in galore["refresh"]["solver_calls"]:
-    kinds[c["kind"]] = kinds.get(c["kind"], 0) + c["calls"]
-  # Per projected leaf: one Rayleigh-Ritz eigh; four two-pass Cholesky-QRs (warm block,
-  # sketch, two power-iteration products), each pass one Cholesky and one solve.
-  assert kinds["eigh"] == 7 and kinds["cholesky"] == kinds["triangular_solve"] == 7 * 8
-  assert galore["refresh_extra"]["solver_s"] > 0
-  # GaLore's update adds the projection matmuls but moves fewer bytes than AdamW's.
-  assert galore["steady"]["flops"] > 2 * adamw["steady"]["flops"]
-  assert galore["steady"]["in_out_bytes"] < adamw["steady"]["in_out_bytes"]
-  assert galore["refresh_extra"]["flops"] > 0
-  table = capsys.readouterr().out
-  assert "| galore | refresh extra |" in table and "7x eigh f32[4,40,40]" in table
+    out = tmp_path / "cost.json"
+    code = update_cost.main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs" / "llama_tiny.yaml"),
+            "--gap",
+            "10",
+            "--optimizers",
+            "adamw",
+            "galore",
+            "--time-solvers",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    results = {r["optimizer"]: r for r in json.loads(out.read_text())["results"]}
+    adamw, galore = results["adamw"]["phases"], results["galore"]["phases"]
+    assert set(adamw) == {"steady"} and adamw["steady"]["solver_calls"] == []
+    # Between refreshes the refresh branch is folded away: no factorization runs.
+    assert galore["steady"]["solver_calls"] == []
+    kinds = {}
+    for c in galore["refresh"]["solver_calls"]:
+        kinds[c["kind"]] = kinds.get(c["kind"], 0) + c["calls"]
+    # Per projected leaf: one Rayleigh-Ritz eigh; four two-pass Cholesky-QRs (warm block,
+    # sketch, two power-iteration products), each pass one Cholesky and one solve.
+    assert kinds["eigh"] == 7 and kinds["cholesky"] == kinds["triangular_solve"] == 7 * 8
+    assert galore["refresh_extra"]["solver_s"] > 0
+    # GaLore's update adds the projection matmuls but moves fewer bytes than AdamW's.
+    assert galore["steady"]["flops"] > 2 * adamw["steady"]["flops"]
+    assert galore["steady"]["in_out_bytes"] < adamw["steady"]["in_out_bytes"]
+    assert galore["refresh_extra"]["flops"] > 0
+    table = capsys.readouterr().out
+    assert "| galore | refresh extra |" in table and "7x eigh f32[4,40,40]" in table

@@ -29,7 +29,8 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 FORMAT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "config", "meta")
@@ -64,8 +65,9 @@ def _is_prng_key(x: Any) -> bool:
 def flatten_with_names(tree: Any) -> tuple[list[Any], list[str], Any]:
     """Leaves, their '/'-joined path names and the treedef of ``tree``."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [jax.tree_util.keystr(path, simple=True, separator="/")
-             for path, _ in leaves_with_paths]
+    names = [
+        jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves_with_paths
+    ]
     return [leaf for _, leaf in leaves_with_paths], names, treedef
 
 
@@ -126,8 +128,7 @@ class Checkpointer:
       async_save: write in a background thread (the step loop keeps going).
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3,
-                 async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -137,7 +138,8 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=ITEM_NAMES)
+            self.directory, options=options, item_names=ITEM_NAMES
+        )
 
     # -- queries ---------------------------------------------------------------
 
@@ -150,9 +152,16 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------
 
-    def save(self, step: int, *, params: Any, opt_state: Any,
-             data_state: Mapping[str, Any], config: Mapping[str, Any],
-             mesh_shape: Optional[Mapping[str, int]] = None) -> bool:
+    def save(
+        self,
+        step: int,
+        *,
+        params: Any,
+        opt_state: Any,
+        data_state: Mapping[str, Any],
+        config: Mapping[str, Any],
+        mesh_shape: Optional[Mapping[str, int]] = None,
+    ) -> bool:
         """Starts writing a checkpoint for ``step`` (a no-op if it already exists).
 
         Returns:
@@ -194,16 +203,20 @@ class Checkpointer:
     def read_config_and_meta(self, step: int) -> tuple[dict, dict]:
         """The JSON items of ``step`` (cheap; no arrays are read)."""
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()),
+            )
             config, meta = restored["config"], restored["meta"]
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} is unreadable "
-                f"({_short(e)}); delete it or use a new output_dir") from None
+                f"({_short(e)}); delete it or use a new output_dir"
+            ) from None
         if not isinstance(meta, Mapping) or meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} has an unknown format")
+                f"checkpoint step {step} in {self.directory} has an unknown format"
+            )
         return dict(config), dict(meta)
 
     def check_compatible(self, step: int, config: Mapping[str, Any]) -> None:
@@ -213,18 +226,27 @@ class Checkpointer:
         for key in STRUCTURAL_CONFIG_KEYS:
             saved, current = _get_path(saved_config, key), _get_path(config, key)
             if key == "model" and isinstance(saved, Mapping) and isinstance(current, Mapping):
-                saved, current = ({k: v for k, v in tree.items() if k not in RUNTIME_MODEL_KEYS}
-                                  for tree in (saved, current))
+                saved, current = (
+                    {k: v for k, v in tree.items() if k not in RUNTIME_MODEL_KEYS}
+                    for tree in (saved, current)
+                )
             problems += _diff(saved, current, key)
         if problems:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the config"
                 f" ({'; '.join(problems[:3])}); use a new output_dir or the same"
-                " settings")
+                " settings"
+            )
 
-    def restore(self, step: int, *, abstract_params: Any, param_shardings: Any,
-                abstract_opt_state: Any, opt_state_shardings: Any,
-                ) -> tuple[Any, Any, dict]:
+    def restore(
+        self,
+        step: int,
+        *,
+        abstract_params: Any,
+        param_shardings: Any,
+        abstract_opt_state: Any,
+        opt_state_shardings: Any,
+    ) -> tuple[Any, Any, dict]:
         """Loads ``step`` onto the current mesh.
 
         Args:
@@ -254,31 +276,44 @@ class Checkpointer:
             if saved_names != names:
                 missing = [n for n in names if n not in saved]
                 extra = [n for n in saved_names if n not in set(names)]
-                detail = (f"missing {missing[:2]}" if missing else
-                          f"unexpected {extra[:2]}" if extra else "different order")
+                detail = (
+                    f"missing {missing[:2]}"
+                    if missing
+                    else f"unexpected {extra[:2]}"
+                    if extra
+                    else "different order"
+                )
                 raise CheckpointError(
                     f"checkpoint step {step} in {self.directory} has a different {item}"
                     f" structure ({detail}); it was written for another model or"
-                    " optimizer")
+                    " optimizer"
+                )
             for name, want in zip(names, expected):
                 if saved[name] != want:
                     raise CheckpointError(
                         f"checkpoint step {step} in {self.directory}: {item} '{name}' has"
-                        f" shape/dtype {saved[name]}, this run expects {want}")
+                        f" shape/dtype {saved[name]}, this run expects {want}"
+                    )
             targets[item] = (
                 [_abstract_storable(x, s) for x, s in zip(leaves, sharding_leaves)],
-                leaves, treedef)
+                leaves,
+                treedef,
+            )
 
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(targets["params"][0]),
-                opt_state=ocp.args.StandardRestore(targets["opt_state"][0]),
-                data=ocp.args.JsonRestore(),
-            ))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(targets["params"][0]),
+                    opt_state=ocp.args.StandardRestore(targets["opt_state"][0]),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} could not be restored "
-                f"({_short(e)}); delete it or use a new output_dir") from None
+                f"({_short(e)}); delete it or use a new output_dir"
+            ) from None
 
         out = []
         for item in ("params", "opt_state"):
@@ -286,7 +321,8 @@ class Checkpointer:
             loaded = list(restored[item])
             leaves = [
                 jax.random.wrap_key_data(value, impl=_key_impl_name(like))
-                if _is_prng_key(like) else value
+                if _is_prng_key(like)
+                else value
                 for value, like in zip(loaded, abstract_leaves)
             ]
             out.append(jax.tree_util.tree_unflatten(treedef, leaves))
@@ -298,4 +334,3 @@ def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-

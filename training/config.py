@@ -40,12 +40,16 @@ class _YamlLoader(yaml.SafeLoader):
 
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                 |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text: str) -> Any:
@@ -111,14 +115,18 @@ class LlamaModelConfig(_Section):
     def _shape(self) -> LlamaModelConfig:
         from models import llama  # the one home of the head/GQA/RoPE shape rules
 
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(llama.LlamaConfig)
-                  if hasattr(self, f.name)}
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(llama.LlamaConfig)
+            if hasattr(self, f.name)
+        }
         try:
             llama.LlamaConfig(**dict(fields, vocab_size=self.vocab_size or self.vocab_multiple))
         except ValueError as e:  # name the keys as the user writes them: model.<field>
             names = "|".join(f.name for f in dataclasses.fields(self))
-            raise ConfigError(re.sub(rf"(?:LlamaConfig\.)?\b({names})\b", r"model.\1",
-                                     str(e)).rstrip(".")) from None
+            raise ConfigError(
+                re.sub(rf"(?:LlamaConfig\.)?\b({names})\b", r"model.\1", str(e)).rstrip(".")
+            ) from None
         return self
 
 
@@ -142,8 +150,10 @@ class TextDataConfig(_Section):
 
     @model_validator(mode="after")
     def _path(self) -> TextDataConfig:
-        _fail(self.source != "builtin" and self.path is None,
-              f"data.path is required for data.source={self.source!r}")
+        _fail(
+            self.source != "builtin" and self.path is None,
+            f"data.path is required for data.source={self.source!r}",
+        )
         return self
 
 
@@ -195,10 +205,14 @@ class PDEDataConfig(_Section):
     @model_validator(mode="after")
     def _grid(self) -> PDEDataConfig:
         res = self.resolution
-        _fail(self.dataset == "burgers" and res % 2,
-              f"data.resolution must be even for burgers, got {res}")
-        _fail(self.dataset == "darcy" and res < 3,
-              f"data.resolution must be >= 3 for darcy, got {res}")
+        _fail(
+            self.dataset == "burgers" and res % 2,
+            f"data.resolution must be even for burgers, got {res}",
+        )
+        _fail(
+            self.dataset == "darcy" and res < 3,
+            f"data.resolution must be >= 3 for darcy, got {res}",
+        )
         return self
 
 
@@ -248,8 +262,10 @@ class OptimizerConfig(_Section):
     @model_validator(mode="after")
     def _rank(self) -> OptimizerConfig:
         if isinstance(self.rank, float):
-            _fail(not 0 < self.rank <= 1,
-                  f"optimizer.rank as a fraction must be in (0, 1], got {self.rank}")
+            _fail(
+                not 0 < self.rank <= 1,
+                f"optimizer.rank as a fraction must be in (0, 1], got {self.rank}",
+            )
         else:
             _fail(self.rank <= 0, f"optimizer.rank must be > 0, got {self.rank}")
         return self
@@ -276,13 +292,19 @@ class MeshConfig(_Section):
     def _sizes(self) -> MeshConfig:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for axis, size in sizes.items():
-            _fail(size != -1 and size <= 0,
-                  f"mesh.{axis} must be a positive size or -1 (the rest), got {size}")
-        _fail(list(sizes.values()).count(-1) > 1,
-              "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+            _fail(
+                size != -1 and size <= 0,
+                f"mesh.{axis} must be a positive size or -1 (the rest), got {size}",
+            )
+        _fail(
+            list(sizes.values()).count(-1) > 1,
+            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
+        )
         for rule in self.rules or ():
-            _fail(len(rule) != 2 or not isinstance(rule[0], str),
-                  f"mesh.rules entries must be [logical_name, mesh_axes], got {rule!r}")
+            _fail(
+                len(rule) != 2 or not isinstance(rule[0], str),
+                f"mesh.rules entries must be [logical_name, mesh_axes], got {rule!r}",
+            )
         return self
 
 
@@ -338,9 +360,11 @@ class Config:
 
     @model_validator(mode="after")
     def _batch(self) -> Config:
-        _fail(self.batch_size % self.grad_accum_steps != 0,
-              f"batch_size ({self.batch_size}) must be divisible by "
-              f"grad_accum_steps ({self.grad_accum_steps})")
+        _fail(
+            self.batch_size % self.grad_accum_steps != 0,
+            f"batch_size ({self.batch_size}) must be divisible by "
+            f"grad_accum_steps ({self.grad_accum_steps})",
+        )
         return self
 
 
@@ -355,13 +379,16 @@ class LMConfig(Config):
     def build_task(self):
         """The LLaMA LM task (loads the token data)."""
         from training.lm_task import build_lm_task  # lazily: it imports jax and the model
+
         return build_lm_task(self)
 
     @model_validator(mode="after")
     def _positions(self) -> LMConfig:
-        _fail(self.seq_len > self.model.max_seq_len,
-              f"seq_len ({self.seq_len}) is longer than the model's positions "
-              f"(model.max_seq_len={self.model.max_seq_len})")
+        _fail(
+            self.seq_len > self.model.max_seq_len,
+            f"seq_len ({self.seq_len}) is longer than the model's positions "
+            f"(model.max_seq_len={self.model.max_seq_len})",
+        )
         return self
 
 
@@ -376,27 +403,37 @@ class FNOConfig(Config):
     def build_task(self):
         """The FNO task (generates the PDE data)."""
         from training.fno_task import build_fno_task  # lazily: it imports jax and the model
+
         return build_fno_task(self)
 
     @model_validator(mode="after")
     def _fit(self) -> FNOConfig:
         model, data = self.model, self.data
-        _fail(data.n_train < self.batch_size,
-              f"data.n_train ({data.n_train}) must be >= batch_size ({self.batch_size})")
+        _fail(
+            data.n_train < self.batch_size,
+            f"data.n_train ({data.n_train}) must be >= batch_size ({self.batch_size})",
+        )
         dim = 1 if data.dataset == "burgers" else 2
         modes = model.modes if isinstance(model.modes, list) else [model.modes] * dim
-        _fail(len(modes) != dim or min(modes) <= 0,
-              f"model.modes must be a positive int or a list of {dim} positive ints for "
-              f"data.dataset={data.dataset!r}, got {model.modes!r}")
+        _fail(
+            len(modes) != dim or min(modes) <= 0,
+            f"model.modes must be a positive int or a list of {dim} positive ints for "
+            f"data.dataset={data.dataset!r}, got {model.modes!r}",
+        )
         n = data.resolution + model.padding  # the spectral layers see the padded grid
         grid = f"(data.resolution={data.resolution}, model.padding={model.padding})"
         if dim == 1:
-            _fail(modes[0] > n // 2 + 1, f"model.modes ({modes[0]}) must be <= "
-                  f"{n // 2 + 1}, the rfft frequencies of the grid {grid}")
+            _fail(
+                modes[0] > n // 2 + 1,
+                f"model.modes ({modes[0]}) must be <= "
+                f"{n // 2 + 1}, the rfft frequencies of the grid {grid}",
+            )
         else:
-            _fail(2 * modes[0] > n or modes[1] > n // 2 + 1,
-                  f"model.modes ({model.modes!r}) do not fit the grid: need 2 * modes[0] "
-                  f"<= {n} and modes[1] <= {n // 2 + 1} {grid}")
+            _fail(
+                2 * modes[0] > n or modes[1] > n // 2 + 1,
+                f"model.modes ({model.modes!r}) do not fit the grid: need 2 * modes[0] "
+                f"<= {n} and modes[1] <= {n // 2 + 1} {grid}",
+            )
         return self
 
 
@@ -404,8 +441,7 @@ class FNOConfig(Config):
 # each with its own model/data sections and a ``build_task()``. A new task adds
 # its Config subclass here.
 TASK_CONFIGS: dict[str, type[Config]] = {"lm": LMConfig, "fno": FNOConfig}
-_ADAPTER = TypeAdapter(Annotated[Union[tuple(TASK_CONFIGS.values())],
-                                 Field(discriminator="task")])
+_ADAPTER = TypeAdapter(Annotated[Union[tuple(TASK_CONFIGS.values())], Field(discriminator="task")])
 
 
 # ---------------------------------------------------------------------------
@@ -428,13 +464,18 @@ def _type_name(annotation: Any) -> str:
 
 def _bounds(info: Any, ctx: dict) -> str:
     """``> 0``, ``in [0, 1)`` ... from the field's constraints (else the error's)."""
-    found = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le")
-             if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le)) and hasattr(m, k)} or ctx
+    found = {
+        k: getattr(m, k)
+        for m in info.metadata
+        for k in ("gt", "ge", "lt", "le")
+        if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le)) and hasattr(m, k)
+    } or ctx
     if len(found) == 2:
         low, high = found.get("gt", found.get("ge")), found.get("lt", found.get("le"))
         return f"in {'(' if 'gt' in found else '['}{low}, {high}{')' if 'lt' in found else ']'}"
-    return " and ".join(f"{dict(gt='>', ge='>=', lt='<', le='<=')[k]} {v}"
-                        for k, v in found.items())
+    return " and ".join(
+        f"{dict(gt='>', ge='>=', lt='<', le='<=')[k]} {v}" for k, v in found.items()
+    )
 
 
 def _closest(name: str, candidates: list[str]) -> str:
@@ -446,8 +487,9 @@ def _message(error: dict, raw: dict) -> str:
     """One line for one pydantic error: the dotted key, what it expects, the value."""
     kind, loc = error["type"], error["loc"][1:]  # loc[0] is the task tag
     if kind == "union_tag_invalid":
-        return (f"config key 'task' expects one of {error['ctx']['expected_tags']}, "
-                f"got {raw['task']!r}")
+        return (
+            f"config key 'task' expects one of {error['ctx']['expected_tags']}, got {raw['task']!r}"
+        )
     cls, names, info, value = TASK_CONFIGS[raw["task"]], [], None, raw
     for part in loc:  # walk the loc down the fields; stops at union member tags
         fields = getattr(cls, "__pydantic_fields__", {})
@@ -471,8 +513,10 @@ def _message(error: dict, raw: dict) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         null = " or null" if type(None) in typing.get_args(info.annotation) else ""
         return f"{key} must be {_bounds(info, error['ctx'])}{null}, got {value}"
-    return (f"config key '{key}' expects {_type_name(info.annotation)}, got {value!r}"
-            f" ({type(value).__name__})")
+    return (
+        f"config key '{key}' expects {_type_name(info.annotation)}, got {value!r}"
+        f" ({type(value).__name__})"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -498,8 +542,7 @@ def config_to_dict(config: Any) -> dict:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(
-            f"override '{text}' must look like key=value (e.g. optimizer.lr=3e-4)")
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. optimizer.lr=3e-4)")
     key, _, value_text = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -570,11 +613,14 @@ def resolve_mesh_shape(config: Config, num_devices: int) -> dict[str, int]:
     fixed = math.prod(size for size in sizes.values() if size != -1)
     described = ", ".join(f"{k}={v}" for k, v in sizes.items())
     if -1 in sizes.values():
-        _fail(num_devices % fixed,
-              f"mesh sizes ({described}) do not divide the {num_devices} devices")
+        _fail(
+            num_devices % fixed, f"mesh sizes ({described}) do not divide the {num_devices} devices"
+        )
         return {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
-    _fail(fixed != num_devices,
-          f"mesh sizes ({described}) use {fixed} devices but {num_devices} are available")
+    _fail(
+        fixed != num_devices,
+        f"mesh sizes ({described}) use {fixed} devices but {num_devices} are available",
+    )
     return sizes
 
 
@@ -587,13 +633,19 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
     shape = resolve_mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
     micro_batch = config.batch_size // config.grad_accum_steps
-    _fail(micro_batch % batch_shards,
-          f"micro-batch size batch_size/grad_accum_steps = {micro_batch} must be "
-          f"divisible by mesh data*fsdp = {batch_shards}")
+    _fail(
+        micro_batch % batch_shards,
+        f"micro-batch size batch_size/grad_accum_steps = {micro_batch} must be "
+        f"divisible by mesh data*fsdp = {batch_shards}",
+    )
     if config.task == "lm":
         model = config.model
-        for name, value in (("model.num_heads", model.num_heads),
-                            ("model.num_kv_heads", model.num_kv_heads or model.num_heads)):
-            _fail(value % shape["tensor"],
-                  f"{name} ({value}) must be divisible by mesh.tensor ({shape['tensor']})")
+        for name, value in (
+            ("model.num_heads", model.num_heads),
+            ("model.num_kv_heads", model.num_kv_heads or model.num_heads),
+        ):
+            _fail(
+                value % shape["tensor"],
+                f"{name} ({value}) must be divisible by mesh.tensor ({shape['tensor']})",
+            )
     return shape

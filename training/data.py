@@ -98,8 +98,9 @@ __all__ = [
 DEFAULT_MAX_CORPUS_BYTES = 8 * 1024 * 1024
 _BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _SOURCES = ("builtin", "text", "jsonl", "bin")
-_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
-                           "__pycache__", "pydoc_data"})
+_SKIPPED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
+)
 # End-of-document tokens of common HF tokenizers, tried in this order.
 _HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 
@@ -147,16 +148,24 @@ class HFTokenizer:
         except ImportError as error:
             raise ImportError(
                 f"Using the Hugging Face tokenizer {str(path)!r} needs the 'tokenizers' "
-                "package: pip install tokenizers (or use tokenizer: byte).") from error
+                "package: pip install tokenizers (or use tokenizer: byte)."
+            ) from error
         self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         # No EOS in the vocabulary: documents are simply concatenated.
-        self.eos_id = next((self._tokenizer.token_to_id(t) for t in _HF_EOS_CANDIDATES
-                            if self._tokenizer.token_to_id(t) is not None), None)
+        self.eos_id = next(
+            (
+                self._tokenizer.token_to_id(t)
+                for t in _HF_EOS_CANDIDATES
+                if self._tokenizer.token_to_id(t) is not None
+            ),
+            None,
+        )
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids,
-                          dtype=np.uint32)
+        return np.asarray(
+            self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint32
+        )
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -237,8 +246,9 @@ def builtin_documents(max_bytes: int = DEFAULT_MAX_CORPUS_BYTES) -> list[str]:
     for name in sorted(topics):
         add(topics[name], len(topics[name].encode("utf-8")))
 
-    sources = sorted(_stdlib_sources(),
-                     key=lambda item: hashlib.sha256(item[0].encode()).hexdigest())
+    sources = sorted(
+        _stdlib_sources(), key=lambda item: hashlib.sha256(item[0].encode()).hexdigest()
+    )
     for _, path in sources:
         if total >= max_bytes:
             break
@@ -272,8 +282,7 @@ def _jsonl_documents(path: Path, field: str) -> list[str]:
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{file}:{line_number}: not valid JSON ({error})") from None
                 if not isinstance(record, dict) or field not in record:
-                    raise ValueError(
-                        f"{file}:{line_number}: no field {field!r} (set jsonl_field)")
+                    raise ValueError(f"{file}:{line_number}: no field {field!r} (set jsonl_field)")
                 documents.append(str(record[field]))
     return documents
 
@@ -326,8 +335,9 @@ def load_tokens(source: Any = None) -> TokenData:
     vocab_size = tokenizer.vocab_size
 
     if kind == "builtin":
-        documents = builtin_documents(int(_option(source, "max_corpus_bytes",
-                                                  DEFAULT_MAX_CORPUS_BYTES)))
+        documents = builtin_documents(
+            int(_option(source, "max_corpus_bytes", DEFAULT_MAX_CORPUS_BYTES))
+        )
         description = "builtin"
     else:
         raw_path = _option(source, "path", None)
@@ -354,7 +364,8 @@ def load_tokens(source: Any = None) -> TokenData:
             raise ValueError(
                 f"{description} holds token id {largest}, outside the vocabulary of "
                 f"{vocab_size}: set tokenizer to the tokenizer.json it was made with "
-                "(or vocab_size)")
+                "(or vocab_size)"
+            )
     else:
         documents = [doc for doc in documents if doc]
         if not documents:
@@ -373,26 +384,30 @@ def load_tokens(source: Any = None) -> TokenData:
 # ---------------------------------------------------------------------------
 
 
-def _process_slice(global_batch_size: int, process_index: int | None,
-                   process_count: int | None) -> tuple[int, int]:
+def _process_slice(
+    global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
     """(first row, rows) of this process's share of a global batch."""
     if process_index is None or process_count is None:
         import jax  # Lazily: only needed when the caller does not say.
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ValueError(
-            f"process_index must be in [0, process_count={process_count}), got {process_index}")
+            f"process_index must be in [0, process_count={process_count}), got {process_index}"
+        )
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size ({global_batch_size}) must be a positive multiple of "
-            f"process_count ({process_count})")
+            f"process_count ({process_count})"
+        )
     rows = global_batch_size // process_count
     return process_index * rows, rows
 
 
 def _windows_to_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
-    windows = np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(np.int32)
+    windows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
@@ -416,26 +431,36 @@ class TokenBatchIterator:
             over the processes.
     """
 
-    def __init__(self, tokens: np.ndarray, *, global_batch_size: int, seq_len: int,
-                 seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        global_batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         if seq_len <= 0:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
         if len(tokens) < 2 * seq_len:
             # 2x: every epoch offset in [0, seq_len) must still leave one window.
             raise ValueError(
                 f"seq_len={seq_len} is too long for a token stream of {len(tokens)} tokens "
-                f"(need at least {2 * seq_len})")
+                f"(need at least {2 * seq_len})"
+            )
         self._tokens = tokens
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self._first_row, self.local_batch_size = _process_slice(
-            global_batch_size, process_index, process_count)
+            global_batch_size, process_index, process_count
+        )
         min_windows = (len(tokens) - seq_len) // seq_len  # fewest windows of any epoch
         if min_windows < global_batch_size:
             raise ValueError(
                 f"The token stream ({len(tokens)} tokens) holds only {min_windows} windows of "
-                f"seq_len={seq_len}, fewer than global_batch_size={global_batch_size}")
+                f"seq_len={seq_len}, fewer than global_batch_size={global_batch_size}"
+            )
         self.seed, self.epoch, self.position = int(seed), 0, 0
         self._epoch_starts = self._starts_for_epoch(self.epoch)
 
@@ -459,7 +484,7 @@ class TokenBatchIterator:
             self.epoch, self.position = self.epoch + 1, 0
             self._epoch_starts = self._starts_for_epoch(self.epoch)
         first = self.position + self._first_row
-        starts = self._epoch_starts[first:first + self.local_batch_size]
+        starts = self._epoch_starts[first : first + self.local_batch_size]
         self.position += self.global_batch_size
         return _windows_to_batch(self._tokens, starts, self.seq_len)
 
@@ -472,18 +497,28 @@ class TokenBatchIterator:
         missing = {"seed", "epoch", "position"} - set(state)
         if missing:
             raise ValueError(f"data iterator state lacks {sorted(missing)}: {dict(state)}")
-        self.seed, self.epoch, self.position = (int(state["seed"]), int(state["epoch"]),
-                                                int(state["position"]))
+        self.seed, self.epoch, self.position = (
+            int(state["seed"]),
+            int(state["epoch"]),
+            int(state["position"]),
+        )
         self._epoch_starts = self._starts_for_epoch(self.epoch)
         if not 0 <= self.position <= len(self._epoch_starts):
             raise ValueError(
                 f"data iterator state position {self.position} is outside epoch "
-                f"{self.epoch} ({len(self._epoch_starts)} windows): different data?")
+                f"{self.epoch} ({len(self._epoch_starts)} windows): different data?"
+            )
 
 
-def eval_batches(val_tokens: np.ndarray, batch_size: int, seq_len: int,
-                 max_batches: int | None = None, *, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+def eval_batches(
+    val_tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict]:
     """Fixed validation batches: consecutive windows from the stream's start.
 
     Global batch ``b`` holds windows starting at ``(b * batch_size + i) * seq_len``;
@@ -505,7 +540,8 @@ def eval_batches(val_tokens: np.ndarray, batch_size: int, seq_len: int,
     if num_batches == 0:
         raise ValueError(
             f"Validation stream of {len(val_tokens)} tokens is too short for one batch of "
-            f"{batch_size} x seq_len={seq_len} (raise val_fraction or lower the sizes)")
+            f"{batch_size} x seq_len={seq_len} (raise val_fraction or lower the sizes)"
+        )
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
 

@@ -50,10 +50,19 @@ def fno_config(config: Config) -> fno.FNOConfig:
     modes = tuple(m.modes) if isinstance(m.modes, list) else m.modes
     try:
         return fno.FNOConfig(
-            dim=dim, in_channels=1, out_channels=1, width=m.width, modes=modes,
-            num_layers=m.num_layers, lifting_channels=m.lifting_channels,
-            projection_channels=m.projection_channels, activation=m.activation,
-            append_grid=m.append_grid, padding=m.padding, param_dtype=m.param_dtype)
+            dim=dim,
+            in_channels=1,
+            out_channels=1,
+            width=m.width,
+            modes=modes,
+            num_layers=m.num_layers,
+            lifting_channels=m.lifting_channels,
+            projection_channels=m.projection_channels,
+            activation=m.activation,
+            append_grid=m.append_grid,
+            padding=m.padding,
+            param_dtype=m.param_dtype,
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -75,22 +84,36 @@ def load_pde_data(data_cfg: Any) -> PDEData:
     start = time.perf_counter()
     n = data_cfg.n_train + data_cfg.n_test
     if data_cfg.dataset == "burgers":
-        x, y = pde.burgers_dataset(n, data_cfg.resolution, viscosity=data_cfg.viscosity,
-                                   t_final=data_cfg.t_final, seed=data_cfg.seed)
+        x, y = pde.burgers_dataset(
+            n,
+            data_cfg.resolution,
+            viscosity=data_cfg.viscosity,
+            t_final=data_cfg.t_final,
+            seed=data_cfg.seed,
+        )
     else:
         x, y = pde.darcy_dataset(n, data_cfg.resolution, seed=data_cfg.seed)
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ConfigError(f"data: the {data_cfg.dataset} generator produced non-finite "
-                          "values; change data.resolution / data.viscosity")
+        raise ConfigError(
+            f"data: the {data_cfg.dataset} generator produced non-finite "
+            "values; change data.resolution / data.viscosity"
+        )
     k = data_cfg.n_train
     fit = lambda a: pde.UnitGaussianNormalizer.fit(  # noqa: E731
-        a, pointwise=data_cfg.pointwise_normalizer)
+        a, pointwise=data_cfg.pointwise_normalizer
+    )
     x_norm, y_norm = fit(x[:k]), fit(y[:k])
     y_norm = jax.tree.map(np.asarray, y_norm)
     encode = lambda a: np.asarray(x_norm.encode(a), np.float32)  # noqa: E731
-    return PDEData(x_train=encode(x[:k]), y_train=y[:k], x_test=encode(x[k:]), y_test=y[k:],
-                   y_normalizer=y_norm, seconds=time.perf_counter() - start)
+    return PDEData(
+        x_train=encode(x[:k]),
+        y_train=y[:k],
+        x_test=encode(x[k:]),
+        y_test=y[k:],
+        y_normalizer=y_norm,
+        seconds=time.perf_counter() - start,
+    )
 
 
 class ArrayBatchIterator:
@@ -104,17 +127,28 @@ class ArrayBatchIterator:
         ``{"x": [B/n, ...], "y": [B/n, ...]}`` for ``n`` processes.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, *, global_batch_size: int, seed: int = 0,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        global_batch_size: int,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         if global_batch_size > len(x):
-            raise ValueError(f"global_batch_size={global_batch_size} is larger than the "
-                             f"{len(x)} training samples")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is larger than the "
+                f"{len(x)} training samples"
+            )
         self._x, self._y = x, y
         self.global_batch_size = global_batch_size
         self._first_row, self.local_batch_size = _process_slice(
-            global_batch_size, process_index, process_count)
+            global_batch_size, process_index, process_count
+        )
         self.seed, self.epoch, self.position = int(seed), 0, 0
         self._order = self._order_for_epoch(0)
 
@@ -129,7 +163,7 @@ class ArrayBatchIterator:
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._order_for_epoch(self.epoch)
         first = self.position + self._first_row
-        rows = self._order[first:first + self.local_batch_size]
+        rows = self._order[first : first + self.local_batch_size]
         self.position += self.global_batch_size
         return {"x": self._x[rows], "y": self._y[rows]}
 
@@ -142,18 +176,23 @@ class ArrayBatchIterator:
         missing = {"seed", "epoch", "position"} - set(state)
         if missing:
             raise ValueError(f"data iterator state lacks {sorted(missing)}: {dict(state)}")
-        seed, epoch, position = (int(state["seed"]), int(state["epoch"]),
-                                 int(state["position"]))
+        seed, epoch, position = (int(state["seed"]), int(state["epoch"]), int(state["position"]))
         if epoch < 0 or not 0 <= position <= len(self._x):
-            raise ValueError(f"data iterator state {dict(state)} does not fit "
-                             f"{len(self._x)} training samples")
+            raise ValueError(
+                f"data iterator state {dict(state)} does not fit {len(self._x)} training samples"
+            )
         self.seed, self.epoch, self.position = seed, epoch, position
         self._order = self._order_for_epoch(epoch)
 
 
-def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> list[dict]:
+def eval_batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[dict]:
     """The whole test set in global batches of ``batch_size`` (last one padded).
 
     Each batch carries a per-sample ``weight`` (0 for padding) scaled so that
@@ -184,8 +223,8 @@ def build_fno_task(config: Config) -> Task:
     micro_batch = config.batch_size // config.grad_accum_steps
     try:
         train_iterator = ArrayBatchIterator(
-            data.x_train, data.y_train, global_batch_size=config.batch_size,
-            seed=config.seed)
+            data.x_train, data.y_train, global_batch_size=config.batch_size, seed=config.seed
+        )
         test_batches = eval_batches(data.x_test, data.y_test, micro_batch)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
@@ -231,7 +270,8 @@ def build_fno_task(config: Config) -> Task:
         description=(
             f"data: {config.data.dataset} {grid} | {len(data.x_train)} train / "
             f"{len(data.x_test)} test samples | seed {config.data.seed} | generated in "
-            f"{data.seconds:.1f} s"),
+            f"{data.seconds:.1f} s"
+        ),
         postprocess_grads=fno.conjugate_complex_grads,
         optimizer_defaults=optimizer_defaults,
     )
@@ -245,6 +285,8 @@ def trivial_l2(y_train: np.ndarray, y_test: np.ndarray) -> float:
     """Test relative L2 of predicting the training mean for every sample."""
     mean = y_train.mean(axis=0, keepdims=True)
     diff = (y_test - mean).reshape(len(y_test), -1)
-    return float(np.mean(np.linalg.norm(diff, axis=1)
-                         / np.linalg.norm(y_test.reshape(len(y_test), -1), axis=1)))
-
+    return float(
+        np.mean(
+            np.linalg.norm(diff, axis=1) / np.linalg.norm(y_test.reshape(len(y_test), -1), axis=1)
+        )
+    )

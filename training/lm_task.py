@@ -26,16 +26,27 @@ def llama_config(config: Config, tokenizer_vocab: int) -> llama.LlamaConfig:
     m = config.model
     vocab_size = m.vocab_size or _round_up(tokenizer_vocab, m.vocab_multiple)
     if vocab_size < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size ({vocab_size}) is smaller than the "
-                          f"tokenizer's vocabulary ({tokenizer_vocab})")
+        raise ConfigError(
+            f"model.vocab_size ({vocab_size}) is smaller than the "
+            f"tokenizer's vocabulary ({tokenizer_vocab})"
+        )
     try:
         return llama.LlamaConfig(
-            vocab_size=vocab_size, hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size, num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads, num_layers=m.num_layers,
-            max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-            param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
-            remat=m.remat, attention_implementation=m.attention_implementation)
+            vocab_size=vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            num_layers=m.num_layers,
+            max_seq_len=m.max_seq_len,
+            rope_theta=m.rope_theta,
+            norm_eps=m.norm_eps,
+            param_dtype=m.param_dtype,
+            dtype=m.dtype,
+            scan_layers=m.scan_layers,
+            remat=m.remat,
+            attention_implementation=m.attention_implementation,
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -48,8 +59,7 @@ def perplexity_metrics(mean_loss: float) -> dict:
 def cross_entropy(model, batch) -> jax.Array:
     """Mean next-token cross-entropy (nats/token) of ``batch`` under ``model``."""
     logits = model(batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, batch["targets"]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
 def build_lm_task(config: Config) -> Task:
@@ -67,16 +77,18 @@ def build_lm_task(config: Config) -> Task:
     micro_batch = config.batch_size // config.grad_accum_steps
     try:
         train_iterator = data_lib.TokenBatchIterator(
-            tokens.train, global_batch_size=config.batch_size, seq_len=config.seq_len,
-            seed=config.seed)
+            tokens.train,
+            global_batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            seed=config.seed,
+        )
         # Checked now so a too-small validation split fails before training.
         data_lib.eval_batches(tokens.val, micro_batch, config.seq_len, 1)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
 
     def eval_batches():
-        return data_lib.eval_batches(tokens.val, micro_batch, config.seq_len,
-                                     config.eval_batches)
+        return data_lib.eval_batches(tokens.val, micro_batch, config.seq_len, config.eval_batches)
 
     return Task(
         name="lm",
@@ -94,6 +106,6 @@ def build_lm_task(config: Config) -> Task:
         description=(
             f"data: {config.data.source} | {len(tokens.train):,} train / "
             f"{len(tokens.val):,} val tokens | vocab {tokens.vocab_size} "
-            f"(model {model_config.vocab_size})"),
+            f"(model {model_config.vocab_size})"
+        ),
     )
-

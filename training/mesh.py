@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from training.config import ConfigError
 
@@ -119,7 +120,8 @@ def logical_to_spec(
 def named_shardings(mesh: jax.sharding.Mesh, specs: Any) -> Any:
     """Pytree of ``PartitionSpec`` -> pytree of ``NamedSharding`` on ``mesh``."""
     return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec), specs,
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
         is_leaf=lambda x: isinstance(x, P),
     )
 
@@ -145,9 +147,7 @@ def _spec_axis_size(entry: Any, mesh: jax.sharding.Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def check_divisible(
-    shapes: Any, specs: Any, mesh: jax.sharding.Mesh, what: str = "param"
-) -> None:
+def check_divisible(shapes: Any, specs: Any, mesh: jax.sharding.Mesh, what: str = "param") -> None:
     """Checks every sharded dim is divisible by its mesh axes' total size.
 
     Args:
@@ -174,7 +174,8 @@ def check_divisible(
 
 
 def describe(mesh: jax.sharding.Mesh) -> str:
-    kind = "explicit" if any(
-        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types) else "auto"
+    kind = (
+        "explicit" if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types) else "auto"
+    )
     axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
     return f"mesh {axes} ({kind}, {mesh.devices.size} devices)"

@@ -19,8 +19,10 @@ import jax
 
 def _open_tensorboard(log_dir: str) -> Any:
     """A SummaryWriter from whichever TensorBoard writer is installed, or None."""
-    for module, attr in (("tensorboardX", "SummaryWriter"),
-                         ("torch.utils.tensorboard", "SummaryWriter")):
+    for module, attr in (
+        ("tensorboardX", "SummaryWriter"),
+        ("torch.utils.tensorboard", "SummaryWriter"),
+    ):
         try:
             writer_cls = getattr(__import__(module, fromlist=[attr]), attr)
         except Exception:  # not installed, or broken install: TensorBoard is optional
@@ -48,8 +50,9 @@ class MetricsLogger:
       tensorboard: also write TensorBoard scalars if a writer is installed.
     """
 
-    def __init__(self, output_dir: str, *, resume_step: Optional[int] = None,
-                 tensorboard: bool = False):
+    def __init__(
+        self, output_dir: str, *, resume_step: Optional[int] = None, tensorboard: bool = False
+    ):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = None
@@ -66,8 +69,11 @@ class MetricsLogger:
         if tensorboard:
             self._tb = _open_tensorboard(os.path.join(output_dir, "tensorboard"))
             if self._tb is None:
-                print("warning: tensorboard=true but neither tensorboardX nor torch is"
-                      " installed; writing metrics.jsonl only", file=sys.stderr)
+                print(
+                    "warning: tensorboard=true but neither tensorboardX nor torch is"
+                    " installed; writing metrics.jsonl only",
+                    file=sys.stderr,
+                )
 
     def _drop_after(self, step: int) -> None:
         kept = []

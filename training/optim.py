@@ -36,11 +36,18 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 def _galore_options(cfg: OptimizerConfig) -> dict:
     return dict(
-        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-        svd=cfg.svd, oversample=cfg.oversample,
-        power_iters=cfg.power_iters, warm_start=cfg.warm_start,
-        on_refresh=cfg.on_refresh, stagger=cfg.stagger,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        svd=cfg.svd,
+        oversample=cfg.oversample,
+        power_iters=cfg.power_iters,
+        warm_start=cfg.warm_start,
+        on_refresh=cfg.on_refresh,
+        stagger=cfg.stagger,
         label_overrides=cfg.label_overrides,
     )
 
@@ -80,36 +87,51 @@ def build_optimizer(
     return tx, schedule
 
 
-def _build(cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: Any,
-           seed: int, rank: Any) -> optax.GradientTransformation:
+def _build(
+    cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: Any, seed: int, rank: Any
+) -> optax.GradientTransformation:
     if cfg.name == "adamw":
-        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                         weight_decay=cfg.weight_decay)
+        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     elif cfg.name == "galore":
-        tx = gj.galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed,
-                             proj_type=cfg.proj_type, dimension_numbers=dimension_numbers)
+        tx = gj.galore_adamw(
+            schedule,
+            **_galore_options(cfg),
+            rank=rank,
+            seed=seed,
+            proj_type=cfg.proj_type,
+            dimension_numbers=dimension_numbers,
+        )
     elif cfg.name == "tensor_galore":
         tx = gj.tensor_galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed)
     elif cfg.name == "optax_galore":
         if isinstance(cfg.rank, float):
-            raise ConfigError("optimizer.rank must be an int for optax_galore, got "
-                              f"{cfg.rank!r}")
+            raise ConfigError(f"optimizer.rank must be an int for optax_galore, got {cfg.rank!r}")
         if dimension_numbers is not None and any(
-                d is not None for d in jax.tree.leaves(
-                    dimension_numbers, is_leaf=lambda x: x is None)):
+            d is not None for d in jax.tree.leaves(dimension_numbers, is_leaf=lambda x: x is None)
+        ):
             raise ConfigError(
                 "optimizer.name='optax_galore' cannot project stacked layer weights;"
-                " set model.scan_layers=false")
+                " set model.scan_layers=false"
+            )
         adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
         # Same selection as the GaLore paper: matrices get GaLore, embeddings,
         # LM head and norms get plain AdamW.
         tx = optax.partition(
-            {"galore": optax.contrib.galore(
-                schedule, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
-                scale=cfg.scale, weight_decay=cfg.weight_decay, base_optimizer=adam),
-             "adam": optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)},
-            lambda params: gj.galore_labels(params, tensors="adam"))
+            {
+                "galore": optax.contrib.galore(
+                    schedule,
+                    rank=cfg.rank,
+                    update_proj_gap=cfg.update_proj_gap,
+                    scale=cfg.scale,
+                    weight_decay=cfg.weight_decay,
+                    base_optimizer=adam,
+                ),
+                "adam": optax.adamw(
+                    schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
+                ),
+            },
+            lambda params: gj.galore_labels(params, tensors="adam"),
+        )
     else:  # config validation already restricts the names
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
     return tx
@@ -140,19 +162,27 @@ def tucker_ranks_for_param_fraction(shape: tuple, fraction: float) -> tuple[int,
 def _param_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:
     """``tensor_rank_mode: params``: the float rank as per-mode Tucker ranks."""
     if not isinstance(cfg.rank, float):
-        raise ConfigError("optimizer.tensor_rank_mode='params' needs a float optimizer.rank "
-                          f"(a fraction of each tensor's entries), got {cfg.rank!r}")
+        raise ConfigError(
+            "optimizer.tensor_rank_mode='params' needs a float optimizer.rank "
+            f"(a fraction of each tensor's entries), got {cfg.rank!r}"
+        )
     if params is None:
         raise ConfigError("optimizer.tensor_rank_mode='params' needs the params' shapes")
-    labels = gj.galore_labels(params, label_overrides=cfg.label_overrides,
-                               matrices="adam", tensors="tensor_galore")
-    shapes = sorted({tuple(p.shape) for p, label in zip(jax.tree.leaves(params),
-                                                        jax.tree.leaves(labels))
-                     if label == "tensor_galore"})
+    labels = gj.galore_labels(
+        params, label_overrides=cfg.label_overrides, matrices="adam", tensors="tensor_galore"
+    )
+    shapes = sorted(
+        {
+            tuple(p.shape)
+            for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+            if label == "tensor_galore"
+        }
+    )
     if not shapes:
         return cfg.rank
     if len(shapes) > 1:
         raise ConfigError(
             "optimizer.tensor_rank_mode='params' needs every Tucker-projected tensor to "
-            f"have one shape, got {shapes}; use tensor_rank_mode='mode'")
+            f"have one shape, got {shapes}; use tensor_rank_mode='mode'"
+        )
     return tucker_ranks_for_param_fraction(shapes[0], cfg.rank)

@@ -27,6 +27,7 @@ Example:
     >>> a.shape, u.shape
     ((4, 16, 16, 1), (4, 16, 16, 1))
 """
+
 from __future__ import annotations
 
 import functools
@@ -171,9 +172,7 @@ def _burgers_etdrk4(u0: jax.Array, coefficients: dict, n_steps: jax.Array) -> ja
     return jnp.fft.irfft(v_hat, n=resolution, axis=-1)
 
 
-def solve_burgers(
-    u0: jax.Array, viscosity: float, t_final: float, n_steps: int
-) -> jax.Array:
+def solve_burgers(u0: jax.Array, viscosity: float, t_final: float, n_steps: int) -> jax.Array:
     """Solves periodic viscous Burgers ``u_t + u u_x = nu u_xx`` on [0, 1).
 
     Pseudo-spectral in space (``N`` equispaced points ``x_j = j / N``, 2/3-rule
@@ -339,15 +338,11 @@ def _face_coefficients(a: jax.Array, face_average: str) -> tuple[jax.Array, jax.
     elif face_average == "arithmetic":
         mean = lambda p, q: 0.5 * (p + q)  # noqa: E731
     else:
-        raise ValueError(
-            f"face_average must be 'harmonic' or 'arithmetic', got {face_average!r}"
-        )
+        raise ValueError(f"face_average must be 'harmonic' or 'arithmetic', got {face_average!r}")
     return mean(a[1:, :], a[:-1, :]), mean(a[:, 1:], a[:, :-1])
 
 
-def darcy_operator(
-    a: jax.Array, u: jax.Array, *, face_average: str = "harmonic"
-) -> jax.Array:
+def darcy_operator(a: jax.Array, u: jax.Array, *, face_average: str = "harmonic") -> jax.Array:
     """Applies the discrete ``-div(a grad u)`` at the interior nodes.
 
     With node spacing ``h = 1 / (n - 1)`` and face permeabilities
@@ -427,7 +422,11 @@ def _solve_darcy_single(a, tol, forcing, method, maxiter, face_average):
 def _solve_darcy_batched(a, tol, forcing, method, maxiter, face_average):
     solve = functools.partial(
         _solve_darcy_single,
-        tol=tol, forcing=forcing, method=method, maxiter=maxiter, face_average=face_average,
+        tol=tol,
+        forcing=forcing,
+        method=method,
+        maxiter=maxiter,
+        face_average=face_average,
     )
     leading = a.shape[:-2]
     flat = a.reshape(-1, *a.shape[-2:])
@@ -475,17 +474,19 @@ def solve_darcy(
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if face_average not in ("harmonic", "arithmetic"):
-        raise ValueError(
-            f"face_average must be 'harmonic' or 'arithmetic', got {face_average!r}"
-        )
+        raise ValueError(f"face_average must be 'harmonic' or 'arithmetic', got {face_average!r}")
     a = jnp.asarray(a)
     has_channel = a.ndim >= 3 and a.shape[-1] == 1 and a.shape[-2] != 1
     grid = _drop_channel(a)
     if grid.ndim < 2 or grid.shape[-1] != grid.shape[-2] or grid.shape[-1] < 3:
         raise ValueError(f"a must have square spatial shape (n, n) with n >= 3, got {a.shape}")
     u = _solve_darcy_batched(
-        grid, jnp.asarray(tol, grid.dtype), jnp.asarray(forcing, grid.dtype),
-        method, maxiter, face_average,
+        grid,
+        jnp.asarray(tol, grid.dtype),
+        jnp.asarray(forcing, grid.dtype),
+        method,
+        maxiter,
+        face_average,
     )
     return u[..., None] if has_channel else u
 

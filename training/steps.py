@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from training import mesh as mesh_lib
-from training.checkpoint import CheckpointError, Checkpointer
+from training.checkpoint import Checkpointer, CheckpointError
 from training.config import Config, ConfigError, config_to_dict, validate_for_devices
 from training.optim import build_optimizer
 from training.task import Task
@@ -72,8 +72,11 @@ class Run:
 
 def dimension_numbers_from_layer_axes(layer_axes: Any) -> Any:
     """Per-param GaLore batch axes from the model's stacked-layer axis (int or None)."""
-    return jax.tree.map(lambda axis: None if axis is None else gj.DimensionNumbers((axis,)),
-                        layer_axes, is_leaf=lambda x: x is None)
+    return jax.tree.map(
+        lambda axis: None if axis is None else gj.DimensionNumbers((axis,)),
+        layer_axes,
+        is_leaf=lambda x: x is None,
+    )
 
 
 def build_run(config: Config, num_devices: int) -> Run:
@@ -98,19 +101,39 @@ def build_run(config: Config, num_devices: int) -> Run:
     mesh_lib.check_divisible(abstract_params, param_specs, mesh)
     param_shardings = mesh_lib.named_shardings(mesh, param_specs)
     dims = dimension_numbers_from_layer_axes(task.layer_axes(param_vars))
-    tx, lr_schedule = build_optimizer(config.optimizer, config.steps, seed=config.seed,
-                                      dimension_numbers=dims, params=abstract_params)
+    tx, lr_schedule = build_optimizer(
+        config.optimizer,
+        config.steps,
+        seed=config.seed,
+        dimension_numbers=dims,
+        params=abstract_params,
+    )
     try:
         abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
     except ValueError as e:  # e.g. a rank that does not fit a param's shape
         raise ConfigError(f"optimizer: {e}") from None
     opt_shardings = gj.state_shardings(abstract_opt_state, abstract_params, param_shardings)
-    return Run(config, task, mesh, mesh_shape, graphdef, abstract_params, param_specs,
-               param_shardings, dims, tx, lr_schedule, abstract_opt_state, opt_shardings)
+    return Run(
+        config,
+        task,
+        mesh,
+        mesh_shape,
+        graphdef,
+        abstract_params,
+        param_specs,
+        param_shardings,
+        dims,
+        tx,
+        lr_schedule,
+        abstract_opt_state,
+        opt_shardings,
+    )
 
 
 def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any, Any, int]:
-    """Params, optimizer state and step: from the latest checkpoint, else fresh (or no checkpointer).
+    """Params, optimizer state and step: from the latest checkpoint, else fresh.
+
+    ``checkpointer`` may be None (benchmarks): always fresh.
 
     A restore also puts the data iterator back where the checkpoint left it.
     Fresh params are created directly in their shards (never whole on one device).
@@ -122,6 +145,7 @@ def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any
     config = run.config
     step = checkpointer.latest_step() if checkpointer is not None else None
     if step is None:
+
         def init_params():
             return nnx.as_pure(nnx.state(run.task.make_model(nnx.Rngs(config.seed)), nnx.Param))
 
@@ -129,16 +153,24 @@ def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any
         opt_state = jax.jit(run.tx.init, out_shardings=run.opt_shardings)(params)
         return params, opt_state, 0
     if not config.checkpoint.resume:
-        raise ConfigError(f"{config.output_dir} already has checkpoints (latest step {step});"
-                          " use a new output_dir or checkpoint.resume=true")
+        raise ConfigError(
+            f"{config.output_dir} already has checkpoints (latest step {step});"
+            " use a new output_dir or checkpoint.resume=true"
+        )
     checkpointer.check_compatible(step, config_to_dict(config))
     params, opt_state, data_state = checkpointer.restore(
-        step, abstract_params=run.abstract_params, param_shardings=run.param_shardings,
-        abstract_opt_state=run.abstract_opt_state, opt_state_shardings=run.opt_shardings)
+        step,
+        abstract_params=run.abstract_params,
+        param_shardings=run.param_shardings,
+        abstract_opt_state=run.abstract_opt_state,
+        opt_state_shardings=run.opt_shardings,
+    )
     try:
         run.task.train_iterator.set_state(data_state)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint step {step}: cannot continue the data stream ({e})")
+        raise CheckpointError(
+            f"checkpoint step {step}: cannot continue the data stream ({e})"
+        ) from None
     return params, opt_state, step
 
 
@@ -149,10 +181,12 @@ def micro_batches(batch: Any, accum: int) -> Any:
 
 def global_batch(batch: Any, sharding: jax.sharding.Sharding, batch_axis: int) -> Any:
     """This process's rows of a batch -> global arrays with ``sharding``."""
+
     def to_global(x):
         shape = list(x.shape)
         shape[batch_axis] *= jax.process_count()
         return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
     return jax.tree.map(to_global, batch)
 
 
@@ -201,11 +235,13 @@ def make_train_step(run: Run, *, donate: bool = True) -> Callable:
         train_step,
         in_shardings=(run.param_shardings, run.opt_shardings, train_batch_sharding(run)),
         out_shardings=(run.param_shardings, run.opt_shardings, mesh_lib.replicated(run.mesh)),
-        donate_argnums=(0, 1) if donate else ())
+        donate_argnums=(0, 1) if donate else (),
+    )
 
 
 def make_eval_step(run: Run) -> Callable:
     """The jitted ``(params, batch) -> validation loss`` of one global batch."""
+
     def eval_loss(params, batch):
         return run.task.eval_loss_fn(nnx.merge(run.graphdef, params), batch)
 
@@ -231,17 +267,20 @@ def next_train_batches(run: Run) -> Any:
 def evaluate(run: Run, eval_step: Callable, params: Any) -> dict:
     """Validation metrics over the task's fixed validation batches."""
     sharding = eval_batch_sharding(run)
-    losses = [float(eval_step(params, global_batch(b, sharding, 0)))
-              for b in run.task.eval_batches()]
+    losses = [
+        float(eval_step(params, global_batch(b, sharding, 0))) for b in run.task.eval_batches()
+    ]
     return run.task.summarize_eval(float(np.mean(losses)))
 
 
 def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
     """The start-up lines: data, mesh, params, optimizer and each leaf's treatment."""
     state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
-    lines = [run.task.description,
-             f"{mesh_lib.describe(run.mesh)} | {run.num_params / 1e6:.2f}M params | optimizer "
-             f"{run.config.optimizer.name} ({state_bytes / 2**20:.1f} MiB state)"]
+    lines = [
+        run.task.description,
+        f"{mesh_lib.describe(run.mesh)} | {run.num_params / 1e6:.2f}M params | optimizer "
+        f"{run.config.optimizer.name} ({state_bytes / 2**20:.1f} MiB state)",
+    ]
     if run.config.optimizer.name != "adamw":
         lines.append(str(gj.describe(run.tx, run.abstract_params)))
     return "\n".join(lines)
