@@ -147,7 +147,9 @@ def train(config) -> int:
     if reason == "diverged":
         print(f"error: training diverged at step {step} (non-finite loss)", file=sys.stderr)
         return 1
-    if reason in ("SIGTERM", "SIGINT"):
+    if reason == "stop_after":
+        say(f"stopped after step {step} (stop_after); run again to continue")
+    elif reason in ("SIGTERM", "SIGINT"):
         say(f"{reason}: stopped at step {step}; checkpoint saved, run again to resume")
     else:
         say(f"done: step {step}, checkpoint in {checkpointer.directory}")

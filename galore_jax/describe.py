@@ -136,7 +136,7 @@ def describe(tx, params: Any) -> Treatment:
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if not hasattr(leaf, "shape"):
             continue
-        names = [paths.path_string((k,)) for k in keypath]
+        names = paths.path_string(keypath).split("/")
         owner = _owner(names, split_names)
         if owner is None or not leaf.shape:
             shared += _nbytes(leaf)

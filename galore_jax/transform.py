@@ -296,7 +296,7 @@ def _map_base_moments(base_state, low_tree, per_leaf: Callable):
     low_shapes = [jnp.shape(x) for x in jax.tree.leaves(low_tree)]
 
     def visit(keypath, leaf):
-        names = [paths.path_string((k,)) for k in keypath]
+        names = paths.path_string(keypath).split("/")
         for i, (low_path, shape) in enumerate(zip(low_paths, low_shapes)):
             suffix = low_path.split("/") if low_path else []
             if jnp.shape(leaf) == shape and (not suffix or names[-len(suffix) :] == suffix):

@@ -146,7 +146,7 @@ def test_galore_loss_falls_and_writes_metrics(reference):
 
 def test_resume_is_exact(reference, tmp_path):
     first = run_train(tmp_path, f"steps={STEPS}", "stop_after=5", *GALORE)
-    assert "done: step 5" in first.stdout
+    assert "stopped after step 5 (stop_after)" in first.stdout
     second = run_train(tmp_path, f"steps={STEPS}", *GALORE)
     assert "resumed from step 5" in second.stdout
     assert losses(tmp_path) == losses(reference)  # bitwise on CPU
