@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
+import jax
 import optax
 
 from galore_jax import labels as labels_lib
@@ -21,11 +22,22 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + ("tensor_rank",)
 
 
-def _decayed_weights(weight_decay, mask):
-    # A literal 0 adds nothing, so it must not demand params at update time.
+def _decayed_weights(weight_decay, mask, name):
+    """optax.add_decayed_weights; a literal 0 is the identity (needs no params), and
+    a missing params argument is an error that names `weight_decay`."""
     if isinstance(weight_decay, (int, float)) and weight_decay == 0:
         return optax.identity()
-    return optax.add_decayed_weights(weight_decay, mask)
+    inner = optax.add_decayed_weights(weight_decay, mask)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                f"{name}(weight_decay={weight_decay!r}) decays the params, so tx.update needs "
+                "them: call tx.update(grads, state, params), or set weight_decay=0"
+            )
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update_fn)
 
 
 def _chain(
@@ -40,6 +52,7 @@ def _chain(
     weight_decay_mask,
     galore_tx,
     tensor_tx,
+    name,
 ):
     adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     return optax.chain(
@@ -51,9 +64,13 @@ def _chain(
             },
             labels,
         ),
-        _decayed_weights(weight_decay, weight_decay_mask),
+        _decayed_weights(weight_decay, weight_decay_mask, name),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def _no_batch_axes(params):
+    return jax.tree.map(lambda _: None, params)
 
 
 def _label_fn(labels, **rule):
@@ -182,6 +199,7 @@ def galore_adamw(
         weight_decay_mask=weight_decay_mask,
         galore_tx=galore,
         tensor_tx=tensor,
+        name="galore_adamw",
     )
 
 
@@ -243,8 +261,13 @@ def tensor_galore_adamw(
     )
     return _chain(
         learning_rate,
+        # Every N-D tensor is a tensor here (stacked layers too): no stack inference.
         labels=_label_fn(
-            labels, label_overrides=label_overrides, matrices=labels_lib.ADAM, tensor_rank=rank
+            labels,
+            label_overrides=label_overrides,
+            dimension_numbers=_no_batch_axes,
+            matrices=labels_lib.ADAM,
+            tensor_rank=rank,
         ),
         b1=b1,
         b2=b2,
@@ -256,4 +279,5 @@ def tensor_galore_adamw(
             0.25, update_proj_gap=update_proj_gap, scale=scale, base_optimizer=base, seed=seed
         ),
         tensor_tx=tensor,
+        name="tensor_galore_adamw",
     )

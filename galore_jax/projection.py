@@ -17,6 +17,7 @@ arrays it describes live in the optimizer state. Two kinds:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Optional, Sequence, Tuple
@@ -170,8 +171,9 @@ def saves_memory(shape, dims: Optional[DimensionNumbers], proj_type: str, rank) 
 def infer_dimension_numbers(params) -> list:
     """Per-leaf DimensionNumbers for stacked layers found by structure (None elsewhere).
 
-    A size L is a stack (layer) axis when it leads at least one 3-D leaf and never
-    appears as a non-leading dimension of any leaf with 2 or more axes: scanned
+    A size L is a stack (layer) axis when it leads a 3-D leaf and at least one more
+    leaf, and never appears as a non-leading dimension of any leaf with 2 or more
+    axes: scanned
     layers stack (L, m, n) kernels and (L, d) norm scales and biases on a leading
     axis that no feature dimension shares. FNO spectral weights (c, c, k) or conv
     kernels (k, c_in, c_out) whose leading size is also a feature size are not
@@ -179,7 +181,8 @@ def infer_dimension_numbers(params) -> list:
     """
     shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
     inner = {d for s in shapes if len(s) >= 2 for d in s[1:]}
-    stacks = {s[0] for s in shapes if len(s) == 3 and s[0] not in inner}
+    leading = collections.Counter(s[0] for s in shapes if len(s) >= 2)
+    stacks = {s[0] for s in shapes if len(s) == 3 and s[0] not in inner and leading[s[0]] >= 2}
     return [DimensionNumbers((0,)) if len(s) in (2, 3) and s[0] in stacks else None for s in shapes]
 
 

@@ -77,6 +77,9 @@ GALORE_STATIC_ARGS = (
 )
 TENSOR_GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed")
 _MAX_GAP = 2**31 - 1  # steps are counted in int32
+# Tensor-GaLore's state keeps one factor tree per mode; a fixed count keeps the
+# state's structure independent of the params' shapes (optax.tree.map_params).
+MAX_TUCKER_MODES = 8
 
 
 def inject_hint(static_args: Sequence[str]) -> str:
@@ -658,17 +661,19 @@ def scale_by_tensor_galore(
             _check_leaf_dtype("scale_by_tensor_galore", path, leaf)
             if jnp.ndim(leaf) < 2:
                 plans.append(None)
+            elif jnp.ndim(leaf) > MAX_TUCKER_MODES:
+                raise ValueError(
+                    f"scale_by_tensor_galore: leaf '{path}' has {jnp.ndim(leaf)} modes; at most "
+                    f"{MAX_TUCKER_MODES} are supported (reshape it, or label it for plain Adam)"
+                )
             else:
                 plans.append(proj.tucker_plan(jnp.shape(leaf), rank, modes, path))
         return names, leaves, treedef, plans
 
-    def num_slots(plans):
-        return max([len(p.shape) for p in plans if p is not None], default=0)
-
     return _low_rank_transform(
         make_plans=make_plans,
-        projection=lambda plans: _tucker_projection(svd, oversample, power_iters, num_slots(plans)),
-        num_slots=num_slots,
+        projection=lambda plans: _tucker_projection(svd, oversample, power_iters, MAX_TUCKER_MODES),
+        num_slots=lambda plans: MAX_TUCKER_MODES,
         pack_projectors=tuple,
         update_proj_gap=update_proj_gap,
         scale=scale,
