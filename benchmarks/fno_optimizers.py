@@ -173,7 +173,9 @@ def run_one(dataset: str, optimizer: str, args) -> dict:
 def _flat(tree):
     import jax
 
-    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    import galore_jax as gj
+
+    return {gj.path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _spectral_state_bytes(report, optimizer, spectral_adamw):

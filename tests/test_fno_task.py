@@ -35,7 +35,6 @@ from training.fno_task import (
     trivial_l2,
 )
 from training.metrics import read_metrics
-from training.task import build_task
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -283,7 +282,7 @@ def test_fno_learns_burgers_with_tensor_galore():
         "optimizer.scale=1.0",
     ]
     config = load_config("configs/fno_burgers.yaml", overrides)
-    task = build_task(config)
+    task = config.build_task()
     opt_cfg = task.optimizer_defaults(config.optimizer)
     graphdef, params = nnx.split(task.make_model(nnx.Rngs(0)), nnx.Param)
     params = nnx.as_pure(params)

@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import galore_jax as gj
+
 FORMAT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "config", "meta")
 
@@ -65,9 +67,7 @@ def _is_prng_key(x: Any) -> bool:
 def flatten_with_names(tree: Any) -> tuple[list[Any], list[str], Any]:
     """Leaves, their '/'-joined path names and the treedef of ``tree``."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [
-        jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves_with_paths
-    ]
+    names = [gj.path_string(path) for path, _ in leaves_with_paths]
     return [leaf for _, leaf in leaves_with_paths], names, treedef
 
 

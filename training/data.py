@@ -384,7 +384,7 @@ def load_tokens(source: Any = None) -> TokenData:
 # ---------------------------------------------------------------------------
 
 
-def _process_slice(
+def process_slice(
     global_batch_size: int, process_index: int | None, process_count: int | None
 ) -> tuple[int, int]:
     """(first row, rows) of this process's share of a global batch."""
@@ -411,7 +411,71 @@ def _windows_to_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> d
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
-class TokenBatchIterator:
+class EpochBatchIterator:
+    """Endless, seeded, resumable batches: one shuffled order of items per epoch.
+
+    Subclasses give ``_order_for_epoch(epoch)`` (the items of an epoch, from
+    ``(seed, epoch)`` only) and ``_batch(items)``. A batch that would run past
+    the end of an epoch starts the next one (the tail is skipped). Each process
+    yields its rows of every global batch. The position (``get_state``) is three
+    ints, saved with every checkpoint.
+    """
+
+    def __init__(
+        self,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int | None,
+        process_count: int | None,
+    ):
+        self.global_batch_size = global_batch_size
+        self._first_row, self.local_batch_size = process_slice(
+            global_batch_size, process_index, process_count
+        )
+        self.seed, self.epoch, self.position = int(seed), 0, 0
+        self._order = self._order_for_epoch(0)
+
+    def _order_for_epoch(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _batch(self, items: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.position + self.global_batch_size > len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._order_for_epoch(self.epoch)
+        first = self.position + self._first_row
+        items = self._order[first : first + self.local_batch_size]
+        self.position += self.global_batch_size
+        return self._batch(items)
+
+    def get_state(self) -> dict[str, int]:
+        """Position in the stream as plain ints: ``{"seed", "epoch", "position"}``."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues exactly where the iterator that produced ``state`` was."""
+        missing = {"seed", "epoch", "position"} - set(state)
+        if missing:
+            raise ValueError(f"data iterator state lacks {sorted(missing)}: {dict(state)}")
+        previous_seed = self.seed
+        self.seed, epoch, position = (int(state[k]) for k in ("seed", "epoch", "position"))
+        order = self._order_for_epoch(epoch) if epoch >= 0 else np.zeros(0)  # uses self.seed
+        if epoch < 0 or not 0 <= position <= len(order):
+            self.seed = previous_seed
+            raise ValueError(
+                f"data iterator state {dict(state)} does not fit this data (epoch {epoch} has "
+                f"{len(order)} items): different data?"
+            )
+        self.epoch, self.position, self._order = epoch, position, order
+
+
+class TokenBatchIterator(EpochBatchIterator):
     """Endless, seeded, resumable iterator of next-token batches.
 
     Args:
@@ -449,65 +513,34 @@ class TokenBatchIterator:
                 f"seq_len={seq_len} is too long for a token stream of {len(tokens)} tokens "
                 f"(need at least {2 * seq_len})"
             )
-        self._tokens = tokens
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self._first_row, self.local_batch_size = _process_slice(
-            global_batch_size, process_index, process_count
-        )
         min_windows = (len(tokens) - seq_len) // seq_len  # fewest windows of any epoch
         if min_windows < global_batch_size:
             raise ValueError(
                 f"The token stream ({len(tokens)} tokens) holds only {min_windows} windows of "
                 f"seq_len={seq_len}, fewer than global_batch_size={global_batch_size}"
             )
-        self.seed, self.epoch, self.position = int(seed), 0, 0
-        self._epoch_starts = self._starts_for_epoch(self.epoch)
+        self._tokens, self.seq_len = tokens, seq_len
+        super().__init__(
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
-    def _starts_for_epoch(self, epoch: int) -> np.ndarray:
+    def _order_for_epoch(self, epoch: int) -> np.ndarray:
         """Shuffled window start offsets of one epoch, from (seed, epoch) only."""
         rng = np.random.default_rng((self.seed, epoch))
         offset = int(rng.integers(self.seq_len))
         num_windows = (len(self._tokens) - 1 - offset) // self.seq_len
         return offset + self.seq_len * rng.permutation(num_windows)
 
+    def _batch(self, starts: np.ndarray) -> dict:
+        return _windows_to_batch(self._tokens, starts, self.seq_len)
+
     @property
     def batches_per_epoch(self) -> int:
         """Global batches in the current epoch (it may differ by one between epochs)."""
-        return len(self._epoch_starts) // self.global_batch_size
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        if self.position + self.global_batch_size > len(self._epoch_starts):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._epoch_starts = self._starts_for_epoch(self.epoch)
-        first = self.position + self._first_row
-        starts = self._epoch_starts[first : first + self.local_batch_size]
-        self.position += self.global_batch_size
-        return _windows_to_batch(self._tokens, starts, self.seq_len)
-
-    def get_state(self) -> dict[str, int]:
-        """Position in the stream as plain ints: ``{"seed", "epoch", "position"}``."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-    def set_state(self, state: Mapping[str, int]) -> None:
-        """Continues exactly where the iterator that produced ``state`` was."""
-        missing = {"seed", "epoch", "position"} - set(state)
-        if missing:
-            raise ValueError(f"data iterator state lacks {sorted(missing)}: {dict(state)}")
-        self.seed, self.epoch, self.position = (
-            int(state["seed"]),
-            int(state["epoch"]),
-            int(state["position"]),
-        )
-        self._epoch_starts = self._starts_for_epoch(self.epoch)
-        if not 0 <= self.position <= len(self._epoch_starts):
-            raise ValueError(
-                f"data iterator state position {self.position} is outside epoch "
-                f"{self.epoch} ({len(self._epoch_starts)} windows): different data?"
-            )
+        return len(self._order) // self.global_batch_size
 
 
 def eval_batches(
@@ -534,7 +567,7 @@ def eval_batches(
     Raises:
         ValueError: not even one full batch fits in ``val_tokens``.
     """
-    first_row, rows = _process_slice(batch_size, process_index, process_count)
+    first_row, rows = process_slice(batch_size, process_index, process_count)
     num_windows = (len(val_tokens) - 1) // seq_len if seq_len > 0 else 0
     num_batches = num_windows // batch_size
     if num_batches == 0:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from models import fno
 from training import pde
 from training.config import Config, ConfigError, OptimizerConfig
-from training.data import _process_slice
+from training.data import EpochBatchIterator, process_slice
 from training.task import Task
 
 # Matrix GaLore on the spectral weights only (first matching regex wins).
@@ -116,12 +116,11 @@ def load_pde_data(data_cfg: Any) -> PDEData:
     )
 
 
-class ArrayBatchIterator:
+class ArrayBatchIterator(EpochBatchIterator):
     """Endless, seeded, resumable shuffled batches over in-memory arrays.
 
-    Each epoch is a permutation of the samples drawn from ``(seed, epoch)``;
-    a batch that would run past the end of an epoch starts the next one (the
-    tail is skipped). Each process yields its rows of the global batch.
+    Each epoch is a permutation of the samples drawn from ``(seed, epoch)``
+    (see ``training.data.EpochBatchIterator``).
 
     Yields:
         ``{"x": [B/n, ...], "y": [B/n, ...]}`` for ``n`` processes.
@@ -145,44 +144,18 @@ class ArrayBatchIterator:
                 f"{len(x)} training samples"
             )
         self._x, self._y = x, y
-        self.global_batch_size = global_batch_size
-        self._first_row, self.local_batch_size = _process_slice(
-            global_batch_size, process_index, process_count
+        super().__init__(
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
         )
-        self.seed, self.epoch, self.position = int(seed), 0, 0
-        self._order = self._order_for_epoch(0)
 
     def _order_for_epoch(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(len(self._x))
 
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        if self.position + self.global_batch_size > len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._order_for_epoch(self.epoch)
-        first = self.position + self._first_row
-        rows = self._order[first : first + self.local_batch_size]
-        self.position += self.global_batch_size
+    def _batch(self, rows: np.ndarray) -> dict:
         return {"x": self._x[rows], "y": self._y[rows]}
-
-    def get_state(self) -> dict[str, int]:
-        """``{"seed", "epoch", "position"}`` as plain ints."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continues exactly where the iterator that produced ``state`` was."""
-        missing = {"seed", "epoch", "position"} - set(state)
-        if missing:
-            raise ValueError(f"data iterator state lacks {sorted(missing)}: {dict(state)}")
-        seed, epoch, position = (int(state["seed"]), int(state["epoch"]), int(state["position"]))
-        if epoch < 0 or not 0 <= position <= len(self._x):
-            raise ValueError(
-                f"data iterator state {dict(state)} does not fit {len(self._x)} training samples"
-            )
-        self.seed, self.epoch, self.position = seed, epoch, position
-        self._order = self._order_for_epoch(epoch)
 
 
 def eval_batches(
@@ -199,7 +172,7 @@ def eval_batches(
     the mean over batches of ``mean(weight * error)`` is the mean error over
     the real samples, which is what ``train.py``'s ``evaluate`` computes.
     """
-    first_row, rows = _process_slice(batch_size, process_index, process_count)
+    first_row, rows = process_slice(batch_size, process_index, process_count)
     n = len(x)
     num_batches = -(-n // batch_size)
     total = num_batches * batch_size

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import galore_jax as gj
 from training.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -88,35 +89,6 @@ def normalize_rules(rules: Iterable[Sequence[Any]]) -> tuple[tuple[str, Any], ..
     return tuple(normalized)
 
 
-def logical_to_spec(
-    logical_axes: Optional[Sequence[Optional[str]]],
-    rules: Rules,
-    mesh_axis_names: Sequence[str] = MESH_AXES,
-) -> P:
-    """Maps logical axis names to a ``PartitionSpec`` by the first matching rule.
-
-    A mesh axis is used at most once per array: a later dim that would reuse it
-    stays replicated (the same convention as flax's logical rules).
-    """
-    if logical_axes is None:
-        return P()
-    table: dict[str, Any] = {}
-    for logical, target in rules:
-        table.setdefault(logical, target)
-    used: set[str] = set()
-    entries = []
-    for name in logical_axes:
-        target = table.get(name) if name is not None else None
-        if target is None:
-            entries.append(None)
-            continue
-        axes = (target,) if isinstance(target, str) else tuple(target)
-        axes = tuple(a for a in axes if a in mesh_axis_names and a not in used)
-        used.update(axes)
-        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*entries)
-
-
 def named_shardings(mesh: jax.sharding.Mesh, specs: Any) -> Any:
     """Pytree of ``PartitionSpec`` -> pytree of ``NamedSharding`` on ``mesh``."""
     return jax.tree.map(
@@ -165,7 +137,7 @@ def check_divisible(shapes: Any, specs: Any, mesh: jax.sharding.Mesh, what: str 
         for dim, entry in enumerate(spec):
             size = _spec_axis_size(entry, mesh)
             if size > 1 and leaf.shape[dim] % size:
-                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                name = gj.path_string(path)
                 raise ConfigError(
                     f"{what} '{name}' dim {dim} (size {leaf.shape[dim]}) cannot be split "
                     f"over mesh axes {entry!r} (size {size}); change the mesh sizes or "
