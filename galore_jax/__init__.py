@@ -20,6 +20,7 @@ from galore_jax.linalg import (
 from galore_jax.memory import adamw_state_bytes, memory_report, optimizer_state_bytes
 from galore_jax.paths import path_string
 from galore_jax.projection import DimensionNumbers, infer_dimension_numbers
+from galore_jax.quantization import ScaleByAdam8bitState, scale_by_adam_8bit
 from galore_jax.sharding import state_shardings
 from galore_jax.transform import (
     GALORE_STATIC_ARGS,
@@ -40,6 +41,7 @@ __all__ = [
     "GALORE_STATIC_ARGS",
     "LeafTreatment",
     "MatrixProjectors",
+    "ScaleByAdam8bitState",
     "ScaleByGaloreState",
     "ScaleByTensorGaloreState",
     "ScaleByTorchAdamState",
@@ -62,6 +64,7 @@ __all__ = [
     "path_string",
     "randomized_svd",
     "refresh_offsets",
+    "scale_by_adam_8bit",
     "scale_by_galore",
     "scale_by_tensor_galore",
     "scale_by_torch_adam",

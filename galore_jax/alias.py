@@ -7,19 +7,39 @@ partition(labels -> {galore, tensor_galore, adam})   low-rank or plain Adam scal
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Union
 
 import jax
 import optax
 
 from galore_jax import labels as labels_lib
-from galore_jax import transform
+from galore_jax import paths, quantization, transform
+from galore_jax import projection as proj
 from galore_jax.transform import scale_by_galore, scale_by_tensor_galore
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 
 
-GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + ("tensor_rank",)
+GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + (
+    "tensor_rank",
+    "moment_bits",
+    "projector_bits",
+)
+
+
+def _adam(b1, b2, eps, mu_dtype, moment_bits):
+    """Adam's scaling with 32-bit (optax) or block-wise 8-bit moments."""
+    if moment_bits == 8:
+        return quantization.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps)
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+
+def _check_bits(moment_bits, projector_bits):
+    if moment_bits not in (32, 8):
+        raise ValueError(f"moment_bits must be 32 or 8, got {moment_bits!r}")
+    if projector_bits not in (32, 8, 4):
+        raise ValueError(f"projector_bits must be 32, 8 or 4, got {projector_bits!r}")
 
 
 def _decayed_weights(weight_decay, mask, name):
@@ -48,13 +68,14 @@ def _chain(
     b2,
     eps,
     mu_dtype,
+    moment_bits,
     weight_decay,
     weight_decay_mask,
     galore_tx,
     tensor_tx,
     name,
 ):
-    adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    adam = lambda: _adam(b1, b2, eps, mu_dtype, moment_bits)
     return optax.chain(
         optax.partition(
             {
@@ -79,6 +100,35 @@ def _label_fn(labels, **rule):
     return lambda params: labels_lib.galore_labels(params, **rule)
 
 
+class _WholeTreeDimensionNumbers:
+    """Dimension numbers resolved on the whole params, handed to GaLore by path.
+
+    Stacked layers are found by structure over the whole tree (e.g. a norm
+    stack (L, d) beside the kernels (L, m, n)), but `optax.partition` hands the
+    GaLore transform only its masked sub-tree. The labels function, which
+    `optax.partition` calls on the whole tree first (at init and at every
+    update), records the resolution; the transform reads it by param path.
+    """
+
+    def __init__(self, dimension_numbers):
+        self.dimension_numbers = dimension_numbers
+        self.by_path = {}
+
+    def labels(self, params, **rule):
+        names = paths.leaf_paths(params)[0]
+        dims = proj.resolve_dimension_numbers(self.dimension_numbers, params)
+        self.by_path = dict(zip(names, dims))
+        treedef = jax.tree.structure(params)
+        return labels_lib.galore_labels(params, dimension_numbers=treedef.unflatten(dims), **rule)
+
+    def __call__(self, sub_params):
+        names, _, treedef = paths.leaf_paths(sub_params)
+        if not all(n in self.by_path for n in names):  # not called through the labels
+            resolved = proj.resolve_dimension_numbers(self.dimension_numbers, sub_params)
+            return treedef.unflatten(resolved)
+        return treedef.unflatten([self.by_path[n] for n in names])
+
+
 def _check_ranks(name, rank, static_args):
     for i, r in enumerate(rank) if isinstance(rank, (tuple, list)) else [(None, rank)]:
         if r is not None or i is None:
@@ -93,6 +143,7 @@ def galore_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     mu_dtype: Optional[Any] = None,
+    moment_bits: int = 32,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
     update_proj_gap: int = 200,
@@ -109,6 +160,8 @@ def galore_adamw(
     label_overrides: labels_lib.Overrides = None,
     tensor_rank: Union[int, float, tuple] = 0.25,
     tensor_svd: str = "exact",
+    projector_bits: int = 32,
+    projector_group_size: Optional[int] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
@@ -130,10 +183,13 @@ def galore_adamw(
       learning_rate: float or optax schedule.
       rank: GaLore rank (int, or fraction of the projected dim).
       b1, b2, eps, mu_dtype: Adam settings (optax convention for eps).
+      moment_bits: 32, or 8 for block-wise 8-bit Adam moments everywhere (low-rank
+        and plain-Adam leaves; `gj.scale_by_adam_8bit`, small leaves stay 32-bit).
       weight_decay, weight_decay_mask: decoupled weight decay in full space.
       update_proj_gap, scale, proj_type, svd, oversample, power_iters,
-        warm_start, on_refresh, stagger, dimension_numbers, seed: as in
-        `scale_by_galore`.
+        warm_start, on_refresh, stagger, dimension_numbers, projector_bits,
+        projector_group_size, seed: as in `scale_by_galore` (projector_bits
+        applies to matrix GaLore; Tucker factors stay full precision).
       labels, label_overrides: parameter selection (see above).
       tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
 
@@ -153,6 +209,8 @@ def galore_adamw(
     _check_ranks("rank", rank, static)
     _check_ranks("tensor_rank", tensor_rank, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
+    _check_bits(moment_bits, projector_bits)
+    dims = _WholeTreeDimensionNumbers(dimension_numbers)
     galore = lambda base: scale_by_galore(
         rank,
         update_proj_gap=update_proj_gap,
@@ -165,7 +223,9 @@ def galore_adamw(
         on_refresh=on_refresh,
         stagger=stagger,
         base_optimizer=base,
-        dimension_numbers=dimension_numbers,
+        dimension_numbers=dims,
+        projector_bits=projector_bits,
+        projector_group_size=projector_group_size,
         seed=seed,
     )
     tensor = lambda base: scale_by_tensor_galore(
@@ -183,10 +243,10 @@ def galore_adamw(
     )
     return _chain(
         learning_rate,
-        labels=_label_fn(
-            labels,
+        labels=labels
+        or functools.partial(
+            dims.labels,
             label_overrides=label_overrides,
-            dimension_numbers=dimension_numbers,
             rank=rank,
             proj_type=proj_type,
             tensor_rank=tensor_rank,
@@ -195,6 +255,7 @@ def galore_adamw(
         b2=b2,
         eps=eps,
         mu_dtype=mu_dtype,
+        moment_bits=moment_bits,
         weight_decay=weight_decay,
         weight_decay_mask=weight_decay_mask,
         galore_tx=galore,
@@ -211,6 +272,7 @@ def tensor_galore_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     mu_dtype: Optional[Any] = None,
+    moment_bits: int = 32,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
     update_proj_gap: int = 200,
@@ -242,8 +304,9 @@ def tensor_galore_adamw(
       >>> updates["spectral"].dtype
       dtype('complex64')
     """
-    static = transform.TENSOR_GALORE_STATIC_ARGS
+    static = transform.TENSOR_GALORE_STATIC_ARGS + ("moment_bits",)
     _check_ranks("rank", rank, static)
+    _check_bits(moment_bits, 32)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
     tensor = lambda base: scale_by_tensor_galore(
         rank,
@@ -273,6 +336,7 @@ def tensor_galore_adamw(
         b2=b2,
         eps=eps,
         mu_dtype=mu_dtype,
+        moment_bits=moment_bits,
         weight_decay=weight_decay,
         weight_decay_mask=weight_decay_mask,
         galore_tx=lambda base: scale_by_galore(

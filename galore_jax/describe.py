@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
-from galore_jax import paths
+from galore_jax import paths, quantization
 
 __all__ = ["LeafTreatment", "Treatment", "describe"]
 
-_PROJECTOR_FIELDS = ("left", "right", "factors")
+_PROJECTOR_FIELDS = ("left", "right", "left_scales", "right_scales", "factors")
 
 
 @dataclasses.dataclass
@@ -32,7 +32,8 @@ class LeafTreatment:
         "-" when the optimizer does not partition.
       side: "left" / "right" / "full" (GaLore), "tucker" (Tensor-GaLore) or "-".
       rank: GaLore rank, Tucker ranks per mode, or None.
-      projector_shapes: shapes of the projectors / Tucker factors kept for it.
+      projector_shapes: shapes of the projectors / Tucker factors kept for it (their
+      codes' shapes when quantized: int4 packs two values per byte).
       moment_shapes: shapes of the other state arrays kept for it (moments).
       bytes: state bytes kept for it (projectors + moments).
     """
@@ -133,27 +134,35 @@ def describe(tx, params: Any) -> Treatment:
     split_names = [n.split("/") if n != "<root>" else [] for n in param_names]
     leaves = [LeafTreatment(n, tuple(x.shape)) for n, x in zip(param_names, param_leaves)]
     shared = 0
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        if not hasattr(leaf, "shape"):
-            continue
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=quantization.is_quantized)[0]
+    for keypath, leaf in flat:
+        # A block-quantized moment (codes + scales) counts as one moment of its value's shape.
+        shape = quantization.value_shape(leaf) if quantization.is_quantized(leaf) else None
+        nbytes = sum(_nbytes(x) for x in jax.tree.leaves(leaf) if hasattr(x, "shape"))
+        if shape is None:
+            if not hasattr(leaf, "shape"):
+                continue
+            shape = tuple(leaf.shape)
         names = paths.path_string(keypath).split("/")
         owner = _owner(names, split_names)
-        if owner is None or not leaf.shape:
-            shared += _nbytes(leaf)
+        if owner is None or not shape:
+            shared += nbytes
             continue
         t = leaves[owner]
-        t.bytes += _nbytes(leaf)
+        t.bytes += nbytes
         if "inner_states" in names and names.index("inner_states") + 1 < len(names):
             t.label = names[names.index("inner_states") + 1]
         field = next((f for f in reversed(names) if f in _PROJECTOR_FIELDS), None)
         if field is None:
-            t.moment_shapes.append(tuple(leaf.shape))
+            t.moment_shapes.append(shape)
             continue
-        t.projector_shapes.append(tuple(leaf.shape))
+        if field.endswith("_scales"):  # a quantized projector's scales: bytes only
+            continue
+        t.projector_shapes.append(shape)
         if field == "factors":
             t.side = "tucker"
             t.rank = tuple(s[-1] for s in t.projector_shapes)
         else:
             t.side = field if t.side in ("-", field) else "full"
-            t.rank = leaf.shape[-1] if field == "left" else leaf.shape[-2]
+            t.rank = shape[-1] if field == "left" else shape[-2]
     return Treatment(leaves, shared)

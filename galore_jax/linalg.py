@@ -11,7 +11,8 @@ ordered top-r basis from `eigh` of a small Gram matrix (Rayleigh-Ritz).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import math
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,40 @@ def compute_dtype(dtype) -> jnp.dtype:
     if jnp.issubdtype(dtype, jnp.complexfloating):
         return jnp.promote_types(dtype, jnp.complex64)
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _per_matrix_on_cpu(fn: Callable, *operands: jax.Array):
+    """`fn(*operands)`, run one matrix at a time on CPU when there is a batch.
+
+    jaxlib 0.10 - 0.11.0's CPU LAPACK kernels (cholesky, triangular solve, eigh,
+    svd, ...) split a batch of matrices over XLA:CPU's intra-op thread pool and
+    block until the pieces are done. When every pool thread is itself inside
+    such a kernel -- one per device with 8 virtual CPU devices, whose refreshes
+    start together after an all-reduce -- nobody is left to run the pieces and
+    the program deadlocks (for eigh: batch * 5 k^3 >= 2e5 FLOP, e.g. 4 stacked
+    layers at rank 16 + oversample 8). A kernel given one matrix never splits,
+    so on CPU the batch is walked with `lax.map` (later jaxlib builds stopped
+    splitting too, jax commit 859992407d). Other platforms keep the batched call.
+    The platform is picked when lowering (`lax.platform_dependent`). With one
+    local device the pool always has a free thread, so the batched call stays.
+    """
+    batch = operands[0].shape[:-2]
+    if math.prod(batch) <= 1 or jax.local_device_count() <= 1:
+        return fn(*operands)
+
+    def per_matrix(*ops):
+        flat = [x.reshape((-1,) + x.shape[len(batch) :]) for x in ops]
+        out = jax.lax.map(lambda xs: fn(*xs), flat)
+        return jax.tree.map(lambda y: y.reshape(batch + y.shape[1:]), out)
+
+    return jax.lax.platform_dependent(*operands, cpu=per_matrix, default=fn)
+
+
+def _inverse_cholesky(gram: jax.Array) -> jax.Array:
+    """L^{-1} for the Cholesky factor L of a (batch of) positive definite matrices."""
+    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    chol = jnp.linalg.cholesky(gram)
+    return jax.scipy.linalg.solve_triangular(chol, jnp.broadcast_to(eye, chol.shape), lower=True)
 
 
 def canonicalize_signs(basis: jax.Array) -> jax.Array:
@@ -107,10 +142,7 @@ def orthonormalize(y: jax.Array, *, passes: int = 2, key: Optional[jax.Array] = 
         # see a near-identity Gram and only need a shift that keeps rank-deficient
         # input finite.
         shift = eps * ((k + 1) if i == 0 else 1) * trace + jnp.finfo(real_dtype).tiny
-        chol = jnp.linalg.cholesky(gram + shift * eye)
-        inv_lower = jax.scipy.linalg.solve_triangular(
-            chol, jnp.broadcast_to(eye, chol.shape), lower=True
-        )
+        inv_lower = _per_matrix_on_cpu(_inverse_cholesky, gram + shift * eye)
         # y = Q L^H  =>  Q = y L^{-H}; the k x k factor is replicated, y keeps its sharding.
         y = sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv_lower))
     # The shifts shrink every column by about shift/2; undo that uniform shrink,
@@ -271,7 +303,7 @@ def exact_svd(a: jax.Array, rank: int, *, canonical_signs: bool = True):
     m, n = a.shape[-2], a.shape[-1]
     _check_rank(rank, m, n)
     a = sops.replicate_matrix_dims(a.astype(compute_dtype(a.dtype)))
-    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+    u, s, vt = _per_matrix_on_cpu(lambda x: jnp.linalg.svd(x, full_matrices=False), a)
     u, s, vt = u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
     if canonical_signs:
         u_canon = canonicalize_signs(u)
@@ -300,7 +332,9 @@ def top_left_basis(
     _check_rank(rank, m, n)
     a = a.astype(compute_dtype(a.dtype))
     if svd == "exact":
-        u = jnp.linalg.svd(sops.replicate_matrix_dims(a), full_matrices=False)[0][..., :, :rank]
+        u = _per_matrix_on_cpu(
+            lambda x: jnp.linalg.svd(x, full_matrices=False)[0], sops.replicate_matrix_dims(a)
+        )[..., :, :rank]
         return canonicalize_signs(u)
     if svd != "randomized":
         raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
@@ -323,7 +357,7 @@ def _rayleigh_ritz(a, rank, *, key, oversample, power_iters, init):
     q = randomized_range(a, width, key=key, power_iters=power_iters, init=init)
     b = sops.einsum("...mk,...mn->...kn", jnp.conj(q), a)
     gram = sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b)))
-    evals, evecs = jnp.linalg.eigh(gram)
+    evals, evecs = _per_matrix_on_cpu(jnp.linalg.eigh, gram)
     return q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank]
 
 

@@ -78,6 +78,7 @@ from jax.sharding import PartitionSpec as P
 from galore_jax import _sharding_ops as sops
 
 __all__ = [
+    "value_shape",
     "DEFAULT_BLOCK_SIZE",
     "KINDS",
     "MU_KIND",
@@ -171,6 +172,16 @@ def as_quantized(x):
     if real is not None and imag is not None:
         return QuantizedComplex(as_quantized(real), as_quantized(imag))
     return x
+
+
+def value_shape(x) -> tuple:
+    """Shape of the value `x` stands for (a quantized container's, or a plain array's)."""
+    x = as_quantized(x)
+    if isinstance(x, QuantizedComplex):
+        x = x.real
+    if isinstance(x, QuantizedArray):
+        return tuple(x.codes.shape)
+    return tuple(jnp.shape(x))
 
 
 def is_quantized(x) -> bool:

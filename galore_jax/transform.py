@@ -11,6 +11,7 @@ other steps pay nothing for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import _sharding_ops as sops
-from galore_jax import paths
+from galore_jax import linalg, paths, quantization
 from galore_jax import projection as proj
 from galore_jax.projection import DimensionNumbers
 
@@ -41,6 +42,10 @@ class MatrixProjectors(NamedTuple):
 
     left: Any  # per param: U (*batch, m, r) for left / full projection, else ().
     right: Any  # per param: Vh (*batch, r, n) for right / full projection, else ().
+    # With projector_bits 8 / 4, left and right hold int8 / packed int4 codes and
+    # these the float32 scales (see `galore_jax.quantization.quantize_projector`).
+    left_scales: Any = ()
+    right_scales: Any = ()
 
 
 class ScaleByGaloreState(NamedTuple):
@@ -199,39 +204,79 @@ class _Projection:
     rotate: Callable  # (plan, moment, old, new, *, second) -> moment
 
 
-def _matrix_slots(plan, arrays):
-    """(U, Vh) slots of a matrix leaf from its side's tuple of projectors."""
-    return {"left": (arrays[0], ()), "right": ((), arrays[0]), "full": tuple(arrays)}[plan.side]
+_SIDES = {"left": ("left",), "right": ("right",), "full": ("left", "right")}
+_VECTOR_AXIS = {"left": -2, "right": -1}  # U's columns / Vh's rows are the basis vectors
+_SLOTS = MatrixProjectors._fields
 
 
 def _side_arrays(plan, slots):
     return tuple(p for p in slots if not _is_empty(p))
 
 
-def _matrix_projection(svd, oversample, power_iters) -> _Projection:
+def _matrix_projection(svd, oversample, power_iters, bits, group_size) -> _Projection:
+    """Matrix GaLore; projectors stored in full precision (bits 32) or int8 / int4 codes."""
+
+    def encode(plan, arrays):
+        """The side's projector arrays -> the four `MatrixProjectors` slots."""
+        slots = dict.fromkeys(_SLOTS, ())
+        for side, p in zip(_SIDES[plan.side], arrays):
+            if bits == 32:
+                slots[side] = p
+            else:
+                q = quantization.quantize_projector(
+                    p, bits, axis=_VECTOR_AXIS[side], group_size=group_size
+                )
+                slots[side], slots[side + "_scales"] = q.codes, q.scales
+        return tuple(slots[k] for k in _SLOTS)
+
+    def decode(plan, slots, dtype):
+        """The four slots -> the side's projector arrays (dequantized to `dtype`)."""
+        if bits == 32:
+            return _side_arrays(plan, slots)
+        out = []
+        for side, shape in zip(_SIDES[plan.side], plan.projector_shapes()):
+            codes, scales = slots[_SLOTS.index(side)], slots[_SLOTS.index(side + "_scales")]
+            out.append(
+                quantization.dequantize_projector(
+                    quantization.QuantizedProjector(codes, scales),
+                    bits,
+                    dtype,
+                    shape,
+                    axis=_VECTOR_AXIS[side],
+                )
+            )
+        return tuple(out)
+
     def refresh(plan, g, old, *, key, warm):
+        dtype = jnp.result_type(g)
         new = proj.refresh_projectors(
             plan,
             plan.to_standard(g),
-            _side_arrays(plan, old),
+            decode(plan, old, dtype),
             svd=svd,
             key=key,
             oversample=oversample,
             power_iters=power_iters,
             warm=warm,
         )
-        return _matrix_slots(plan, new)
+        # Codes and scales keep the old ones' shardings, so lax.switch branches agree.
+        return tuple(
+            p if _is_empty(p) else sops.match_sharding(p, o) for p, o in zip(encode(plan, new), old)
+        )
 
     def rotate(plan, moment, old, new, *, second):
-        rotations = proj.rotation(plan, _side_arrays(plan, old), _side_arrays(plan, new))
+        dtype = linalg.compute_dtype(moment.dtype)
+        rotations = proj.rotation(plan, decode(plan, old, dtype), decode(plan, new, dtype))
         return proj.rotate_moment(moment, rotations, second=second)
 
     return _Projection(
-        init=lambda plan, dtype: _matrix_slots(plan, proj.init_projectors(plan, dtype)),
+        init=lambda plan, dtype: encode(plan, proj.init_projectors(plan, dtype)),
         low_shape=lambda plan: plan.low_rank_shape(),
-        to_low=lambda plan, g, p: proj.project(plan, plan.to_standard(g), _side_arrays(plan, p)),
+        to_low=lambda plan, g, p: proj.project(
+            plan, plan.to_standard(g), decode(plan, p, jnp.result_type(g))
+        ),
         from_low=lambda plan, low, p: plan.from_standard(
-            proj.project_back(plan, low, _side_arrays(plan, p))
+            proj.project_back(plan, low, decode(plan, p, jnp.result_type(low)))
         ),
         refresh=refresh,
         rotate=rotate,
@@ -291,7 +336,8 @@ def _map_base_moments(base_state, low_tree, per_leaf: Callable):
     in the low-rank tree and has its low-rank shape (Adam's mu and nu, momentum
     traces, ...). Leaves under a field named `nu` (or `v`, `exp_avg_sq`) are
     second moments. Paths are compared as strings, so the containers Flax's
-    `nnx.State` substitutes for dicts match too.
+    `nnx.State` substitutes for dicts match too. Block-quantized moments
+    (`galore_jax.quantization`) are dequantized for `per_leaf` and requantized.
     """
     low_paths = [
         paths.path_string(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(low_tree)[0]
@@ -300,14 +346,20 @@ def _map_base_moments(base_state, low_tree, per_leaf: Callable):
 
     def visit(keypath, leaf):
         names = paths.path_string(keypath).split("/")
-        for i, (low_path, shape) in enumerate(zip(low_paths, low_shapes)):
+        quantized = quantization.as_quantized(leaf)
+        shape = quantization.value_shape(quantized)
+        for i, (low_path, low_shape) in enumerate(zip(low_paths, low_shapes)):
             suffix = low_path.split("/") if low_path else []
-            if jnp.shape(leaf) == shape and (not suffix or names[-len(suffix) :] == suffix):
+            if shape == low_shape and (not suffix or names[-len(suffix) :] == suffix):
                 second = any(n in ("nu", "v", "exp_avg_sq") for n in names)
-                return per_leaf(i, leaf, second)
+                if not quantization.is_quantized(quantized):
+                    return per_leaf(i, leaf, second)
+                kind = quantization.NU_KIND if second else quantization.MU_KIND
+                value = quantization.dequantize(quantized, kind=kind)
+                return quantization.quantize_like(per_leaf(i, value, second), quantized, kind=kind)
         return leaf
 
-    return jax.tree_util.tree_map_with_path(visit, base_state)
+    return jax.tree_util.tree_map_with_path(visit, base_state, is_leaf=quantization.is_quantized)
 
 
 def _low_rank_transform(
@@ -372,35 +424,37 @@ def _low_rank_transform(
                 new_projectors.append(old)
                 low.append(g)
                 continue
-            # A non-finite gradient never reaches a projector or a moment: the leaf's
-            # gradient counts as zero (optax.zero_nans, per leaf: one NaN spreads through
-            # the whole projection) and a refresh due now keeps the old basis; only the
-            # first refresh, with no basis yet, proceeds (on zeros: a random basis).
-            finite = jnp.all(jnp.isfinite(g))
-            g = jnp.where(finite, g, jnp.zeros_like(g))
+            # A non-finite gradient never reaches a projector or a moment. A refresh
+            # due on one keeps the old basis (only the first, with no basis yet,
+            # proceeds, on zeros: a random basis); the low-rank gradient then counts
+            # as zero (optax.zero_nans, per leaf: one NaN spreads through the whole
+            # projection). The checks read the full gradient on refresh steps only:
+            # other steps test the small projection, non-finite iff the gradient is.
             phase = count % update_proj_gap
             due = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
-            refresh = due & (finite | (count == 0))
-            skipped = skipped + (due & ~refresh).astype(jnp.int32)
-            refresh_flags[i] = refresh
             leaf_key = jax.random.fold_in(step_key, i)
-            branches = [
-                lambda g, old: old,
-                lambda g, old, plan=plan, k=leaf_key: project.refresh(
-                    plan, g, old, key=k, warm=False
-                ),
-            ]
-            branch = refresh.astype(jnp.int32)
+
+            def keep(g, old):
+                return old, jnp.zeros([], jnp.bool_)
+
+            def refresh(g, old, *, warm, plan=plan, key=leaf_key):
+                finite = jnp.all(jnp.isfinite(g))
+                new = project.refresh(plan, jnp.where(finite, g, 0), old, key=key, warm=warm)
+                skip = ~finite & (count > 0)
+                new = tuple(o if _is_empty(o) else jnp.where(skip, o, n) for n, o in zip(new, old))
+                return new, skip
+
+            branches = [keep, functools.partial(refresh, warm=False)]
+            branch = due.astype(jnp.int32)
             if warm_start:
-                branches.append(
-                    lambda g, old, plan=plan, k=leaf_key: project.refresh(
-                        plan, g, old, key=k, warm=True
-                    )
-                )
-                branch = jnp.where(refresh & (count > 0), 2, branch)
-            new = jax.lax.switch(branch, branches, g, old)
+                branches.append(functools.partial(refresh, warm=True))
+                branch = jnp.where(due & (count > 0), 2, branch)
+            new, skip = jax.lax.switch(branch, branches, g, old)
+            skipped = skipped + skip.astype(jnp.int32)
+            refresh_flags[i] = due & ~skip
             new_projectors.append(new)
-            low.append(project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g))))
+            low_g = project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g)))
+            low.append(jnp.where(jnp.all(jnp.isfinite(low_g)), low_g, 0))
 
         base_state = state.base_state
         if on_refresh != "keep" and projected:
@@ -464,6 +518,8 @@ def scale_by_galore(
     base_optimizer: Optional[optax.GradientTransformation] = None,
     dimension_numbers: Union[None, DimensionNumbers, Any, Callable[[Any], Any]] = None,
     projector_dtype: Optional[Any] = None,
+    projector_bits: int = 32,
+    projector_group_size: Optional[int] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore: runs `base_optimizer` on low-rank projections of matrix gradients.
@@ -524,6 +580,12 @@ def scale_by_galore(
         weights of shape (L, m, n)) get independent projectors. None: inferred
         from the structure (see above).
       projector_dtype: dtype to store projectors in (default: the param's).
+      projector_bits: 32 (full precision), 8 or 4: store projectors as int8 /
+        packed int4 codes with float32 absmax scales (Q-GaLore), dequantized on
+        use; refreshes write codes directly. Moments' precision is the base
+        optimizer's (e.g. `gj.scale_by_adam_8bit()`).
+      projector_group_size: None (one scale per basis vector) or the number of
+        values per scale along each basis vector (Q-GaLore: 256 with INT4).
       seed: seed of the PRNG key kept in the state.
 
     Returns:
@@ -549,6 +611,9 @@ def scale_by_galore(
     check_rank_value(rank)
     check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
     _check_choice("proj_type", proj_type, proj.PROJ_TYPES)
+    _check_choice("projector_bits", projector_bits, (32, 8, 4))
+    if projector_group_size is not None:
+        _static_int("projector_group_size", projector_group_size, minimum=1)
     _check_base_optimizer(base_optimizer, "scale_by_galore")
 
     def make_plans(params):
@@ -571,8 +636,10 @@ def scale_by_galore(
 
     return _low_rank_transform(
         make_plans=make_plans,
-        projection=lambda plans: _matrix_projection(svd, oversample, power_iters),
-        num_slots=lambda plans: 2,
+        projection=lambda plans: _matrix_projection(
+            svd, oversample, power_iters, projector_bits, projector_group_size
+        ),
+        num_slots=lambda plans: len(MatrixProjectors._fields),
         pack_projectors=lambda slots: MatrixProjectors(*slots),
         update_proj_gap=update_proj_gap,
         scale=scale,
@@ -637,8 +704,10 @@ def scale_by_tensor_galore(
       >>> w = jnp.ones((8, 8, 4, 4), jnp.complex64)
       >>> tx = gj.scale_by_tensor_galore(rank=0.5, update_proj_gap=50)
       >>> state = tx.init({"w": w})
-      >>> [factor["w"].shape for factor in state.factors]  # one tree per mode
+      >>> [factor["w"].shape for factor in state.factors[:4]]  # one tree per mode
       [(8, 4), (8, 4), (4, 2), (4, 2)]
+      >>> state.factors[4]["w"]  # modes a leaf does not have: empty
+      ()
 
     References:
       George et al., Tensor-GaLore: Memory-Efficient Training via Gradient

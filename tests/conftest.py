@@ -1,9 +1,10 @@
 """Test setup: 8 virtual CPU devices so multi-device meshes can be tested anywhere.
 
 XLA reads the flags once, when JAX starts, so they are set here before any test
-imports JAX. XLA:CPU's concurrency-optimized scheduler can deadlock 8 virtual
-devices sharing 2 cores when collectives sit next to conditionals (seen with
-sharded GaLore refreshes under an Explicit mesh); the default scheduler is fine.
+imports JAX. The scheduler flag is kept from before the real cause of the
+8-device hangs was found (jaxlib 0.10's CPU LAPACK kernels splitting batches
+over the intra-op pool and blocking; `galore_jax.linalg._per_matrix_on_cpu`
+avoids it in the library): it changes timing only.
 """
 
 import os

@@ -191,3 +191,18 @@ def test_mode_unfold_fold_roundtrip():
         unfolding = gj.mode_unfold(t, mode)
         assert unfolding.shape == (t.shape[mode], t.size // t.shape[mode])
         np.testing.assert_array_equal(gj.mode_fold(unfolding, mode, t.shape), t)
+
+
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_cpu_lapack_kernels_get_one_matrix_at_a_time(svd):
+    """jaxlib 0.10's CPU LAPACK kernels split a batch over the intra-op pool and block;
+    with 8 virtual devices refreshing at once that deadlocks (train.py at rank >= 16 on
+    mesh data=2 fsdp=4). Batched refreshes must hand each kernel a single matrix."""
+    import re
+
+    a = jnp.ones((4, 64, 48)) + jnp.arange(48.0)
+    fn = lambda a: gj.top_left_basis(a, 16, svd=svd, key=jax.random.PRNGKey(0))
+    hlo = jax.jit(fn).lower(a).compile().as_text()
+    results = re.findall(r"= \(?\w+\[([\d,]*)\][^\n]*custom_call_target=\"lapack_", hlo)
+    assert results, "no LAPACK custom call found"
+    assert all(len(dims.split(",")) == 2 for dims in results), results

@@ -47,6 +47,8 @@ STRUCTURAL_CONFIG_KEYS = (
     "optimizer.rank",
     "optimizer.proj_type",
     "optimizer.label_overrides",
+    "optimizer.moment_bits",
+    "optimizer.projector_bits",
 )
 # Model settings that change how the model runs, not its params: these may
 # differ between a checkpoint and the run resuming it.

@@ -254,6 +254,10 @@ class OptimizerConfig(_Section):
     warm_start: Bool = True
     on_refresh: Literal["keep", "reset", "project"] = "keep"
     stagger: Bool = False
+    # Low-bit state: 8-bit block-wise Adam moments (every optimizer but
+    # optax_galore), int8 / int4 GaLore projectors (galore only).
+    moment_bits: Literal[32, 8] = 32
+    projector_bits: Literal[32, 8, 4] = 32
     # regex on the '/'-joined param path -> galore | tensor_galore | adam,
     # e.g. {"lm_head": "galore"}; the first match wins over the default rule
     # (matrices -> galore; embeddings, LM head, norms -> adam).

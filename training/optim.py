@@ -49,6 +49,7 @@ def _galore_options(cfg: OptimizerConfig) -> dict:
         on_refresh=cfg.on_refresh,
         stagger=cfg.stagger,
         label_overrides=cfg.label_overrides,
+        moment_bits=cfg.moment_bits,
     )
 
 
@@ -90,7 +91,18 @@ def build_optimizer(
 def _build(
     cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: Any, seed: int, rank: Any
 ) -> optax.GradientTransformation:
-    if cfg.name == "adamw":
+    if cfg.name != "galore" and cfg.projector_bits != 32:
+        raise ConfigError(
+            f"optimizer.projector_bits={cfg.projector_bits} needs optimizer.name=galore "
+            f"(matrix projectors), got {cfg.name!r}"
+        )
+    if cfg.name == "adamw" and cfg.moment_bits == 8:
+        tx = optax.chain(
+            gj.scale_by_adam_8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.scale_by_learning_rate(schedule),
+        )
+    elif cfg.name == "adamw":
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     elif cfg.name == "galore":
         tx = gj.galore_adamw(
@@ -100,10 +112,13 @@ def _build(
             seed=seed,
             proj_type=cfg.proj_type,
             dimension_numbers=dimension_numbers,
+            projector_bits=cfg.projector_bits,
         )
     elif cfg.name == "tensor_galore":
         tx = gj.tensor_galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed)
     elif cfg.name == "optax_galore":
+        if cfg.moment_bits != 32:
+            raise ConfigError("optimizer.moment_bits=8 is not available for optax_galore")
         if isinstance(cfg.rank, float):
             raise ConfigError(f"optimizer.rank must be an int for optax_galore, got {cfg.rank!r}")
         if dimension_numbers is not None and any(
