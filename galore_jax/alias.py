@@ -21,11 +21,7 @@ from galore_jax.transform import scale_by_galore, scale_by_tensor_galore
 ScalarOrSchedule = Union[float, optax.Schedule]
 
 
-GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + (
-    "tensor_rank",
-    "moment_bits",
-    "projector_bits",
-)
+GALORE_ADAMW_STATIC_ARGS = transform.GALORE_STATIC_ARGS + ("tensor_rank", "moment_bits")
 
 
 def _adam(b1, b2, eps, mu_dtype, moment_bits):
@@ -35,11 +31,12 @@ def _adam(b1, b2, eps, mu_dtype, moment_bits):
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 
 
-def _check_bits(moment_bits, projector_bits):
-    if moment_bits not in (32, 8):
-        raise ValueError(f"moment_bits must be 32 or 8, got {moment_bits!r}")
-    if projector_bits not in (32, 8, 4):
-        raise ValueError(f"projector_bits must be 32, 8 or 4, got {projector_bits!r}")
+def _check_bits(moment_bits, projector_bits, static_args):
+    """Bit widths as ints (None: 32); None defaults keep old static_args lists valid."""
+    return (
+        transform.check_bits("moment_bits", moment_bits, (32, 8), static_args),
+        transform.check_bits("projector_bits", projector_bits, (32, 8, 4), static_args),
+    )
 
 
 def _decayed_weights(weight_decay, mask, name):
@@ -143,7 +140,7 @@ def galore_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     mu_dtype: Optional[Any] = None,
-    moment_bits: int = 32,
+    moment_bits: Optional[int] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
     update_proj_gap: int = 200,
@@ -160,7 +157,7 @@ def galore_adamw(
     label_overrides: labels_lib.Overrides = None,
     tensor_rank: Union[int, float, tuple] = 0.25,
     tensor_svd: str = "exact",
-    projector_bits: int = 32,
+    projector_bits: Optional[int] = None,
     projector_group_size: Optional[int] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -183,8 +180,9 @@ def galore_adamw(
       learning_rate: float or optax schedule.
       rank: GaLore rank (int, or fraction of the projected dim).
       b1, b2, eps, mu_dtype: Adam settings (optax convention for eps).
-      moment_bits: 32, or 8 for block-wise 8-bit Adam moments everywhere (low-rank
-        and plain-Adam leaves; `gj.scale_by_adam_8bit`, small leaves stay 32-bit).
+      moment_bits: None or 32 (full precision), or 8 for block-wise 8-bit Adam
+        moments everywhere (low-rank and plain-Adam leaves;
+        `gj.scale_by_adam_8bit`, small leaves stay 32-bit).
       weight_decay, weight_decay_mask: decoupled weight decay in full space.
       update_proj_gap, scale, proj_type, svd, oversample, power_iters,
         warm_start, on_refresh, stagger, dimension_numbers, projector_bits,
@@ -209,7 +207,7 @@ def galore_adamw(
     _check_ranks("rank", rank, static)
     _check_ranks("tensor_rank", tensor_rank, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
-    _check_bits(moment_bits, projector_bits)
+    moment_bits, projector_bits = _check_bits(moment_bits, projector_bits, static)
     dims = _WholeTreeDimensionNumbers(dimension_numbers)
     galore = lambda base: scale_by_galore(
         rank,
@@ -272,7 +270,7 @@ def tensor_galore_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     mu_dtype: Optional[Any] = None,
-    moment_bits: int = 32,
+    moment_bits: Optional[int] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
     update_proj_gap: int = 200,
@@ -306,7 +304,7 @@ def tensor_galore_adamw(
     """
     static = transform.TENSOR_GALORE_STATIC_ARGS + ("moment_bits",)
     _check_ranks("rank", rank, static)
-    _check_bits(moment_bits, 32)
+    moment_bits, _ = _check_bits(moment_bits, None, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
     tensor = lambda base: scale_by_tensor_galore(
         rank,

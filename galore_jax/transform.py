@@ -79,6 +79,8 @@ GALORE_STATIC_ARGS = (
     "power_iters",
     "seed",
     "dimension_numbers",
+    "projector_bits",
+    "projector_group_size",
 )
 TENSOR_GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed")
 _MAX_GAP = 2**31 - 1  # steps are counted in int32
@@ -119,6 +121,19 @@ def check_rank_value(rank, name: str = "rank", static_args=GALORE_STATIC_ARGS):
         raise ValueError(f"{name} must be a positive int, got {rank}")
     if isinstance(rank, float) and not 0.0 < rank <= 1.0:
         raise ValueError(f"{name} as a fraction must be in (0, 1], got {rank}")
+
+
+def check_bits(name: str, value, choices: Sequence[int], static_args=GALORE_STATIC_ARGS) -> int:
+    """Returns the bit width `value` names (None: full precision, 32)."""
+    if value is None:
+        return 32
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{name} must be a static Python int, got a jax.Array; {inject_hint(static_args)}"
+        )
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return int(value)
 
 
 def _check_choice(name: str, value, choices):
@@ -518,7 +533,7 @@ def scale_by_galore(
     base_optimizer: Optional[optax.GradientTransformation] = None,
     dimension_numbers: Union[None, DimensionNumbers, Any, Callable[[Any], Any]] = None,
     projector_dtype: Optional[Any] = None,
-    projector_bits: int = 32,
+    projector_bits: Optional[int] = None,
     projector_group_size: Optional[int] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -580,7 +595,7 @@ def scale_by_galore(
         weights of shape (L, m, n)) get independent projectors. None: inferred
         from the structure (see above).
       projector_dtype: dtype to store projectors in (default: the param's).
-      projector_bits: 32 (full precision), 8 or 4: store projectors as int8 /
+      projector_bits: None or 32 (full precision), 8 or 4: store projectors as int8 /
         packed int4 codes with float32 absmax scales (Q-GaLore), dequantized on
         use; refreshes write codes directly. Moments' precision is the base
         optimizer's (e.g. `gj.scale_by_adam_8bit()`).
@@ -611,7 +626,7 @@ def scale_by_galore(
     check_rank_value(rank)
     check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh)
     _check_choice("proj_type", proj_type, proj.PROJ_TYPES)
-    _check_choice("projector_bits", projector_bits, (32, 8, 4))
+    projector_bits = check_bits("projector_bits", projector_bits, (32, 8, 4))
     if projector_group_size is not None:
         _static_int("projector_group_size", projector_group_size, minimum=1)
     _check_base_optimizer(base_optimizer, "scale_by_galore")

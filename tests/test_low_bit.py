@@ -196,9 +196,28 @@ def test_nnx_optimizer_with_low_bit_state():
 
 
 def test_bad_bits_are_clear_errors():
-    with pytest.raises(ValueError, match="moment_bits must be 32 or 8"):
+    with pytest.raises(ValueError, match="moment_bits must be one of 32, 8; got 4"):
         gj.galore_adamw(1e-3, moment_bits=4)
-    with pytest.raises(ValueError, match="projector_bits must be 32, 8 or 4"):
+    with pytest.raises(ValueError, match="projector_bits must be one of 32, 8, 4; got 16"):
         gj.galore_adamw(1e-3, projector_bits=16)
     with pytest.raises(ValueError, match="projector_bits"):
         gj.scale_by_galore(projector_bits=2)
+
+
+def test_low_bit_options_under_inject_hyperparams():
+    """Default bit widths are None, so static_args lists written before they existed
+    still work; setting them needs the names the hint gives."""
+    params = {"w": jnp.ones((12, 8)) * 0.1, "b": jnp.zeros((8,))}
+    old_list = ("rank", "update_proj_gap", "oversample", "power_iters", "seed", "tensor_rank")
+    tx = optax.inject_hyperparams(gj.galore_adamw, static_args=old_list)(1e-2, rank=4)
+    jax.jit(tx.update)(params, jax.jit(tx.init)(params), params)
+
+    unlisted = optax.inject_hyperparams(gj.galore_adamw, static_args=old_list)
+    with pytest.raises(TypeError, match="moment_bits must be a static Python int.*static_args="):
+        unlisted(1e-2, rank=4, moment_bits=8, projector_bits=4).init(params)
+
+    listed = optax.inject_hyperparams(gj.galore_adamw, static_args=gj.GALORE_ADAMW_STATIC_ARGS)
+    tx = listed(1e-2, rank=4, moment_bits=8, projector_bits=4)
+    state = jax.jit(tx.init)(params)
+    updates, _ = jax.jit(tx.update)(params, state, params)
+    assert jnp.isfinite(updates["w"]).all()
