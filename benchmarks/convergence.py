@@ -17,6 +17,9 @@ layers (``model.scan_layers=false``), which draws a different initialisation;
 
 CPU (llama_tiny, about a minute per run):
     python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 300
+Low-bit state against 32-bit GaLore, two seeds (the "vs galore" table):
+    python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 300 \\
+        --optimizers galore galore_8bit galore_8bit_int4 --seeds 0 1
 GPU (LLaMA-60M, paper shape; a few thousand steps per run):
     python benchmarks/convergence.py --config configs/llama_60m.yaml --steps 2000 \\
         --eval-every 200 --out-dir runs/bench/convergence_60m
@@ -38,19 +41,47 @@ from pathlib import Path
 
 import _common as common
 
-OPTIMIZERS = ("adamw", "galore", "galore_exact", "optax_galore")
+OPTIMIZERS = (
+    "adamw",
+    "galore",
+    "galore_exact",
+    "optax_galore",
+    "galore_8bit",
+    "galore_8bit_int4",
+)
+DEFAULT_OPTIMIZERS = ("adamw", "galore", "galore_exact", "optax_galore")
 OVERRIDES = {
     "adamw": ["optimizer.name=adamw"],
     "galore": ["optimizer.name=galore", "optimizer.svd=randomized"],
     "galore_exact": ["optimizer.name=galore", "optimizer.svd=exact"],
     "optax_galore": ["optimizer.name=optax_galore", "model.scan_layers=false"],
+    # Low-bit state: 8-bit block-wise moments with int8 / int4 projectors.
+    "galore_8bit": [
+        "optimizer.name=galore",
+        "optimizer.svd=randomized",
+        "optimizer.moment_bits=8",
+        "optimizer.projector_bits=8",
+    ],
+    "galore_8bit_int4": [
+        "optimizer.name=galore",
+        "optimizer.svd=randomized",
+        "optimizer.moment_bits=8",
+        "optimizer.projector_bits=4",
+    ],
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
-    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(DEFAULT_OPTIMIZERS))
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="one run per optimizer and seed (default: the config's seed)",
+    )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--eval-every", type=int, default=50, help="validation interval (steps)")
     p.add_argument("--adamw-lr", type=float, help="AdamW peak LR (see the module docstring)")
@@ -115,13 +146,17 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    seeds = args.seeds or [config.seed]
+    runs = [(name, seed) for name in args.optimizers for seed in seeds]
     results = []
-    for name in args.optimizers:
-        run_dir = out_dir / name
+    for name, seed in runs:
+        label = name if len(seeds) == 1 else f"{name}_seed{seed}"
+        run_dir = out_dir / label
         prepare_run_dir(run_dir)
         overrides = [
             *args.overrides,
             *OVERRIDES[name],
+            f"seed={seed}",
             f"optimizer.lr={lrs[name]}",
             f"steps={args.steps}",
             f"eval_every={args.eval_every}",
@@ -143,10 +178,10 @@ def main(argv=None) -> int:
             command, cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout
         )
         wall = time.perf_counter() - start
-        (out_dir / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        (out_dir / f"{label}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            print(f"{name}: train.py failed (exit {proc.returncode}); skipped", file=sys.stderr)
+            print(f"{label}: train.py failed (exit {proc.returncode}); skipped", file=sys.stderr)
             continue
         records = read_metrics(run_dir)
         evals = [r for r in records if "val_loss" in r]
@@ -156,6 +191,8 @@ def main(argv=None) -> int:
         results.append(
             {
                 "optimizer": name,
+                "seed": seed,
+                "label": label,
                 "lr": lrs[name],
                 "steps": final["step"],
                 "tokens": final["step"] * tokens_per_step,
@@ -171,7 +208,7 @@ def main(argv=None) -> int:
             }
         )
         print(
-            f"{name:13s} val loss {final['val_loss']:.4f} after {final['step']} steps "
+            f"{label:13s} val loss {final['val_loss']:.4f} after {final['step']} steps "
             f"({wall:.0f} s)",
             file=sys.stderr,
             flush=True,
@@ -179,9 +216,9 @@ def main(argv=None) -> int:
     if not results:
         return 1
 
-    base = next((r for r in results if r["optimizer"] == "adamw"), None)
     headers = [
         "optimizer",
+        "seed",
         "peak lr",
         "steps",
         "tokens",
@@ -195,10 +232,12 @@ def main(argv=None) -> int:
     ]
     rows = []
     for r in results:
+        base = same_seed(results, "adamw", r["seed"])
         delta = f"{r['final_val_loss'] - base['final_val_loss']:+.4f}" if base else "-"
         rows.append(
             [
                 r["optimizer"],
+                r["seed"],
                 f"{r['lr']:g}",
                 r["steps"],
                 f"{r['tokens']:,}",
@@ -216,11 +255,13 @@ def main(argv=None) -> int:
         f"{os.path.relpath(args.config, common.REPO)}: {m.num_layers} layers x "
         f"d={m.hidden_size}, batch {config.batch_size} x {config.seq_len} tokens, rank "
         f"{config.optimizer.rank}, gap {config.optimizer.update_proj_gap}, scale "
-        f"{config.optimizer.scale}, seed {config.seed}; validation every "
+        f"{config.optimizer.scale}, seeds {', '.join(map(str, seeds))}; validation every "
         f"{args.eval_every} steps on {config.eval_batches} fixed batches."
     )
     print()
     print(common.markdown_table(headers, rows))
+    print()
+    print(vs_galore(results, seeds))
     print()
     print(ppl_by_tokens(results))
     summary = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in results]
@@ -237,6 +278,31 @@ def main(argv=None) -> int:
     return 0 if len(results) == len(args.optimizers) else 1
 
 
+def same_seed(results: list[dict], optimizer: str, seed: int):
+    return next((r for r in results if r["optimizer"] == optimizer and r["seed"] == seed), None)
+
+
+def vs_galore(results: list[dict], seeds: list[int]) -> str:
+    """Mean final validation loss over seeds, and its relative gap to 32-bit `galore`
+    on the same seeds (the low-bit variants' acceptance measure)."""
+    names = list(dict.fromkeys(r["optimizer"] for r in results))
+    galore = [same_seed(results, "galore", s) for s in seeds]
+    headers = ["optimizer", "seeds", "mean final val loss", "vs galore (same seeds)"]
+    rows = []
+    for name in names:
+        losses = [r["final_val_loss"] for r in results if r["optimizer"] == name]
+        mean = statistics.fmean(losses)
+        paired = [(same_seed(results, name, s), g) for s, g in zip(seeds, galore) if g is not None]
+        paired = [(r["final_val_loss"], g["final_val_loss"]) for r, g in paired if r is not None]
+        gap = (
+            f"{100 * (sum(a for a, _ in paired) / sum(b for _, b in paired) - 1):+.2f}%"
+            if paired
+            else "-"
+        )
+        rows.append([name, len(losses), f"{mean:.4f}", gap])
+    return common.markdown_table(headers, rows)
+
+
 def steady_tokens_per_s(train: list[dict]):
     """Median train.py throughput over the log intervals after the first (which compiles)."""
     rates = [r["tokens_per_s"] for r in train[1:] if r.get("tokens_per_s")]
@@ -245,7 +311,7 @@ def steady_tokens_per_s(train: list[dict]):
 
 def ppl_by_tokens(results: list[dict]) -> str:
     """Validation perplexity of every run at each evaluation (equal tokens in a row)."""
-    curves = {r["optimizer"]: dict(r["val_curve"]) for r in results}
+    curves = {r["label"]: dict(r["val_curve"]) for r in results}
     tokens = sorted(set.intersection(*(set(c) for c in curves.values())))
     headers = ["tokens"] + [f"{name} val ppl" for name in curves]
     rows = [
@@ -261,10 +327,10 @@ def chart(results, path, config_path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
         x, y = zip(*r["val_curve"])
-        ax1.plot(x, y, marker="o", markersize=3, label=f"{r['optimizer']} (lr {r['lr']:g})")
+        ax1.plot(x, y, marker="o", markersize=3, label=f"{r['label']} (lr {r['lr']:g})")
         if r["train_curve"]:
             x, y = zip(*r["train_curve"])
-            ax2.plot(x, y, label=r["optimizer"], linewidth=1)
+            ax2.plot(x, y, label=r["label"], linewidth=1)
     for ax, title in ((ax1, "validation loss"), (ax2, "training loss")):
         ax.set_xlabel("tokens")
         ax.set_ylabel("loss (nats/token)")

@@ -43,7 +43,8 @@ OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galor
 # adamw_unrolled: the fair baseline for optax_galore's unrolled model;
 # galore_reverse_std: projects the larger side of each matrix (as optax.contrib does),
 # so the low-rank moments are min(m, n) x r instead of max(m, n) x r.
-EXTRA = ("adamw_unrolled", "galore_reverse_std")
+# *_8bit: block-wise 8-bit Adam moments (and int8 / int4 projectors for GaLore).
+EXTRA = ("adamw_unrolled", "galore_reverse_std", "adamw_8bit", "galore_8bit", "galore_8bit_int4")
 DESCRIPTIONS = {
     "adamw": "optax.adamw",
     "galore": "galore_adamw, randomized SVD (warm start)",
@@ -53,11 +54,22 @@ DESCRIPTIONS = {
     "optax_galore": "optax.contrib.galore (exact SVD, unrolled layers)",
     "adamw_unrolled": "optax.adamw, unrolled layers",
     "galore_reverse_std": "galore_adamw, randomized, proj_type=reverse_std",
+    "adamw_8bit": "adamw, 8-bit block-wise moments",
+    "galore_8bit": "galore_adamw, randomized, 8-bit moments, int8 projectors",
+    "galore_8bit_int4": "galore_adamw, randomized, 8-bit moments, int4 projectors",
+}
+LOW_BIT = {
+    "adamw_8bit": ("adamw", ["optimizer.moment_bits=8"]),
+    "galore_8bit": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]),
+    "galore_8bit_int4": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=4"]),
 }
 
 
 def variant_overrides(name: str, args) -> list[str]:
     """Config overrides that select one optimizer variant."""
+    if name in LOW_BIT:
+        full_precision, bits = LOW_BIT[name]
+        return variant_overrides(full_precision, args) + bits
     if name == "adamw":
         return ["optimizer.name=adamw"]
     if name == "adamw_unrolled":
@@ -97,7 +109,7 @@ def parse_args(argv=None):
         nargs="+",
         choices=OPTIMIZERS + EXTRA,
         default=list(OPTIMIZERS),
-        help="default: all but adamw_unrolled (AdamW on optax_galore's unrolled model)",
+        help=f"default: {' '.join(OPTIMIZERS)}",
     )
     p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
