@@ -73,7 +73,7 @@ OVERRIDES = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
+    common.add_shared_args(p, "--config")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(DEFAULT_OPTIMIZERS))
     p.add_argument(
         "--seeds",
@@ -91,14 +91,7 @@ def parse_args(argv=None):
         action="store_true",
         help="model.scan_layers=false for every run (one shared initialisation)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="train.py override for every run (repeatable)",
-    )
+    common.add_overrides_arg(p, help="train.py override for every run (repeatable)")
     p.add_argument(
         "--out-dir",
         default=str(common.REPO / "runs" / "bench" / "convergence"),
@@ -265,14 +258,9 @@ def main(argv=None) -> int:
     print()
     print(ppl_by_tokens(results))
     summary = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in results]
-    print("\n```json\n" + json.dumps(summary) + "\n```")
+    common.print_json_block(summary)
     common.write_json(
-        str(out_dir / "convergence.json"),
-        {
-            "benchmark": "convergence",
-            "command": " ".join(["python"] + sys.argv),
-            "results": results,
-        },
+        str(out_dir / "convergence.json"), common.payload("convergence", results=results)
     )
     chart(results, args.png or str(out_dir / "convergence.png"), args.config)
     return 0 if len(results) == len(args.optimizers) else 1

@@ -48,14 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--seed", type=int, default=0, help="model init and batch order")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run (repeatable)",
-    )
+    common.add_overrides_arg(p, help="config override for every run (repeatable)")
     p.add_argument(
         "--set-for",
         dest="per_optimizer",

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
-import statistics
 import sys
 import time
 import types
@@ -49,37 +47,18 @@ NEEDS = {"adamw": ("torch",), "galore_torch": ("torch", "galore_torch")}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
+    common.add_shared_args(p, "--config")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
-    p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
-    p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
-    p.add_argument("--windows", type=int, default=2, help="refresh windows of `gap` steps to time")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override (repeatable)",
-    )
+    common.add_shared_args(p, "--batch-size", "--seq-len", "--gap", "--rank")
+    common.add_windows_arg(p, help="refresh windows of `gap` steps to time")
+    common.add_overrides_arg(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        help="peak bf16 TFLOP/s for MFU when the device is not in the table",
-    )
-    p.add_argument(
-        "--out",
-        default=str(common.REPO / "runs" / "bench" / "peer_torch.json"),
-        help="JSON results ('' to skip)",
-    )
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
+    common.add_shared_args(p, "--peak-tflops")
+    common.add_out_arg(p, "peer_torch")
+    common.add_shared_args(p, "--timeout")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.windows < 1:
-        p.error("--windows must be >= 1")
+    common.check_windows(p, args)
     return args
 
 
@@ -122,15 +101,7 @@ def missing_modules(optimizers) -> list[str]:
 def load_config(args):
     from training.config import load_config as load
 
-    overrides = list(args.overrides)
-    if args.batch_size:
-        overrides += [f"batch_size={args.batch_size}", "grad_accum_steps=1"]
-    if args.seq_len:
-        overrides.append(f"seq_len={args.seq_len}")
-    if args.gap:
-        overrides.append(f"optimizer.update_proj_gap={args.gap}")
-    if args.rank:
-        overrides.append(f"optimizer.rank={args.rank}")
+    overrides = common.base_overrides(args)  # no --accum here: one micro-batch per step
     return load(args.config, overrides), overrides
 
 
@@ -354,45 +325,22 @@ def run_child(name: str, args) -> dict:
         losses.append(float(loss))
 
     refreshing = {i for i in range(total) if i % gap == 0} if name == "galore_torch" else set()
-    plain = [times[i] for i in range(1, total) if i not in refreshing]
-    refresh = [times[i] for i in range(1, total) if i in refreshing]
-    median = statistics.median(plain)
-    refresh_s = statistics.median(refresh) if refresh else None
-    amortized = ((gap - 1) * median + refresh_s) / gap if refresh else median
+    median, refresh_s, amortized = common.step_time_stats(times, refreshing, gap)
 
     num_params = sum(p.numel() for p in model.parameters())
     embedding = model.token_embedding.weight.numel()
-    m = config.model
-    flops_per_token = common.model_flops_per_token(
-        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len
-    )
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak_tflops = common.peak_bf16_tflops(kind, args.peak_tflops)
-    tokens = config.batch_size * config.seq_len
-    tokens_per_s = tokens / amortized
     return {
         "optimizer": name,
         "device": {"platform": device.type, "device_kind": kind, "torch": torch.__version__},
         "config": args.config,
         "overrides": overrides,
-        "model": {
-            k: getattr(m, k)
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_layers",
-                "num_heads",
-                "num_kv_heads",
-                "remat",
-                "dtype",
-                "param_dtype",
-            )
-        },
+        "model": common.llama_model_fields(config.model, scan_layers=False),
         "params": num_params,
         "vocab_size": vocab,
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
-        "tokens_per_step": tokens,
+        "tokens_per_step": config.batch_size * config.seq_len,
         "optimizer_config": {
             "rank": opt_cfg.rank,
             "update_proj_gap": gap,
@@ -406,10 +354,7 @@ def run_child(name: str, args) -> dict:
         "refresh_step_s": refresh_s,
         "amortized_step_s": amortized,
         "max_step_s": max(times[1:]),
-        "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token,
-        "peak_tflops": peak_tflops,
-        "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+        **common.step_throughput(config, num_params, embedding, amortized, kind, args.peak_tflops),
         "state_bytes": state_bytes(optimizer),
         "peak_device_bytes": (
             int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
@@ -433,13 +378,20 @@ def table(results: list[dict]) -> str:
     return train_step.table(results)
 
 
-def child_argv(args) -> list[str]:
-    argv = [f"--config={args.config}", f"--windows={args.windows}"]
-    for key in ("batch_size", "seq_len", "gap", "rank", "device", "peak_tflops"):
-        value = getattr(args, key)
-        if value is not None:
-            argv.append(f"--{key.replace('_', '-')}={value}")
-    return argv + [f"--set={o}" for o in args.overrides]
+def header(results: list[dict]) -> str:
+    """The line above the table: device, model shape, batch and GaLore settings."""
+    r = results[0]
+    return (
+        f"{r['device']['device_kind']} (torch {r['device']['torch']}); {r['config']}: "
+        f"{common.model_summary(r)}; batch {r['batch_size']} x "
+        f"{r['seq_len']} tokens; rank {r['optimizer_config']['rank']}, gap "
+        f"{r['optimizer_config']['update_proj_gap']}; {r['windows']} window(s) timed after "
+        "step 0. Ratios are to torch AdamW (refresh step: to AdamW's step)."
+    )
+
+
+# The flags (besides --config, --windows, --set) a child needs to rebuild its run.
+CHILD_KEYS = ("batch_size", "seq_len", "gap", "rank", "device", "peak_tflops")
 
 
 def main(argv=None) -> int:
@@ -457,34 +409,11 @@ def main(argv=None) -> int:
         )
         return 0
 
-    results = []
-    for name in args.optimizers:
-        result = common.run_child(
-            __file__, [name, *child_argv(args)], label=name, timeout=args.timeout
-        )
-        if result is not None:
-            results.append(result)
-            common.print_step_summary(name, result)
+    results = common.run_optimizer_children(__file__, args, common.child_argv(args, CHILD_KEYS))
     if not results:
         return 1
-    r = results[0]
-    m = r["model"]
-    print(
-        f"{r['device']['device_kind']} (torch {r['device']['torch']}); {r['config']}: "
-        f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
-        f"f={m['intermediate_size']}, compute {m['dtype']}; batch {r['batch_size']} x "
-        f"{r['seq_len']} tokens; rank {r['optimizer_config']['rank']}, gap "
-        f"{r['optimizer_config']['update_proj_gap']}; {r['windows']} window(s) timed after "
-        "step 0. Ratios are to torch AdamW (refresh step: to AdamW's step)."
-    )
-    print()
-    print(table(results))
-    summary = [{k: v for k, v in r.items() if k != "step_times_s"} for r in results]
-    print("\n```json\n" + json.dumps(summary) + "\n```")
-    common.write_json(
-        args.out,
-        {"benchmark": "peer_torch", "command": " ".join(["python"] + sys.argv), "results": results},
-    )
+    common.print_step_report(header(results), table(results), results)
+    common.write_json(args.out, common.payload("peer_torch", results=results))
     return 0 if len(results) == len(args.optimizers) else 1
 
 

@@ -259,6 +259,16 @@ def main(argv=None) -> int:
 
         return keep
 
+    def state_projectors(per_leaf):
+        """Per-leaf projector tuples (refresh_projectors' layout) -> the state's slot trees."""
+        sides = {"left": ("left",), "right": ("right",), "full": ("left", "right")}
+        slots = {field: {} for field in gj.MatrixProjectors._fields}
+        for name, arrays in per_leaf.items():
+            filled = dict(zip(sides[plans[name].side], arrays))
+            for field, tree in slots.items():
+                tree[name] = filled.get(field, ())
+        return gj.MatrixProjectors(**slots)
+
     # ---- Timings.
     results = {}
     refresh_key = jax.random.PRNGKey(2)
@@ -293,7 +303,7 @@ def main(argv=None) -> int:
         )
         state = jax.jit(tx.init)(grads)
         # Projectors from the previous refresh; count = gap is a (non-first) refresh step.
-        state = state._replace(projectors=previous_basis)
+        state = state._replace(projectors=state_projectors(previous_basis))
         at_refresh = state._replace(count=jnp.asarray(args.gap, jnp.int32))
         between = state._replace(count=jnp.asarray(args.gap + 1, jnp.int32))
         update = jax.jit(tx.update)
@@ -352,11 +362,10 @@ def main(argv=None) -> int:
                 energy = float(np.sum((p.T @ g) ** 2) / np.sum((q.T @ g) ** 2))
                 accuracy[method][name] = {"max_sin_angle": sin_max, "energy_ratio": energy}
 
-    payload = {
-        "benchmark": "refresh",
-        "command": " ".join(["python"] + sys.argv),
-        "device": info,
-        "shape": {
+    payload = common.payload(
+        "refresh",
+        device=info,
+        shape={
             "preset": args.shape,
             "layers": args.layers,
             "hidden": args.hidden,
@@ -367,7 +376,7 @@ def main(argv=None) -> int:
             "leaves": {k: list(v) for k, v in shapes.items()},
             "sides": {k: plans[k].side for k in LEAVES},
         },
-        "settings": {
+        settings={
             k: getattr(args, k)
             for k in (
                 "proj_type",
@@ -384,16 +393,16 @@ def main(argv=None) -> int:
                 "seed",
             )
         },
-        "results": results,
-        "accuracy": accuracy,
-    }
+        results=results,
+        accuracy=accuracy,
+    )
     print(report(payload))
     summary = json.loads(json.dumps(payload))
     for r in summary["results"].values():
         for t in r.values():
             if isinstance(t, dict):
                 t.pop("times_s", None)
-    print("\n```json\n" + json.dumps(summary) + "\n```")
+    common.print_json_block(summary)
     common.write_json(args.out, payload)
     return 0
 

@@ -13,7 +13,7 @@
 #
 # CPU PARTs (the small sizes of benchmarks/README.md, about an hour in all on
 # 2 cores): `cpu` runs cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step
-# cpu_peer_torch cpu_convergence cpu_fno cpu_fno_paper.
+# cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper.
 #
 # Each PART writes OUT_DIR/PART.md (the table printed on stdout), OUT_DIR/PART.log
 # (stderr) and its JSON / PNG files; OUT_DIR/suite.log has each part's exit code
@@ -26,7 +26,7 @@ parts=("$@")
 if [ ${#parts[@]} -eq 0 ]; then
   parts=(env step_1b refresh_1b cost_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast)
 elif [ "${parts[*]}" = cpu ]; then
-  parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_fno cpu_fno_paper)
+  parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper)
 fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -96,8 +96,14 @@ for part in "${parts[@]}"; do
       for dtype in bfloat16 float32; do
         run cpu_state_1b_$dtype "$py" benchmarks/train_step.py "${step_1b[@]}" --state-only \
           --set model.param_dtype=$dtype --out "$out/cpu_state_1b_$dtype.json" \
-          --optimizers adamw galore galore_reverse_std tensor_galore optax_galore
-      done ;;
+          --optimizers adamw galore galore_reverse_std galore_8bit galore_8bit_int4 \
+          tensor_galore optax_galore
+      done
+      # low-bit projectors make projecting the larger side the smaller state
+      run cpu_state_1b_bfloat16_reverse_std "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --state-only --set model.param_dtype=bfloat16 --set optimizer.proj_type=reverse_std \
+        --out "$out/cpu_state_1b_bfloat16_reverse_std.json" \
+        --optimizers galore galore_8bit galore_8bit_int4 ;;
     cpu_cost_1b)  # compiled for CPU (FLOPs, bytes, solver calls), H100 floors and times;
       # without galore_exact, whose batched SVDs take minutes each on 2 cores
       run cpu_cost_1b "$py" benchmarks/update_cost.py "${cost_1b[@]}" \
@@ -115,6 +121,10 @@ for part in "${parts[@]}"; do
     cpu_convergence)
       run cpu_convergence "$py" benchmarks/convergence.py --config configs/llama_tiny.yaml \
         --steps 300 --out-dir "$out/cpu_convergence" ;;
+    cpu_convergence_low_bit)  # 8-bit moments, int8 / int4 projectors vs 32-bit, 2 seeds
+      run cpu_convergence_low_bit "$py" benchmarks/convergence.py --config configs/llama_tiny.yaml \
+        --steps 300 --optimizers galore galore_8bit galore_8bit_int4 --seeds 0 1 \
+        --out-dir "$out/cpu_convergence_low_bit" ;;
     cpu_convergence_60m)  # not in `cpu`: the paper's 60M shape, 150 short steps (~27 min)
       run cpu_convergence_60m "$py" benchmarks/convergence.py --config configs/llama_60m.yaml \
         --steps 150 --eval-every 50 --set batch_size=8 --set log_every=10 \

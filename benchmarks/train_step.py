@@ -31,11 +31,10 @@ GPU (the measured-peers shape: LLaMA-1B, batch 32 x 256, bf16 compute, rank 512,
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
+from typing import Optional, Sequence
 
 import _common as common
 
@@ -101,55 +100,26 @@ def variant_overrides(name: str, args) -> list[str]:
     raise ValueError(name)
 
 
+def add_optimizers_arg(
+    parser: argparse.ArgumentParser, default: Sequence[str], help: Optional[str] = None
+) -> None:
+    """Adds ``--optimizers``: any of the variants above (update_cost.py builds the same)."""
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=OPTIMIZERS + EXTRA, default=list(default), help=help
+    )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
-    p.add_argument(
-        "--optimizers",
-        nargs="+",
-        choices=OPTIMIZERS + EXTRA,
-        default=list(OPTIMIZERS),
-        help=f"default: {' '.join(OPTIMIZERS)}",
+    common.add_shared_args(p, "--config")
+    add_optimizers_arg(p, OPTIMIZERS, help=f"default: {' '.join(OPTIMIZERS)}")
+    common.add_shared_args(
+        p, "--batch-size", "--seq-len", "--accum", "--gap", "--rank", "--tensor-rank"
     )
-    p.add_argument("--batch-size", type=int, help="sequences per step (default: the config's)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
-    p.add_argument(
-        "--accum",
-        type=int,
-        help="gradient-accumulation micro-batches per step (default: 1 with "
-        "--batch-size, else the config's)",
-    )
-    p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
-    p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
-    p.add_argument(
-        "--tensor-rank",
-        type=float,
-        help="tensor_galore per-mode rank fraction (default: rank / hidden_size)",
-    )
-    p.add_argument(
-        "--windows",
-        type=int,
-        default=2,
-        help="refresh windows of `gap` steps to time (stagger needs 2)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run (repeatable)",
-    )
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        help="peak bf16 TFLOP/s for MFU when the device is not in the table",
-    )
-    p.add_argument(
-        "--out",
-        default=str(common.REPO / "runs" / "bench" / "train_step.json"),
-        help="JSON results ('' to skip)",
-    )
+    common.add_windows_arg(p, help="refresh windows of `gap` steps to time (stagger needs 2)")
+    common.add_overrides_arg(p, help="config override for every run (repeatable)")
+    common.add_shared_args(p, "--peak-tflops")
+    common.add_out_arg(p, "train_step")
     p.add_argument(
         "--png", default=None, help="chart path (default: the JSON path with .png; '' to skip)"
     )
@@ -159,7 +129,7 @@ def parse_args(argv=None):
         default=10,
         help="timed calls of the optimizer update alone (0: skip that column)",
     )
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per optimizer run")
+    common.add_shared_args(p, "--timeout")
     p.add_argument(
         "--state-only",
         action="store_true",
@@ -168,36 +138,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.windows < 1:
-        p.error("--windows must be >= 1")
+    common.check_windows(p, args)
     return args
-
-
-def base_overrides(args) -> list[str]:
-    """Overrides common to every variant (batch, sequence, gap, rank)."""
-    out = list(args.overrides)
-    if args.batch_size:
-        out.append(f"batch_size={args.batch_size}")
-    accum = args.accum or (1 if args.batch_size else None)
-    if accum:
-        out.append(f"grad_accum_steps={accum}")
-    if args.seq_len:
-        out.append(f"seq_len={args.seq_len}")
-    if args.gap:
-        out.append(f"optimizer.update_proj_gap={args.gap}")
-    if args.rank:
-        out.append(f"optimizer.rank={args.rank}")
-    return out
 
 
 def load(args, name):
     from training.config import load_config
 
     if args.tensor_rank is None:
-        config = load_config(args.config, base_overrides(args))
+        config = load_config(args.config, common.base_overrides(args))
         rank = config.optimizer.rank
         args.tensor_rank = rank / config.model.hidden_size if isinstance(rank, int) else rank
-    return load_config(args.config, base_overrides(args) + variant_overrides(name, args))
+    return load_config(args.config, common.base_overrides(args) + variant_overrides(name, args))
 
 
 # ---------------------------------------------------------------------------
@@ -276,15 +228,8 @@ def state_only(args) -> int:
             ],
         )
     )
-    print("\n```json\n" + json.dumps(rows) + "\n```")
-    common.write_json(
-        args.out,
-        {
-            "benchmark": "train_step --state-only",
-            "command": " ".join(["python"] + sys.argv),
-            "results": rows,
-        },
-    )
+    common.print_json_block(rows)
+    common.write_json(args.out, common.payload("train_step --state-only", results=rows))
     return 0
 
 
@@ -326,18 +271,9 @@ def run_child(name: str, args) -> dict:
     update_s = time_update_alone(tx, params, opt_state, reps=args.update_reps)
 
     refreshing = refresh_steps(name, opt_cfg, num_galore, total)
-    timed = list(range(1, total))
-    plain = [times[i] for i in timed if i not in refreshing]
-    refresh = [times[i] for i in timed if i in refreshing]
-    median = statistics.median(plain)
-    if not refresh:
-        refresh_s, amortized = None, median
-    elif opt_cfg.stagger:
-        refresh_s = max(refresh)
-        amortized = statistics.fmean(times[gap : 2 * gap])
-    else:
-        refresh_s = statistics.median(refresh)
-        amortized = ((gap - 1) * median + refresh_s) / gap
+    median, refresh_s, amortized = common.step_time_stats(
+        times, refreshing, gap, stagger=opt_cfg.stagger
+    )
 
     sizes = {
         gj.path_string(path): int(np.prod(x.shape))
@@ -345,39 +281,20 @@ def run_child(name: str, args) -> dict:
     }
     num_params = sum(sizes.values())
     embedding = sum(v for k, v in sizes.items() if "embedding" in k)
-    tokens = config.batch_size * config.seq_len
     m = config.model
-    flops_per_token = common.model_flops_per_token(
-        num_params - embedding, m.num_layers, m.hidden_size, config.seq_len
-    )
     info = common.jax_device_info()
-    peak_tflops = common.peak_bf16_tflops(info["device_kind"], args.peak_tflops)
-    tokens_per_s = tokens / amortized
     return {
         "optimizer": name,
         "description": DESCRIPTIONS[name],
         "device": info,
         "config": args.config,
-        "overrides": base_overrides(args) + variant_overrides(name, args),
-        "model": {
-            k: getattr(m, k)
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_layers",
-                "num_heads",
-                "num_kv_heads",
-                "scan_layers",
-                "remat",
-                "dtype",
-                "param_dtype",
-            )
-        },
+        "overrides": common.base_overrides(args) + variant_overrides(name, args),
+        "model": common.llama_model_fields(m),
         "params": num_params,
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
         "grad_accum_steps": accum,
-        "tokens_per_step": tokens,
+        "tokens_per_step": config.batch_size * config.seq_len,
         "optimizer_config": {
             k: getattr(opt_cfg, k)
             for k in (
@@ -400,10 +317,9 @@ def run_child(name: str, args) -> dict:
         "amortized_step_s": amortized,
         "max_step_s": max(times[1:]),
         "update_alone_s": update_s,
-        "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token,
-        "peak_tflops": peak_tflops,
-        "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+        **common.step_throughput(
+            config, num_params, embedding, amortized, info["device_kind"], args.peak_tflops
+        ),
         "state_bytes": state_bytes,
         "adamw_state_bytes": int(gj.adamw_state_bytes(params)),
         "peak_device_bytes": peak,
@@ -489,12 +405,10 @@ def table(results: list[dict]) -> str:
 
 def header(results: list[dict]) -> str:
     r = results[0]
-    m = r["model"]
     return (
         f"{r['device']['device_kind']} ({r['device']['platform']}, jax "
         f"{r['device']['jax']}); {os.path.relpath(r['config'], common.REPO)}: "
-        f"{r['params'] / 1e6:.2f}M params, {m['num_layers']} layers x d={m['hidden_size']}, "
-        f"f={m['intermediate_size']}, compute {m['dtype']}, params {m['param_dtype']}; "
+        f"{common.model_summary(r)}, params {r['model']['param_dtype']}; "
         f"batch {r['batch_size']} x {r['seq_len']} tokens (accum {r['grad_accum_steps']}); "
         f"rank {r['optimizer_config']['rank']}, gap {r['optimizer_config']['update_proj_gap']}; "
         f"{r['windows']} window(s) of gap steps timed after step 0. Ratios are to adamw "
@@ -539,22 +453,17 @@ def chart(results: list[dict], path: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def child_argv(args) -> list[str]:
-    argv = [f"--config={args.config}", f"--windows={args.windows}"]
-    for key in (
-        "batch_size",
-        "seq_len",
-        "accum",
-        "gap",
-        "rank",
-        "tensor_rank",
-        "peak_tflops",
-        "update_reps",
-    ):
-        value = getattr(args, key)
-        if value is not None:
-            argv.append(f"--{key.replace('_', '-')}={value}")
-    return argv + [f"--set={o}" for o in args.overrides]
+# The flags (besides --config, --windows, --set) a child needs to rebuild its run.
+CHILD_KEYS = (
+    "batch_size",
+    "seq_len",
+    "accum",
+    "gap",
+    "rank",
+    "tensor_rank",
+    "peak_tflops",
+    "update_reps",
+)
 
 
 def main(argv=None) -> int:
@@ -565,27 +474,11 @@ def main(argv=None) -> int:
     if args.state_only:
         return state_only(args)
 
-    results = []
-    for name in args.optimizers:
-        result = common.run_child(
-            __file__, [name, *child_argv(args)], label=name, timeout=args.timeout
-        )
-        if result is not None:
-            results.append(result)
-            common.print_step_summary(name, result)
+    results = common.run_optimizer_children(__file__, args, common.child_argv(args, CHILD_KEYS))
     if not results:
         return 1
-    print(header(results))
-    print()
-    print(table(results))
-    summary = [{k: v for k, v in r.items() if k != "step_times_s"} for r in results]
-    print("\n```json\n" + json.dumps(summary) + "\n```")
-    payload = {
-        "benchmark": "train_step",
-        "command": " ".join(["python"] + sys.argv),
-        "results": results,
-    }
-    common.write_json(args.out, payload)
+    common.print_step_report(header(results), table(results), results)
+    common.write_json(args.out, common.payload("train_step", results=results))
     png = (
         args.png
         if args.png is not None

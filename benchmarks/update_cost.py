@@ -88,28 +88,10 @@ HLO_DTYPES = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(common.REPO / "configs" / "llama_tiny.yaml"))
-    p.add_argument(
-        "--optimizers",
-        nargs="+",
-        choices=train_step.OPTIMIZERS + train_step.EXTRA,
-        default=["adamw", "galore", "galore_exact", "tensor_galore"],
-    )
-    p.add_argument("--gap", type=int, help="update_proj_gap (default: the config's)")
-    p.add_argument("--rank", type=int, help="GaLore rank (default: the config's)")
-    p.add_argument(
-        "--tensor-rank",
-        type=float,
-        help="tensor_galore per-mode rank fraction (default: rank / hidden_size)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override (repeatable)",
-    )
+    common.add_shared_args(p, "--config")
+    train_step.add_optimizers_arg(p, ("adamw", "galore", "galore_exact", "tensor_galore"))
+    common.add_shared_args(p, "--gap", "--rank", "--tensor-rank")
+    common.add_overrides_arg(p)
     p.add_argument(
         "--device", choices=sorted(DEVICE_PEAKS), default="h100", help="whose peaks give the floors"
     )
@@ -120,11 +102,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--reps", type=int, default=3, help="timed calls per solver call")
     p.add_argument("--measured", help="train_step.py JSON to put measured times beside the floors")
-    p.add_argument(
-        "--out",
-        default=str(common.REPO / "runs" / "bench" / "update_cost.json"),
-        help="JSON results ('' to skip)",
-    )
+    common.add_out_arg(p, "update_cost")
     args = p.parse_args(argv)
     # train_step.build reads these.
     args.batch_size = args.seq_len = args.accum = None
@@ -368,16 +346,10 @@ def main(argv=None) -> int:
             row.append(describe_calls(cost["solver_calls"]))
             table_rows.append(row)
     print(common.markdown_table(headers, table_rows))
-    print("\n```json\n" + json.dumps(rows) + "\n```")
+    common.print_json_block(rows)
     common.write_json(
         args.out,
-        {
-            "benchmark": "update_cost",
-            "command": " ".join(["python"] + sys.argv),
-            "device": common.jax_device_info(),
-            "peaks": peaks,
-            "results": rows,
-        },
+        common.payload("update_cost", device=common.jax_device_info(), peaks=peaks, results=rows),
     )
     return 0
 

@@ -39,6 +39,21 @@ def _check_bits(moment_bits, projector_bits, static_args):
     )
 
 
+def _refresh_options(
+    update_proj_gap, scale, oversample, power_iters, warm_start, on_refresh, stagger
+):
+    """The options both low-rank transforms take alike, as keyword arguments."""
+    return dict(
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        oversample=oversample,
+        power_iters=power_iters,
+        warm_start=warm_start,
+        on_refresh=on_refresh,
+        stagger=stagger,
+    )
+
+
 def _decayed_weights(weight_decay, mask, name):
     """optax.add_decayed_weights; a literal 0 is the identity (needs no params), and
     a missing params argument is an error that names `weight_decay`."""
@@ -209,17 +224,14 @@ def galore_adamw(
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
     moment_bits, projector_bits = _check_bits(moment_bits, projector_bits, static)
     dims = _WholeTreeDimensionNumbers(dimension_numbers)
+    refresh = _refresh_options(
+        update_proj_gap, scale, oversample, power_iters, warm_start, on_refresh, stagger
+    )
     galore = lambda base: scale_by_galore(
         rank,
-        update_proj_gap=update_proj_gap,
-        scale=scale,
+        **refresh,
         proj_type=proj_type,
         svd=svd,
-        oversample=oversample,
-        power_iters=power_iters,
-        warm_start=warm_start,
-        on_refresh=on_refresh,
-        stagger=stagger,
         base_optimizer=base,
         dimension_numbers=dims,
         projector_bits=projector_bits,
@@ -227,17 +239,7 @@ def galore_adamw(
         seed=seed,
     )
     tensor = lambda base: scale_by_tensor_galore(
-        tensor_rank,
-        update_proj_gap=update_proj_gap,
-        scale=scale,
-        svd=tensor_svd,
-        oversample=oversample,
-        power_iters=power_iters,
-        warm_start=warm_start,
-        on_refresh=on_refresh,
-        stagger=stagger,
-        base_optimizer=base,
-        seed=seed + 1,
+        tensor_rank, **refresh, svd=tensor_svd, base_optimizer=base, seed=seed + 1
     )
     return _chain(
         learning_rate,
@@ -306,19 +308,11 @@ def tensor_galore_adamw(
     _check_ranks("rank", rank, static)
     moment_bits, _ = _check_bits(moment_bits, None, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
+    refresh = _refresh_options(
+        update_proj_gap, scale, oversample, power_iters, warm_start, on_refresh, stagger
+    )
     tensor = lambda base: scale_by_tensor_galore(
-        rank,
-        update_proj_gap=update_proj_gap,
-        scale=scale,
-        modes=modes,
-        svd=svd,
-        oversample=oversample,
-        power_iters=power_iters,
-        warm_start=warm_start,
-        on_refresh=on_refresh,
-        stagger=stagger,
-        base_optimizer=base,
-        seed=seed,
+        rank, **refresh, modes=modes, svd=svd, base_optimizer=base, seed=seed
     )
     return _chain(
         learning_rate,

@@ -279,11 +279,15 @@ def randomized_svd(
     safe_s = jnp.where(s > 0, s, 1)
     vt = vt / safe_s[..., :, None].astype(vt.dtype)
     if canonical_signs:
-        u_canon = canonicalize_signs(u)
-        phase = _column_phase(u, u_canon)
-        u = u_canon
-        vt = vt * jnp.conj(phase)[..., :, None]
+        u, vt = _canonical_pair(u, vt)
     return u, s, vt
+
+
+def _canonical_pair(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Canonical signs on u's columns, undone on vt's rows (u @ diag(s) @ vt unchanged)."""
+    u_canon = canonicalize_signs(u)
+    phase = _column_phase(u, u_canon)
+    return u_canon, vt * jnp.conj(phase)[..., :, None]
 
 
 def _column_phase(before: jax.Array, after: jax.Array) -> jax.Array:
@@ -306,10 +310,7 @@ def exact_svd(a: jax.Array, rank: int, *, canonical_signs: bool = True):
     u, s, vt = _per_matrix_on_cpu(lambda x: jnp.linalg.svd(x, full_matrices=False), a)
     u, s, vt = u[..., :, :rank], s[..., :rank], vt[..., :rank, :]
     if canonical_signs:
-        u_canon = canonicalize_signs(u)
-        phase = _column_phase(u, u_canon)
-        u = u_canon
-        vt = vt * jnp.conj(phase)[..., :, None]
+        u, vt = _canonical_pair(u, vt)
     return u, s, vt
 
 

@@ -85,3 +85,18 @@ def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
     # several devices (linalg._per_matrix_on_cpu, the jaxlib LAPACK deadlock fix).
     eigh = "7x eigh f32[40,40]" if jax.local_device_count() > 1 else "7x eigh f32[4,40,40]"
     assert "| galore | refresh extra |" in table and eigh in table
+
+
+def test_refresh_benchmark_runs_every_method_on_a_tiny_shape(tmp_path):
+    """benchmarks/refresh.py injects projectors into the transform's state: it must
+    follow the state's layout (a failure there only shows as an 'error' cell)."""
+    import refresh  # noqa: E402  (benchmarks/ is on sys.path above)
+
+    out = tmp_path / "refresh.json"
+    argv = ["--shape", "small", "--layers", "1", "--hidden", "32", "--intermediate", "64"]
+    argv += ["--rank", "8", "--signal-rank", "4", "--reps", "1", "--out", str(out)]
+    assert refresh.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    for method in ("exact", "randomized", "randomized_warm"):
+        assert "error" not in json.dumps(results[method]), results[method]
+        assert results[method]["update_refresh"]
