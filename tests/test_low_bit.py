@@ -42,8 +42,8 @@ def _problem():
     return params, loss
 
 
-def _train(tx, params, loss, steps):
-    state = tx.init(params)
+def _train(tx, params, loss, steps, state=None):
+    state = tx.init(params) if state is None else state
 
     @jax.jit
     def step(p, s):
@@ -153,17 +153,8 @@ def test_low_bit_state_on_an_8_device_mesh(kind):
     assert mu.codes.spec == P("fsdp", None) and mu.scales.spec == P("fsdp", None)
     sharded = jax.device_put(params, shardings)
     state = jax.jit(tx.init, out_shardings=state_shardings)(sharded)
-
-    @jax.jit
-    def step(p, s):
-        value, grads = jax.value_and_grad(loss)(p)
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, value
-
-    losses = []
-    for _ in range(3):  # no mesh context: the mesh is in the operands' types
-        sharded, state, value = step(sharded, state)
-        losses.append(float(value))
+    # no mesh context: the mesh is in the operands' types
+    sharded, state, losses = _train(tx, sharded, loss, 3, state=state)
     np.testing.assert_allclose(losses, ref, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
