@@ -3,7 +3,16 @@
 from galore_jax.adam import ScaleByTorchAdamState, scale_by_torch_adam
 from galore_jax.alias import GALORE_ADAMW_STATIC_ARGS, galore_adamw, tensor_galore_adamw
 from galore_jax.describe import LeafTreatment, Treatment, describe
-from galore_jax.labels import galore_labels
+from galore_jax.labels import galore_labels, labels_by_path
+from galore_jax.layerwise import (
+    LayerwiseState,
+    ScannedModel,
+    clip_by_layer_norm,
+    clip_by_previous_global_norm,
+    layerwise_init,
+    layerwise_state_shardings,
+    layerwise_step,
+)
 from galore_jax.linalg import (
     canonicalize_signs,
     exact_svd,
@@ -39,22 +48,30 @@ __all__ = [
     "DimensionNumbers",
     "GALORE_ADAMW_STATIC_ARGS",
     "GALORE_STATIC_ARGS",
+    "LayerwiseState",
     "LeafTreatment",
     "MatrixProjectors",
     "ScaleByAdam8bitState",
     "ScaleByGaloreState",
     "ScaleByTensorGaloreState",
     "ScaleByTorchAdamState",
+    "ScannedModel",
     "TENSOR_GALORE_STATIC_ARGS",
     "Treatment",
     "adamw_state_bytes",
     "canonicalize_signs",
+    "clip_by_layer_norm",
+    "clip_by_previous_global_norm",
     "describe",
     "exact_svd",
     "galore_adamw",
     "galore_labels",
     "hosvd",
     "infer_dimension_numbers",
+    "labels_by_path",
+    "layerwise_init",
+    "layerwise_state_shardings",
+    "layerwise_step",
     "memory_report",
     "mode_fold",
     "mode_product",

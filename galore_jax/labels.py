@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import re
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax.numpy as jnp
 
@@ -161,3 +161,34 @@ def galore_labels(
                 stacklevel=2,
             )
     return treedef.unflatten(labels)
+
+
+def labels_by_path(labels: Any) -> Callable[[Any], Any]:
+    """A labels callable that gives each leaf the label its path has in `labels`.
+
+    For optimizers that see one part of the params at a time
+    (`galore_jax.layerwise`): the default rule reads the whole tree (a table is
+    told from the repeated layers by structure), so resolve it once on the whole
+    params and hand the parts their labels by path.
+
+    Example:
+      >>> import jax.numpy as jnp, galore_jax as gj
+      >>> params = {"wte": jnp.zeros((50, 8)), "h": jnp.zeros((3, 8, 8))}
+      >>> by_path = gj.labels_by_path(gj.galore_labels(params))
+      >>> by_path({"h": jnp.zeros((8, 8))})  # one layer of "h"
+      {'h': 'galore'}
+    """
+    names, values, _ = paths.leaf_paths(labels)
+    table = dict(zip(names, values))
+
+    def label_fn(params):
+        names, _, treedef = paths.leaf_paths(params)
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise ValueError(
+                f"labels_by_path: no label for {missing[:3]}; resolve the labels on params "
+                "with the same paths"
+            )
+        return treedef.unflatten([table[n] for n in names])
+
+    return label_fn

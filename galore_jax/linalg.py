@@ -175,6 +175,17 @@ def _cross(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _gaussian(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
+    """A Gaussian (m, n) block, broadcast over leading batch axes of `shape`.
+
+    One block per key shared by a stack of matrices: a matrix's sketch depends on
+    its own data and the key only, so layer l of a stacked (L, m, n) leaf gets the
+    sketch its (m, n) slice gets alone (what `galore_jax.layerwise` relies on).
+    """
+    *batch, m, n = shape
+    return jnp.broadcast_to(_gaussian_block(key, (m, n), dtype), (*batch, m, n))
+
+
+def _gaussian_block(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
     if jnp.issubdtype(dtype, jnp.complexfloating):
         real_dtype = jnp.finfo(dtype).dtype
         re_key, im_key = jax.random.split(key)

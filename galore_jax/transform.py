@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -337,6 +338,16 @@ def _slot_leaves(tree) -> list:
     return jax.tree.leaves(tree, is_leaf=_is_empty)
 
 
+def leaf_key_data(path: str) -> int:
+    """A leaf's PRNG stream id (folded into the step key): a hash of its path.
+
+    By path, not position: a leaf keeps its random sketches when other leaves are
+    added or removed, and a sub-tree holding the same paths (one layer's slice, in
+    `galore_jax.layerwise`) draws what the whole tree draws.
+    """
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
 def refresh_offsets(num_projected: int, gap: int, stagger: bool):
     """Step offset inside the gap at which each projected leaf refreshes (tree order)."""
     if not stagger or num_projected == 0:
@@ -423,7 +434,7 @@ def _low_rank_transform(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        _, grads, treedef, plans = make_plans(updates)
+        names, grads, treedef, plans = make_plans(updates)
         project, n = projection(plans), num_slots(plans)
         slots = [_slot_leaves(tree) for tree in tuple(state[2])]
         old_projectors = [tuple(slot[i] for slot in slots) for i in range(len(grads))]
@@ -447,7 +458,7 @@ def _low_rank_transform(
             # other steps test the small projection, non-finite iff the gradient is.
             phase = count % update_proj_gap
             due = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
-            leaf_key = jax.random.fold_in(step_key, i)
+            leaf_key = jax.random.fold_in(step_key, leaf_key_data(names[i]))
 
             def keep(g, old):
                 return old, jnp.zeros([], jnp.bool_)

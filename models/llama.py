@@ -50,7 +50,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,7 @@ __all__ = [
     "layer_axis_tree",
     "logical_axes",
     "logical_partition_specs",
+    "scanned_model",
 ]
 
 _DTYPES = {
@@ -370,16 +371,8 @@ class Llama(nnx.Module):
             float32[batch, seq, vocab_size] logits; position t sees tokens <= t.
         """
         config = self.config
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
-        seq = tokens.shape[1]
-        if seq > config.max_seq_len:
-            raise ValueError(
-                f"Sequence length {seq} exceeds LlamaConfig.max_seq_len={config.max_seq_len}."
-            )
-        cos, sin = rotary_tables(seq, config.head_dim, config.rope_theta)
-        x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(config.jnp_dtype)
-
+        x = self.embed(tokens)
+        cos, sin = rotary_tables(tokens.shape[1], config.head_dim, config.rope_theta)
         apply_layer = nnx.remat(_apply_layer) if config.remat else _apply_layer
         if config.scan_layers:
 
@@ -396,12 +389,85 @@ class Llama(nnx.Module):
         else:
             for layer in self.layers:
                 x = apply_layer(layer, x, cos, sin)
+        return self.logits(x)
 
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """int[batch, seq] tokens -> the first layer's input [batch, seq, hidden]."""
+        config = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
+        if tokens.shape[1] > config.max_seq_len:
+            raise ValueError(
+                f"Sequence length {tokens.shape[1]} exceeds "
+                f"LlamaConfig.max_seq_len={config.max_seq_len}."
+            )
+        return jnp.take(self.token_embedding[...], tokens, axis=0).astype(config.jnp_dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The last layer's output -> float32 logits (final norm, LM head)."""
         x = self.final_norm(x)
         # float32 logits (accumulated in f32 even for bf16 compute) for a stable loss.
         return jnp.dot(
-            x, self.lm_head[...].astype(config.jnp_dtype), preferred_element_type=jnp.float32
+            x, self.lm_head[...].astype(self.config.jnp_dtype), preferred_element_type=jnp.float32
         )
+
+
+def scanned_model(model: Llama, loss_fn: Callable[[jax.Array, Any], jax.Array]):
+    """The `galore_jax.ScannedModel` of a scanned Llama, for layer-wise updates.
+
+    Args:
+        model: a Llama with ``scan_layers=True`` (abstract, from ``nnx.eval_shape``,
+            is enough: only its structure is used).
+        loss_fn: ``(logits, batch) -> scalar`` mean loss; ``batch["inputs"]`` are
+            the tokens.
+
+    Returns:
+        ``ScannedModel`` over ``nnx.as_pure(nnx.state(model, nnx.Param))``:
+        ``token_embedding`` before the layers, ``final_norm`` and ``lm_head`` after.
+    """
+    import galore_jax as gj
+
+    if not model.config.scan_layers:
+        raise ValueError("layer-wise updates need LlamaConfig.scan_layers=True (stacked layers)")
+    config = model.config
+    layer_def = nnx.split(model.layers, nnx.Param)[0]
+    head_def = nnx.split(_Head(model), nnx.Param)[0]
+
+    def embed(params, batch):
+        return _Embed(params["token_embedding"], config).embed(batch["inputs"])
+
+    def layer(params, x):
+        cos, sin = rotary_tables(x.shape[1], config.head_dim, config.rope_theta)
+        return nnx.merge(layer_def, params)(x, cos, sin)
+
+    def head(params, x, batch):
+        return loss_fn(nnx.merge(head_def, params).logits(x), batch)
+
+    return gj.ScannedModel(
+        embed, layer, head, layers_key="layers", before=("token_embedding",),
+        after=("final_norm", "lm_head"),
+    )
+
+
+class _Embed:
+    """`Llama.embed` on the embedding table alone."""
+
+    def __init__(self, table: jax.Array, config: LlamaConfig):
+        self.config = config
+        self.token_embedding = table
+
+    embed = Llama.embed
+
+
+class _Head(nnx.Module):
+    """`Llama.logits` on the final norm and LM head alone (same param paths)."""
+
+    def __init__(self, model: Llama):
+        self.config = model.config
+        self.final_norm = model.final_norm
+        self.lm_head = model.lm_head
+
+    logits = Llama.logits
 
 
 # ----------------------------------------------------------------------------

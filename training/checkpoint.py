@@ -49,6 +49,8 @@ STRUCTURAL_CONFIG_KEYS = (
     "optimizer.label_overrides",
     "optimizer.moment_bits",
     "optimizer.projector_bits",
+    "optimizer.layerwise",  # per-group state, the layers' stacked
+    "optimizer.grad_clip_mode",  # previous_global keeps a norm in the state
 )
 # Model settings that change how the model runs, not its params: these may
 # differ between a checkpoint and the run resuming it.

@@ -233,7 +233,15 @@ class OptimizerConfig(_Section):
     b2: Float = 0.999
     eps: Float = 1e-8
     weight_decay: Float = 0.0
-    grad_clip: Float = Field(1.0, ge=0)  # global-norm clip; 0 disables
+    grad_clip: Float = Field(1.0, ge=0)  # clip threshold; 0 disables
+    # What grad_clip bounds: "global" (this step's global norm), "layer" (each
+    # layer's, the embedding's and the head's own norm) or "previous_global" (the
+    # factor of the previous step's global norm). Layer-wise updates cannot use
+    # "global": no step of theirs ever holds every gradient at once.
+    grad_clip_mode: Literal["global", "layer", "previous_global"] = "global"
+    # Run the optimizer inside the backward pass, one layer at a time (no full
+    # gradient tree; LLaMA with model.scan_layers, one micro-batch per step).
+    layerwise: Bool = False
     warmup_fraction: Float = Field(0.1, ge=0, lt=1)
     final_lr_fraction: Float = Field(0.1, ge=0, le=1)
     # GaLore options (ignored by adamw). An int rank, or a float fraction in (0, 1].
@@ -371,6 +379,29 @@ class Config:
         )
         return self
 
+    @model_validator(mode="after")
+    def _layerwise(self) -> Config:
+        opt = self.optimizer
+        if not opt.layerwise:
+            return self
+        _fail(
+            self.task != "lm",
+            f"optimizer.layerwise=true needs a model of scanned layers (task: lm), "
+            f"got task: {self.task}",
+        )
+        _fail(
+            self.grad_accum_steps > 1,
+            f"optimizer.layerwise=true updates during the backward pass of one micro-batch; "
+            f"set grad_accum_steps=1 (got {self.grad_accum_steps}) and raise batch_size instead",
+        )
+        _fail(
+            opt.grad_clip > 0 and opt.grad_clip_mode == "global",
+            "optimizer.layerwise=true cannot clip by this step's global norm (it needs every "
+            "gradient before any update); set optimizer.grad_clip_mode=layer or "
+            "previous_global, or optimizer.grad_clip=0",
+        )
+        return self
+
 
 @dataclass(config=_SECTION)
 class LMConfig(Config):
@@ -392,6 +423,10 @@ class LMConfig(Config):
             self.seq_len > self.model.max_seq_len,
             f"seq_len ({self.seq_len}) is longer than the model's positions "
             f"(model.max_seq_len={self.model.max_seq_len})",
+        )
+        _fail(
+            self.optimizer.layerwise and not self.model.scan_layers,
+            "optimizer.layerwise=true needs stacked layers: set model.scan_layers=true",
         )
         return self
 

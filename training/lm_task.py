@@ -58,7 +58,11 @@ def perplexity_metrics(mean_loss: float) -> dict:
 
 def cross_entropy(model, batch) -> jax.Array:
     """Mean next-token cross-entropy (nats/token) of ``batch`` under ``model``."""
-    logits = model(batch["inputs"])
+    return token_cross_entropy(model(batch["inputs"]), batch)
+
+
+def token_cross_entropy(logits, batch) -> jax.Array:
+    """Mean cross-entropy of ``logits`` against ``batch["targets"]``."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
@@ -99,6 +103,7 @@ def build_lm_task(config: Config) -> Task:
         loss_fn=cross_entropy,
         eval_loss_fn=cross_entropy,
         summarize_eval=perplexity_metrics,
+        scanned_model=lambda model: llama.scanned_model(model, token_cross_entropy),
         train_iterator=train_iterator,
         eval_batches=eval_batches,
         units_per_batch=config.batch_size * config.seq_len,

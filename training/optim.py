@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import optax
@@ -60,8 +61,13 @@ def build_optimizer(
     dimension_numbers: Any = None,
     seed: int = 0,
     params: Any = None,
+    scanned_model: Optional[gj.ScannedModel] = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The full update rule: clip -> optimizer(schedule).
+
+    With ``cfg.layerwise`` the rule is for one group of params at a time (the
+    embedding, one layer, the head: see ``galore_jax.layerwise``): no stacked
+    axes, and no clipping (the layer-wise step clips).
 
     Args:
       cfg: the ``optimizer`` config section.
@@ -71,6 +77,8 @@ def build_optimizer(
       seed: seeds the randomized SVD.
       params: the (abstract) params; needed only by
         ``tensor_rank_mode: params`` to turn the rank into per-mode ranks.
+      scanned_model: the model's layer structure; needed by layer-wise updates
+        and by ``grad_clip_mode: layer``.
 
     Returns:
       ``(transformation, schedule)``; the schedule is also used for logging.
@@ -79,17 +87,54 @@ def build_optimizer(
     rank = cfg.rank  # per-mode Tucker ranks are no config value: passed beside cfg
     if cfg.name == "tensor_galore" and cfg.tensor_rank_mode == "params":
         rank = _param_fraction_ranks(cfg, params)
+    labels = None
+    if cfg.layerwise:
+        if cfg.name == "galore":  # each part labelled as the whole tree's rule says
+            labels = gj.labels_by_path(
+                gj.galore_labels(
+                    params,
+                    label_overrides=cfg.label_overrides,
+                    dimension_numbers=dimension_numbers,
+                    rank=rank,
+                    proj_type=cfg.proj_type,
+                )
+            )
+        dimension_numbers = None  # the optimizer sees one layer's matrices
+        if cfg.name == "tensor_galore":  # Tucker-project each layer's matrices
+            layers = f"^{scanned_model.layers_key}/"
+            overrides = {layers: "tensor_galore", **(cfg.label_overrides or {})}
+            cfg = dataclasses.replace(cfg, label_overrides=overrides)
     try:
-        tx = _build(cfg, schedule, dimension_numbers, seed, rank)
+        tx = _build(cfg, schedule, dimension_numbers, seed, rank, labels)
     except ValueError as e:  # the library names the bad argument and value
         raise ConfigError(f"optimizer: {e}") from None
-    if cfg.grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
-    return tx, schedule
+    clip = _clip(cfg, scanned_model)
+    return (tx if clip is None else optax.chain(clip, tx)), schedule
+
+
+def _clip(cfg: OptimizerConfig, scanned_model) -> Optional[optax.GradientTransformation]:
+    """The clipping transform of a standard step (None: none, or the layer-wise step clips)."""
+    if cfg.grad_clip == 0 or cfg.layerwise:
+        return None
+    if cfg.grad_clip_mode == "global":
+        return optax.clip_by_global_norm(cfg.grad_clip)
+    if cfg.grad_clip_mode == "previous_global":
+        return gj.clip_by_previous_global_norm(cfg.grad_clip)
+    if scanned_model is None:
+        raise ConfigError(
+            "optimizer.grad_clip_mode=layer needs a model of scanned layers "
+            "(task: lm with model.scan_layers=true)"
+        )
+    return gj.clip_by_layer_norm(cfg.grad_clip, scanned_model)
 
 
 def _build(
-    cfg: OptimizerConfig, schedule: optax.Schedule, dimension_numbers: Any, seed: int, rank: Any
+    cfg: OptimizerConfig,
+    schedule: optax.Schedule,
+    dimension_numbers: Any,
+    seed: int,
+    rank: Any,
+    labels: Any = None,
 ) -> optax.GradientTransformation:
     if cfg.name != "galore" and cfg.projector_bits != 32:
         raise ConfigError(
@@ -113,6 +158,7 @@ def _build(
             proj_type=cfg.proj_type,
             dimension_numbers=dimension_numbers,
             projector_bits=cfg.projector_bits,
+            labels=labels,
         )
     elif cfg.name == "tensor_galore":
         tx = gj.tensor_galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed)

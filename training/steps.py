@@ -45,6 +45,8 @@ class Run:
         dimension_numbers: GaLore batch axes (the model's stacked-layer axes).
         tx, lr_schedule: the optimizer and its learning-rate schedule.
         abstract_opt_state, opt_shardings: the optimizer state's shapes / shardings.
+        scanned_model: the model's ``galore_jax.ScannedModel`` when layer-wise
+            updates or per-layer clipping need it, else None.
     """
 
     config: Config
@@ -60,6 +62,17 @@ class Run:
     lr_schedule: optax.Schedule
     abstract_opt_state: Any
     opt_shardings: Any
+    scanned_model: Optional[gj.ScannedModel] = None
+
+    @property
+    def layerwise(self) -> bool:
+        return self.config.optimizer.layerwise
+
+    def init_opt_state(self, params: Any) -> Any:
+        """The optimizer's initial state (per group for layer-wise updates)."""
+        if self.layerwise:
+            return gj.layerwise_init(self.tx, self.scanned_model, params)
+        return self.tx.init(params)
 
     @property
     def num_params(self) -> int:
@@ -101,19 +114,16 @@ def build_run(config: Config, num_devices: int) -> Run:
     mesh_lib.check_divisible(abstract_params, param_specs, mesh)
     param_shardings = mesh_lib.named_shardings(mesh, param_specs)
     dims = dimension_numbers_from_layer_axes(task.layer_axes(param_vars))
+    scanned = _scanned_model(config, task, abstract_model)
     tx, lr_schedule = build_optimizer(
         config.optimizer,
         config.steps,
         seed=config.seed,
         dimension_numbers=dims,
         params=abstract_params,
+        scanned_model=scanned,
     )
-    try:
-        abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    except ValueError as e:  # e.g. a rank that does not fit a param's shape
-        raise ConfigError(f"optimizer: {e}") from None
-    opt_shardings = gj.state_shardings(abstract_opt_state, abstract_params, param_shardings)
-    return Run(
+    run = Run(
         config,
         task,
         mesh,
@@ -125,9 +135,38 @@ def build_run(config: Config, num_devices: int) -> Run:
         dims,
         tx,
         lr_schedule,
-        abstract_opt_state,
-        opt_shardings,
+        None,
+        None,
+        scanned,
     )
+    try:
+        run.abstract_opt_state = jax.eval_shape(run.init_opt_state, abstract_params)
+    except ValueError as e:  # e.g. a rank that does not fit a param's shape
+        raise ConfigError(f"optimizer: {e}") from None
+    if run.layerwise:
+        run.opt_shardings = gj.layerwise_state_shardings(
+            run.abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
+        )
+    else:
+        run.opt_shardings = gj.state_shardings(
+            run.abstract_opt_state, abstract_params, param_shardings
+        )
+    return run
+
+
+def _scanned_model(config: Config, task: Task, abstract_model: Any) -> Optional[gj.ScannedModel]:
+    """The task's layer structure, where layer-wise updates or per-layer clipping need it."""
+    opt = config.optimizer
+    if not (opt.layerwise or (opt.grad_clip > 0 and opt.grad_clip_mode == "layer")):
+        return None
+    if task.scanned_model is None:
+        raise ConfigError(f"task {task.name!r} has no scanned layers (optimizer.layerwise, "
+                          "optimizer.grad_clip_mode=layer)")
+    try:
+        return task.scanned_model(abstract_model)
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from None
+
 
 
 def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any, Any, int]:
@@ -150,7 +189,7 @@ def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any
             return nnx.as_pure(nnx.state(run.task.make_model(nnx.Rngs(config.seed)), nnx.Param))
 
         params = jax.jit(init_params, out_shardings=run.param_shardings)()
-        opt_state = jax.jit(run.tx.init, out_shardings=run.opt_shardings)(params)
+        opt_state = jax.jit(run.init_opt_state, out_shardings=run.opt_shardings)(params)
         return params, opt_state, 0
     if not config.checkpoint.resume:
         raise ConfigError(
@@ -216,15 +255,39 @@ def make_loss_and_grads(run: Run) -> Callable:
     return loss_and_grads
 
 
+def make_layerwise_step(run: Run) -> Callable:
+    """``(params, opt_state, batches[1, ...]) -> (params, opt_state, metrics)``, un-jitted:
+    the optimizer applied inside the backward pass (``galore_jax.layerwise``)."""
+    opt = run.config.optimizer
+    step = gj.layerwise_step(
+        run.tx,
+        run.scanned_model,
+        max_norm=opt.grad_clip or None,
+        clip="previous_global" if opt.grad_clip_mode == "previous_global" else "layer",
+    )
+
+    def layerwise(params, opt_state, batches):
+        return step(params, opt_state, jax.tree.map(lambda x: x[0], batches))
+
+    if run.explicit:  # as make_loss_and_grads: the partitioner places activations
+        specs = jax.tree.map(lambda s: s.spec, (run.param_shardings, run.opt_shardings))
+        metrics = {"loss": P(), "grad_norm": P()}
+        return jax.sharding.auto_axes(layerwise, out_sharding=(*specs, metrics))
+    return layerwise
+
+
 def make_train_step(run: Run, *, donate: bool = True) -> Callable:
     """The jitted step ``(params, opt_state, batches) -> (params, opt_state, metrics)``.
 
     ``batches`` are global arrays ``[accum, batch / accum, ...]`` (see
     ``micro_batches`` / ``global_batch``); metrics are ``loss`` and ``grad_norm``.
+    With ``optimizer.layerwise`` the step is ``make_layerwise_step``'s.
     """
     loss_and_grads = make_loss_and_grads(run)
 
     def train_step(params, opt_state, batches):
+        if run.layerwise:
+            return make_layerwise_step(run)(params, opt_state, batches)
         loss, grads = loss_and_grads(params, batches)
         grads = run.task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
         updates, opt_state = run.tx.update(grads, opt_state, params)
@@ -273,6 +336,16 @@ def evaluate(run: Run, eval_step: Callable, params: Any) -> dict:
     return run.task.summarize_eval(float(np.mean(losses)))
 
 
+def _optimizer_view(run: Run) -> Any:
+    """The params as the optimizer sees them (layer-wise: one layer of the stack)."""
+    if not run.layerwise:
+        return run.abstract_params
+    key = run.scanned_model.layers_key
+    view = dict(run.abstract_params)
+    view[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), view[key])
+    return view
+
+
 def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
     """The start-up lines: data, mesh, params, optimizer and each leaf's treatment."""
     state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
@@ -281,6 +354,11 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
         f"{mesh_lib.describe(run.mesh)} | {run.num_params / 1e6:.2f}M params | optimizer "
         f"{run.config.optimizer.name} ({state_bytes / 2**20:.1f} MiB state)",
     ]
+    if run.layerwise:
+        lines.append(
+            f"layer-wise updates: the optimizer runs inside the backward pass, one of the "
+            f"{run.config.model.num_layers} layers at a time (each leaf below: per layer)"
+        )
     if run.config.optimizer.name != "adamw":
-        lines.append(str(gj.describe(run.tx, run.abstract_params)))
+        lines.append(str(gj.describe(run.tx, _optimizer_view(run))))
     return "\n".join(lines)

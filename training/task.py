@@ -10,7 +10,7 @@ that function) in ``training.config.TASK_CONFIGS``, the one task registry.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 import jax
 from flax import nnx
@@ -58,6 +58,9 @@ class Task:
         postprocess_grads: ``grads -> grads`` applied to the mean gradient
             before the optimizer (FNO: conjugate the complex leaves so optax
             descends). Default: identity.
+        scanned_model: ``abstract model -> galore_jax.ScannedModel`` for tasks
+            whose model is embedding -> scanned layers -> head (layer-wise
+            updates, per-layer clipping); None for others.
         optimizer_defaults: ``OptimizerConfig -> OptimizerConfig``: fills in
             task-specific optimizer settings the user left unset (FNO: matrix
             GaLore only on the spectral weights). Applied before the config is
@@ -79,3 +82,4 @@ class Task:
     description: str = ""
     postprocess_grads: Callable[[Any], Any] = _identity
     optimizer_defaults: Callable[[Any], Any] = _identity
+    scanned_model: Optional[Callable[[nnx.Module], Any]] = None

@@ -1,0 +1,404 @@
+"""Layer-wise updates: the optimizer runs inside the backward pass of a scanned model.
+
+A standard step computes the whole gradient tree, then hands it to the
+optimizer: at its peak the step holds params, optimizer state *and* a gradient
+as large as the params. For a model whose layers are stacked and scanned
+(``params[layers_key]`` with a leading layer axis), `layerwise_step` runs the
+backward pass layer by layer in reverse, rematerialising each layer's forward,
+and applies the optimizer to a layer's slice of the params and of the state as
+soon as that layer's gradient exists. Only one layer's gradient is alive at a
+time; the head (after the layers) and the embedding (before) are updated at
+their own points of the backward pass.
+
+The model is described by three functions and the top-level keys of its params
+(`ScannedModel`). The optimizer is any optax transformation whose update is
+per leaf (AdamW, GaLore, Tensor-GaLore, ...); its state for the layers is the
+state of one layer, stacked over the layer axis (`layerwise_init`), so the
+scan slices and updates it in place. With the same optimizer, a layer-wise step
+gives the standard step's result: GaLore draws a leaf's random sketches from
+its path and shares one Gaussian block across a stack, so one layer's slice
+sees what the whole stack sees.
+
+What layer-wise cannot do, and what it offers instead:
+
+* Clipping by this step's global norm needs every gradient before any update.
+  `clip="layer"` clips each layer's gradient (and the embedding's, and the
+  head's) by its own norm; `clip="previous_global"` scales every gradient by
+  the factor the *previous* step's global norm implies (computed during this
+  backward pass, kept in the state). `clip_by_layer_norm` /
+  `clip_by_previous_global_norm` are the same rules for a standard optax chain.
+* Gradient accumulation needs the summed gradient: one micro-batch per step.
+
+Example (a user's own scanned model, written as three functions):
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import galore_jax as gj
+  >>> def embed(p, batch):
+  ...     return batch["x"] @ p["w_in"]
+  >>> def layer(p, x):
+  ...     return x + jnp.tanh(x @ p["w"])
+  >>> def head(p, x, batch):
+  ...     return jnp.mean((x @ p["w_out"] - batch["y"]) ** 2)
+  >>> model = gj.ScannedModel(embed, layer, head, layers_key="blocks",
+  ...                         before=("w_in",), after=("w_out",))
+  >>> k = jax.random.split(jax.random.PRNGKey(0), 3)
+  >>> params = {"w_in": jax.random.normal(k[0], (4, 16)) / 2,
+  ...           "blocks": {"w": jax.random.normal(k[1], (3, 16, 16)) / 4},
+  ...           "w_out": jax.random.normal(k[2], (16, 1)) / 4}
+  >>> tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=5)
+  >>> state = gj.layerwise_init(tx, model, params)
+  >>> step = jax.jit(gj.layerwise_step(tx, model, max_norm=1.0, clip="layer"))
+  >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros((8, 1))}
+  >>> params, state, metrics = step(params, state, batch)
+  >>> sorted(metrics)
+  ['grad_norm', 'loss']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "LayerwiseState",
+    "ScannedModel",
+    "clip_by_layer_norm",
+    "clip_by_previous_global_norm",
+    "layerwise_init",
+    "layerwise_state_shardings",
+    "layerwise_step",
+]
+
+CLIP_MODES = ("layer", "previous_global")
+
+
+class ScannedModel(NamedTuple):
+    """A model as embedding -> scanned layers -> head, over a dict of params.
+
+    Attributes:
+      embed: ``(params_before, batch) -> x``, the input of the first layer.
+      layer: ``(layer_params, x) -> x``, one layer; ``layer_params`` is one
+        slice of ``params[layers_key]`` (no layer axis).
+      head: ``(params_after, x, batch) -> loss``, a scalar mean loss.
+      layers_key: top-level key of the stacked layer params (leading layer axis).
+      before: top-level keys ``embed`` reads (e.g. the token embedding).
+      after: top-level keys ``head`` reads (final norm, output head).
+
+    ``params_before`` / ``params_after`` are dicts ``{key: params[key]}``; the
+    params' top level must hold exactly ``before + (layers_key,) + after``.
+    """
+
+    embed: Callable[[Any, Any], jax.Array]
+    layer: Callable[[Any, jax.Array], jax.Array]
+    head: Callable[[Any, jax.Array, Any], jax.Array]
+    layers_key: str = "layers"
+    before: tuple = ()
+    after: tuple = ()
+
+
+class LayerwiseState(NamedTuple):
+    """Optimizer state of a layer-wise step (arrays only).
+
+    ``layers`` is the optimizer's state for ``{layers_key: one layer}``, every
+    leaf stacked over a leading layer axis.
+    """
+
+    before: optax.OptState
+    layers: optax.OptState
+    after: optax.OptState
+    grad_norm: jax.Array  # shape=(), float32: the last step's global gradient norm
+
+
+# ----------------------------------------------------------------------------
+# Params <-> the three groups the optimizer sees.
+# ----------------------------------------------------------------------------
+
+
+def _check_keys(model: ScannedModel, params: Any) -> None:
+    try:
+        keys = set(params.keys())
+    except AttributeError:
+        raise TypeError(
+            f"layer-wise params must be a dict of top-level params, got {type(params).__name__}"
+        ) from None
+    wanted = [*model.before, model.layers_key, *model.after]
+    missing = [k for k in wanted if k not in keys]
+    extra = sorted(keys - set(wanted))
+    if missing or extra or len(set(wanted)) != len(wanted):
+        raise ValueError(
+            f"ScannedModel(before={tuple(model.before)}, layers_key={model.layers_key!r}, "
+            f"after={tuple(model.after)}) must name every top-level param key once; "
+            f"params have {sorted(keys)} (missing {missing}, unassigned {extra})"
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params[model.layers_key])[0]:
+        if jnp.ndim(leaf) < 1:
+            raise ValueError(
+                f"layer-wise: params[{model.layers_key!r}]{jax.tree_util.keystr(path)} has no "
+                "leading layer axis"
+            )
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(params[model.layers_key])}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"layer-wise: params[{model.layers_key!r}] leaves disagree on the layer count: "
+            f"{sorted(sizes)}"
+        )
+
+
+def _groups(model: ScannedModel, params: Any, *, check: bool = True):
+    """(before, layers, after): the dicts the optimizer sees for each group."""
+    if check:
+        _check_keys(model, params)
+    before = {k: params[k] for k in model.before}
+    after = {k: params[k] for k in model.after}
+    return before, {model.layers_key: params[model.layers_key]}, after
+
+
+def _merge(params: Any, before: dict, layers: dict, after: dict) -> Any:
+    """The three groups back in the params' own container (dict, nnx.State, ...)."""
+    treedef = jax.tree.structure(params)
+    return treedef.unflatten(jax.tree.leaves({**before, **layers, **after}))
+
+
+def _stack_size(layers: dict) -> int:
+    return jax.tree.leaves(layers)[0].shape[0]
+
+
+def _slice(tree: Any, i) -> Any:
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _put(tree: Any, part: Any, i) -> Any:
+    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, part)
+
+
+# ----------------------------------------------------------------------------
+# Clipping rules a layer-wise step can apply (and their standard-chain forms).
+# ----------------------------------------------------------------------------
+
+
+def _square_norm(tree: Any) -> jax.Array:
+    """Sum of squared magnitudes, in float32 (optax.global_norm squared)."""
+    total = jnp.zeros([], jnp.float32)
+    for x in jax.tree.leaves(tree):
+        total = total + jnp.sum(jnp.abs(x.astype(jnp.result_type(x, jnp.float32))) ** 2)
+    return total
+
+
+def _clip_factor(norm: jax.Array, max_norm: float) -> jax.Array:
+    """optax.clip_by_global_norm's rule as a factor: 1 below max_norm, else max/norm."""
+    return jnp.where(norm < max_norm, 1.0, max_norm / jnp.where(norm < max_norm, 1.0, norm))
+
+
+def _scale(tree: Any, factor: jax.Array) -> Any:
+    return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
+
+
+def clip_by_layer_norm(max_norm: float, model: ScannedModel) -> optax.GradientTransformation:
+    """Clips each layer's gradient, the embedding's and the head's by its own norm.
+
+    The standard-chain form of ``layerwise_step(..., clip="layer")``: put it
+    first in a chain to train with the rule a layer-wise step applies.
+    """
+    _check_max_norm(max_norm)
+
+    def update_fn(updates, state, params=None):
+        del params
+        before, layers, after = _groups(model, updates)
+        stack = layers[model.layers_key]
+        per_layer = jax.vmap(lambda g: _clip_factor(jnp.sqrt(_square_norm(g)), max_norm))(stack)
+        stack = jax.tree.map(
+            lambda g: g * per_layer.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), stack
+        )
+        clip_group = lambda t: _scale(t, _clip_factor(jnp.sqrt(_square_norm(t)), max_norm))
+        merged = _merge(updates, clip_group(before), {model.layers_key: stack}, clip_group(after))
+        return merged, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class ClipByPreviousGlobalNormState(NamedTuple):
+    grad_norm: jax.Array  # the previous step's global norm (0 before the first step)
+
+
+def clip_by_previous_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales gradients by the factor the previous step's global norm implies.
+
+    The standard-chain form of ``layerwise_step(..., clip="previous_global")``;
+    the first step is not clipped.
+    """
+    _check_max_norm(max_norm)
+
+    def init_fn(params):
+        del params
+        return ClipByPreviousGlobalNormState(jnp.zeros([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(_square_norm(updates))
+        return _scale(updates, _clip_factor(state.grad_norm, max_norm)), (
+            ClipByPreviousGlobalNormState(norm)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_max_norm(max_norm) -> None:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+
+
+# ----------------------------------------------------------------------------
+# The layer-wise step.
+# ----------------------------------------------------------------------------
+
+
+def layerwise_init(tx: optax.GradientTransformation, model: ScannedModel, params: Any):
+    """The optimizer state of `layerwise_step`: per group; the layers' stacked.
+
+    Args:
+      tx: an optax transformation with a per-leaf update (no global-norm
+        clipping in it: use `layerwise_step`'s ``clip``).
+      model: the model's `ScannedModel`.
+      params: the params (arrays or ``jax.ShapeDtypeStruct``; dict-like top level).
+    """
+    before, layers, after = _groups(model, params)
+    key = model.layers_key
+    layer_state = jax.vmap(lambda p: tx.init({key: p}))(layers[key])
+    return LayerwiseState(tx.init(before), layer_state, tx.init(after), jnp.zeros([], jnp.float32))
+
+
+def layerwise_state_shardings(
+    abstract_state: LayerwiseState,
+    model: ScannedModel,
+    params: Any,
+    param_shardings: Any,
+    state_shardings: Callable,
+) -> LayerwiseState:
+    """Shardings of a `LayerwiseState` from the params' (layer axis unsharded).
+
+    Args:
+      abstract_state: ``jax.eval_shape(layerwise_init, ...)``'s result.
+      model, params: as for `layerwise_init` (params may be abstract).
+      param_shardings: NamedShardings matching ``params``.
+      state_shardings: ``(abstract_state, params, param_shardings) -> shardings``
+        for one optimizer state, e.g. `galore_jax.state_shardings`.
+    """
+    before, layers, after = _groups(model, params)
+    s_before, s_layers, s_after = _groups(model, param_shardings, check=False)
+    key = model.layers_key
+
+    def drop_layer_axis(s):
+        spec = tuple(s.spec)
+        if spec and spec[0] is not None:
+            raise ValueError(
+                f"layer-wise: the layer axis of params[{key!r}] must not be sharded, got {s.spec}"
+            )
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), layers)
+    one_layer_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), abstract_state.layers
+    )
+    per_layer = state_shardings(
+        one_layer_state, one_layer, jax.tree.map(drop_layer_axis, s_layers)
+    )
+    stacked = jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
+        per_layer,
+    )
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    return LayerwiseState(
+        state_shardings(abstract_state.before, before, s_before),
+        stacked,
+        state_shardings(abstract_state.after, after, s_after),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
+
+
+def layerwise_step(
+    tx: optax.GradientTransformation,
+    model: ScannedModel,
+    *,
+    max_norm: Optional[float] = None,
+    clip: str = "layer",
+) -> Callable:
+    """``(params, state, batch) -> (params, state, {"loss", "grad_norm"})``, one update.
+
+    The forward pass keeps each layer's input only (as rematerialisation does);
+    the backward pass runs the layers in reverse, recomputing a layer's forward,
+    and updates that layer's params and state slice in place before the next.
+
+    Args:
+      tx: the optimizer (per-leaf update; see `layerwise_init`).
+      model: the model's `ScannedModel`.
+      max_norm: None (no clipping) or the clipping threshold.
+      clip: "layer" (each layer, the embedding and the head by their own norm)
+        or "previous_global" (all by the factor of the previous step's global
+        norm); see the module docstring.
+
+    Returns:
+      The step function (jit it; donate params and state to update in place).
+      ``grad_norm`` is this step's global gradient norm before clipping.
+    """
+    if max_norm is not None:
+        _check_max_norm(max_norm)
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    key = model.layers_key
+
+    def clipped(grads, state):
+        """grads clipped as configured (the previous-norm factor from the state)."""
+        if max_norm is None:
+            return grads
+        if clip == "previous_global":
+            return _scale(grads, _clip_factor(state.grad_norm, max_norm))
+        return _scale(grads, _clip_factor(jnp.sqrt(_square_norm(grads)), max_norm))
+
+    def apply(grads, opt_state, params, state):
+        updates, opt_state = tx.update(clipped(grads, state), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def step(params, state, batch):
+        before, layers, after = _groups(model, params)
+        stack = layers[key]
+        x, embed_vjp = jax.vjp(lambda p: model.embed(p, batch), before)
+
+        def forward(x, layer_params):
+            return model.layer(layer_params, x), x
+
+        x, inputs = jax.lax.scan(forward, x, stack)
+        loss, head_vjp = jax.vjp(lambda p, x: model.head(p, x, batch), after, x)
+        grads, dx = head_vjp(jnp.ones_like(loss))
+        square = _square_norm(grads)
+        after, after_state = apply(grads, state.after, after, state)
+
+        def backward(carry, i):
+            dx, stack, layer_states, square = carry
+            layer_params = _slice(stack, i)
+            _, layer_vjp = jax.vjp(model.layer, layer_params, _slice(inputs, i))
+            grads, dx = layer_vjp(dx)
+            new_params, new_state = apply(
+                {key: grads}, _slice(layer_states, i), {key: layer_params}, state
+            )
+            stack = _put(stack, new_params[key], i)
+            layer_states = _put(layer_states, new_state, i)
+            return (dx, stack, layer_states, square + _square_norm(grads)), None
+
+        (dx, stack, layer_states, square), _ = jax.lax.scan(
+            backward,
+            (dx, stack, state.layers, square),
+            jnp.arange(_stack_size(layers)),
+            reverse=True,
+        )
+        (grads,) = embed_vjp(dx)
+        square = square + _square_norm(grads)
+        before, before_state = apply(grads, state.before, before, state)
+        grad_norm = jnp.sqrt(square)
+        new_state = LayerwiseState(before_state, layer_states, after_state, grad_norm)
+        params = _merge(params, before, {key: stack}, after)
+        return params, new_state, {"loss": loss, "grad_norm": grad_norm}
+
+    return step
