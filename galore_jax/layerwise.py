@@ -302,9 +302,7 @@ def layerwise_state_shardings(
     one_layer_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), abstract_state.layers
     )
-    per_layer = state_shardings(
-        one_layer_state, one_layer, jax.tree.map(drop_layer_axis, s_layers)
-    )
+    per_layer = state_shardings(one_layer_state, one_layer, jax.tree.map(drop_layer_axis, s_layers))
     stacked = jax.tree.map(
         lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
         per_layer,

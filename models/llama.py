@@ -444,7 +444,11 @@ def scanned_model(model: Llama, loss_fn: Callable[[jax.Array, Any], jax.Array]):
         return loss_fn(nnx.merge(head_def, params).logits(x), batch)
 
     return gj.ScannedModel(
-        embed, layer, head, layers_key="layers", before=("token_embedding",),
+        embed,
+        layer,
+        head,
+        layers_key="layers",
+        before=("token_embedding",),
         after=("final_norm", "lm_head"),
     )
 

@@ -16,9 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import galore_jax as gj
-import train
 from test_train import (
     REPO,
     TIMEOUT,
@@ -29,6 +26,9 @@ from test_train import (
     subprocess_env,
     wait_for_step,
 )
+
+import galore_jax as gj
+import train
 from training import mesh as mesh_lib
 from training import steps
 from training.config import load_config
@@ -244,14 +244,19 @@ def test_layerwise_matches_the_standard_step_on_eight_devices(kind, optimizer):
 def test_layerwise_state_is_sharded_like_the_params():
     config = load_config(
         str(REPO / "configs/llama_tiny.yaml"),
-        [*TINY, "mesh.data=2", "mesh.fsdp=4", "optimizer.layerwise=true", "optimizer.grad_clip=0",
-         *GALORE],
+        [
+            *TINY,
+            "mesh.data=2",
+            "mesh.fsdp=4",
+            "optimizer.layerwise=true",
+            "optimizer.grad_clip=0",
+            *GALORE,
+        ],
     )
     run = steps.build_run(config, jax.device_count())
     layers = run.opt_shardings.layers
-    # Adam's first moment of a layer's down_proj (mlp x embed, right-projected: mlp x r),
-    # stacked over layers: its mlp dim keeps the param's (unsharded) spec, and the
-    # token embedding's moment (vocab x embed) is split over fsdp like the embedding.
+    # Every per-layer state leaf is stacked on an unsharded leading axis, and the
+    # token embedding's moments (vocab x embed) are split like the embedding.
     specs = {gj.path_string(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layers)[0]}
     assert all(spec[0] is None for spec in specs.values())  # the layer axis
     embedding = [
@@ -259,7 +264,9 @@ def test_layerwise_state_is_sharded_like_the_params():
         for p, s in jax.tree_util.tree_flatten_with_path(run.opt_shardings.before)[0]
         if "token_embedding" in gj.path_string(p) and len(s.spec) == 2
     ]
-    assert embedding and all(tuple(spec) == (None, "fsdp") for spec in embedding)
+    table = run.param_shardings["token_embedding"].spec
+    assert "fsdp" in tuple(table)
+    assert embedding and all(spec == table for spec in embedding)
 
 
 @pytest.mark.parametrize(
@@ -272,8 +279,12 @@ def test_layerwise_state_is_sharded_like_the_params():
 )
 def test_layerwise_trains_every_optimizer(optimizer):
     got, _, run = train_losses(
-        ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer", "optimizer.lr=0.01",
-         *optimizer],
+        [
+            "optimizer.layerwise=true",
+            "optimizer.grad_clip_mode=layer",
+            "optimizer.lr=0.01",
+            *optimizer,
+        ],
         steps_to_run=10,
     )
     assert np.all(np.isfinite(got)) and got[-1] < got[0], got
@@ -320,8 +331,10 @@ def _user_model():
 def _user_batches(n):
     rng = np.random.default_rng(1)
     return [
-        {"x": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32),
-         "y": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}
+        {
+            "x": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32),
+            "y": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
+        }
         for _ in range(n)
     ]
 
@@ -329,9 +342,13 @@ def _user_batches(n):
 @pytest.mark.parametrize("clip", [None, "layer", "previous_global"])
 def test_user_scanned_model_matches_a_plain_optax_loop(clip):
     model, params, loss = _user_model()
-    dims = {"encoder": None, "trunk": {"dense": {"kernel": gj.DimensionNumbers((0,)),
-                                                  "bias": gj.DimensionNumbers((0,))}},
-            "readout": None}
+    dims = {
+        "encoder": None,
+        "trunk": {
+            "dense": {"kernel": gj.DimensionNumbers((0,)), "bias": gj.DimensionNumbers((0,))}
+        },
+        "readout": None,
+    }
     # No stagger: it spreads refreshes over the projected leaves of each group
     # (here the encoder and the trunk), the standard step over the whole tree.
     options = dict(rank=4, update_proj_gap=3, weight_decay=0.1)
@@ -344,8 +361,9 @@ def test_user_scanned_model_matches_a_plain_optax_loop(clip):
     # structure: its input side is no layer size) from a layer: labels by path.
     labels = gj.labels_by_path(gj.galore_labels(params, dimension_numbers=dims, rank=4))
     tx = gj.galore_adamw(3e-3, labels=labels, **options)
-    step = jax.jit(gj.layerwise_step(tx, model, max_norm=None if clip is None else 0.05,
-                                     clip=clip or "layer"))
+    step = jax.jit(
+        gj.layerwise_step(tx, model, max_norm=None if clip is None else 0.05, clip=clip or "layer")
+    )
 
     @jax.jit
     def standard_step(p, s, b):

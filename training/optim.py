@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional
 
@@ -88,28 +87,41 @@ def build_optimizer(
     if cfg.name == "tensor_galore" and cfg.tensor_rank_mode == "params":
         rank = _param_fraction_ranks(cfg, params)
     labels = None
-    if cfg.layerwise:
-        if cfg.name == "galore":  # each part labelled as the whole tree's rule says
+    if cfg.layerwise:  # the optimizer sees one part at a time: label it as the whole tree
+        if cfg.name in ("galore", "tensor_galore"):
             labels = gj.labels_by_path(
-                gj.galore_labels(
-                    params,
-                    label_overrides=cfg.label_overrides,
-                    dimension_numbers=dimension_numbers,
-                    rank=rank,
-                    proj_type=cfg.proj_type,
-                )
+                _whole_tree_labels(cfg, params, dimension_numbers, rank, scanned_model)
             )
         dimension_numbers = None  # the optimizer sees one layer's matrices
-        if cfg.name == "tensor_galore":  # Tucker-project each layer's matrices
-            layers = f"^{scanned_model.layers_key}/"
-            overrides = {layers: "tensor_galore", **(cfg.label_overrides or {})}
-            cfg = dataclasses.replace(cfg, label_overrides=overrides)
     try:
         tx = _build(cfg, schedule, dimension_numbers, seed, rank, labels)
     except ValueError as e:  # the library names the bad argument and value
         raise ConfigError(f"optimizer: {e}") from None
     clip = _clip(cfg, scanned_model)
     return (tx if clip is None else optax.chain(clip, tx)), schedule
+
+
+def _whole_tree_labels(cfg: OptimizerConfig, params, dimension_numbers, rank, scanned_model):
+    """The labels the whole-tree rule gives; Tensor-GaLore (layer-wise) Tucker-projects
+    each layer's matrices, as a factor along the layer axis would need every layer."""
+    if cfg.name == "galore":
+        return gj.galore_labels(
+            params,
+            label_overrides=cfg.label_overrides,
+            dimension_numbers=dimension_numbers,
+            rank=rank,
+            proj_type=cfg.proj_type,
+        )
+    key = scanned_model.layers_key
+    one_layer = dict(params)
+    one_layer[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params[key])
+    return gj.galore_labels(
+        one_layer,
+        label_overrides={f"^{key}/": "tensor_galore", **(cfg.label_overrides or {})},
+        dimension_numbers=lambda tree: jax.tree.map(lambda _: None, tree),
+        matrices="adam",
+        tensor_rank=rank,
+    )
 
 
 def _clip(cfg: OptimizerConfig, scanned_model) -> Optional[optax.GradientTransformation]:
@@ -161,7 +173,9 @@ def _build(
             labels=labels,
         )
     elif cfg.name == "tensor_galore":
-        tx = gj.tensor_galore_adamw(schedule, **_galore_options(cfg), rank=rank, seed=seed)
+        tx = gj.tensor_galore_adamw(
+            schedule, **_galore_options(cfg), rank=rank, seed=seed, labels=labels
+        )
     elif cfg.name == "optax_galore":
         if cfg.moment_bits != 32:
             raise ConfigError("optimizer.moment_bits=8 is not available for optax_galore")

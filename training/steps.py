@@ -160,13 +160,14 @@ def _scanned_model(config: Config, task: Task, abstract_model: Any) -> Optional[
     if not (opt.layerwise or (opt.grad_clip > 0 and opt.grad_clip_mode == "layer")):
         return None
     if task.scanned_model is None:
-        raise ConfigError(f"task {task.name!r} has no scanned layers (optimizer.layerwise, "
-                          "optimizer.grad_clip_mode=layer)")
+        raise ConfigError(
+            f"task {task.name!r} has no scanned layers (optimizer.layerwise, "
+            "optimizer.grad_clip_mode=layer)"
+        )
     try:
         return task.scanned_model(abstract_model)
     except ValueError as e:
         raise ConfigError(f"optimizer: {e}") from None
-
 
 
 def init_or_restore(run: Run, checkpointer: Optional[Checkpointer]) -> tuple[Any, Any, int]:

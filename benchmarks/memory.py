@@ -1,0 +1,236 @@
+"""Memory of the whole compiled train step, per optimizer variant (standard vs layer-wise).
+
+For each variant, the step train.py runs (``training.steps.make_train_step``) is
+lowered with abstract inputs and compiled, nothing allocated, and XLA's memory
+analysis of it reported:
+
+  peak        arguments + outputs - aliased (donated params and state) + temporaries
+  arguments   params, optimizer state and batch passed in
+  temps       XLA's temporary buffers (gradients, activations, the optimizer's scratch)
+
+beside byte counts from shapes: params, optimizer state (``galore_jax``'s
+``optimizer_state_bytes``), the gradient alive at once (the whole tree for a
+standard step; the largest of one layer, the embedding and the head for a
+layer-wise one) and the activations a rematerialised step keeps (each layer's
+input, plus the float32 logits). On a GPU, ``--run-steps N`` also runs N real
+steps per variant (one process each) and reports the device's
+``peak_bytes_in_use``.
+
+XLA:CPU computes bf16 dots in f32, so CPU compiles of bf16-param models
+overstate temporaries by about the params' f32 size: CPU tables use f32 params.
+
+CPU, LLaMA-1B (f32 params, batch 8 x 256, remat; a few minutes on 2 cores):
+    python benchmarks/memory.py --config configs/llama_1b.yaml --batch-size 8 \\
+        --seq-len 256 --set model.remat=true --set model.vocab_size=32000
+GPU (bf16 params, real steps too):
+    python benchmarks/memory.py --config configs/llama_1b.yaml --batch-size 8 \\
+        --seq-len 256 --set model.remat=true --set model.vocab_size=32000 \\
+        --set model.param_dtype=bfloat16 --set model.dtype=bfloat16 --run-steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import _common as common
+
+# Layer-wise updates clip per layer (a step of theirs never holds the global norm).
+LAYERWISE = ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]
+LOW_BIT = ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]
+VARIANTS = {
+    "adamw": (["optimizer.name=adamw"], "optax.adamw, standard step"),
+    "galore": (["optimizer.name=galore"], "galore_adamw, standard step"),
+    "galore_layerwise": (["optimizer.name=galore", *LAYERWISE], "galore_adamw, layer-wise"),
+    "galore_8bit": (
+        ["optimizer.name=galore", *LOW_BIT],
+        "galore_adamw, 8-bit moments, int8 projectors",
+    ),
+    "galore_layerwise_8bit": (
+        ["optimizer.name=galore", *LAYERWISE, *LOW_BIT],
+        "galore_adamw, 8-bit moments, int8 projectors, layer-wise",
+    ),
+    "adamw_layerwise": (["optimizer.name=adamw", *LAYERWISE], "optax.adamw, layer-wise"),
+}
+DEFAULT_VARIANTS = ("adamw", "galore", "galore_layerwise", "galore_8bit", "galore_layerwise_8bit")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_shared_args(p, "--config", "--batch-size", "--seq-len", "--gap", "--rank")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS))
+    common.add_overrides_arg(p, help="config override for every variant (repeatable)")
+    p.add_argument(
+        "--run-steps",
+        type=int,
+        default=0,
+        help="also run this many real steps per variant and report peak_bytes_in_use "
+        "(GPU/TPU; 0: compile only)",
+    )
+    p.add_argument("--json", dest="out", default="", help="JSON results path ('' to skip)")
+    common.add_shared_args(p, "--timeout")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--windows", type=int, default=1, help=argparse.SUPPRESS)  # child_argv's
+    return p.parse_args(argv)
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _live_gradient_bytes(run) -> int:
+    """The gradient alive at once: the whole tree, or (layer-wise) its largest group."""
+    params = run.abstract_params
+    if not run.layerwise:
+        return _nbytes(params)
+    model = run.scanned_model
+    stack = params[model.layers_key]
+    one_layer = _nbytes(stack) // next(iter(stack_sizes(stack)))
+    return max(one_layer, *(_nbytes(params[k]) for k in (*model.before, *model.after)))
+
+
+def stack_sizes(stack) -> set:
+    import jax
+
+    return {x.shape[0] for x in jax.tree.leaves(stack)}
+
+
+def _activation_bytes(config) -> int:
+    """What a rematerialised step keeps: each layer's input, and the f32 logits."""
+    import numpy as np
+
+    m = config.model
+    tokens = config.batch_size // config.grad_accum_steps * config.seq_len
+    itemsize = np.dtype(m.dtype).itemsize
+    return m.num_layers * tokens * m.hidden_size * itemsize + tokens * (m.vocab_size or 0) * 4
+
+
+def run_child(name: str, args) -> dict:
+    import jax
+
+    import galore_jax as gj
+    from training import mesh as mesh_lib
+    from training import steps
+    from training.config import load_config
+
+    overrides, _ = VARIANTS[name]
+    config = load_config(args.config, common.base_overrides(args) + overrides)
+    run = steps.build_run(config, jax.device_count())
+    with mesh_lib.use_mesh(run.mesh):
+        train_step = steps.make_train_step(run)
+        batches = steps.next_train_batches(run)
+        abstract = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+        )
+        compiled = train_step.lower(
+            abstract(run.abstract_params, run.param_shardings),
+            abstract(run.abstract_opt_state, run.opt_shardings),
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batches
+            ),
+        ).compile()
+        mem = compiled.memory_analysis()
+        result = {
+            "variant": name,
+            "description": VARIANTS[name][1],
+            "arguments_bytes": int(mem.argument_size_in_bytes),
+            "outputs_bytes": int(mem.output_size_in_bytes),
+            "aliased_bytes": int(mem.alias_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "params_bytes": _nbytes(run.abstract_params),
+            "opt_state_bytes": int(gj.optimizer_state_bytes(run.abstract_opt_state)),
+            "gradient_bytes": _live_gradient_bytes(run),
+            "activation_bytes": _activation_bytes(run.config),
+            "param_dtype": run.config.model.param_dtype,
+            "device": common.jax_device_info(),
+        }
+        result["peak_bytes"] = (
+            result["arguments_bytes"]
+            + result["outputs_bytes"]
+            - result["aliased_bytes"]
+            + result["temp_bytes"]
+        )
+        result["peak_bytes_in_use"] = None
+        if args.run_steps:
+            params, opt_state, _ = steps.init_or_restore(run, None)
+            for _ in range(args.run_steps):
+                params, opt_state, metrics = compiled(params, opt_state, batches)
+            jax.block_until_ready(metrics)
+            result["peak_bytes_in_use"] = common.jax_peak_memory_bytes()
+            result["loss"] = float(metrics["loss"])
+    return result
+
+
+def table(results) -> str:
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
+    base = next((r["peak_bytes"] for r in results if r["variant"] == "adamw"), None)
+    rows = [
+        [
+            r["variant"],
+            r["description"],
+            gib(r["peak_bytes"]),
+            f"{r['peak_bytes'] / base:.2f}x" if base else "-",
+            gib(r["params_bytes"]),
+            gib(r["opt_state_bytes"]),
+            gib(r["gradient_bytes"]),
+            gib(r["activation_bytes"]),
+            gib(r["peak_bytes"] - r["params_bytes"] - r["opt_state_bytes"]),
+            gib(r["arguments_bytes"]),
+            gib(r["outputs_bytes"]),
+            gib(r["aliased_bytes"]),
+            gib(r["temp_bytes"]),
+            gib(r["peak_bytes_in_use"]),
+        ]
+        for r in results
+    ]
+    headers = [
+        "variant",
+        "what",
+        "peak GiB",
+        "vs adamw",
+        "params",
+        "opt state",
+        "live grads",
+        "activations",
+        "peak - params - state",
+        "arguments",
+        "outputs",
+        "aliased",
+        "temporaries",
+        "peak_bytes_in_use",
+    ]
+    return common.markdown_table(headers, rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        common.print_child_result(run_child(args.child, args))
+        return 0
+    child_args = common.child_argv(args, ["batch_size", "seq_len", "gap", "rank", "run_steps"])
+    results = []
+    for name in args.variants:
+        result = common.run_child(__file__, [name, *child_args], label=name, timeout=args.timeout)
+        if result is not None:
+            results.append(result)
+            print(f"{name}: peak {result['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    if not results:
+        return 1
+    first = results[0]
+    print(
+        f"\nCompiled train step of {args.config} ({first['device']['device_kind']}, params "
+        f"{first['param_dtype']}, overrides: {' '.join(common.base_overrides(args)) or 'none'}). "
+        "GiB = 2^30 bytes; peak = arguments + outputs - aliased + temporaries (XLA memory "
+        "analysis, nothing allocated); params / opt state / live grads / activations "
+        "counted from shapes.\n"
+    )
+    print(table(results))
+    common.print_json_block(results)
+    common.write_json(args.out or None, common.payload("memory", results=results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
