@@ -12,7 +12,9 @@ Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per log line),
 ``config.yaml`` (the resolved config), ``checkpoints/<step>/`` (orbax) and,
 if enabled and installed, ``tensorboard/``. Running again with the same
 output_dir resumes from the latest checkpoint. SIGTERM or Ctrl-C saves a
-checkpoint and exits cleanly. Configuration problems print one ``error: ...``
+checkpoint and exits cleanly (every process after the same step); a second
+one aborts at once; a step that makes no progress for ``step_timeout_s``
+ends the run with an error. Configuration problems print one ``error: ...``
 line and exit with status 2 before anything in output_dir is touched.
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 import jax
@@ -32,6 +33,7 @@ from training import steps
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError, config_to_dict, load_config
 from training.metrics import MetricsLogger, Throughput
+from training.preemption import Preemption
 
 
 def parse_args(argv):
@@ -46,33 +48,6 @@ def parse_args(argv):
         help="config overrides, e.g. optimizer.lr=3e-4 steps=100",
     )
     return parser.parse_args(argv)
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits when set.
-
-    A second Ctrl-C while the flag is already set aborts immediately.
-    """
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-
-    def __bool__(self):
-        return self.signal_name is not None
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv=None) -> int:
@@ -113,43 +88,48 @@ def train(config) -> int:
 
         train_step, eval_step = steps.make_train_step(run), steps.make_eval_step(run)
         log = Log(run, start, last)
-        stop = StopFlag()
-        stop.install()
         step, reason = start, None
-        try:
-            while reason is None:
-                params, opt_state, metrics = train_step(
-                    params, opt_state, steps.next_train_batches(run)
-                )
-                step += 1
-                if not log.train(step, metrics, force=bool(stop)):
-                    reason = "diverged"
-                    break
-                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    log.eval(step, steps.evaluate(run, eval_step, params))
-                if config.checkpoint.every and step % config.checkpoint.every == 0:
+        # Signals: every process stops after the same step; a second one aborts.
+        with Preemption(run.mesh, config.step_timeout_s) as preemption:
+            try:
+                while reason is None:
+                    params, opt_state, metrics = train_step(
+                        params, opt_state, steps.next_train_batches(run)
+                    )
+                    step += 1
+                    stopping = preemption.agreed_stop(step)
+                    if not log.train(step, metrics, force=stopping):
+                        reason = "diverged"
+                        break
+                    if (config.eval_every and step % config.eval_every == 0) or (
+                        step == config.steps
+                    ):
+                        log.eval(step, steps.evaluate(run, eval_step, params))
+                    if config.checkpoint.every and step % config.checkpoint.every == 0:
+                        save(checkpointer, run, step, params, opt_state)
+                    preemption.progress(step)
+                    reason = (
+                        "done"
+                        if step == config.steps
+                        else "stop_after"
+                        if step == last
+                        else preemption.signal_name
+                        if stopping
+                        else None
+                    )
+                # A checkpoint of the last completed step (never of a divergence).
+                if reason != "diverged":
                     save(checkpointer, run, step, params, opt_state)
-                reason = (
-                    "done"
-                    if step == config.steps
-                    else "stop_after"
-                    if step == last
-                    else stop.signal_name
-                )
-            # A checkpoint of the last completed step (never of a divergence).
-            if reason != "diverged":
-                save(checkpointer, run, step, params, opt_state)
-        finally:  # also on an exception: wait until every started save is finalized
-            stop.uninstall()
-            log.close()
-            checkpointer.close()
+            finally:  # also on an exception: wait until every started save is finalized
+                log.close()
+                checkpointer.close()
 
     if reason == "diverged":
         print(f"error: training diverged at step {step} (non-finite loss)", file=sys.stderr)
         return 1
     if reason == "stop_after":
         say(f"stopped after step {step} (stop_after); run again to continue")
-    elif reason in ("SIGTERM", "SIGINT"):
+    elif reason != "done":  # a signal, here or on another process
         say(f"{reason}: stopped at step {step}; checkpoint saved, run again to resume")
     else:
         say(f"done: step {step}, checkpoint in {checkpointer.directory}")

@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         str(out_dir / "convergence.json"), common.payload("convergence", results=results)
     )
     chart(results, args.png or str(out_dir / "convergence.png"), args.config)
-    return 0 if len(results) == len(args.optimizers) else 1
+    return 0 if len(results) == len(runs) else 1  # every (optimizer, seed) run finished
 
 
 def same_seed(results: list[dict], optimizer: str, seed: int):

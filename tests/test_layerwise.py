@@ -369,7 +369,7 @@ def test_user_scanned_model_matches_a_plain_optax_loop(clip):
     def standard_step(p, s, b):
         value, g = jax.value_and_grad(loss)(p, b)
         u, s = standard.update(g, s, p)
-        return optax.apply_updates(p, u), s, value, optax.global_norm(g)
+        return optax.apply_updates(p, u), s, value, optax.tree.norm(g)
 
     p1, s1 = params, standard.init(params)
     p2, s2 = params, gj.layerwise_init(tx, model, params)

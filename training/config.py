@@ -364,6 +364,9 @@ class Config:
     eval_every: Int = Field(100, ge=0)  # 0 disables periodic validation
     eval_batches: Pos = 4
     progress_bar: Bool = True
+    # A step (or its eval / save) that makes no progress this long ends the run with
+    # an error instead of hanging; the first step (compilation) is not timed. 0: off.
+    step_timeout_s: Float = Field(1800.0, ge=0)
     tensorboard: Bool = False
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
