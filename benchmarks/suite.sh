@@ -6,14 +6,16 @@
 #
 # GPU PARTs, in the default order (most important first, so a cut-off run still
 # has the headline numbers): env step_1b refresh_1b cost_1b convergence_60m
-# fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast. Shapes: LLaMA-1B paper
+# fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast memory_1b
+# step_1b_layerwise. Shapes: LLaMA-1B paper
 # shape with a 32000-token vocabulary (as the paper's T5 tokenizer), batch
 # 32 x 256, bf16 compute, f32 params, no rematerialisation, rank 512, gap 200:
 # the setting of the measured peers in DESIGN.md.
 #
 # CPU PARTs (the small sizes of benchmarks/README.md, about an hour in all on
 # 2 cores): `cpu` runs cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step
-# cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper.
+# cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper
+# cpu_memory_1b cpu_memory_7b.
 #
 # Each PART writes OUT_DIR/PART.md (the table printed on stdout), OUT_DIR/PART.log
 # (stderr) and its JSON / PNG files; OUT_DIR/suite.log has each part's exit code
@@ -24,9 +26,9 @@ out=${1:?usage: benchmarks/suite.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
 if [ ${#parts[@]} -eq 0 ]; then
-  parts=(env step_1b refresh_1b cost_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast)
+  parts=(env step_1b refresh_1b cost_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast memory_1b step_1b_layerwise)
 elif [ "${parts[*]}" = cpu ]; then
-  parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper)
+  parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper cpu_memory_1b cpu_memory_7b)
 fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -39,6 +41,9 @@ step_1b=(--config configs/llama_1b.yaml --batch-size 32 --seq-len 256 --gap 200 
          --set model.remat=false --set model.vocab_size=32000)
 cost_1b=(--config configs/llama_1b.yaml --gap 200 --set model.vocab_size=32000 --time-solvers)
 cost_1b_optimizers=(adamw galore galore_stagger galore_reverse_std tensor_galore)
+# The compiled step's memory: 1B batch 8 x 256 with remat (the layer-wise issue's shape).
+memory_1b=(--config configs/llama_1b.yaml --batch-size 8 --seq-len 256 --set model.remat=true
+           --set model.vocab_size=32000)
 
 # Tensor-GaLore at the scale / lr that matched AdamW at CPU sizes (README, FNO section).
 fno_tuned=(--set-for tensor_galore optimizer.scale=1.0 --set-for tensor_galore optimizer.lr=6e-3)
@@ -80,6 +85,9 @@ for part in "${parts[@]}"; do
         --set data.resolution=1024 --set data.n_train=1000 --set data.n_test=200 \
         --set model.width=64 --set batch_size=32 --set eval_every=500 "${fno_tuned[@]}" \
         --out "$out/fno_burgers.json" ;;
+    step_1b_layerwise)  # layer-wise vs standard GaLore step time (target: at most 1.05x)
+      run step_1b_layerwise "$py" benchmarks/train_step.py "${step_1b[@]}" \
+        --optimizers galore galore_layerwise --out "$out/step_1b_layerwise.json" ;;
     step_1b_more)
       run step_1b_more "$py" benchmarks/train_step.py "${step_1b[@]}" \
         --optimizers adamw optax_galore tensor_galore --out "$out/step_1b_more.json" ;;
@@ -90,6 +98,14 @@ for part in "${parts[@]}"; do
     peer_torch_1b)
       run peer_torch_1b "$py" benchmarks/peer_torch.py "${step_1b[@]}" \
         --out "$out/peer_torch_1b.json" ;;
+    memory_1b)  # bf16 params, compiled peak and peak_bytes_in_use after 3 real steps
+      run memory_1b "$py" benchmarks/memory.py "${memory_1b[@]}" --set model.param_dtype=bfloat16 \
+        --run-steps 3 --json "$out/memory_1b.json" ;;
+    cpu_memory_1b)  # compile only; f32 params (XLA:CPU upcasts bf16 dots)
+      run cpu_memory_1b "$py" benchmarks/memory.py "${memory_1b[@]}" --json "$out/cpu_memory_1b.json" ;;
+    cpu_memory_7b)
+      run cpu_memory_7b "$py" benchmarks/memory.py "${memory_1b[@]}" --config configs/llama_7b.yaml \
+        --set model.param_dtype=float32 --json "$out/cpu_memory_7b.json" ;;
     cpu_env)
       run cpu_env bash -c "lscpu | grep -E 'Model name|^CPU\(s\)'; $versions" ;;
     cpu_state_1b)  # abstract state (nothing allocated): the peers' bf16 params, then f32

@@ -43,7 +43,14 @@ OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galor
 # galore_reverse_std: projects the larger side of each matrix (as optax.contrib does),
 # so the low-rank moments are min(m, n) x r instead of max(m, n) x r.
 # *_8bit: block-wise 8-bit Adam moments (and int8 / int4 projectors for GaLore).
-EXTRA = ("adamw_unrolled", "galore_reverse_std", "adamw_8bit", "galore_8bit", "galore_8bit_int4")
+EXTRA = (
+    "adamw_unrolled",
+    "galore_reverse_std",
+    "adamw_8bit",
+    "galore_8bit",
+    "galore_8bit_int4",
+    "galore_layerwise",
+)
 DESCRIPTIONS = {
     "adamw": "optax.adamw",
     "galore": "galore_adamw, randomized SVD (warm start)",
@@ -56,19 +63,22 @@ DESCRIPTIONS = {
     "adamw_8bit": "adamw, 8-bit block-wise moments",
     "galore_8bit": "galore_adamw, randomized, 8-bit moments, int8 projectors",
     "galore_8bit_int4": "galore_adamw, randomized, 8-bit moments, int4 projectors",
+    "galore_layerwise": "galore_adamw, randomized, layer-wise (per-layer clipping)",
 }
-LOW_BIT = {
+# Variants = a base variant plus config overrides.
+DERIVED = {
     "adamw_8bit": ("adamw", ["optimizer.moment_bits=8"]),
     "galore_8bit": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]),
     "galore_8bit_int4": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=4"]),
+    "galore_layerwise": ("galore", ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]),
 }
 
 
 def variant_overrides(name: str, args) -> list[str]:
     """Config overrides that select one optimizer variant."""
-    if name in LOW_BIT:
-        full_precision, bits = LOW_BIT[name]
-        return variant_overrides(full_precision, args) + bits
+    if name in DERIVED:
+        base, extra = DERIVED[name]
+        return variant_overrides(base, args) + extra
     if name == "adamw":
         return ["optimizer.name=adamw"]
     if name == "adamw_unrolled":
@@ -268,7 +278,10 @@ def run_child(name: str, args) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(float(metrics["loss"]))
     peak = common.jax_peak_memory_bytes()
-    update_s = time_update_alone(tx, params, opt_state, reps=args.update_reps)
+    # A layer-wise step has no separate update (it runs inside the backward pass).
+    update_s = (
+        None if run.layerwise else time_update_alone(tx, params, opt_state, reps=args.update_reps)
+    )
 
     refreshing = refresh_steps(name, opt_cfg, num_galore, total)
     median, refresh_s, amortized = common.step_time_stats(

@@ -170,6 +170,11 @@ def _slice(tree: Any, i) -> Any:
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
+def _read_slice(tree: Any, i) -> Any:
+    """`_slice`, materialised (a conditional's result is never fused into its users)."""
+    return jax.lax.cond(i >= 0, _slice, lambda t, i: _slice(t, 0), tree, i)
+
+
 def _put(tree: Any, part: Any, i) -> Any:
     return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, part)
 
@@ -379,7 +384,7 @@ def layerwise_step(
             _, layer_vjp = jax.vjp(model.layer, layer_params, _slice(inputs, i))
             grads, dx = layer_vjp(dx)
             new_params, new_state = apply(
-                {key: grads}, _slice(layer_states, i), {key: layer_params}, state
+                {key: grads}, _read_slice(layer_states, i), {key: layer_params}, state
             )
             stack = _put(stack, new_params[key], i)
             layer_states = _put(layer_states, new_state, i)

@@ -9,7 +9,6 @@ a user's own scanned model written as three functions.
 
 import re
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from test_train import (
     checkpoint_arrays,
     losses,
     run_train,
-    subprocess_env,
+    start_train,
     wait_for_step,
 )
 
@@ -93,40 +92,20 @@ def test_layerwise_train_py_matches_the_standard_step(
 
 
 def test_layerwise_resume_after_kill_is_bit_exact(layerwise_per_layer_clip, tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/llama_tiny.yaml",
-        *TINY,
-        f"output_dir={tmp_path}",
+    args = (
         f"steps={STEPS}",
         "optimizer.layerwise=true",
         "optimizer.grad_clip_mode=layer",
         "checkpoint.every=5",
         *GALORE,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=subprocess_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
     )
+    proc = start_train(tmp_path, *args, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(proc, 12)  # checkpoint 10 is complete: saves finish before step 12 logs
         proc.kill()  # SIGKILL: no handler runs
     finally:
         proc.wait(timeout=TIMEOUT)
-    resumed = run_train(
-        tmp_path,
-        f"steps={STEPS}",
-        "optimizer.layerwise=true",
-        "optimizer.grad_clip_mode=layer",
-        "checkpoint.every=5",
-        *GALORE,
-    )
+    resumed = run_train(tmp_path, *args)
     assert re.search(r"resumed from step (5|10)\b", resumed.stdout), resumed.stdout
     assert losses(tmp_path) == losses(layerwise_per_layer_clip)  # bitwise on CPU
     for item in ("params", "opt_state"):

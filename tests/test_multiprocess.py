@@ -10,13 +10,11 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import REPO, TIMEOUT, TINY, losses, run_train, subprocess_env
+from test_train import TIMEOUT, losses, run_train, start_train, subprocess_env
 
 # A refresh every 2 steps: refreshes before and after every resume point.
 GALORE = [
@@ -47,20 +45,7 @@ def start_processes(output_dir, *overrides, processes=2, devices=4):
             JAX_NUM_PROCESSES=str(processes),
             JAX_PROCESS_ID=str(i),
         )
-        cmd = [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/llama_tiny.yaml",
-            *TINY,
-            f"output_dir={output_dir}",
-            *overrides,
-        ]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
+        procs.append(start_train(output_dir, *overrides, env=env))
     return procs
 
 
@@ -162,22 +147,7 @@ def test_each_process_reads_only_its_rows_of_the_batch():
 
 
 def test_second_sigterm_aborts_at_once(tmp_path):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/llama_tiny.yaml",
-            *TINY,
-            f"output_dir={tmp_path}",
-            "steps=100000",
-        ],
-        cwd=REPO,
-        env=subprocess_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train(tmp_path, "steps=100000")
     for line in proc.stdout:
         if re.match(r"step\s+3 \| loss", line):
             break
@@ -190,24 +160,7 @@ def test_second_sigterm_aborts_at_once(tmp_path):
 
 def test_step_watchdog_ends_a_stuck_run_with_one_error(tmp_path):
     # A step far slower than the watchdog allows stands in for a hung one.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/llama_tiny.yaml",
-            *TINY,
-            f"output_dir={tmp_path}",
-            "steps=50",
-            "batch_size=256",
-            "step_timeout_s=0.05",
-        ],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    proc = run_train(tmp_path, "steps=50", "batch_size=256", "step_timeout_s=0.05", check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert re.search(
         r"error: step \d+ made no progress for \d+ s \(step_timeout_s=0.05\)", proc.stderr

@@ -53,9 +53,9 @@ GALORE = [
 STEPS = 12
 
 
-def run_train(output_dir, *overrides, devices=1, check=True):
-    """Runs ``train.py`` on the tiny config; returns the CompletedProcess."""
-    cmd = [
+def train_command(output_dir, *overrides):
+    """``python train.py`` on the tiny config with ``overrides``."""
+    return [
         sys.executable,
         "train.py",
         "--config",
@@ -64,12 +64,33 @@ def run_train(output_dir, *overrides, devices=1, check=True):
         f"output_dir={output_dir}",
         *overrides,
     ]
+
+
+def run_train(output_dir, *overrides, devices=1, check=True):
+    """Runs ``train.py`` on the tiny config; returns the CompletedProcess."""
     proc = subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(devices), capture_output=True, text=True, timeout=TIMEOUT
+        train_command(output_dir, *overrides),
+        cwd=REPO,
+        env=subprocess_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_train(output_dir, *overrides, env=None, stderr=subprocess.PIPE):
+    """Starts ``train.py`` on the tiny config (one device unless ``env`` says); text pipes."""
+    return subprocess.Popen(
+        train_command(output_dir, *overrides),
+        cwd=REPO,
+        env=env or subprocess_env(1),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
 
 
 _COMPILATION_CACHE = {}
@@ -176,28 +197,10 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(reference, tmp_
     # leaves a half-written (temporary) checkpoint directory behind.
     from training.checkpoint import Checkpointer
 
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/llama_tiny.yaml",
-        *TINY,
-        f"output_dir={tmp_path}",
-        f"steps={STEPS}",
-        "checkpoint.every=1",
-        "checkpoint.max_to_keep=2",
-        *GALORE,
-    ]
+    args = (f"steps={STEPS}", "checkpoint.every=1", "checkpoint.max_to_keep=2", *GALORE)
     for delay in (0.005, 0.02, 0.01, 0.04, 0.0):
         shutil.rmtree(tmp_path, ignore_errors=True)
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=subprocess_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        proc = start_train(tmp_path, *args, stderr=subprocess.DEVNULL)
         try:
             wait_for_step(proc, 4)
             time.sleep(delay)
@@ -215,9 +218,7 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(reference, tmp_
         "half-written:",
         tmp_checkpoint_dirs(tmp_path),
     )
-    resumed = run_train(
-        tmp_path, f"steps={STEPS}", "checkpoint.every=1", "checkpoint.max_to_keep=2", *GALORE
-    )
+    resumed = run_train(tmp_path, *args)
     if complete:
         assert f"resumed from step {complete}" in resumed.stdout
     assert losses(tmp_path) == losses(reference)
@@ -225,23 +226,7 @@ def test_sigkill_during_checkpointing_resumes_from_last_complete(reference, tmp_
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/llama_tiny.yaml",
-        *TINY,
-        f"output_dir={tmp_path}",
-        "steps=100000",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=subprocess_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train(tmp_path, "steps=100000")
     wait_for_step(proc, 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT)
