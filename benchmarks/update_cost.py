@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -140,6 +141,46 @@ def solver_calls(hlo_text: str) -> Counter:
     return calls
 
 
+_HLO_LINE = re.compile(
+    r"^\s+(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<type>[a-z]+\d*\[[\d,]*\]\S*) "
+    r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)"
+)
+_CALLED = re.compile(r"(?:calls|to_apply)=%(?P<name>[\w.\-]+)")
+_NOT_A_PASS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "copy-start"}
+
+
+def full_size_passes(hlo_text: str, leaf_sizes: list) -> float:
+    """Ops of the compiled update that read or write an array of a projected leaf's
+    full size, per projected leaf (a kernel = one top-level op; fused bodies are inside it).
+
+    An op touching arrays of two full sizes counts once for each; ops are matched by
+    element count (XLA:CPU may reshape a stacked (L, m, n) leaf into 2-D), so leaves
+    of one size share that size's count.
+    """
+    fused = set(_CALLED.findall(hlo_text))
+    sizes = {}  # instruction name -> element count, per computation
+    counts = Counter()
+    computation = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+) ", line)
+        if header and line.rstrip().endswith("{"):
+            computation, sizes = header.group("name"), {}
+            continue
+        match = _HLO_LINE.match(line)
+        if not match:
+            continue
+        dims = re.match(r"[a-z]+\d*\[(?P<dims>[\d,]*)\]", match.group("type")).group("dims")
+        size = math.prod(int(d) for d in dims.split(",") if d)
+        sizes[match.group("name")] = size
+        if computation in fused or match.group("op") in _NOT_A_PASS:
+            continue
+        touched = {size} | {sizes.get(a) for a in re.findall(r"%([\w.\-]+)", match.group("args"))}
+        for s in touched & set(leaf_sizes):
+            counts[s] += 1
+    per_size = Counter(leaf_sizes)
+    return sum(counts[s] for s in per_size) / max(len(leaf_sizes), 1)
+
+
 def matmul_peak_tflops(params, peaks: dict) -> float:
     """TF32 rate if any param is f32 (XLA:GPU's default precision for f32 dots), else bf16."""
     import jax
@@ -149,7 +190,7 @@ def matmul_peak_tflops(params, peaks: dict) -> float:
     return peaks["tf32_tflops"] if jnp.dtype(jnp.float32) in dtypes else peaks["bf16_tflops"]
 
 
-def phase_cost(tx, abstract_params, count: int) -> dict:
+def phase_cost(tx, abstract_params, count: int, leaf_sizes: list) -> dict:
     import jax
 
     abstract_state = jax.eval_shape(tx.init, abstract_params)
@@ -162,8 +203,10 @@ def phase_cost(tx, abstract_params, count: int) -> dict:
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0]
     memory = compiled.memory_analysis()
-    calls = solver_calls(compiled.as_text())
+    hlo = compiled.as_text()
+    calls = solver_calls(hlo)
     return {
+        "full_size_passes_per_leaf": full_size_passes(hlo, leaf_sizes),
         "count": count,
         "flops": float(cost.get("flops", 0.0)),
         "hlo_bytes": float(cost.get("bytes accessed", 0.0)),
@@ -174,6 +217,24 @@ def phase_cost(tx, abstract_params, count: int) -> dict:
             for (k, d, shape), n in sorted(calls.items())
         ],
     }
+
+
+def projected_leaf_sizes(run) -> list:
+    """Element counts of the leaves GaLore projects (the same leaves for every optimizer)."""
+    import jax
+
+    import galore_jax as gj
+
+    labels = gj.galore_labels(
+        run.abstract_params,
+        dimension_numbers=run.dimension_numbers,
+        label_overrides=run.config.optimizer.label_overrides,
+    )
+    return [
+        math.prod(x.shape)
+        for x, label in zip(jax.tree.leaves(run.abstract_params), jax.tree.leaves(labels))
+        if label == "galore"
+    ]
 
 
 def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
@@ -242,9 +303,10 @@ def main(argv=None) -> int:
         opt_cfg, abstract_params, tx = run.config.optimizer, run.abstract_params, run.tx
         matmul_tflops = matmul_peak_tflops(abstract_params, peaks)
         gap = opt_cfg.update_proj_gap
-        phases = {"steady": phase_cost(tx, abstract_params, 1)}
+        sizes = projected_leaf_sizes(run)
+        phases = {"steady": phase_cost(tx, abstract_params, 1, sizes)}
         if not name.startswith("adamw"):
-            phases["refresh"] = phase_cost(tx, abstract_params, gap)
+            phases["refresh"] = phase_cost(tx, abstract_params, gap, sizes)
         for cost in phases.values():
             if args.time_solvers:
                 for c in cost["solver_calls"]:
@@ -272,6 +334,8 @@ def main(argv=None) -> int:
                 "flops": refresh["flops"] - steady["flops"],
                 "compute_floor_s": refresh["compute_floor_s"] - steady["compute_floor_s"],
                 "solver_calls": refresh["solver_calls"],
+                "full_size_passes_per_leaf": refresh["full_size_passes_per_leaf"]
+                - steady["full_size_passes_per_leaf"],
                 **(
                     {"solver_s": refresh["solver_s"] - steady.get("solver_s", 0.0)}
                     if "solver_s" in refresh
@@ -311,6 +375,7 @@ def main(argv=None) -> int:
         "compute floor ms",
         "memory floor ms",
         "floor ms",
+        "full-size passes / leaf",
     ]
     if args.time_solvers:
         headers.append("solver s")
@@ -334,6 +399,9 @@ def main(argv=None) -> int:
                 f"{cost['compute_floor_s'] * 1e3:.2f}",
                 "-" if is_extra else f"{cost['memory_floor_s'] * 1e3:.2f}",
                 f"{floor_s * 1e3:.2f}",
+                f"{cost['full_size_passes_per_leaf']:+.1f}"
+                if is_extra
+                else f"{cost['full_size_passes_per_leaf']:.1f}",
             ]
             if args.time_solvers:
                 row.append(f"{cost['solver_s']:.3f}")

@@ -80,11 +80,35 @@ def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
     assert galore["steady"]["flops"] > 2 * adamw["steady"]["flops"]
     assert galore["steady"]["in_out_bytes"] < adamw["steady"]["in_out_bytes"]
     assert galore["refresh_extra"]["flops"] > 0
+    # Every update reads each projected gradient at least once and writes its update.
+    for phase in (adamw["steady"], galore["steady"]):
+        assert phase["full_size_passes_per_leaf"] >= 2
     table = capsys.readouterr().out
     # The 4 stacked layers' eigh is one batched call, or one per matrix on a CPU with
     # several devices (linalg._per_matrix_on_cpu, the jaxlib LAPACK deadlock fix).
     eigh = "7x eigh f32[40,40]" if jax.local_device_count() > 1 else "7x eigh f32[4,40,40]"
     assert "| galore | refresh extra |" in table and eigh in table
+
+
+def test_full_size_passes_counts_top_level_ops_on_leaf_sized_arrays():
+    hlo = """
+%fused_computation.1 (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %m = f32[4,8]{1,0} multiply(%p, %p)
+}
+
+ENTRY %main (g: f32[4,8], h: f32[2,3]) -> f32[4,8] {
+  %g = f32[4,8]{1,0} parameter(0)
+  %h = f32[2,3]{1,0} parameter(1)
+  %n = f32[] reduce(%g, %c), dimensions={0,1}, to_apply=%fused_computation.1
+  %f = f32[32]{0} fusion(%g), kind=kLoop, calls=%fused_computation.1
+  %s = f32[2,3]{1,0} negate(%h)
+  ROOT %r = f32[4,8]{1,0} add(%g, %g)
+}
+"""
+    # reduce, the fusion (reads g; its body is not counted) and add touch 32 values; negate not.
+    assert update_cost.full_size_passes(hlo, [32]) == 3
+    assert update_cost.full_size_passes(hlo, [32, 32]) == 1.5  # two leaves of one size
 
 
 def test_refresh_benchmark_runs_every_method_on_a_tiny_shape(tmp_path):
