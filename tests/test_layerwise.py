@@ -203,9 +203,14 @@ def train_losses(overrides, steps_to_run=STEPS):
 @pytest.mark.parametrize(
     "kind, optimizer",
     [
-        ("auto", ["optimizer.name=adamw", "optimizer.lr=0.01"]),
+        # The default suite keeps the GaLore case; the others run with -m slow.
+        pytest.param("auto", ["optimizer.name=adamw", "optimizer.lr=0.01"], marks=pytest.mark.slow),
         ("explicit", [*GALORE, "optimizer.stagger=true", "optimizer.warm_start=true"]),
-        ("auto", [*GALORE, "optimizer.grad_clip_mode=previous_global", "optimizer.grad_clip=0.5"]),
+        pytest.param(
+            "auto",
+            [*GALORE, "optimizer.grad_clip_mode=previous_global", "optimizer.grad_clip=0.5"],
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["adamw-auto", "galore-stagger-warm-explicit", "galore-previous-norm-clip-auto"],
 )
@@ -252,7 +257,10 @@ def test_layerwise_state_is_sharded_like_the_params():
     "optimizer",
     [
         ["optimizer.name=tensor_galore", "optimizer.rank=0.5", "optimizer.update_proj_gap=4"],
-        [*GALORE, "optimizer.moment_bits=8", "optimizer.projector_bits=4"],
+        pytest.param(
+            [*GALORE, "optimizer.moment_bits=8", "optimizer.projector_bits=4"],
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["tensor_galore", "galore-8bit-int4"],
 )

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,11 +148,14 @@ def test_each_process_reads_only_its_rows_of_the_batch():
 
 
 def test_second_sigterm_aborts_at_once(tmp_path):
-    proc = start_train(tmp_path, "steps=100000")
+    # Slow steps (~1 s) keep the run inside its last step while the second signal
+    # comes; two signals sent at once would merge into one pending signal.
+    proc = start_train(tmp_path, "steps=100000", "batch_size=256")
     for line in proc.stdout:
         if re.match(r"step\s+3 \| loss", line):
             break
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
