@@ -86,15 +86,10 @@ def _live_gradient_bytes(run) -> int:
     if not run.layerwise:
         return _nbytes(params)
     model = run.scanned_model
-    stack = params[model.layers_key]
-    one_layer = _nbytes(stack) // next(iter(stack_sizes(stack)))
-    return max(one_layer, *(_nbytes(params[k]) for k in (*model.before, *model.after)))
+    import galore_jax as gj
 
-
-def stack_sizes(stack) -> set:
-    import jax
-
-    return {x.shape[0] for x in jax.tree.leaves(stack)}
+    one_layer = gj.one_layer_view(model, params)[model.layers_key]
+    return max(_nbytes(one_layer), *(_nbytes(params[k]) for k in (*model.before, *model.after)))
 
 
 def _activation_bytes(config) -> int:

@@ -12,6 +12,7 @@ from galore_jax.layerwise import (
     layerwise_init,
     layerwise_state_shardings,
     layerwise_step,
+    one_layer_view,
 )
 from galore_jax.linalg import (
     canonicalize_signs,
@@ -76,6 +77,7 @@ __all__ = [
     "mode_fold",
     "mode_product",
     "mode_unfold",
+    "one_layer_view",
     "optimizer_state_bytes",
     "orthonormalize",
     "path_string",

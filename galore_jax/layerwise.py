@@ -70,6 +70,7 @@ __all__ = [
     "layerwise_init",
     "layerwise_state_shardings",
     "layerwise_step",
+    "one_layer_view",
 ]
 
 CLIP_MODES = ("layer", "previous_global")
@@ -160,6 +161,23 @@ def _merge(params: Any, before: dict, layers: dict, after: dict) -> Any:
     """The three groups back in the params' own container (dict, nnx.State, ...)."""
     treedef = jax.tree.structure(params)
     return treedef.unflatten(jax.tree.leaves({**before, **layers, **after}))
+
+
+def _without_layer_axis(tree: Any) -> Any:
+    """Shapes of one slice of stacked arrays: the leading (layer) axis dropped."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
+
+
+def one_layer_view(model: ScannedModel, params: Any) -> dict:
+    """The params as the optimizer sees them: ``params[layers_key]`` as one layer's shapes.
+
+    For whatever must read the whole tree the way a layer-wise optimizer sees it
+    (labels by the whole-tree rule, ``galore_jax.describe``).
+    """
+    _check_keys(model, params)
+    view = dict(params)
+    view[model.layers_key] = _without_layer_axis(params[model.layers_key])
+    return view
 
 
 def _stack_size(layers: dict) -> int:
@@ -303,11 +321,11 @@ def layerwise_state_shardings(
             )
         return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
-    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), layers)
-    one_layer_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), abstract_state.layers
+    per_layer = state_shardings(
+        _without_layer_axis(abstract_state.layers),
+        _without_layer_axis(layers),
+        jax.tree.map(drop_layer_axis, s_layers),
     )
-    per_layer = state_shardings(one_layer_state, one_layer, jax.tree.map(drop_layer_axis, s_layers))
     stacked = jax.tree.map(
         lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
         per_layer,

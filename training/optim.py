@@ -112,12 +112,10 @@ def _whole_tree_labels(cfg: OptimizerConfig, params, dimension_numbers, rank, sc
             rank=rank,
             proj_type=cfg.proj_type,
         )
-    key = scanned_model.layers_key
-    one_layer = dict(params)
-    one_layer[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params[key])
+    layers = f"^{scanned_model.layers_key}/"
     return gj.galore_labels(
-        one_layer,
-        label_overrides={f"^{key}/": "tensor_galore", **(cfg.label_overrides or {})},
+        gj.one_layer_view(scanned_model, params),
+        label_overrides={layers: "tensor_galore", **(cfg.label_overrides or {})},
         dimension_numbers=lambda tree: jax.tree.map(lambda _: None, tree),
         matrices="adam",
         tensor_rank=rank,

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNUMS = tuple(int(s) for s in SIGNALS)
 WATCHDOG_EXIT = 3
 
 
@@ -127,8 +128,10 @@ class Preemption:
             except OSError:
                 return
             for signum in data:
+                if signum not in STOP_SIGNUMS:  # other handled signals wake us too
+                    continue
                 self._signals_seen += 1
-                if self._signals_seen >= 2 and signum in tuple(int(s) for s in SIGNALS):
+                if self._signals_seen >= 2:
                     name = signal.Signals(signum).name
                     print(
                         f"second {name}: aborting now, without a checkpoint "

@@ -14,6 +14,7 @@ as shapes and shardings until ``init_or_restore`` creates them in their shards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -70,9 +71,7 @@ class Run:
 
     def init_opt_state(self, params: Any) -> Any:
         """The optimizer's initial state (per group for layer-wise updates)."""
-        if self.layerwise:
-            return gj.layerwise_init(self.tx, self.scanned_model, params)
-        return self.tx.init(params)
+        return _opt_state_init(self.config, self.tx, self.scanned_model)(params)
 
     @property
     def num_params(self) -> int:
@@ -123,7 +122,17 @@ def build_run(config: Config, num_devices: int) -> Run:
         params=abstract_params,
         scanned_model=scanned,
     )
-    run = Run(
+    try:
+        abstract_opt_state = jax.eval_shape(_opt_state_init(config, tx, scanned), abstract_params)
+    except ValueError as e:  # e.g. a rank that does not fit a param's shape
+        raise ConfigError(f"optimizer: {e}") from None
+    if config.optimizer.layerwise:
+        opt_shardings = gj.layerwise_state_shardings(
+            abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
+        )
+    else:
+        opt_shardings = gj.state_shardings(abstract_opt_state, abstract_params, param_shardings)
+    return Run(
         config,
         task,
         mesh,
@@ -135,23 +144,17 @@ def build_run(config: Config, num_devices: int) -> Run:
         dims,
         tx,
         lr_schedule,
-        None,
-        None,
+        abstract_opt_state,
+        opt_shardings,
         scanned,
     )
-    try:
-        run.abstract_opt_state = jax.eval_shape(run.init_opt_state, abstract_params)
-    except ValueError as e:  # e.g. a rank that does not fit a param's shape
-        raise ConfigError(f"optimizer: {e}") from None
-    if run.layerwise:
-        run.opt_shardings = gj.layerwise_state_shardings(
-            run.abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
-        )
-    else:
-        run.opt_shardings = gj.state_shardings(
-            run.abstract_opt_state, abstract_params, param_shardings
-        )
-    return run
+
+
+def _opt_state_init(config: Config, tx, scanned_model) -> Callable:
+    """``params -> initial optimizer state`` (per group for layer-wise updates)."""
+    if config.optimizer.layerwise:
+        return functools.partial(gj.layerwise_init, tx, scanned_model)
+    return tx.init
 
 
 def _scanned_model(config: Config, task: Task, abstract_model: Any) -> Optional[gj.ScannedModel]:
@@ -277,6 +280,20 @@ def make_layerwise_step(run: Run) -> Callable:
     return layerwise
 
 
+def _make_standard_step(run: Run) -> Callable:
+    """The un-jitted step: the mean gradient, then the optimizer on the whole tree."""
+    loss_and_grads = make_loss_and_grads(run)
+
+    def standard(params, opt_state, batches):
+        loss, grads = loss_and_grads(params, batches)
+        grads = run.task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
+        updates, opt_state = run.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return standard
+
+
 def make_train_step(run: Run, *, donate: bool = True) -> Callable:
     """The jitted step ``(params, opt_state, batches) -> (params, opt_state, metrics)``.
 
@@ -284,17 +301,7 @@ def make_train_step(run: Run, *, donate: bool = True) -> Callable:
     ``micro_batches`` / ``global_batch``); metrics are ``loss`` and ``grad_norm``.
     With ``optimizer.layerwise`` the step is ``make_layerwise_step``'s.
     """
-    loss_and_grads = make_loss_and_grads(run)
-
-    def train_step(params, opt_state, batches):
-        if run.layerwise:
-            return make_layerwise_step(run)(params, opt_state, batches)
-        loss, grads = loss_and_grads(params, batches)
-        grads = run.task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
-        updates, opt_state = run.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
+    train_step = make_layerwise_step(run) if run.layerwise else _make_standard_step(run)
     return jax.jit(
         train_step,
         in_shardings=(run.param_shardings, run.opt_shardings, train_batch_sharding(run)),
@@ -337,16 +344,6 @@ def evaluate(run: Run, eval_step: Callable, params: Any) -> dict:
     return run.task.summarize_eval(float(np.mean(losses)))
 
 
-def _optimizer_view(run: Run) -> Any:
-    """The params as the optimizer sees them (layer-wise: one layer of the stack)."""
-    if not run.layerwise:
-        return run.abstract_params
-    key = run.scanned_model.layers_key
-    view = dict(run.abstract_params)
-    view[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), view[key])
-    return view
-
-
 def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
     """The start-up lines: data, mesh, params, optimizer and each leaf's treatment."""
     state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
@@ -361,5 +358,8 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
             f"{run.config.model.num_layers} layers at a time (each leaf below: per layer)"
         )
     if run.config.optimizer.name != "adamw":
-        lines.append(str(gj.describe(run.tx, _optimizer_view(run))))
+        params = run.abstract_params
+        if run.layerwise:  # what the optimizer sees: one layer of the stack
+            params = gj.one_layer_view(run.scanned_model, params)
+        lines.append(str(gj.describe(run.tx, params)))
     return "\n".join(lines)
