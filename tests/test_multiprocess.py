@@ -148,9 +148,17 @@ def test_each_process_reads_only_its_rows_of_the_batch():
 
 
 def test_second_sigterm_aborts_at_once(tmp_path):
-    # Slow steps (~1 s) keep the run inside its last step while the second signal
-    # comes; two signals sent at once would merge into one pending signal.
-    proc = start_train(tmp_path, "steps=100000", "batch_size=256")
+    # Steps of ~0.5 s (a larger model) keep the run stepping towards its agreed stop
+    # (two steps on) while the second signal comes; two signals sent at once would
+    # merge into one pending signal.
+    proc = start_train(
+        tmp_path,
+        "steps=100000",
+        "batch_size=64",
+        "model.hidden_size=256",
+        "model.intermediate_size=688",
+        "model.num_layers=4",
+    )
     for line in proc.stdout:
         if re.match(r"step\s+3 \| loss", line):
             break
