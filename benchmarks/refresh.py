@@ -67,6 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--oversample", type=int, default=8)
     p.add_argument("--power-iters", type=int, default=1)
     p.add_argument(
+        "--intermediate-passes",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="Cholesky-QR passes for the range finder's blocks between products",
+    )
+    p.add_argument(
         "--gap",
         type=int,
         default=200,
@@ -216,6 +223,7 @@ def main(argv=None) -> int:
                 oversample=args.oversample,
                 power_iters=args.power_iters,
                 warm=warm,
+                intermediate_passes=args.intermediate_passes,
             )
         return out
 
@@ -297,6 +305,7 @@ def main(argv=None) -> int:
             svd=svd,
             oversample=args.oversample,
             power_iters=args.power_iters,
+            intermediate_passes=args.intermediate_passes,
             warm_start=method == "randomized_warm",
             dimension_numbers=dims,
             seed=args.seed,
@@ -382,6 +391,7 @@ def main(argv=None) -> int:
                 "proj_type",
                 "oversample",
                 "power_iters",
+                "intermediate_passes",
                 "gap",
                 "reps",
                 "exact_reps",
@@ -452,7 +462,9 @@ def report(payload: dict) -> str:
         f"{shape['num_matrices']} matrices = {shape['layers']} layers x 7 "
         f"(d={shape['hidden']}, f={shape['intermediate']}), rank {shape['rank']}, "
         f"{shape['dtype']}, oversample {settings['oversample']}, "
-        f"power iters {settings['power_iters']}; median of {settings['reps']} calls"
+        f"power iters {settings['power_iters']}, "
+        f"{settings.get('intermediate_passes', 2)} Cholesky-QR passes between products; "
+        f"median of {settings['reps']} calls"
         + (f" ({settings['exact_reps']} for exact)" if settings.get("exact_reps") else "")
         + ".",
         "",

@@ -174,6 +174,7 @@ def galore_adamw(
     tensor_svd: str = "exact",
     projector_bits: Optional[int] = None,
     projector_group_size: Optional[int] = None,
+    intermediate_passes: Optional[int] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
@@ -201,8 +202,9 @@ def galore_adamw(
       weight_decay, weight_decay_mask: decoupled weight decay in full space.
       update_proj_gap, scale, proj_type, svd, oversample, power_iters,
         warm_start, on_refresh, stagger, dimension_numbers, projector_bits,
-        projector_group_size, seed: as in `scale_by_galore` (projector_bits
-        applies to matrix GaLore; Tucker factors stay full precision).
+        projector_group_size, intermediate_passes, seed: as in `scale_by_galore`
+        (projector_bits and intermediate_passes apply to matrix GaLore; Tucker
+        factors stay full precision and two-pass).
       labels, label_overrides: parameter selection (see above).
       tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
 
@@ -236,6 +238,7 @@ def galore_adamw(
         dimension_numbers=dims,
         projector_bits=projector_bits,
         projector_group_size=projector_group_size,
+        intermediate_passes=intermediate_passes,
         seed=seed,
     )
     tensor = lambda base: scale_by_tensor_galore(

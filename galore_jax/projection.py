@@ -268,9 +268,15 @@ def refresh_projectors(
     oversample: int,
     power_iters: int,
     warm: bool,
+    intermediate_passes: int = 2,
 ) -> tuple:
     """New projectors from gradient `g` (standard layout), in `old`'s dtype and sharding."""
-    opts = dict(svd=svd, oversample=oversample, power_iters=power_iters)
+    opts = dict(
+        svd=svd,
+        oversample=oversample,
+        power_iters=power_iters,
+        intermediate_passes=intermediate_passes,
+    )
     left_key, right_key = jax.random.split(key)
     new = []
     if plan.side in ("left", "full"):

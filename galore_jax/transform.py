@@ -82,6 +82,7 @@ GALORE_STATIC_ARGS = (
     "dimension_numbers",
     "projector_bits",
     "projector_group_size",
+    "intermediate_passes",
 )
 TENSOR_GALORE_STATIC_ARGS = ("rank", "update_proj_gap", "oversample", "power_iters", "seed")
 _MAX_GAP = 2**31 - 1  # steps are counted in int32
@@ -229,7 +230,9 @@ def _side_arrays(plan, slots):
     return tuple(p for p in slots if not _is_empty(p))
 
 
-def _matrix_projection(svd, oversample, power_iters, bits, group_size) -> _Projection:
+def _matrix_projection(
+    svd, oversample, power_iters, bits, group_size, intermediate_passes
+) -> _Projection:
     """Matrix GaLore; projectors stored in full precision (bits 32) or int8 / int4 codes."""
 
     def encode(plan, arrays):
@@ -274,6 +277,7 @@ def _matrix_projection(svd, oversample, power_iters, bits, group_size) -> _Proje
             oversample=oversample,
             power_iters=power_iters,
             warm=warm,
+            intermediate_passes=intermediate_passes,
         )
         # Codes and scales keep the old ones' shardings, so lax.switch branches agree.
         return tuple(
@@ -546,6 +550,7 @@ def scale_by_galore(
     projector_dtype: Optional[Any] = None,
     projector_bits: Optional[int] = None,
     projector_group_size: Optional[int] = None,
+    intermediate_passes: Optional[int] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore: runs `base_optimizer` on low-rank projections of matrix gradients.
@@ -612,6 +617,10 @@ def scale_by_galore(
         optimizer's (e.g. `gj.scale_by_adam_8bit()`).
       projector_group_size: None (one scale per basis vector) or the number of
         values per scale along each basis vector (Q-GaLore: 256 with INT4).
+      intermediate_passes: Cholesky-QR passes (1, or 2 = None, the default)
+        for the randomized range finder's blocks between products; 1 halves
+        those factorisations at a cost in the weakest directions' accuracy (see
+        `randomized_svd`).
       seed: seed of the PRNG key kept in the state.
 
     Returns:
@@ -640,6 +649,9 @@ def scale_by_galore(
     projector_bits = check_bits("projector_bits", projector_bits, (32, 8, 4))
     if projector_group_size is not None:
         _static_int("projector_group_size", projector_group_size, minimum=1)
+    # None (not 2) as the default keeps static_args lists written before the option valid.
+    intermediate_passes = 2 if intermediate_passes is None else intermediate_passes
+    _static_int("intermediate_passes", intermediate_passes, minimum=1, maximum=2)
     _check_base_optimizer(base_optimizer, "scale_by_galore")
 
     def make_plans(params):
@@ -663,7 +675,7 @@ def scale_by_galore(
     return _low_rank_transform(
         make_plans=make_plans,
         projection=lambda plans: _matrix_projection(
-            svd, oversample, power_iters, projector_bits, projector_group_size
+            svd, oversample, power_iters, projector_bits, projector_group_size, intermediate_passes
         ),
         num_slots=lambda plans: len(MatrixProjectors._fields),
         pack_projectors=lambda slots: MatrixProjectors(*slots),

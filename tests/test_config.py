@@ -200,3 +200,26 @@ def test_empty_section_takes_defaults_and_assignment_is_checked():
     with pytest.raises(ValueError, match="as a fraction"):
         OptimizerConfig(rank=2.0)
     assert isinstance(config, Config)
+
+
+def test_intermediate_passes_reaches_galore_and_is_refused_elsewhere():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from training import optim
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(48, 32)), jnp.float32)}
+    grads = {"w": params["w"] * 0.5 + 0.1}
+    updates = {}
+    for passes in (1, 2):
+        cfg = OptimizerConfig(name="galore", rank=8, intermediate_passes=passes)
+        tx, _ = optim.build_optimizer(cfg, 10, params=params)
+        out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        updates[passes] = np.asarray(out["w"])
+    np.testing.assert_allclose(updates[1], updates[2], rtol=1e-3, atol=1e-6)
+    cfg = OptimizerConfig(name="adamw", intermediate_passes=1)
+    with pytest.raises(ConfigError, match="optimizer.intermediate_passes=1 applies to"):
+        optim.build_optimizer(cfg, 10, params=params)
+    with pytest.raises(ConfigError, match="optimizer.intermediate_passes"):
+        load_config(None, ["optimizer.intermediate_passes=3"])

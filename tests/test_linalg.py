@@ -1,6 +1,7 @@
 """linalg: randomized vs exact SVD, warm start, sign rule, HOSVD vs a float64 NumPy HOSVD."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,6 +46,54 @@ def test_randomized_spans_exact_subspace(shape, rank, complex_):
     np.testing.assert_allclose(np.asarray(s), s_ref[:rank], rtol=1e-3)
     gram = np.asarray(u).conj().T @ np.asarray(u)
     np.testing.assert_allclose(gram, np.eye(rank), atol=1e-5)
+
+
+def _cholesky_count(fn, *args) -> int:
+    """Cholesky primitives in the traced function, sub-jaxprs (jit, cond branches) included."""
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += eqn.primitive.name == "cholesky"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                total += count(sub)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_one_intermediate_pass_halves_the_factorisations_and_keeps_the_subspace(warm):
+    rng = np.random.default_rng(3)
+    a_np = _gapped_matrix(rng, 160, 120, 12, gap=10.0)
+    a = jnp.asarray(a_np, jnp.float32)
+    key = jax.random.PRNGKey(2)
+    u_ref = np.linalg.svd(a_np)[0][:, :12]
+    init = jnp.asarray(np.linalg.qr(u_ref + 0.3 * rng.normal(size=u_ref.shape))[0], jnp.float32)
+    init = init if warm else None
+    bases, counts = {}, {}
+    for passes in (1, 2):
+        fn = lambda x, p=passes: gj.top_left_basis(
+            x, 12, key=key, init=init, power_iters=1, intermediate_passes=p
+        )
+        bases[passes] = np.asarray(fn(a), np.float64)
+        counts[passes] = _cholesky_count(fn, a)
+        np.testing.assert_allclose(bases[passes].T @ bases[passes], np.eye(12), atol=1e-5)
+        assert _max_sine(bases[passes], u_ref) <= 1e-2
+    # Between products: 2 blocks (3 with init) at 1 pass instead of 2; the final block
+    # keeps 2 passes and its completion (lax.cond branch) 2 more.
+    between = 3 if warm else 2
+    assert counts[2] - counts[1] == between
+    assert counts[2] == 2 * between + 2 + 2
+    energy = {p: np.linalg.norm(b.T @ a_np) ** 2 for p, b in bases.items()}
+    assert abs(energy[1] - energy[2]) <= 1e-5 * energy[2]
+
+
+def test_intermediate_passes_is_checked_early():
+    with pytest.raises(ValueError, match="intermediate_passes must be <= 2"):
+        gj.galore_adamw(1e-3, intermediate_passes=3)
+    with pytest.raises(ValueError, match="intermediate_passes must be >= 1"):
+        gj.scale_by_galore(4, intermediate_passes=0)
 
 
 def test_randomized_batched_and_vmapped_agree():
@@ -119,8 +168,11 @@ def test_degenerate_inputs_stay_finite():
         jnp.ones((40, 30)),
         jax.random.normal(key, (40, 2)) @ jax.random.normal(key, (2, 30)),
     ]:
-        u, s, vt = gj.randomized_svd(a, 5, key=key)
-        assert np.isfinite(np.asarray(u)).all() and np.isfinite(np.asarray(vt)).all()
+        for passes in (1, 2):
+            u, s, vt = gj.randomized_svd(a, 5, key=key, intermediate_passes=passes)
+            assert np.isfinite(np.asarray(u)).all() and np.isfinite(np.asarray(vt)).all()
+            # Directions without energy are completed: always a full orthonormal basis.
+            np.testing.assert_allclose(u.T @ u, np.eye(5), atol=1e-5)
 
 
 def test_bf16_input_is_refreshed_in_float32():

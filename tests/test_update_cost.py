@@ -73,7 +73,8 @@ def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
         kinds[c["kind"]] = kinds.get(c["kind"], 0) + c["calls"]
     # Per projected leaf: one Rayleigh-Ritz eigh; five two-pass Cholesky-QRs (warm block,
     # sketch, two power-iteration products, and the random completion of directions
-    # without gradient energy), each pass one Cholesky and one solve.
+    # without gradient energy, in a lax.cond branch that runs only when such a direction
+    # exists), each pass one Cholesky and one solve.
     assert kinds["eigh"] == 7 and kinds["cholesky"] == kinds["triangular_solve"] == 7 * 10
     assert galore["refresh_extra"]["solver_s"] > 0
     # GaLore's update adds the projection matmuls but moves fewer bytes than AdamW's.

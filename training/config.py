@@ -259,6 +259,9 @@ class OptimizerConfig(_Section):
     svd: Literal["randomized", "exact"] = "randomized"
     oversample: Int = 8
     power_iters: Int = 1
+    # Cholesky-QR passes for the range finder's blocks between products (galore):
+    # 2 is accurate to float32 rounding; 1 halves those factorisations.
+    intermediate_passes: Literal[1, 2] = 2
     warm_start: Bool = True
     on_refresh: Literal["keep", "reset", "project"] = "keep"
     stagger: Bool = False

@@ -151,6 +151,11 @@ def _build(
             f"optimizer.projector_bits={cfg.projector_bits} needs optimizer.name=galore "
             f"(matrix projectors), got {cfg.name!r}"
         )
+    if cfg.name != "galore" and cfg.intermediate_passes != 2:
+        raise ConfigError(
+            f"optimizer.intermediate_passes={cfg.intermediate_passes} applies to "
+            f"optimizer.name=galore's randomized SVD, got {cfg.name!r}"
+        )
     if cfg.name == "adamw" and cfg.moment_bits == 8:
         tx = optax.chain(
             gj.scale_by_adam_8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
@@ -168,6 +173,7 @@ def _build(
             proj_type=cfg.proj_type,
             dimension_numbers=dimension_numbers,
             projector_bits=cfg.projector_bits,
+            intermediate_passes=cfg.intermediate_passes,
             labels=labels,
         )
     elif cfg.name == "tensor_galore":
