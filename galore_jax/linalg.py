@@ -131,20 +131,8 @@ def orthonormalize(y: jax.Array, *, passes: int = 2, key: Optional[jax.Array] = 
       >>> bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-5))
       True
     """
-    k = y.shape[-1]
-    real_dtype = y.real.dtype
-    eps = jnp.finfo(real_dtype).eps
-    eye = jnp.eye(k, dtype=y.dtype)
     for i in range(passes):
-        gram = _gram(y)
-        trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
-        # A generous shift on the first pass survives any conditioning; later passes
-        # see a near-identity Gram and only need a shift that keeps rank-deficient
-        # input finite.
-        shift = eps * ((k + 1) if i == 0 else 1) * trace + jnp.finfo(real_dtype).tiny
-        inv_lower = _per_matrix_on_cpu(_inverse_cholesky, gram + shift * eye)
-        # y = Q L^H  =>  Q = y L^{-H}; the k x k factor is replicated, y keeps its sharding.
-        y = sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv_lower))
+        y = _cholesky_qr_pass(y, first=i == 0)
     # The shifts shrink every column by about shift/2; undo that uniform shrink,
     # leaving (near-)zero columns of rank-deficient input alone.
     norms = jnp.sqrt(jnp.sum(jnp.real(jnp.conj(y) * y), axis=-2, keepdims=True))
@@ -170,12 +158,22 @@ def _between_products(y: jax.Array, passes: int) -> jax.Array:
     """
     if passes >= 2:
         return orthonormalize(y, passes=passes)
+    return _cholesky_qr_pass(y, first=True)
+
+
+def _cholesky_qr_pass(y: jax.Array, *, first: bool) -> jax.Array:
+    """One shifted Cholesky-QR pass: y L^{-H} for the Cholesky factor L of y^H y + shift."""
     k = y.shape[-1]
     real_dtype = y.real.dtype
     gram = _gram(y)
     trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
-    shift = jnp.finfo(real_dtype).eps * (k + 1) * trace + jnp.finfo(real_dtype).tiny
+    # A generous shift on the first pass survives any conditioning; later passes
+    # see a near-identity Gram and only need a shift that keeps rank-deficient
+    # input finite.
+    shift = jnp.finfo(real_dtype).eps * ((k + 1) if first else 1) * trace
+    shift = shift + jnp.finfo(real_dtype).tiny
     inv_lower = _per_matrix_on_cpu(_inverse_cholesky, gram + shift * jnp.eye(k, dtype=y.dtype))
+    # y = Q L^H  =>  Q = y L^{-H}; the k x k factor is replicated, y keeps its sharding.
     return sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv_lower))
 
 
