@@ -1,8 +1,14 @@
 """Ready-made optimizers: GaLore / Tensor-GaLore + AdamW in one optax chain.
 
-partition(labels -> {galore, tensor_galore, adam})   low-rank or plain Adam scaling
+[clip_by_global_norm(max_grad_norm)]                 optional
+-> partition(labels -> {galore, tensor_galore, adam})   low-rank or plain Adam scaling
 -> add_decayed_weights(weight_decay)                 decoupled decay, full space
 -> scale_by_learning_rate(learning_rate)             schedules allowed
+
+The state is that chain's (without the clip, which keeps none), but the update
+is fused: the clip factor and the learning rate are scalars that commute with
+the projections, so they are applied to the low-rank gradients and updates,
+not to full-size arrays (see `_fused_update`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import functools
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from galore_jax import labels as labels_lib
@@ -62,6 +69,8 @@ def _decayed_weights(weight_decay, mask, name):
     inner = optax.add_decayed_weights(weight_decay, mask)
 
     def update_fn(updates, state, params=None):
+        if not jax.tree.leaves(updates):  # an empty tree: nothing to decay
+            return updates, state
         if params is None:
             raise ValueError(
                 f"{name}(weight_decay={weight_decay!r}) decays the params, so tx.update needs "
@@ -72,9 +81,69 @@ def _decayed_weights(weight_decay, mask, name):
     return optax.GradientTransformation(inner.init, update_fn)
 
 
+def _check_max_grad_norm(name, max_grad_norm):
+    if max_grad_norm is None or isinstance(max_grad_norm, jax.Array):
+        return max_grad_norm
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(f"{name}: max_grad_norm must be a float or None, got {max_grad_norm!r}")
+    if not max_grad_norm > 0:
+        raise ValueError(
+            f"{name}: max_grad_norm must be > 0, got {max_grad_norm!r} (None: no clipping)"
+        )
+    return max_grad_norm
+
+
+def _clip_factor(updates, max_norm):
+    """optax.clip_by_global_norm's factor: 1 below `max_norm`, else max_norm / norm
+    (NaN for a non-finite norm, so every leaf then counts as non-finite)."""
+    norm = optax.tree.norm(updates)
+    return jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
+
+
+def _with_scales(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`inner` (Adam on full-size leaves) that takes the low-rank transforms' extra
+    args `grad_scale` / `update_scale`; the multiplies fuse into Adam's own pass."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra):
+        scaled = lambda tree, f: jax.tree.map(lambda x: transform.scaled_by(x, f), tree)
+        updates, state = inner.update(scaled(updates, grad_scale), state, params, **extra)
+        return scaled(updates, update_scale), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _fused_update(partition, decay, learning_rate, max_grad_norm):
+    """The update of chain(clip, partition, decay, scale_by_learning_rate), with the
+    clip factor and -lr handed to the partition's members as scalars.
+
+    Per leaf: the member returns -lr * (its update) (low-rank members scale the
+    small array before projecting back); the decay then adds wd * (-lr * param),
+    which is -lr * (update + wd * param) as in the chain.
+    """
+    lr_stage = optax.scale_by_learning_rate(learning_rate)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        partition_state, decay_state, lr_state = state
+        # The lr stage on a scalar 1: optax's step size (schedule, sign) and count.
+        step, lr_state = lr_stage.update(jnp.ones([], jnp.float32), lr_state)
+        grad_scale = None if max_grad_norm is None else _clip_factor(updates, max_grad_norm)
+        updates, partition_state = partition.update(
+            updates, partition_state, params, grad_scale=grad_scale, update_scale=step, **extra_args
+        )
+        decay_params = params
+        if params is not None:
+            decay_params = jax.tree.map(lambda p: p * jnp.asarray(step, p.dtype), params)
+        updates, decay_state = decay.update(updates, decay_state, decay_params)
+        return updates, (partition_state, decay_state, lr_state)
+
+    return update_fn
+
+
 def _chain(
     learning_rate,
     *,
+    max_grad_norm,
     labels,
     b1,
     b2,
@@ -88,17 +157,18 @@ def _chain(
     name,
 ):
     adam = lambda: _adam(b1, b2, eps, mu_dtype, moment_bits)
-    return optax.chain(
-        optax.partition(
-            {
-                labels_lib.GALORE: galore_tx(adam()),
-                labels_lib.TENSOR_GALORE: tensor_tx(adam()),
-                labels_lib.ADAM: adam(),
-            },
-            labels,
-        ),
-        _decayed_weights(weight_decay, weight_decay_mask, name),
-        optax.scale_by_learning_rate(learning_rate),
+    partition = optax.partition(
+        {
+            labels_lib.GALORE: galore_tx(adam()),
+            labels_lib.TENSOR_GALORE: tensor_tx(adam()),
+            labels_lib.ADAM: _with_scales(adam()),
+        },
+        labels,
+    )
+    decay = _decayed_weights(weight_decay, weight_decay_mask, name)
+    chain = optax.chain(partition, decay, optax.scale_by_learning_rate(learning_rate))
+    return optax.GradientTransformationExtraArgs(
+        chain.init, _fused_update(partition, decay, learning_rate, max_grad_norm)
     )
 
 
@@ -158,6 +228,7 @@ def galore_adamw(
     moment_bits: Optional[int] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
+    max_grad_norm: Optional[float] = None,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
@@ -200,6 +271,9 @@ def galore_adamw(
         moments everywhere (low-rank and plain-Adam leaves;
         `gj.scale_by_adam_8bit`, small leaves stay 32-bit).
       weight_decay, weight_decay_mask: decoupled weight decay in full space.
+      max_grad_norm: None, or clip the gradients' global norm to this first (as
+        `optax.clip_by_global_norm(max_grad_norm)` chained before; the factor,
+        like the learning rate, is applied in the low-rank space).
       update_proj_gap, scale, proj_type, svd, oversample, power_iters,
         warm_start, on_refresh, stagger, dimension_numbers, projector_bits,
         projector_group_size, intermediate_passes, seed: as in `scale_by_galore`
@@ -221,6 +295,7 @@ def galore_adamw(
       >>> params = optax.apply_updates(params, updates)
     """
     static = GALORE_ADAMW_STATIC_ARGS
+    _check_max_grad_norm("galore_adamw", max_grad_norm)
     _check_ranks("rank", rank, static)
     _check_ranks("tensor_rank", tensor_rank, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
@@ -246,6 +321,7 @@ def galore_adamw(
     )
     return _chain(
         learning_rate,
+        max_grad_norm=max_grad_norm,
         labels=labels
         or functools.partial(
             dims.labels,
@@ -278,6 +354,7 @@ def tensor_galore_adamw(
     moment_bits: Optional[int] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
+    max_grad_norm: Optional[float] = None,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     modes: Optional[tuple] = None,
@@ -297,6 +374,7 @@ def tensor_galore_adamw(
     `scale_by_tensor_galore`; everything else (2-D pointwise layers, biases,
     norms) -> plain Adam. Override with `labels` / `label_overrides` (e.g.
     {"kernel": "tensor_galore"} to Tucker-project matrices too).
+    `max_grad_norm` clips as in `galore_adamw` (the factor in the low-rank space).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -308,6 +386,7 @@ def tensor_galore_adamw(
       dtype('complex64')
     """
     static = transform.TENSOR_GALORE_STATIC_ARGS + ("moment_bits",)
+    _check_max_grad_norm("tensor_galore_adamw", max_grad_norm)
     _check_ranks("rank", rank, static)
     moment_bits, _ = _check_bits(moment_bits, None, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
@@ -319,6 +398,7 @@ def tensor_galore_adamw(
     )
     return _chain(
         learning_rate,
+        max_grad_norm=max_grad_norm,
         # Every N-D tensor is a tensor here (stacked layers too): no stack inference.
         labels=_label_fn(
             labels,

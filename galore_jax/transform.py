@@ -392,6 +392,13 @@ def _map_base_moments(base_state, low_tree, per_leaf: Callable):
     return jax.tree_util.tree_map_with_path(visit, base_state, is_leaf=quantization.is_quantized)
 
 
+def scaled_by(x, factor):
+    """`x * factor` in x's dtype (as optax's scale_by_learning_rate); None: x."""
+    if factor is None:
+        return x
+    return x * jnp.asarray(factor, jnp.result_type(x))
+
+
 def _low_rank_transform(
     *,
     make_plans: Callable,  # params -> (paths, leaves, treedef, plans list with None)
@@ -436,7 +443,7 @@ def _low_rank_transform(
             jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra_args):
         del params
         names, grads, treedef, plans = make_plans(updates)
         project, n = projection(plans), num_slots(plans)
@@ -452,7 +459,7 @@ def _low_rank_transform(
         for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
             if plan is None:
                 new_projectors.append(old)
-                low.append(g)
+                low.append(scaled_by(g, grad_scale))
                 continue
             # A non-finite gradient never reaches a projector or a moment. A refresh
             # due on one keeps the old basis (only the first, with no basis yet,
@@ -468,6 +475,7 @@ def _low_rank_transform(
                 return old, jnp.zeros([], jnp.bool_)
 
             def refresh(g, old, *, warm, plan=plan, key=leaf_key):
+                g = scaled_by(g, grad_scale)  # the scaled gradient, as a chain before would see
                 finite = jnp.all(jnp.isfinite(g))
                 new = project.refresh(plan, jnp.where(finite, g, 0), old, key=key, warm=warm)
                 skip = ~finite & (count > 0)
@@ -484,6 +492,7 @@ def _low_rank_transform(
             refresh_flags[i] = due & ~skip
             new_projectors.append(new)
             low_g = project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g)))
+            low_g = scaled_by(low_g, grad_scale)
             low.append(jnp.where(jnp.all(jnp.isfinite(low_g)), low_g, 0))
 
         base_state = state.base_state
@@ -500,12 +509,14 @@ def _low_rank_transform(
             treedef.unflatten(low), base_state, None, **extra_args
         )
         low_updates = treedef.flatten_up_to(low_updates)
+        out_scale = scale if update_scale is None else scale * update_scale
         out = []
         for g, plan, u, p in zip(grads, plans, low_updates, new_projectors):
             if plan is None:
-                out.append(u)
-            else:
-                out.append((project.from_low(plan, u, p) * scale).astype(jnp.result_type(g)))
+                out.append(scaled_by(u, update_scale))
+            else:  # scalars commute with the projection: multiply the small array
+                low_u = scaled_by(u, out_scale)
+                out.append(project.from_low(plan, low_u, p).astype(jnp.result_type(g)))
         new_state = state_cls(
             optax.safe_int32_increment(count),
             key,
@@ -591,6 +602,13 @@ def scale_by_galore(
         Second moments are per-coordinate magnitudes that cannot be rotated: they
         are mapped with the elementwise-squared rotation |P_new^H P_old|^2, which
         is exact when the old coordinates are uncorrelated and keeps their scale.
+
+    Extra args of `update` (optax's `GradientTransformationExtraArgs`):
+    `grad_scale` and `update_scale`, scalars (None: 1) that multiply the
+    gradients before and the updates after, as `optax.scale` stages chained
+    before and after would, but in the low-rank space, so no pass over a
+    full-size array is added (`galore_adamw` passes its clip factor and
+    learning rate through them). A refresh still sees the scaled gradient.
 
     Args:
       rank: int rank, or float in (0, 1] as a fraction of the projected dim.
@@ -718,6 +736,8 @@ def scale_by_tensor_galore(
     step 0 and every `update_proj_gap` steps (staggered if asked, as in
     `scale_by_galore`). Leaves with fewer than 2 axes get the base optimizer in
     full space.
+
+    Extra args `grad_scale` and `update_scale`: as in `scale_by_galore`.
 
     Args:
       rank: one rank for every projected mode (int, or float fraction of each

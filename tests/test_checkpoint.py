@@ -202,3 +202,41 @@ def test_metrics_log_drops_records_after_resume_step(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["loss"] == 40.0 and records[0]["lr"] == 0.5
     json.dumps(records)
+
+
+def test_state_saved_with_a_separate_clip_stage_restores_into_galore_adamw(tmp_path, mesh8):
+    """train.py chained optax.clip_by_global_norm before galore_adamw until GaLore
+    clipped in the low-rank space (max_grad_norm): those checkpoints name every
+    optimizer array '1/<name>'; they restore, value for value, into the new state."""
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 8)), "b": jnp.ones(8)}
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh8, P()), params)
+    tx = gj.galore_adamw(1e-2, rank=2, update_proj_gap=2, max_grad_norm=1.0)
+    legacy = optax.chain(optax.clip_by_global_norm(1.0), gj.galore_adamw(1e-2, rank=2))
+    state = legacy.init(params)
+    for i in range(3):
+        grads = jax.tree.map(lambda x: x * (i + 1.0), params)
+        _, state = legacy.update(grads, state, params)
+    directory = tmp_path / "checkpoints"
+    s = dict(params=params, state=state)
+    save(directory, 3, s)
+    abstract_state = jax.eval_shape(tx.init, params)
+    state_shardings = gj.state_shardings(abstract_state, params, shardings)
+    _, restored, _ = Checkpointer(str(directory)).restore(
+        3,
+        abstract_params=jax.eval_shape(lambda: params),
+        param_shardings=shardings,
+        abstract_opt_state=abstract_state,
+        opt_state_shardings=state_shardings,
+    )
+    assert_trees_equal(restored, state[1])
+    # Any other leading stage is still a different structure.
+    other = optax.chain(optax.scale_by_adam(), gj.galore_adamw(1e-2, rank=2))
+    save(tmp_path / "other", 3, dict(params=params, state=other.init(params)))
+    with pytest.raises(CheckpointError, match="different opt_state structure"):
+        Checkpointer(str(tmp_path / "other")).restore(
+            3,
+            abstract_params=jax.eval_shape(lambda: params),
+            param_shardings=shardings,
+            abstract_opt_state=abstract_state,
+            opt_state_shardings=state_shardings,
+        )

@@ -223,3 +223,36 @@ def test_intermediate_passes_reaches_galore_and_is_refused_elsewhere():
         optim.build_optimizer(cfg, 10, params=params)
     with pytest.raises(ConfigError, match="optimizer.intermediate_passes"):
         load_config(None, ["optimizer.intermediate_passes=3"])
+
+
+@pytest.mark.parametrize("name", ["galore", "tensor_galore", "adamw"])
+def test_global_clip_is_inside_galore_and_a_chained_stage_elsewhere(name):
+    """optimizer.grad_clip (global) reaches galore_adamw / tensor_galore_adamw as
+    max_grad_norm (no separate stage, no full-size pass); adamw keeps optax's clip.
+    Either way the update is the one of the clip chained before the optimizer."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from training import optim
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(48, 32)), jnp.float32),
+        "t": jnp.asarray(rng.normal(size=(6, 5, 4)), jnp.float32),
+    }
+    grads = jax.tree.map(lambda x: x * 3.0, params)  # norm > 1: clipped
+    cfg = OptimizerConfig(name=name, rank=8 if name == "galore" else 0.5, grad_clip=1.0)
+    tx, _ = optim.build_optimizer(cfg, 10, params=params)
+    unclipped, _ = optim.build_optimizer(dataclasses.replace(cfg, grad_clip=0), 10, params=params)
+    chained = optax.chain(optax.clip_by_global_norm(1.0), unclipped)
+    state = tx.init(params)
+    if name == "adamw":
+        assert jax.tree.structure(state) == jax.tree.structure(chained.init(params))
+    else:
+        assert jax.tree.structure(state) == jax.tree.structure(unclipped.init(params))
+    out, _ = jax.jit(tx.update)(grads, state, params)
+    want, _ = jax.jit(chained.update)(grads, chained.init(params), params)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)

@@ -42,6 +42,10 @@ _FACTORIES = {
     "galore_adamw": lambda: gj.galore_adamw(learning_rate=1e-2, rank=8),
     # rank 1 fits every matrix below, so the low-rank path runs on 2x2 / 4x3 leaves.
     "galore_adamw_r1": lambda: gj.galore_adamw(learning_rate=1e-2, rank=1, svd="exact"),
+    # Clip factor, lr and decay applied by the fused update (max_grad_norm).
+    "galore_adamw_clipped": lambda: gj.galore_adamw(
+        learning_rate=1e-2, rank=1, svd="exact", max_grad_norm=1.0, weight_decay=1e-4
+    ),
     "tensor_galore_adamw": lambda: gj.tensor_galore_adamw(learning_rate=1e-2, rank=0.5),
     # The bare transform, made an optimizer as optax.contrib.galore does.
     "scale_by_galore": lambda: optax.chain(
@@ -181,6 +185,7 @@ def _setup_mixed_nd_target(dtype):
     [
         ("galore_adamw", _setup_rosenbrock),  # optax's problem: all 1-D, plain Adam
         ("galore_adamw_r1", _setup_mixed_nd_target),  # ours: the low-rank paths too
+        ("galore_adamw_clipped", _setup_mixed_nd_target),
     ],
 )
 def test_optimizers_accept_extra_args(name, target):
@@ -220,6 +225,7 @@ def test_optimizers_accept_extra_args(name, target):
         # Ours: the same problem with every treatment actually low-rank.
         ("galore_adamw_r1", _setup_mixed_nd_target),  # Adam, GaLore and Tucker leaves
         ("scale_by_galore", _setup_mixed_nd_target),  # the 3-D leaf flattened
+        ("galore_adamw_clipped", _setup_mixed_nd_target),
     ],
 )
 def test_optimizers(name, target):

@@ -99,7 +99,9 @@ def _data():
 
 
 TX_FACTORIES = {
-    "galore_adamw": lambda: gj.galore_adamw(1e-2, rank=4, update_proj_gap=2, on_refresh="project"),
+    "galore_adamw": lambda: gj.galore_adamw(
+        1e-2, rank=4, update_proj_gap=2, on_refresh="project", max_grad_norm=1.0
+    ),
     "tensor_galore_adamw": lambda: gj.tensor_galore_adamw(
         1e-2, rank=0.5, update_proj_gap=2, svd="randomized"
     ),

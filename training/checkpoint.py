@@ -277,6 +277,8 @@ class Checkpointer:
             expected = [_leaf_signature(x) for x in leaves]
             saved_names = meta.get(f"{item}_order", [])
             saved = meta.get(item, {})
+            if item == "opt_state" and saved_names != names:
+                saved_names, saved = _without_leafless_first_stage(saved_names, saved, names)
             if saved_names != names:
                 missing = [n for n in names if n not in saved]
                 extra = [n for n in saved_names if n not in set(names)]
@@ -331,6 +333,20 @@ class Checkpointer:
             ]
             out.append(jax.tree_util.tree_unflatten(treedef, leaves))
         return out[0], out[1], dict(restored["data"] or {})
+
+
+def _without_leafless_first_stage(saved_names: list, saved: dict, names: list):
+    """Names of a state saved as ``chain(stage, tx)`` whose first stage holds no
+    arrays, as ``tx``'s own: the global-norm clip before GaLore (runs before
+    GaLore clipped in the low-rank space) saved ``1/<name>`` for each of ``tx``'s
+    ``<name>``. The arrays are stored in order, so only the names change; any
+    other layout is returned as it is (and then reported as a mismatch)."""
+    if not saved_names or not all(n.startswith("1/") for n in saved_names):
+        return saved_names, saved
+    stripped = [n[2:] for n in saved_names]
+    if stripped != names:
+        return saved_names, saved
+    return stripped, {n[2:]: v for n, v in saved.items()}
 
 
 def _short(error: BaseException) -> str:

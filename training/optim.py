@@ -64,6 +64,10 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The full update rule: clip -> optimizer(schedule).
 
+    GaLore and Tensor-GaLore clip by the global norm themselves
+    (``max_grad_norm``: the factor is applied in the low-rank space); other
+    optimizers and clip modes get a clipping stage chained before.
+
     With ``cfg.layerwise`` the rule is for one group of params at a time (the
     embedding, one layer, the head: see ``galore_jax.layerwise``): no stacked
     axes, and no clipping (the layer-wise step clips).
@@ -93,12 +97,19 @@ def build_optimizer(
                 _whole_tree_labels(cfg, params, dimension_numbers, rank, scanned_model)
             )
         dimension_numbers = None  # the optimizer sees one layer's matrices
+    clip = _clip(cfg, scanned_model)
+    # Our optimizers clip by the global norm themselves, in the low-rank space.
+    fused_clip = cfg.name in FUSED_CLIP_OPTIMIZERS and cfg.grad_clip_mode == "global"
+    max_grad_norm = cfg.grad_clip if fused_clip and clip is not None else None
     try:
-        tx = _build(cfg, schedule, dimension_numbers, seed, rank, labels)
+        tx = _build(cfg, schedule, dimension_numbers, seed, rank, labels, max_grad_norm)
     except ValueError as e:  # the library names the bad argument and value
         raise ConfigError(f"optimizer: {e}") from None
-    clip = _clip(cfg, scanned_model)
-    return (tx if clip is None else optax.chain(clip, tx)), schedule
+    return (tx if clip is None or fused_clip else optax.chain(clip, tx)), schedule
+
+
+# Optimizers whose factory takes `max_grad_norm` (the standard step's global-norm clip).
+FUSED_CLIP_OPTIMIZERS = ("galore", "tensor_galore")
 
 
 def _whole_tree_labels(cfg: OptimizerConfig, params, dimension_numbers, rank, scanned_model):
@@ -145,6 +156,7 @@ def _build(
     seed: int,
     rank: Any,
     labels: Any = None,
+    max_grad_norm: Optional[float] = None,
 ) -> optax.GradientTransformation:
     if cfg.name != "galore" and cfg.projector_bits != 32:
         raise ConfigError(
@@ -175,10 +187,16 @@ def _build(
             projector_bits=cfg.projector_bits,
             intermediate_passes=cfg.intermediate_passes,
             labels=labels,
+            max_grad_norm=max_grad_norm,
         )
     elif cfg.name == "tensor_galore":
         tx = gj.tensor_galore_adamw(
-            schedule, **_galore_options(cfg), rank=rank, seed=seed, labels=labels
+            schedule,
+            **_galore_options(cfg),
+            rank=rank,
+            seed=seed,
+            labels=labels,
+            max_grad_norm=max_grad_norm,
         )
     elif cfg.name == "optax_galore":
         if cfg.moment_bits != 32:
