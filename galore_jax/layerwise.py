@@ -203,7 +203,7 @@ def _put(tree: Any, part: Any, i) -> Any:
 
 
 def _square_norm(tree: Any) -> jax.Array:
-    """Sum of squared magnitudes, in float32 (optax.global_norm squared)."""
+    """Sum of squared magnitudes, in float32 (optax.tree.norm squared)."""
     total = jnp.zeros([], jnp.float32)
     for x in jax.tree.leaves(tree):
         total = total + jnp.sum(jnp.abs(x.astype(jnp.result_type(x, jnp.float32))) ** 2)

@@ -11,6 +11,8 @@ ordered top-r basis from `eigh` of a small Gram matrix (Rayleigh-Ritz).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -131,64 +133,106 @@ def orthonormalize(y: jax.Array, *, passes: int = 2, key: Optional[jax.Array] = 
       >>> bool(jnp.allclose(q.T @ q, jnp.eye(3), atol=1e-5))
       True
     """
+    return _orthonormalize([y], passes=passes, keys=None if key is None else [key])[0]
+
+
+def _orthonormalize(ys: list, *, passes: int = 2, keys: Optional[list] = None) -> list:
+    """`orthonormalize` of a group of blocks of one width and dtype: every Cholesky
+    factorisation of a pass is one batched call for the whole group."""
     for i in range(passes):
-        y = _cholesky_qr_pass(y, first=i == 0)
+        ys = _cholesky_qr_pass(ys, first=i == 0)
     # The shifts shrink every column by about shift/2; undo that uniform shrink,
     # leaving (near-)zero columns of rank-deficient input alone.
-    norms = jnp.sqrt(jnp.sum(jnp.real(jnp.conj(y) * y), axis=-2, keepdims=True))
-    live = norms > 0.5
-    y = jnp.where(live, y / jnp.where(live, norms, 1).astype(y.dtype), 0)
-    if key is None:
-        return y
+    lives = []
+    for j, y in enumerate(ys):
+        norms = jnp.sqrt(jnp.sum(jnp.real(jnp.conj(y) * y), axis=-2, keepdims=True))
+        live = norms > 0.5
+        ys[j] = jnp.where(live, y / jnp.where(live, norms, 1).astype(y.dtype), 0)
+        lives.append(live)
+    if keys is None:
+        return ys
     # The completion costs two more factorisations; skip it when every column is live
     # (the usual case: a gradient with energy in all k directions).
+    all_live = functools.reduce(jnp.logical_and, [jnp.all(live) for live in lives])
     return jax.lax.cond(
-        jnp.all(live), lambda y, key: y, lambda y, key: _fill_dead_columns(y, live, key), y, key
+        all_live,
+        lambda ys, keys: ys,
+        lambda ys, keys: _fill_dead_columns(ys, lives, keys),
+        ys,
+        keys,
     )
 
 
-def _between_products(y: jax.Array, passes: int) -> jax.Array:
-    """Conditions a block between two products of the range finder.
+def _between_products(ys: list, passes: int) -> list:
+    """Conditions a group of blocks between two products of the range finder.
 
-    Two passes (the default) orthonormalise it to working precision. One pass
+    Two passes (the default) orthonormalise them to working precision. One pass
     is half the factorisations and keeps the span, but squares the block's
     condition number: directions weaker than about sqrt(eps * k) times the
     strongest lose accuracy. Columns are left as they come out (no dead-column
     zeroing): weak directions keep their small length for the next product.
     """
     if passes >= 2:
-        return orthonormalize(y, passes=passes)
-    return _cholesky_qr_pass(y, first=True)
+        return _orthonormalize(ys, passes=passes)
+    return _cholesky_qr_pass(ys, first=True)
 
 
-def _cholesky_qr_pass(y: jax.Array, *, first: bool) -> jax.Array:
-    """One shifted Cholesky-QR pass: y L^{-H} for the Cholesky factor L of y^H y + shift."""
-    k = y.shape[-1]
-    real_dtype = y.real.dtype
-    gram = _gram(y)
-    trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
-    # A generous shift on the first pass survives any conditioning; later passes
-    # see a near-identity Gram and only need a shift that keeps rank-deficient
-    # input finite.
-    shift = jnp.finfo(real_dtype).eps * ((k + 1) if first else 1) * trace
-    shift = shift + jnp.finfo(real_dtype).tiny
-    inv_lower = _per_matrix_on_cpu(_inverse_cholesky, gram + shift * jnp.eye(k, dtype=y.dtype))
+def _cholesky_qr_pass(ys: list, *, first: bool) -> list:
+    """One shifted Cholesky-QR pass on each block: y L^{-H} for the Cholesky factor L of
+    y^H y + shift, the factors of the whole group in one batched call."""
+    grams = []
+    for y in ys:
+        k = y.shape[-1]
+        real_dtype = y.real.dtype
+        gram = _gram(y)
+        trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
+        # A generous shift on the first pass survives any conditioning; later passes
+        # see a near-identity Gram and only need a shift that keeps rank-deficient
+        # input finite.
+        shift = jnp.finfo(real_dtype).eps * ((k + 1) if first else 1) * trace
+        shift = shift + jnp.finfo(real_dtype).tiny
+        grams.append(gram + shift * jnp.eye(k, dtype=y.dtype))
+    inv_lowers = _factorise_together(_inverse_cholesky, grams)
     # y = Q L^H  =>  Q = y L^{-H}; the k x k factor is replicated, y keeps its sharding.
-    return sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv_lower))
+    return [
+        sops.einsum("...mk,...kl->...ml", y, sops.swap_last(inv)) for y, inv in zip(ys, inv_lowers)
+    ]
 
 
-def _fill_dead_columns(q: jax.Array, live: jax.Array, key: jax.Array) -> jax.Array:
-    """Replaces the zero columns of `q` by random orthonormal directions orthogonal to the rest.
+def _factorise_together(fn: Callable, mats: list) -> list:
+    """`fn` (a factorisation of a batch of k x k matrices) on each of `mats` as one
+    call: the batches are stacked, factorised together and split back, so a group
+    of leaves costs one solver call per step instead of one per leaf."""
+    if len(mats) == 1:
+        return [_per_matrix_on_cpu(fn, mats[0])]
+    batches = [x.shape[:-2] for x in mats]
+    flat = jnp.concatenate([sops.replicate(x).reshape((-1,) + x.shape[-2:]) for x in mats], axis=0)
+    out = _per_matrix_on_cpu(fn, flat)
+    bounds = list(itertools.accumulate(math.prod(b) for b in batches))
+    pieces = []
+    for batch, lo, hi in zip(batches, [0] + bounds[:-1], bounds):
+        pieces.append(jax.tree.map(lambda y: y[lo:hi].reshape(batch + y.shape[1:]), out))
+    return pieces
 
-    `q`'s live columns are orthonormal; `live` is (..., 1, k). A Gaussian block is
-    kept only in the dead columns, projected off the live ones twice (twice is
-    enough for orthogonality) and orthonormalised among itself.
+
+def _fill_dead_columns(qs: list, lives: list, keys: list) -> list:
+    """Replaces the zero columns of each `q` by random orthonormal directions orthogonal
+    to the rest.
+
+    Each `q`'s live columns are orthonormal; `live` is (..., 1, k). A Gaussian
+    block is kept only in the dead columns, projected off the live ones twice
+    (twice is enough for orthogonality) and orthonormalised among itself. A block
+    without dead columns comes back unchanged.
     """
-    z = _gaussian(key, q.shape, q.dtype)
-    z = sops.match_sharding(jnp.where(live, 0, z), q)
-    for _ in range(2):
-        z = z - sops.einsum("...mk,...kl->...ml", q, _cross(q, z))
-    return jnp.where(live, q, orthonormalize(z))
+    zs = []
+    for q, live, key in zip(qs, lives, keys):
+        z = _gaussian(key, q.shape, q.dtype)
+        z = sops.match_sharding(jnp.where(live, 0, z), q)
+        for _ in range(2):
+            z = z - sops.einsum("...mk,...kl->...ml", q, _cross(q, z))
+        zs.append(z)
+    zs = _orthonormalize(zs)
+    return [jnp.where(live, q, z) for q, live, z in zip(qs, lives, zs)]
 
 
 def _cross(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -244,32 +288,54 @@ def randomized_range(
     Gaussian columns: one step of subspace iteration from the old basis, which
     converges in fewer power iterations when the subspace moves slowly.
     """
-    n = a.shape[-1]
-    batch = a.shape[:-2]
-    a_h = sops.swap_last(a)
-    if init is None:
-        omega = _gaussian(key, (*batch, n, width), a.dtype)
+    inits = None if init is None else [init]
+    return _randomized_range(
+        [a],
+        width,
+        keys=[key],
+        power_iters=power_iters,
+        inits=inits,
+        intermediate_passes=intermediate_passes,
+    )[0]
+
+
+def _randomized_range(
+    mats: list, width: int, *, keys: list, power_iters: int, inits, intermediate_passes: int
+) -> list:
+    """`randomized_range` of a group of matrices (one width, dtype and warm-block width),
+    each orthonormalisation step factorised for the whole group at once."""
+    a_hs = [sops.swap_last(a) for a in mats]
+    times = lambda xs, ys, spec: [sops.einsum(spec, x, y) for x, y in zip(xs, ys)]  # noqa: E731
+    if inits is None:
+        omegas = [
+            _gaussian(k, (*a.shape[:-2], a.shape[-1], width), a.dtype) for a, k in zip(mats, keys)
+        ]
     else:
-        r0 = init.shape[-1]
-        omega = sops.einsum("...nm,...mr->...nr", a_h, init.astype(a.dtype))
-        if width > r0:
-            extra = _gaussian(key, (*batch, n, width - r0), a.dtype)
+        inits = [x.astype(a.dtype) for x, a in zip(inits, mats)]
+        omegas = times(a_hs, inits, "...nm,...mr->...nr")
+        if width > inits[0].shape[-1]:
             # Bring the warm block to the Gaussian block's column scale before mixing.
-            omega = _between_products(omega, intermediate_passes) * jnp.sqrt(
-                jnp.asarray(n, a.real.dtype)
-            )
-            extra = sops.match_sharding(extra.astype(omega.dtype), omega)
-            omega = jnp.concatenate([omega, extra], axis=-1)
-    fill_key = jax.random.fold_in(key, 1)
+            omegas = _between_products(omegas, intermediate_passes)
+            for j, (a, key, omega) in enumerate(zip(mats, keys, omegas)):
+                n, batch = a.shape[-1], a.shape[:-2]
+                omega = omega * jnp.sqrt(jnp.asarray(n, a.real.dtype))
+                extra = _gaussian(key, (*batch, n, width - inits[j].shape[-1]), a.dtype)
+                extra = sops.match_sharding(extra.astype(omega.dtype), omega)
+                omegas[j] = jnp.concatenate([omega, extra], axis=-1)
+    fill_keys = [jax.random.fold_in(key, 1) for key in keys]
     if power_iters == 0:
-        return orthonormalize(sops.einsum("...mn,...nk->...mk", a, omega), key=fill_key)
-    q = _between_products(sops.einsum("...mn,...nk->...mk", a, omega), intermediate_passes)
+        return _orthonormalize(times(mats, omegas, "...mn,...nk->...mk"), keys=fill_keys)
+    qs = _between_products(times(mats, omegas, "...mn,...nk->...mk"), intermediate_passes)
     for i in range(power_iters):
-        z = _between_products(sops.einsum("...nm,...mk->...nk", a_h, q), intermediate_passes)
-        y = sops.einsum("...mn,...nk->...mk", a, z)
+        zs = _between_products(times(a_hs, qs, "...nm,...mk->...nk"), intermediate_passes)
+        ys = times(mats, zs, "...mn,...nk->...mk")
         last = i == power_iters - 1
-        q = orthonormalize(y, key=fill_key) if last else _between_products(y, intermediate_passes)
-    return q
+        qs = (
+            _orthonormalize(ys, keys=fill_keys)
+            if last
+            else _between_products(ys, intermediate_passes)
+        )
+    return qs
 
 
 def randomized_svd(
@@ -316,13 +382,10 @@ def randomized_svd(
     m, n = a.shape[-2], a.shape[-1]
     _check_rank(rank, m, n)
     a = a.astype(compute_dtype(a.dtype))
-    q, b, evals, evecs = _rayleigh_ritz(
-        a,
-        rank,
-        key=key,
+    ((q, b, evals, evecs),) = _rayleigh_ritz(
+        [(a, rank, key, init)],
         oversample=oversample,
         power_iters=power_iters,
-        init=init,
         intermediate_passes=intermediate_passes,
     )
     s = jnp.sqrt(jnp.maximum(evals, 0))
@@ -383,50 +446,88 @@ def top_left_basis(
     otherwise compute: only the Rayleigh-Ritz eigenvectors are needed. Options
     as in `randomized_svd`.
     """
-    m, n = a.shape[-2], a.shape[-1]
-    _check_rank(rank, m, n)
-    a = a.astype(compute_dtype(a.dtype))
-    if svd == "exact":
-        u = _per_matrix_on_cpu(
-            lambda x: jnp.linalg.svd(x, full_matrices=False)[0], sops.replicate_matrix_dims(a)
-        )[..., :, :rank]
-        return canonicalize_signs(u)
-    if svd != "randomized":
-        raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
-    if key is None:
-        raise ValueError("top_left_basis(svd='randomized') needs a PRNG `key`")
-    q, _, _, evecs = _rayleigh_ritz(
-        a,
-        rank,
-        key=key,
+    return top_left_bases(
+        [(a, rank, key, init)],
+        svd=svd,
         oversample=oversample,
         power_iters=power_iters,
-        init=init,
         intermediate_passes=intermediate_passes,
-    )
-    return canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
+    )[0]
 
 
-def _rayleigh_ritz(a, rank, *, key, oversample, power_iters, init, intermediate_passes):
-    """Sketch basis Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
+def top_left_bases(
+    tasks: Sequence[tuple],
+    *,
+    svd: str = "randomized",
+    oversample: int = 8,
+    power_iters: int = 1,
+    intermediate_passes: int = 2,
+) -> list:
+    """`top_left_basis` of several matrices: `tasks` are `(a, rank, key, init)`.
+
+    Randomized: matrices whose sketches have one width, warm-start width and
+    dtype form a group whose factorisations run as one batched call per step
+    (Cholesky of every block's Gram, `eigh` of every Rayleigh-Ritz Gram), so a
+    model's refresh costs a few solver calls per step instead of a few per leaf.
+    Each matrix gets the basis it gets alone (its own key; stacking only changes
+    which call factorises its small matrices).
+    """
+    if svd not in ("randomized", "exact"):
+        raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+    tasks = [(a.astype(compute_dtype(a.dtype)), rank, key, init) for a, rank, key, init in tasks]
+    out = [None] * len(tasks)
+    groups = {}
+    for i, (a, rank, key, init) in enumerate(tasks):
+        m, n = a.shape[-2], a.shape[-1]
+        _check_rank(rank, m, n)
+        if svd == "exact":
+            u = _per_matrix_on_cpu(
+                lambda x: jnp.linalg.svd(x, full_matrices=False)[0], sops.replicate_matrix_dims(a)
+            )[..., :, :rank]
+            out[i] = canonicalize_signs(u)
+            continue
+        if key is None:
+            raise ValueError("top_left_basis(svd='randomized') needs a PRNG `key`")
+        width = max(_sketch_width(rank, oversample, m, n), rank)
+        warm_width = None if init is None else init.shape[-1]
+        groups.setdefault((width, warm_width, jnp.dtype(a.dtype)), []).append(i)
+    for members in groups.values():
+        ritz = _rayleigh_ritz(
+            [tasks[i] for i in members],
+            oversample=oversample,
+            power_iters=power_iters,
+            intermediate_passes=intermediate_passes,
+        )
+        for i, (q, _, _, evecs) in zip(members, ritz):
+            out[i] = canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
+    return out
+
+
+def _rayleigh_ritz(tasks, *, oversample, power_iters, intermediate_passes):
+    """Per task `(a, rank, key, init)` of one group: sketch basis Q, B = Q^H a, and the
+    top-`rank` eigenpairs of B B^H (descending).
 
     The k x k Gram is reduced across shards and factorised replicated: cheap, and
     `eigh` of it replaces the batched SVD/QR that are slow on GPU.
     """
-    m, n = a.shape[-2], a.shape[-1]
-    width = max(_sketch_width(rank, oversample, m, n), rank)
-    q = randomized_range(
-        a,
+    mats, ranks, keys, inits = (list(x) for x in zip(*tasks))
+    m, n = mats[0].shape[-2], mats[0].shape[-1]
+    width = max(_sketch_width(ranks[0], oversample, m, n), ranks[0])
+    qs = _randomized_range(
+        mats,
         width,
-        key=key,
+        keys=keys,
         power_iters=power_iters,
-        init=init,
+        inits=None if inits[0] is None else inits,
         intermediate_passes=intermediate_passes,
     )
-    b = sops.einsum("...mk,...mn->...kn", jnp.conj(q), a)
-    gram = sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b)))
-    evals, evecs = _per_matrix_on_cpu(jnp.linalg.eigh, gram)
-    return q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank]
+    bs = [sops.einsum("...mk,...mn->...kn", jnp.conj(q), a) for q, a in zip(qs, mats)]
+    grams = [sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b))) for b in bs]
+    eig = _factorise_together(jnp.linalg.eigh, grams)
+    return [
+        (q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank])
+        for q, b, (evals, evecs), rank in zip(qs, bs, eig, ranks)
+    ]
 
 
 def _check_rank(rank: int, m: int, n: int) -> None:

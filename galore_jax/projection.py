@@ -271,22 +271,59 @@ def refresh_projectors(
     intermediate_passes: int = 2,
 ) -> tuple:
     """New projectors from gradient `g` (standard layout), in `old`'s dtype and sharding."""
-    opts = dict(
+    return refresh_projectors_together(
+        [plan],
+        [g],
+        [old],
+        svd=svd,
+        keys=[key],
+        oversample=oversample,
+        power_iters=power_iters,
+        warm=warm,
+        intermediate_passes=intermediate_passes,
+    )[0]
+
+
+def refresh_projectors_together(
+    plans: list,
+    gs: list,
+    olds: list,
+    *,
+    svd: str,
+    keys: list,
+    oversample: int,
+    power_iters: int,
+    warm: bool,
+    intermediate_passes: int = 2,
+) -> list:
+    """`refresh_projectors` of several leaves refreshed at one step: their SVDs share
+    each batched factorisation call (`linalg.top_left_bases`)."""
+    tasks, slots = [], []  # slots[i]: indices into tasks of leaf i's sides
+    for plan, g, old, key in zip(plans, gs, olds, keys):
+        left_key, right_key = jax.random.split(key)
+        sides = []
+        if plan.side in ("left", "full"):
+            sides.append(len(tasks))
+            tasks.append((g, plan.rank, left_key, old[0] if warm else None))
+        if plan.side in ("right", "full"):
+            sides.append(len(tasks))
+            init = sops.swap_last(old[-1]) if warm else None
+            tasks.append((sops.swap_last(g), plan.rank, right_key, init))
+        slots.append((plan.side, sides))
+    bases = linalg.top_left_bases(
+        tasks,
         svd=svd,
         oversample=oversample,
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
     )
-    left_key, right_key = jax.random.split(key)
-    new = []
-    if plan.side in ("left", "full"):
-        init = old[0] if warm else None
-        new.append(linalg.top_left_basis(g, plan.rank, key=left_key, init=init, **opts))
-    if plan.side in ("right", "full"):
-        init = sops.swap_last(old[-1]) if warm else None
-        v = linalg.top_left_basis(sops.swap_last(g), plan.rank, key=right_key, init=init, **opts)
-        new.append(sops.swap_last(v))
-    return tuple(sops.match_sharding(p.astype(o.dtype), o) for p, o in zip(new, old))
+    out = []
+    for (side, sides), old in zip(slots, olds):
+        new = [bases[j] for j in sides]
+        if side in ("right", "full"):
+            new[-1] = sops.swap_last(new[-1])
+        out.append(tuple(sops.match_sharding(p.astype(o.dtype), o) for p, o in zip(new, old)))
+    return out
 
 
 def rotation(plan: MatrixPlan, old: tuple, new: tuple):

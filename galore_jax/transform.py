@@ -217,7 +217,9 @@ class _Projection:
     low_shape: Callable  # plan -> shape of the low-rank gradient
     to_low: Callable  # (plan, g, projectors) -> low-rank gradient
     from_low: Callable  # (plan, low, projectors) -> full gradient
-    refresh: Callable  # (plan, g, old, *, key, warm) -> new projectors
+    # (plans, gs, olds, *, keys, warm) -> new projectors per leaf, for leaves that
+    # refresh at one step (matrix GaLore shares their factorisation calls).
+    refresh: Callable
     rotate: Callable  # (plan, moment, old, new, *, second) -> moment
 
 
@@ -266,23 +268,26 @@ def _matrix_projection(
             )
         return tuple(out)
 
-    def refresh(plan, g, old, *, key, warm):
-        dtype = jnp.result_type(g)
-        new = proj.refresh_projectors(
-            plan,
-            plan.to_standard(g),
-            decode(plan, old, dtype),
+    def refresh(plans, gs, olds, *, keys, warm):
+        news = proj.refresh_projectors_together(
+            plans,
+            [plan.to_standard(g) for plan, g in zip(plans, gs)],
+            [decode(plan, old, jnp.result_type(g)) for plan, g, old in zip(plans, gs, olds)],
             svd=svd,
-            key=key,
+            keys=keys,
             oversample=oversample,
             power_iters=power_iters,
             warm=warm,
             intermediate_passes=intermediate_passes,
         )
         # Codes and scales keep the old ones' shardings, so lax.switch branches agree.
-        return tuple(
-            p if _is_empty(p) else sops.match_sharding(p, o) for p, o in zip(encode(plan, new), old)
-        )
+        return [
+            tuple(
+                p if _is_empty(p) else sops.match_sharding(p, o)
+                for p, o in zip(encode(plan, new), old)
+            )
+            for plan, new, old in zip(plans, news, olds)
+        ]
 
     def rotate(plan, moment, old, new, *, second):
         dtype = linalg.compute_dtype(moment.dtype)
@@ -308,18 +313,23 @@ def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
         per_mode = [() if f is None else f for f in plan.expand(tuple(factors))]
         return tuple(per_mode) + ((),) * (num_slots - len(per_mode))
 
-    def refresh(plan, g, old, *, key, warm):
-        new = proj.tucker_refresh(
-            plan,
-            g,
-            _side_arrays(plan, old),
-            svd=svd,
-            key=key,
-            oversample=oversample,
-            power_iters=power_iters,
-            warm=warm,
-        )
-        return slots(plan, new)
+    def refresh(plans, gs, olds, *, keys, warm):
+        return [
+            slots(
+                plan,
+                proj.tucker_refresh(
+                    plan,
+                    g,
+                    _side_arrays(plan, old),
+                    svd=svd,
+                    key=key,
+                    oversample=oversample,
+                    power_iters=power_iters,
+                    warm=warm,
+                ),
+            )
+            for plan, g, old, key in zip(plans, gs, olds, keys)
+        ]
 
     return _Projection(
         init=lambda plan, dtype: slots(plan, [jnp.zeros(s, dtype) for s in plan.factor_shapes()]),
@@ -454,42 +464,64 @@ def _low_rank_transform(
         projected = [i for i, p in enumerate(plans) if p is not None]
         offsets = dict(zip(projected, refresh_offsets(len(projected), update_proj_gap, stagger)))
 
-        refresh_flags, new_projectors, low = {}, [], []
+        # A non-finite gradient never reaches a projector or a moment. A refresh
+        # due on one keeps the old basis (only the first, with no basis yet,
+        # proceeds, on zeros: a random basis); the low-rank gradient then counts
+        # as zero (optax.zero_nans, per leaf: one NaN spreads through the whole
+        # projection). The checks read the full gradient on refresh steps only:
+        # other steps test the small projection, non-finite iff the gradient is.
+        phase = count % update_proj_gap
+        together = {}  # refresh offset -> the leaves refreshing at it (all, without stagger)
+        for i in projected:
+            together.setdefault(offsets[i], []).append(i)
+        refresh_flags, refreshed = {}, {}
         skipped = state.skipped_refreshes
-        for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
-            if plan is None:
-                new_projectors.append(old)
-                low.append(scaled_by(g, grad_scale))
-                continue
-            # A non-finite gradient never reaches a projector or a moment. A refresh
-            # due on one keeps the old basis (only the first, with no basis yet,
-            # proceeds, on zeros: a random basis); the low-rank gradient then counts
-            # as zero (optax.zero_nans, per leaf: one NaN spreads through the whole
-            # projection). The checks read the full gradient on refresh steps only:
-            # other steps test the small projection, non-finite iff the gradient is.
-            phase = count % update_proj_gap
-            due = (count == 0) | ((phase == offsets[i]) & (count >= update_proj_gap))
-            leaf_key = jax.random.fold_in(step_key, leaf_key_data(names[i]))
+        for offset, members in together.items():
+            due = (count == 0) | ((phase == offset) & (count >= update_proj_gap))
+            member_plans = [plans[i] for i in members]
+            keys = [jax.random.fold_in(step_key, leaf_key_data(names[i])) for i in members]
 
-            def keep(g, old):
-                return old, jnp.zeros([], jnp.bool_)
+            def keep(gs, olds):
+                return list(olds), [jnp.zeros([], jnp.bool_) for _ in olds]
 
-            def refresh(g, old, *, warm, plan=plan, key=leaf_key):
-                g = scaled_by(g, grad_scale)  # the scaled gradient, as a chain before would see
-                finite = jnp.all(jnp.isfinite(g))
-                new = project.refresh(plan, jnp.where(finite, g, 0), old, key=key, warm=warm)
-                skip = ~finite & (count > 0)
-                new = tuple(o if _is_empty(o) else jnp.where(skip, o, n) for n, o in zip(new, old))
-                return new, skip
+            def refresh(gs, olds, *, warm, plans=member_plans, keys=keys):
+                # The scaled gradient, as a chain before would see it.
+                gs = [scaled_by(g, grad_scale) for g in gs]
+                finite = [jnp.all(jnp.isfinite(g)) for g in gs]
+                news = project.refresh(
+                    plans,
+                    [jnp.where(f, g, 0) for f, g in zip(finite, gs)],
+                    olds,
+                    keys=keys,
+                    warm=warm,
+                )
+                skips = [~f & (count > 0) for f in finite]
+                news = [
+                    tuple(o if _is_empty(o) else jnp.where(skip, o, p) for p, o in zip(new, old))
+                    for new, old, skip in zip(news, olds, skips)
+                ]
+                return news, skips
 
             branches = [keep, functools.partial(refresh, warm=False)]
             branch = due.astype(jnp.int32)
             if warm_start:
                 branches.append(functools.partial(refresh, warm=True))
                 branch = jnp.where(due & (count > 0), 2, branch)
-            new, skip = jax.lax.switch(branch, branches, g, old)
-            skipped = skipped + skip.astype(jnp.int32)
-            refresh_flags[i] = due & ~skip
+            news, skips = jax.lax.switch(
+                branch, branches, [grads[i] for i in members], [old_projectors[i] for i in members]
+            )
+            for i, new, skip in zip(members, news, skips):
+                skipped = skipped + skip.astype(jnp.int32)
+                refresh_flags[i] = due & ~skip
+                refreshed[i] = new
+
+        new_projectors, low = [], []
+        for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
+            if plan is None:
+                new_projectors.append(old)
+                low.append(scaled_by(g, grad_scale))
+                continue
+            new = refreshed[i]
             new_projectors.append(new)
             low_g = project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g)))
             low_g = scaled_by(low_g, grad_scale)

@@ -48,18 +48,22 @@ def test_randomized_spans_exact_subspace(shape, rank, complex_):
     np.testing.assert_allclose(gram, np.eye(rank), atol=1e-5)
 
 
-def _cholesky_count(fn, *args) -> int:
-    """Cholesky primitives in the traced function, sub-jaxprs (jit, cond branches) included."""
+def _primitive_count(fn, name, *args) -> int:
+    """`name` primitives in the traced function, sub-jaxprs (jit, cond branches) included."""
 
     def count(jaxpr) -> int:
         total = 0
         for eqn in jaxpr.eqns:
-            total += eqn.primitive.name == "cholesky"
+            total += eqn.primitive.name == name
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 total += count(sub)
         return total
 
     return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _cholesky_count(fn, *args) -> int:
+    return _primitive_count(fn, "cholesky", *args)
 
 
 @pytest.mark.parametrize("warm", [False, True])
@@ -258,3 +262,49 @@ def test_cpu_lapack_kernels_get_one_matrix_at_a_time(svd):
     results = re.findall(r"= \(?\w+\[([\d,]*)\][^\n]*custom_call_target=\"lapack_", hlo)
     assert results, "no LAPACK custom call found"
     assert all(len(dims.split(",")) == 2 for dims in results), results
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_leaves_refreshed_together_share_each_factorisation_call(warm):
+    """A model's leaves refresh at one step: sketches of one width (here three leaves of
+    different shapes, one projected on the right) share every Cholesky / eigh call; a
+    leaf of another width is its own group. Each leaf gets the basis it gets alone."""
+    from galore_jax import projection as proj
+
+    rng = np.random.default_rng(5)
+    shapes = [(3, 32, 48), (3, 32, 80), (80, 32), (12, 40)]  # the last: width 12, not 16
+    dims = [proj.DimensionNumbers((0,)), proj.DimensionNumbers((0,)), None, None]
+    plans = [
+        proj.matrix_plan(s, d, "std", 8, f"p{i}") for i, (s, d) in enumerate(zip(shapes, dims))
+    ]
+    gs = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    gs = [plan.to_standard(g) for plan, g in zip(plans, gs)]
+    keys = [jax.random.PRNGKey(i) for i in range(len(gs))]
+    olds = [
+        proj.refresh_projectors(
+            p,
+            g,
+            proj.init_projectors(p, jnp.float32),
+            svd="randomized",
+            key=k,
+            oversample=8,
+            power_iters=1,
+            warm=False,
+        )
+        for p, g, k in zip(plans, gs, keys)
+    ]
+    opts = dict(svd="randomized", oversample=8, power_iters=1, warm=warm)
+
+    def together(gs):
+        return proj.refresh_projectors_together(plans, gs, olds, keys=keys, **opts)
+
+    def alone(g, i):
+        return proj.refresh_projectors(plans[i], g, olds[i], key=keys[i], **opts)
+
+    for name in ("cholesky", "eigh"):
+        each = [_primitive_count(lambda g, i=i: alone(g, i), name, gs[i]) for i in range(4)]
+        # Leaves 0-2 cost what leaf 0 costs alone; leaf 3 adds its own calls.
+        assert _primitive_count(together, name, gs) == each[0] + each[3] < sum(each), name
+    for i, new in enumerate(jax.jit(together)(gs)):
+        for x, y in zip(new, jax.jit(alone, static_argnums=1)(gs[i], i)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

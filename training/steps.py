@@ -289,7 +289,7 @@ def _make_standard_step(run: Run) -> Callable:
         grads = run.task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
         updates, opt_state = run.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return standard
 
