@@ -83,14 +83,13 @@ def _decayed_weights(weight_decay, mask, name):
 
 def _check_max_grad_norm(name, max_grad_norm):
     if max_grad_norm is None or isinstance(max_grad_norm, jax.Array):
-        return max_grad_norm
+        return
     if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
         raise TypeError(f"{name}: max_grad_norm must be a float or None, got {max_grad_norm!r}")
     if not max_grad_norm > 0:
         raise ValueError(
             f"{name}: max_grad_norm must be > 0, got {max_grad_norm!r} (None: no clipping)"
         )
-    return max_grad_norm
 
 
 def _clip_factor(updates, max_norm):
@@ -113,7 +112,7 @@ def _with_scales(inner: optax.GradientTransformation) -> optax.GradientTransform
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def _fused_update(partition, decay, learning_rate, max_grad_norm):
+def _fused_update(partition, decay, lr_stage, max_grad_norm):
     """The update of chain(clip, partition, decay, scale_by_learning_rate), with the
     clip factor and -lr handed to the partition's members as scalars.
 
@@ -121,7 +120,6 @@ def _fused_update(partition, decay, learning_rate, max_grad_norm):
     small array before projecting back); the decay then adds wd * (-lr * param),
     which is -lr * (update + wd * param) as in the chain.
     """
-    lr_stage = optax.scale_by_learning_rate(learning_rate)
 
     def update_fn(updates, state, params=None, **extra_args):
         partition_state, decay_state, lr_state = state
@@ -166,9 +164,10 @@ def _chain(
         labels,
     )
     decay = _decayed_weights(weight_decay, weight_decay_mask, name)
-    chain = optax.chain(partition, decay, optax.scale_by_learning_rate(learning_rate))
+    lr_stage = optax.scale_by_learning_rate(learning_rate)
+    chain = optax.chain(partition, decay, lr_stage)  # its init: the state tree
     return optax.GradientTransformationExtraArgs(
-        chain.init, _fused_update(partition, decay, learning_rate, max_grad_norm)
+        chain.init, _fused_update(partition, decay, lr_stage, max_grad_norm)
     )
 
 

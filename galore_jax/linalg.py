@@ -264,7 +264,7 @@ def _gaussian_block(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
 
 
 def _sketch_width(rank: int, oversample: int, m: int, n: int) -> int:
-    return min(rank + oversample, m, n)
+    return max(min(rank + oversample, m, n), rank)
 
 
 def randomized_range(
@@ -384,7 +384,7 @@ def randomized_svd(
     a = a.astype(compute_dtype(a.dtype))
     ((q, b, evals, evecs),) = _rayleigh_ritz(
         [(a, rank, key, init)],
-        oversample=oversample,
+        _sketch_width(rank, oversample, m, n),
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
     )
@@ -488,13 +488,13 @@ def top_left_bases(
             continue
         if key is None:
             raise ValueError("top_left_basis(svd='randomized') needs a PRNG `key`")
-        width = max(_sketch_width(rank, oversample, m, n), rank)
+        width = _sketch_width(rank, oversample, m, n)
         warm_width = None if init is None else init.shape[-1]
         groups.setdefault((width, warm_width, jnp.dtype(a.dtype)), []).append(i)
-    for members in groups.values():
+    for (width, _, _), members in groups.items():
         ritz = _rayleigh_ritz(
             [tasks[i] for i in members],
-            oversample=oversample,
+            width,
             power_iters=power_iters,
             intermediate_passes=intermediate_passes,
         )
@@ -503,16 +503,14 @@ def top_left_bases(
     return out
 
 
-def _rayleigh_ritz(tasks, *, oversample, power_iters, intermediate_passes):
-    """Per task `(a, rank, key, init)` of one group: sketch basis Q, B = Q^H a, and the
-    top-`rank` eigenpairs of B B^H (descending).
+def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes):
+    """Per task `(a, rank, key, init)` of one group (sketches `width` wide): sketch basis
+    Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
 
     The k x k Gram is reduced across shards and factorised replicated: cheap, and
     `eigh` of it replaces the batched SVD/QR that are slow on GPU.
     """
     mats, ranks, keys, inits = (list(x) for x in zip(*tasks))
-    m, n = mats[0].shape[-2], mats[0].shape[-1]
-    width = max(_sketch_width(ranks[0], oversample, m, n), ranks[0])
     qs = _randomized_range(
         mats,
         width,
