@@ -35,6 +35,7 @@ from galore_jax.sharding import state_shardings
 from galore_jax.transform import (
     GALORE_STATIC_ARGS,
     TENSOR_GALORE_STATIC_ARGS,
+    GradScaleTransformation,
     MatrixProjectors,
     ScaleByGaloreState,
     ScaleByTensorGaloreState,
@@ -49,6 +50,7 @@ __all__ = [
     "DimensionNumbers",
     "GALORE_ADAMW_STATIC_ARGS",
     "GALORE_STATIC_ARGS",
+    "GradScaleTransformation",
     "LayerwiseState",
     "LeafTreatment",
     "MatrixProjectors",

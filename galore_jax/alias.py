@@ -92,14 +92,22 @@ def _check_max_grad_norm(name, max_grad_norm):
         )
 
 
-def _clip_factor(updates, max_norm):
-    """optax.clip_by_global_norm's factor: 1 below `max_norm`, else max_norm / norm
-    (NaN for a non-finite norm, so every leaf then counts as non-finite)."""
+def _clip_factor(updates, max_norm, grad_scale=None):
+    """optax.clip_by_global_norm's factor for `grad_scale * updates`: 1 below
+    `max_norm`, else max_norm / norm (NaN for a non-finite norm, so every leaf
+    then counts as non-finite)."""
     norm = optax.tree.norm(updates)
+    if grad_scale is not None:
+        norm = norm * jnp.abs(jnp.asarray(grad_scale, norm.dtype))
     return jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
 
 
-def _with_scales(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _times(a, b):
+    """a * b for optional scalars (None: 1)."""
+    return b if a is None else a * b
+
+
+def _with_scales(inner: optax.GradientTransformation) -> transform.GradScaleTransformation:
     """`inner` (Adam on full-size leaves) that takes the low-rank transforms' extra
     args `grad_scale` / `update_scale`; the multiplies fuse into Adam's own pass."""
     inner = optax.with_extra_args_support(inner)
@@ -109,7 +117,7 @@ def _with_scales(inner: optax.GradientTransformation) -> optax.GradientTransform
         updates, state = inner.update(scaled(updates, grad_scale), state, params, **extra)
         return scaled(updates, update_scale), state
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    return transform.GradScaleTransformation(inner.init, update_fn)
 
 
 def _fused_update(partition, decay, lr_stage, max_grad_norm):
@@ -118,14 +126,17 @@ def _fused_update(partition, decay, lr_stage, max_grad_norm):
 
     Per leaf: the member returns -lr * (its update) (low-rank members scale the
     small array before projecting back); the decay then adds wd * (-lr * param),
-    which is -lr * (update + wd * param) as in the chain.
+    which is -lr * (update + wd * param) as in the chain. An extra arg
+    `grad_scale` multiplies the gradients before everything (the clip's norm
+    included), as an `optax.scale` stage chained first would.
     """
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, grad_scale=None, **extra_args):
         partition_state, decay_state, lr_state = state
         # The lr stage on a scalar 1: optax's step size (schedule, sign) and count.
         step, lr_state = lr_stage.update(jnp.ones([], jnp.float32), lr_state)
-        grad_scale = None if max_grad_norm is None else _clip_factor(updates, max_grad_norm)
+        if max_grad_norm is not None:  # the clip sees grad_scale * updates
+            grad_scale = _times(grad_scale, _clip_factor(updates, max_grad_norm, grad_scale))
         updates, partition_state = partition.update(
             updates, partition_state, params, grad_scale=grad_scale, update_scale=step, **extra_args
         )
@@ -166,7 +177,7 @@ def _chain(
     decay = _decayed_weights(weight_decay, weight_decay_mask, name)
     lr_stage = optax.scale_by_learning_rate(learning_rate)
     chain = optax.chain(partition, decay, lr_stage)  # its init: the state tree
-    return optax.GradientTransformationExtraArgs(
+    return transform.GradScaleTransformation(
         chain.init, _fused_update(partition, decay, lr_stage, max_grad_norm)
     )
 
@@ -246,7 +257,7 @@ def galore_adamw(
     projector_group_size: Optional[int] = None,
     intermediate_passes: Optional[int] = None,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> transform.GradScaleTransformation:
     """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
 
     Default labels (see `galore_labels`): 2-D matrices and stacked matrices
@@ -281,8 +292,12 @@ def galore_adamw(
       labels, label_overrides: parameter selection (see above).
       tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
 
+    Extra arg of `update`: `grad_scale`, a scalar (None: 1) the gradients are
+    multiplied by first, applied in the low-rank space (`gj.layerwise_step`
+    passes its clip factor this way).
+
     Returns:
-      An `optax.GradientTransformationExtraArgs`.
+      A `GradScaleTransformation` (an `optax.GradientTransformationExtraArgs`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -366,14 +381,15 @@ def tensor_galore_adamw(
     labels: Optional[Union[Any, Callable[[Any], Any]]] = None,
     label_overrides: labels_lib.Overrides = None,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> transform.GradScaleTransformation:
     """AdamW with Tensor-GaLore (Tucker) moments for N-D tensors.
 
     Default labels: >= 3-D tensors (e.g. FNO spectral weights, complex) ->
     `scale_by_tensor_galore`; everything else (2-D pointwise layers, biases,
     norms) -> plain Adam. Override with `labels` / `label_overrides` (e.g.
     {"kernel": "tensor_galore"} to Tucker-project matrices too).
-    `max_grad_norm` clips as in `galore_adamw` (the factor in the low-rank space).
+    `max_grad_norm` clips as in `galore_adamw` (the factor in the low-rank space),
+    and `update` takes the extra arg `grad_scale` as `galore_adamw`'s does.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -62,6 +62,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax.transform import GradScaleTransformation
+
 __all__ = [
     "LayerwiseState",
     "ScannedModel",
@@ -353,7 +355,10 @@ def layerwise_step(
     and updates that layer's params and state slice in place before the next.
 
     Args:
-      tx: the optimizer (per-leaf update; see `layerwise_init`).
+      tx: the optimizer (per-leaf update; see `layerwise_init`). A
+        `GradScaleTransformation` (`galore_adamw`, ...) gets the clip factor as
+        the extra arg `grad_scale`, applied to the low-rank gradients; any
+        other gets the gradients scaled in full size.
       model: the model's `ScannedModel`.
       max_norm: None (no clipping) or the clipping threshold.
       clip: "layer" (each layer, the embedding and the head by their own norm)
@@ -370,16 +375,22 @@ def layerwise_step(
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     key = model.layers_key
 
-    def clipped(grads, state):
-        """grads clipped as configured (the previous-norm factor from the state)."""
+    def clip_factor(grads, state):
+        """The configured clip's factor (previous-norm from the state); None: no clip."""
         if max_norm is None:
-            return grads
+            return None
         if clip == "previous_global":
-            return _scale(grads, _clip_factor(state.grad_norm, max_norm))
-        return _scale(grads, _clip_factor(jnp.sqrt(_square_norm(grads)), max_norm))
+            return _clip_factor(state.grad_norm, max_norm)
+        return _clip_factor(jnp.sqrt(_square_norm(grads)), max_norm)
 
     def apply(grads, opt_state, params, state):
-        updates, opt_state = tx.update(clipped(grads, state), opt_state, params)
+        factor = clip_factor(grads, state)
+        if factor is None:
+            updates, opt_state = tx.update(grads, opt_state, params)
+        elif isinstance(tx, GradScaleTransformation):  # the factor in the low-rank space
+            updates, opt_state = tx.update(grads, opt_state, params, grad_scale=factor)
+        else:
+            updates, opt_state = tx.update(_scale(grads, factor), opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     def step(params, state, batch):

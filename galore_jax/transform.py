@@ -402,6 +402,21 @@ def _map_base_moments(base_state, low_tree, per_leaf: Callable):
     return jax.tree_util.tree_map_with_path(visit, base_state, is_leaf=quantization.is_quantized)
 
 
+class GradScaleTransformation(optax.GradientTransformationExtraArgs):
+    """An optax transformation whose `update` honours the extra arg `grad_scale`.
+
+    `update(g, state, params, grad_scale=c)` returns what `update(c * g, ...)`
+    would (up to rounding), with `c` applied where it is cheapest: to the
+    low-rank gradients. `scale_by_galore`, `scale_by_tensor_galore`,
+    `galore_adamw` and `tensor_galore_adamw` return one; `gj.layerwise_step`
+    then hands its clip factor over instead of scaling full-size gradients.
+    Any other transformation (an `optax.chain` around one of these included)
+    gets the gradients scaled first, since it may ignore unknown extra args.
+    """
+
+    __slots__ = ()
+
+
 def scaled_by(x, factor):
     """`x * factor` in x's dtype (as optax's scale_by_learning_rate); None: x."""
     if factor is None:
@@ -424,7 +439,7 @@ def _low_rank_transform(
     projector_dtype,
     seed: int,
     state_cls,
-) -> optax.GradientTransformationExtraArgs:
+) -> GradScaleTransformation:
     base_optimizer = optax.with_extra_args_support(base_optimizer)
 
     def low_rank_tree(leaves, plans, treedef, project):
@@ -573,7 +588,7 @@ def _low_rank_transform(
             moment,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return GradScaleTransformation(init_fn, update_fn)
 
 
 def scale_by_galore(
@@ -595,7 +610,7 @@ def scale_by_galore(
     projector_group_size: Optional[int] = None,
     intermediate_passes: Optional[int] = None,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> GradScaleTransformation:
     """GaLore: runs `base_optimizer` on low-rank projections of matrix gradients.
 
     Every leaf with two matrix axes (plus optional batch axes, see
@@ -674,7 +689,7 @@ def scale_by_galore(
       seed: seed of the PRNG key kept in the state.
 
     Returns:
-      An `optax.GradientTransformationExtraArgs`.
+      A `GradScaleTransformation` (an `optax.GradientTransformationExtraArgs`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -756,7 +771,7 @@ def scale_by_tensor_galore(
     base_optimizer: Optional[optax.GradientTransformation] = None,
     projector_dtype: Optional[Any] = None,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> GradScaleTransformation:
     """Tensor-GaLore: base optimizer on the Tucker core of N-D gradients.
 
     For each leaf with >= 2 axes, factor k is the top r_k left singular vectors
@@ -786,7 +801,7 @@ def scale_by_tensor_galore(
       seed: PRNG seed.
 
     Returns:
-      An `optax.GradientTransformationExtraArgs`.
+      A `GradScaleTransformation` (an `optax.GradientTransformationExtraArgs`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax

@@ -126,6 +126,27 @@ def test_fused_update_equals_the_unfused_chain(moment_bits, learning_rate):
         assert int(fused_state[2].count) == int(chain_state[3].count) == 3 * GAP + 1
 
 
+@pytest.mark.parametrize("factory", [gj.galore_adamw, gj.tensor_galore_adamw])
+def test_grad_scale_extra_arg_is_a_scale_stage_before_the_clip(factory):
+    """`update(g, ..., grad_scale=c)` is `update(c * g, ...)`: the clip sees the scaled
+    norm. The factors cross MAX_NORM both ways (3.0-size gradients scaled below it,
+    0.01-size ones above), and a negative factor flips the update."""
+    params = _params()
+    tx = factory(1e-2, rank=4, update_proj_gap=GAP, max_grad_norm=MAX_NORM, weight_decay=WD)
+    assert isinstance(tx, gj.GradScaleTransformation)
+    with_arg = jax.jit(lambda g, s, p, c: tx.update(g, s, p, grad_scale=c))
+    scaled_first = jax.jit(lambda g, s, p, c: tx.update(jax.tree.map(lambda x: c * x, g), s, p))
+    s1 = s2 = tx.init(params)
+    p1 = p2 = params
+    for step, c in enumerate([0.01, 30.0, -2.0, 1.0, 0.05, 500.0, 0.3, 1e-3, 7.0]):
+        grads = _grads(step, params)
+        u1, s1 = with_arg(grads, s1, p1, c)
+        u2, s2 = scaled_first(grads, s2, p2, c)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_gradient_with_clipping_acts_as_in_the_chain(bad):
     """A NaN / inf anywhere makes the global norm non-finite: optax's clip makes every

@@ -9,6 +9,8 @@ a user's own scanned model written as three functions.
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,9 @@ import train
 from training import mesh as mesh_lib
 from training import steps
 from training.config import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import update_cost  # noqa: E402
 
 STEPS = 20
 # Refreshes at steps 0, 8 and 16: two on the schedule after the first.
@@ -379,3 +384,40 @@ def test_scanned_model_names_what_is_wrong():
         gj.layerwise_step(tx, model, max_norm=-1.0)
     with pytest.raises(ValueError, match=r"clip must be one of"):
         gj.layerwise_step(tx, model, max_norm=1.0, clip="global")
+
+
+def _hidden(tx):
+    """`tx` as a plain ExtraArgs transformation: layerwise_step cannot tell it takes
+    `grad_scale`, so it scales the gradients in full size first."""
+    return optax.GradientTransformationExtraArgs(tx.init, tx.update)
+
+
+@pytest.mark.parametrize("clip", ["layer", "previous_global"])
+def test_clip_factor_reaches_our_optimizer_as_grad_scale(clip):
+    """galore_adamw takes the layer-wise clip factor as `grad_scale` (applied to the
+    low-rank gradients): same training as scaling the gradients first, and fewer ops
+    of the compiled step touch a full-size layer gradient."""
+    model, params, _ = _user_model()
+    labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+    tx = gj.galore_adamw(3e-3, labels=labels, rank=4, update_proj_gap=3, weight_decay=0.1)
+    assert isinstance(tx, gj.GradScaleTransformation)
+    fused, scaled_first = (
+        jax.jit(gj.layerwise_step(t, model, max_norm=0.05, clip=clip)) for t in (tx, _hidden(tx))
+    )
+    p1 = p2 = params
+    s1 = s2 = gj.layerwise_init(tx, model, params)
+    for b in _user_batches(8):
+        p1, s1, _ = fused(p1, s1, b)
+        p2, s2, m = scaled_first(p2, s2, b)
+        assert float(m["grad_norm"]) > 0.05  # every step clips
+    assert_trees_close(p1, p2)
+
+    batch = _user_batches(1)[0]
+    one_layer = 24 * 24  # the trunk kernel's slice, the one projected layer leaf
+
+    def passes(step):
+        hlo = step.lower(params, s1, batch).compile().as_text()
+        return update_cost.full_size_passes(hlo, [one_layer])
+
+    # The full-size multiply kernel (read + write of the layer's gradient) is gone.
+    assert passes(fused) == passes(scaled_first) - 1, (passes(fused), passes(scaled_first))
