@@ -4,9 +4,9 @@ Builds the matrix gradients of a LLaMA-shaped model as stacked-layer leaves
 ``(L, m, n)`` (q, k, v, o: d x d; gate, up: d x f; down: f x d), refreshes the
 projectors of all of them at once, and times, for each SVD method:
 
-* **refresh only**: the new projectors of every leaf (what
-  ``galore_jax.projection.refresh_projectors`` computes inside the optimizer),
-  one jitted call;
+* **refresh only**: the new projectors of every leaf, their factorisations
+  shared (what ``galore_jax.projection.refresh_projectors_together`` computes
+  inside the optimizer), one jitted call;
 * **update w/ refresh**: one ``scale_by_galore`` update at a refresh step
   (refresh + projection + Adam + projection back), the step that spikes;
 * **update w/o refresh**: the same jitted update at a step between refreshes.
@@ -72,6 +72,12 @@ def parse_args(argv=None):
         choices=(1, 2),
         default=2,
         help="Cholesky-QR passes for the range finder's blocks between products",
+    )
+    p.add_argument(
+        "--eigh-implementation",
+        choices=("qr", "jacobi"),
+        help="the randomized refresh's Rayleigh-Ritz eigh (default: the backend's; "
+        "jacobi: cuSOLVER syevj, GPU only)",
     )
     p.add_argument(
         "--gap",
@@ -211,21 +217,21 @@ def main(argv=None) -> int:
         return {name: gen[name](leaf_keys[name], jnp.float32(drift)) for name in LEAVES}
 
     def refresh_all(grads, old, refresh_key, *, svd, warm):
-        out = {}
-        for i, name in enumerate(LEAVES):
-            plan = plans[name]
-            out[name] = proj.refresh_projectors(
-                plan,
-                plan.to_standard(grads[name]),
-                old[name],
-                svd=svd,
-                key=jax.random.fold_in(refresh_key, i),
-                oversample=args.oversample,
-                power_iters=args.power_iters,
-                warm=warm,
-                intermediate_passes=args.intermediate_passes,
-            )
-        return out
+        """Every leaf's projectors in one refresh, their factorisations shared (as the
+        optimizer refreshes leaves due at one step)."""
+        news = proj.refresh_projectors_together(
+            [plans[name] for name in LEAVES],
+            [plans[name].to_standard(grads[name]) for name in LEAVES],
+            [old[name] for name in LEAVES],
+            svd=svd,
+            keys=[jax.random.fold_in(refresh_key, i) for i in range(len(LEAVES))],
+            oversample=args.oversample,
+            power_iters=args.power_iters,
+            warm=warm,
+            intermediate_passes=args.intermediate_passes,
+            eigh_implementation=args.eigh_implementation if svd == "randomized" else None,
+        )
+        return dict(zip(LEAVES, news))
 
     jit_refresh = {
         "exact": jax.jit(lambda g, o, k: refresh_all(g, o, k, svd="exact", warm=False)),
@@ -306,6 +312,7 @@ def main(argv=None) -> int:
             oversample=args.oversample,
             power_iters=args.power_iters,
             intermediate_passes=args.intermediate_passes,
+            eigh_implementation=None if is_exact else args.eigh_implementation,
             warm_start=method == "randomized_warm",
             dimension_numbers=dims,
             seed=args.seed,
@@ -392,6 +399,7 @@ def main(argv=None) -> int:
                 "oversample",
                 "power_iters",
                 "intermediate_passes",
+                "eigh_implementation",
                 "gap",
                 "reps",
                 "exact_reps",
@@ -463,7 +471,8 @@ def report(payload: dict) -> str:
         f"(d={shape['hidden']}, f={shape['intermediate']}), rank {shape['rank']}, "
         f"{shape['dtype']}, oversample {settings['oversample']}, "
         f"power iters {settings['power_iters']}, "
-        f"{settings.get('intermediate_passes', 2)} Cholesky-QR passes between products; "
+        f"{settings.get('intermediate_passes', 2)} Cholesky-QR passes between products, "
+        f"eigh {settings.get('eigh_implementation') or 'default'}; "
         f"median of {settings['reps']} calls"
         + (f" ({settings['exact_reps']} for exact)" if settings.get("exact_reps") else "")
         + ".",

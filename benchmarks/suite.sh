@@ -7,7 +7,7 @@
 # GPU PARTs, in the default order (most important first, so a cut-off run still
 # has the headline numbers): env step_1b refresh_1b cost_1b convergence_60m
 # fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast memory_1b
-# step_1b_layerwise. Shapes: LLaMA-1B paper
+# step_1b_layerwise refresh_1b_jacobi. Shapes: LLaMA-1B paper
 # shape with a 32000-token vocabulary (as the paper's T5 tokenizer), batch
 # 32 x 256, bf16 compute, f32 params, no rematerialisation, rank 512, gap 200:
 # the setting of the measured peers in DESIGN.md.
@@ -26,7 +26,7 @@ out=${1:?usage: benchmarks/suite.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
 if [ ${#parts[@]} -eq 0 ]; then
-  parts=(env step_1b refresh_1b cost_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast memory_1b step_1b_layerwise)
+  parts=(env step_1b refresh_1b cost_1b convergence_60m fno_darcy fno_burgers peer_torch_1b step_1b_more step_1b_fast memory_1b step_1b_layerwise refresh_1b_jacobi)
 elif [ "${parts[*]}" = cpu ]; then
   parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper cpu_memory_1b cpu_memory_7b)
 fi
@@ -66,6 +66,10 @@ for part in "${parts[@]}"; do
     refresh_1b)
       run refresh_1b "$py" benchmarks/refresh.py --shape 1b --reps 5 --exact-reps 1 \
         --exact-refresh-only --out "$out/refresh_1b.json" ;;
+    refresh_1b_jacobi)  # the same randomized refreshes with cuSOLVER's Jacobi eigh (syevj)
+      run refresh_1b_jacobi "$py" benchmarks/refresh.py --shape 1b --reps 5 \
+        --methods randomized randomized_warm --eigh-implementation jacobi \
+        --out "$out/refresh_1b_jacobi.json" ;;
     cost_1b)  # GPU fusion and GPU solver times; measured times from step_1b when it ran
       measured=()
       [ -f "$out/step_1b.json" ] && measured=(--measured "$out/step_1b.json")
@@ -94,7 +98,7 @@ for part in "${parts[@]}"; do
     step_1b_fast)  # the two changes predicted to lift throughput: cuDNN attention, bf16 params
       run step_1b_fast "$py" benchmarks/train_step.py "${step_1b[@]}" \
         --set model.attention_implementation=cudnn --set model.param_dtype=bfloat16 \
-        --optimizers adamw galore --out "$out/step_1b_fast.json" ;;
+        --optimizers adamw galore galore_jacobi --out "$out/step_1b_fast.json" ;;
     peer_torch_1b)
       run peer_torch_1b "$py" benchmarks/peer_torch.py "${step_1b[@]}" \
         --out "$out/peer_torch_1b.json" ;;

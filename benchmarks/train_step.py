@@ -43,6 +43,7 @@ OPTIMIZERS = ("adamw", "galore", "galore_exact", "galore_stagger", "tensor_galor
 # galore_reverse_std: projects the larger side of each matrix (as optax.contrib does),
 # so the low-rank moments are min(m, n) x r instead of max(m, n) x r.
 # *_8bit: block-wise 8-bit Adam moments (and int8 / int4 projectors for GaLore).
+# galore_jacobi: the refresh's eigh by Jacobi (GPU / TPU only).
 EXTRA = (
     "adamw_unrolled",
     "galore_reverse_std",
@@ -50,6 +51,7 @@ EXTRA = (
     "galore_8bit",
     "galore_8bit_int4",
     "galore_layerwise",
+    "galore_jacobi",
 )
 DESCRIPTIONS = {
     "adamw": "optax.adamw",
@@ -64,6 +66,7 @@ DESCRIPTIONS = {
     "galore_8bit": "galore_adamw, randomized, 8-bit moments, int8 projectors",
     "galore_8bit_int4": "galore_adamw, randomized, 8-bit moments, int4 projectors",
     "galore_layerwise": "galore_adamw, randomized, layer-wise (per-layer clipping)",
+    "galore_jacobi": "galore_adamw, randomized, Jacobi eigh (cuSOLVER syevj; GPU only)",
 }
 # Variants = a base variant plus config overrides.
 DERIVED = {
@@ -71,6 +74,7 @@ DERIVED = {
     "galore_8bit": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]),
     "galore_8bit_int4": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=4"]),
     "galore_layerwise": ("galore", ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]),
+    "galore_jacobi": ("galore", ["optimizer.eigh_implementation=jacobi"]),
 }
 
 

@@ -29,7 +29,9 @@ For each phase it reports, from the compiled executable:
 
 With ``--time-solvers`` each distinct solver call is timed alone on this
 machine's device (median of ``--reps``), which gives a "solver s" column:
-the phase's solver calls at that speed. With ``--measured`` (a train_step.py
+the phase's solver calls at that speed, and each eigh call is also timed with
+``EighImplementation.JACOBI`` (cuSOLVER syevj; GPU only) in a second table.
+With ``--measured`` (a train_step.py
 JSON) the measured update-alone and refresh-extra times are put next to the
 floors: steady measured = ``update_alone_s``; refresh extra measured =
 ``refresh_step_s - median_step_s``, set against the refresh phase's cost minus
@@ -237,8 +239,12 @@ def projected_leaf_sizes(run) -> list:
     ]
 
 
-def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
-    """Median seconds of one solver call of this kind and operand shape on device 0."""
+def time_solver(
+    kind: str, dtype: str, shape: list, reps: int, eigh_implementation: str | None = None
+) -> float:
+    """Median seconds of one solver call of this kind and operand shape on device 0
+    (eigh: `jax.lax.linalg.EighImplementation` named by `eigh_implementation`, None:
+    the backend's default)."""
     import jax
     import jax.numpy as jnp
 
@@ -250,6 +256,10 @@ def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
         )(x)
         if kind == "cholesky":
             fn, arg = jax.jit(jnp.linalg.cholesky), spd
+        elif kind == "eigh" and eigh_implementation is not None:
+            implementation = jax.lax.linalg.EighImplementation(eigh_implementation)
+            fn = jax.jit(lambda a: jax.lax.linalg.eigh(a, implementation=implementation))
+            arg = spd
         elif kind == "eigh":
             fn, arg = jax.jit(lambda a: jnp.linalg.eigh(a)), spd
         else:
@@ -263,6 +273,22 @@ def time_solver(kind: str, dtype: str, shape: list, reps: int) -> float:
         fn, arg = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False)), x
     timing = common.time_calls(lambda: fn(arg), reps=reps, sync=jax.block_until_ready)
     return timing["median_s"]
+
+
+def time_eigh_implementations(solver_seconds: dict, reps: int) -> list:
+    """Each eigh call of the refreshes, timed with the default (cuSOLVER syevd beyond
+    32 x 32) and with Jacobi (syevj): where Jacobi wins. Jacobi is GPU/TPU only."""
+    rows = []
+    for (kind, dtype, shape), default_s in solver_seconds.items():
+        if kind != "eigh":
+            continue
+        row = {"dtype": dtype, "shape": list(shape), "default_s": default_s}
+        try:
+            row["jacobi_s"] = time_solver(kind, dtype, list(shape), reps, "jacobi")
+        except Exception as e:  # noqa: BLE001 - e.g. XLA:CPU has none: say so in the table
+            row["jacobi"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        rows.append(row)
+    return rows
 
 
 def load_measured(path):
@@ -414,10 +440,33 @@ def main(argv=None) -> int:
             row.append(describe_calls(cost["solver_calls"]))
             table_rows.append(row)
     print(common.markdown_table(headers, table_rows))
+    eigh_rows = time_eigh_implementations(solver_seconds, args.reps) if args.time_solvers else []
+    if eigh_rows:
+        print(f"\neigh per call on {dev.device_kind}: default vs Jacobi (seconds, median).\n")
+        print(
+            common.markdown_table(
+                ["operand", "default s", "jacobi s", "jacobi / default"],
+                [
+                    [
+                        f"{r['dtype']}[{','.join(map(str, r['shape']))}]",
+                        f"{r['default_s']:.4f}",
+                        f"{r['jacobi_s']:.4f}" if "jacobi_s" in r else r["jacobi"],
+                        f"{r['jacobi_s'] / r['default_s']:.2f}x" if "jacobi_s" in r else "-",
+                    ]
+                    for r in eigh_rows
+                ],
+            )
+        )
     common.print_json_block(rows)
     common.write_json(
         args.out,
-        common.payload("update_cost", device=common.jax_device_info(), peaks=peaks, results=rows),
+        common.payload(
+            "update_cost",
+            device=common.jax_device_info(),
+            peaks=peaks,
+            results=rows,
+            eigh_implementations=eigh_rows,
+        ),
     )
     return 0
 

@@ -256,6 +256,7 @@ def galore_adamw(
     projector_bits: Optional[int] = None,
     projector_group_size: Optional[int] = None,
     intermediate_passes: Optional[int] = None,
+    eigh_implementation: Optional[str] = None,
     seed: int = 0,
 ) -> transform.GradScaleTransformation:
     """AdamW whose moments for matrices live in GaLore's low-rank subspaces.
@@ -286,9 +287,10 @@ def galore_adamw(
         like the learning rate, is applied in the low-rank space).
       update_proj_gap, scale, proj_type, svd, oversample, power_iters,
         warm_start, on_refresh, stagger, dimension_numbers, projector_bits,
-        projector_group_size, intermediate_passes, seed: as in `scale_by_galore`
-        (projector_bits and intermediate_passes apply to matrix GaLore; Tucker
-        factors stay full precision and two-pass).
+        projector_group_size, intermediate_passes, eigh_implementation, seed: as
+        in `scale_by_galore` (projector_bits, intermediate_passes and
+        eigh_implementation apply to matrix GaLore; Tucker factors stay full
+        precision, two-pass, default eigh).
       labels, label_overrides: parameter selection (see above).
       tensor_rank, tensor_svd: Tucker rank and SVD for tensor leaves.
 
@@ -328,6 +330,7 @@ def galore_adamw(
         projector_bits=projector_bits,
         projector_group_size=projector_group_size,
         intermediate_passes=intermediate_passes,
+        eigh_implementation=eigh_implementation,
         seed=seed,
     )
     tensor = lambda base: scale_by_tensor_galore(

@@ -348,6 +348,7 @@ def randomized_svd(
     init: Optional[jax.Array] = None,
     canonical_signs: bool = True,
     intermediate_passes: int = 2,
+    eigh_implementation: Optional[str] = None,
 ):
     """Truncated SVD by randomized range finding plus Rayleigh-Ritz.
 
@@ -366,6 +367,10 @@ def randomized_svd(
         matrix at `power_iters=1`, 4 instead of 8 with `init`) and keeps the
         leading directions, but directions weaker than about sqrt(eps * k) of
         the strongest (k = rank + oversample) lose accuracy.
+      eigh_implementation: the Rayleigh-Ritz `eigh`'s algorithm: None (the
+        backend's: LAPACK on CPU, cuSOLVER syevd on GPU beyond 32 x 32), "qr"
+        or "jacobi" (GPU / TPU only; cuSOLVER syevj on GPU), as
+        `jax.lax.linalg.EighImplementation` names them.
 
     Returns:
       `(u, s, vt)` with shapes (..., m, rank), (..., rank), (..., rank, n), in
@@ -387,6 +392,7 @@ def randomized_svd(
         _sketch_width(rank, oversample, m, n),
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
+        eigh=_eigh(eigh_implementation),
     )
     s = jnp.sqrt(jnp.maximum(evals, 0))
     u = sops.einsum("...mk,...kr->...mr", q, evecs)
@@ -439,6 +445,7 @@ def top_left_basis(
     power_iters: int = 1,
     init: Optional[jax.Array] = None,
     intermediate_passes: int = 2,
+    eigh_implementation: Optional[str] = None,
 ) -> jax.Array:
     """Sign-canonical (..., m, rank) basis of the top-`rank` left singular vectors.
 
@@ -452,6 +459,7 @@ def top_left_basis(
         oversample=oversample,
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
+        eigh_implementation=eigh_implementation,
     )[0]
 
 
@@ -462,6 +470,7 @@ def top_left_bases(
     oversample: int = 8,
     power_iters: int = 1,
     intermediate_passes: int = 2,
+    eigh_implementation: Optional[str] = None,
 ) -> list:
     """`top_left_basis` of several matrices: `tasks` are `(a, rank, key, init)`.
 
@@ -474,6 +483,7 @@ def top_left_bases(
     """
     if svd not in ("randomized", "exact"):
         raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+    eigh = _eigh(eigh_implementation)
     tasks = [(a.astype(compute_dtype(a.dtype)), rank, key, init) for a, rank, key, init in tasks]
     out = [None] * len(tasks)
     groups = {}
@@ -497,13 +507,14 @@ def top_left_bases(
             width,
             power_iters=power_iters,
             intermediate_passes=intermediate_passes,
+            eigh=eigh,
         )
         for i, (q, _, _, evecs) in zip(members, ritz):
             out[i] = canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
     return out
 
 
-def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes):
+def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes, eigh):
     """Per task `(a, rank, key, init)` of one group (sketches `width` wide): sketch basis
     Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
 
@@ -521,11 +532,47 @@ def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes):
     )
     bs = [sops.einsum("...mk,...mn->...kn", jnp.conj(q), a) for q, a in zip(qs, mats)]
     grams = [sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b))) for b in bs]
-    eig = _factorise_together(jnp.linalg.eigh, grams)
+    eig = _factorise_together(eigh, grams)
     return [
         (q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank])
         for q, b, (evals, evecs), rank in zip(qs, bs, eig, ranks)
     ]
+
+
+EIGH_IMPLEMENTATIONS = (None, "qr", "jacobi")
+# Where XLA has each algorithm (jax.lax.linalg.eigh's lowering refuses the others).
+_EIGH_BACKENDS = {"qr": ("cpu", "gpu", "cuda", "rocm"), "jacobi": ("gpu", "cuda", "rocm", "tpu")}
+
+
+def check_eigh_implementation(value, name: str = "eigh_implementation") -> None:
+    """A clear error for a value `jax.lax.linalg.eigh` has no algorithm for."""
+    if value not in EIGH_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{name} must be one of {EIGH_IMPLEMENTATIONS} (None: the backend's default), "
+            f"got {value!r}"
+        )
+
+
+def _eigh(implementation: Optional[str]) -> Callable:
+    """`(evals, evecs)` of a batch of Hermitian matrices with this algorithm; None is
+    `jnp.linalg.eigh` (the backend's choice)."""
+    check_eigh_implementation(implementation)
+    if implementation is None:
+        return jnp.linalg.eigh
+    backend = jax.default_backend()
+    if backend not in _EIGH_BACKENDS[implementation]:
+        raise ValueError(
+            f"eigh_implementation={implementation!r} is not available on {backend} "
+            f"(XLA has it on {', '.join(sorted(set(_EIGH_BACKENDS[implementation])))}): "
+            "use eigh_implementation=None"
+        )
+    algorithm = jax.lax.linalg.EighImplementation(implementation)
+
+    def eigh(x):
+        evecs, evals = jax.lax.linalg.eigh(x, implementation=algorithm)
+        return evals, evecs
+
+    return eigh
 
 
 def _check_rank(rank: int, m: int, n: int) -> None:

@@ -269,6 +269,7 @@ def refresh_projectors(
     power_iters: int,
     warm: bool,
     intermediate_passes: int = 2,
+    eigh_implementation: Optional[str] = None,
 ) -> tuple:
     """New projectors from gradient `g` (standard layout), in `old`'s dtype and sharding."""
     return refresh_projectors_together(
@@ -281,6 +282,7 @@ def refresh_projectors(
         power_iters=power_iters,
         warm=warm,
         intermediate_passes=intermediate_passes,
+        eigh_implementation=eigh_implementation,
     )[0]
 
 
@@ -295,6 +297,7 @@ def refresh_projectors_together(
     power_iters: int,
     warm: bool,
     intermediate_passes: int = 2,
+    eigh_implementation: Optional[str] = None,
 ) -> list:
     """`refresh_projectors` of several leaves refreshed at one step: their SVDs share
     each batched factorisation call (`linalg.top_left_bases`)."""
@@ -316,6 +319,7 @@ def refresh_projectors_together(
         oversample=oversample,
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
+        eigh_implementation=eigh_implementation,
     )
     out = []
     for (side, sides), old in zip(slots, olds):

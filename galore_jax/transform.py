@@ -233,7 +233,7 @@ def _side_arrays(plan, slots):
 
 
 def _matrix_projection(
-    svd, oversample, power_iters, bits, group_size, intermediate_passes
+    svd, oversample, power_iters, bits, group_size, intermediate_passes, eigh_implementation
 ) -> _Projection:
     """Matrix GaLore; projectors stored in full precision (bits 32) or int8 / int4 codes."""
 
@@ -279,6 +279,7 @@ def _matrix_projection(
             power_iters=power_iters,
             warm=warm,
             intermediate_passes=intermediate_passes,
+            eigh_implementation=eigh_implementation,
         )
         # Codes and scales keep the old ones' shardings, so lax.switch branches agree.
         return [
@@ -609,6 +610,7 @@ def scale_by_galore(
     projector_bits: Optional[int] = None,
     projector_group_size: Optional[int] = None,
     intermediate_passes: Optional[int] = None,
+    eigh_implementation: Optional[str] = None,
     seed: int = 0,
 ) -> GradScaleTransformation:
     """GaLore: runs `base_optimizer` on low-rank projections of matrix gradients.
@@ -686,6 +688,9 @@ def scale_by_galore(
         for the randomized range finder's blocks between products; 1 halves
         those factorisations at a cost in the weakest directions' accuracy (see
         `randomized_svd`).
+      eigh_implementation: the randomized refresh's Rayleigh-Ritz `eigh`
+        algorithm: None (the backend's default), "qr", or "jacobi" (GPU / TPU;
+        cuSOLVER syevj on GPU); see `randomized_svd`.
       seed: seed of the PRNG key kept in the state.
 
     Returns:
@@ -717,6 +722,7 @@ def scale_by_galore(
     # None (not 2) as the default keeps static_args lists written before the option valid.
     intermediate_passes = 2 if intermediate_passes is None else intermediate_passes
     _static_int("intermediate_passes", intermediate_passes, minimum=1, maximum=2)
+    linalg.check_eigh_implementation(eigh_implementation)
     _check_base_optimizer(base_optimizer, "scale_by_galore")
 
     def make_plans(params):
@@ -740,7 +746,13 @@ def scale_by_galore(
     return _low_rank_transform(
         make_plans=make_plans,
         projection=lambda plans: _matrix_projection(
-            svd, oversample, power_iters, projector_bits, projector_group_size, intermediate_passes
+            svd,
+            oversample,
+            power_iters,
+            projector_bits,
+            projector_group_size,
+            intermediate_passes,
+            eigh_implementation,
         ),
         num_slots=lambda plans: len(MatrixProjectors._fields),
         pack_projectors=lambda slots: MatrixProjectors(*slots),

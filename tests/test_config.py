@@ -225,6 +225,28 @@ def test_intermediate_passes_reaches_galore_and_is_refused_elsewhere():
         load_config(None, ["optimizer.intermediate_passes=3"])
 
 
+def test_eigh_implementation_reaches_the_refresh_and_is_refused_elsewhere():
+    import jax
+    import jax.numpy as jnp
+
+    from training import optim
+
+    params = {"w": jnp.ones((48, 32))}
+    cfg = load_config(
+        None, ["optimizer.name=galore", "optimizer.rank=8", "optimizer.eigh_implementation=jacobi"]
+    )
+    tx, _ = optim.build_optimizer(cfg.optimizer, 10, params=params)
+    if jax.default_backend() == "cpu":  # XLA:CPU has no Jacobi eigh: the refresh says so
+        with pytest.raises(ValueError, match="eigh_implementation='jacobi'"):
+            jax.jit(tx.update)(params, tx.init(params), params)
+    for overrides in (["optimizer.name=adamw"], ["optimizer.name=galore", "optimizer.svd=exact"]):
+        cfg = load_config(None, overrides + ["optimizer.eigh_implementation=jacobi"])
+        with pytest.raises(ConfigError, match="optimizer.eigh_implementation=jacobi applies to"):
+            optim.build_optimizer(cfg.optimizer, 10, params=params)
+    with pytest.raises(ConfigError, match="optimizer.eigh_implementation"):
+        load_config(None, ["optimizer.eigh_implementation=syevj"])
+
+
 @pytest.mark.parametrize("name", ["galore", "tensor_galore", "adamw"])
 def test_global_clip_is_inside_galore_and_a_chained_stage_elsewhere(name):
     """optimizer.grad_clip (global) reaches galore_adamw / tensor_galore_adamw as

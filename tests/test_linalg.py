@@ -100,6 +100,34 @@ def test_intermediate_passes_is_checked_early():
         gj.scale_by_galore(4, intermediate_passes=0)
 
 
+def test_eigh_implementation_is_checked_and_named():
+    """A bad value is refused at construction; Jacobi where XLA has none (CPU) is one
+    ValueError naming the option when the refresh is traced, not a lowering error."""
+    with pytest.raises(ValueError, match=r"eigh_implementation must be one of \(None, 'qr'"):
+        gj.galore_adamw(1e-3, eigh_implementation="syevj")
+    with pytest.raises(ValueError, match="eigh_implementation must be one of"):
+        gj.scale_by_galore(4, eigh_implementation="QR")
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(3, 40, 30)), jnp.float32)
+    key = jax.random.PRNGKey(1)
+    default = gj.top_left_basis(a, 6, key=key)
+    # "qr" is the CPU / GPU default algorithm: the same basis, bit for bit.
+    np.testing.assert_array_equal(
+        gj.top_left_basis(a, 6, key=key, eigh_implementation="qr"), default
+    )
+    if jax.default_backend() == "cpu":
+        tx = gj.galore_adamw(1e-3, rank=4, eigh_implementation="jacobi")
+        params = {"w": a[0]}
+        with pytest.raises(
+            ValueError, match="eigh_implementation='jacobi' is not available on cpu"
+        ):
+            jax.jit(tx.update)(params, tx.init(params), params)
+    else:  # GPU / TPU: Jacobi's basis spans the default's subspace
+        jacobi = gj.top_left_basis(a, 6, key=key, eigh_implementation="jacobi")
+        assert (
+            _max_sine(np.asarray(jacobi[0], np.float64), np.asarray(default[0], np.float64)) < 1e-3
+        )
+
+
 def test_randomized_batched_and_vmapped_agree():
     rng = np.random.default_rng(1)
     stack = jnp.asarray(np.stack([_gapped_matrix(rng, 64, 48, 6) for _ in range(3)]), jnp.float32)

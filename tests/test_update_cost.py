@@ -88,7 +88,15 @@ def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
     # GaLore's steady update: the clip's norm, the projection, the projection back (the
     # clip factor, lr and scale multiply the low-rank arrays); AdamW's is 5 here.
     assert galore["steady"]["full_size_passes_per_leaf"] <= 3
+    # Each refresh eigh is also timed with Jacobi where the backend has it (GPU/TPU).
+    (eigh_row,) = json.loads(out.read_text())["eigh_implementations"]
+    assert eigh_row["default_s"] > 0
+    if jax.devices()[0].platform == "cpu":
+        assert "not supported on CPU" in eigh_row["jacobi"]
+    else:
+        assert eigh_row["jacobi_s"] > 0
     table = capsys.readouterr().out
+    assert "default vs Jacobi" in table
     # The 7 leaves' 4 stacked layers' eigh is one batched call, or one per matrix on a CPU
     # with several devices (linalg._per_matrix_on_cpu, the jaxlib LAPACK deadlock fix).
     eigh = "1x eigh f32[40,40]" if jax.local_device_count() > 1 else "1x eigh f32[28,40,40]"

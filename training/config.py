@@ -262,6 +262,9 @@ class OptimizerConfig(_Section):
     # Cholesky-QR passes for the range finder's blocks between products (galore):
     # 2 is accurate to float32 rounding; 1 halves those factorisations.
     intermediate_passes: Literal[1, 2] = 2
+    # The refresh's Rayleigh-Ritz eigh (galore, randomized): null = the backend's
+    # (cuSOLVER syevd on GPU), "jacobi" = cuSOLVER syevj (GPU / TPU only).
+    eigh_implementation: Optional[Literal["qr", "jacobi"]] = None
     warm_start: Bool = True
     on_refresh: Literal["keep", "reset", "project"] = "keep"
     stagger: Bool = False

@@ -168,6 +168,11 @@ def _build(
             f"optimizer.intermediate_passes={cfg.intermediate_passes} applies to "
             f"optimizer.name=galore's randomized SVD, got {cfg.name!r}"
         )
+    if cfg.eigh_implementation is not None and (cfg.name, cfg.svd) != ("galore", "randomized"):
+        raise ConfigError(
+            f"optimizer.eigh_implementation={cfg.eigh_implementation} applies to "
+            f"optimizer.name=galore with svd=randomized, got {cfg.name!r} with svd={cfg.svd!r}"
+        )
     if cfg.name == "adamw" and cfg.moment_bits == 8:
         tx = optax.chain(
             gj.scale_by_adam_8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
@@ -186,6 +191,7 @@ def _build(
             dimension_numbers=dimension_numbers,
             projector_bits=cfg.projector_bits,
             intermediate_passes=cfg.intermediate_passes,
+            eigh_implementation=cfg.eigh_implementation,
             labels=labels,
             max_grad_norm=max_grad_norm,
         )
