@@ -245,17 +245,38 @@ def project(plan: MatrixPlan, g: jax.Array, projectors: tuple) -> jax.Array:
     return sops.einsum("...rn,...sn->...rs", left, jnp.conj(vh).astype(f32))
 
 
-def project_back(plan: MatrixPlan, low: jax.Array, projectors: tuple) -> jax.Array:
+def project_back(
+    plan: MatrixPlan, low: jax.Array, projectors: tuple, dtype: Optional[jnp.dtype] = None
+) -> jax.Array:
+    """Full-size update (standard layout) from the low-rank one, in `dtype` (None:
+    low's float32 / complex64 compute dtype).
+
+    A 16-bit `dtype` (bf16 / f16 params) makes the GEMM a 16-bit one: operands in
+    `dtype`, result written in `dtype` (accumulated in float32 by XLA's GPU / TPU
+    GEMMs), so no float32 full-size array is written and then converted.
+    """
     f32 = linalg.compute_dtype(low.dtype)
+    out = f32 if dtype is None else jnp.dtype(dtype)
+    if out == linalg.compute_dtype(out):  # 32-bit or wider: as computed
+        operand = lambda x: x  # noqa: E731
+        out = f32
+    else:
+        operand = lambda x: x.astype(out)  # noqa: E731
     if plan.side == "left":
         (u,) = projectors
-        return sops.einsum("...mr,...rn->...mn", u, low, preferred_element_type=f32)
+        return sops.einsum(
+            "...mr,...rn->...mn", operand(u), operand(low), preferred_element_type=out
+        )
     if plan.side == "right":
         (vh,) = projectors
-        return sops.einsum("...mr,...rn->...mn", low, vh, preferred_element_type=f32)
+        return sops.einsum(
+            "...mr,...rn->...mn", operand(low), operand(vh), preferred_element_type=out
+        )
     u, vh = projectors
     left = sops.einsum("...mr,...rs->...ms", u, low, preferred_element_type=f32)
-    return sops.einsum("...ms,...sn->...mn", left, vh.astype(f32))
+    if out == f32:
+        return sops.einsum("...ms,...sn->...mn", left, vh.astype(f32))
+    return sops.einsum("...ms,...sn->...mn", operand(left), operand(vh), preferred_element_type=out)
 
 
 def refresh_projectors(

@@ -216,7 +216,7 @@ class _Projection:
     init: Callable  # (plan, dtype) -> per-slot tuple of projector arrays / ()
     low_shape: Callable  # plan -> shape of the low-rank gradient
     to_low: Callable  # (plan, g, projectors) -> low-rank gradient
-    from_low: Callable  # (plan, low, projectors) -> full gradient
+    from_low: Callable  # (plan, low, projectors, update dtype) -> full gradient
     # (plans, gs, olds, *, keys, warm) -> new projectors per leaf, for leaves that
     # refresh at one step (matrix GaLore shares their factorisation calls).
     refresh: Callable
@@ -301,12 +301,19 @@ def _matrix_projection(
         to_low=lambda plan, g, p: proj.project(
             plan, plan.to_standard(g), decode(plan, p, jnp.result_type(g))
         ),
-        from_low=lambda plan, low, p: plan.from_standard(
-            proj.project_back(plan, low, decode(plan, p, jnp.result_type(low)))
+        from_low=lambda plan, low, p, dtype: plan.from_standard(
+            proj.project_back(plan, low, decode(plan, p, _back_operand_dtype(low, dtype)), dtype)
         ),
         refresh=refresh,
         rotate=rotate,
     )
+
+
+def _back_operand_dtype(low: jax.Array, dtype) -> jnp.dtype:
+    """The projection back's operand dtype: the update's when it is 16-bit (a 16-bit
+    GEMM writing the update directly), else the low-rank update's."""
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype != linalg.compute_dtype(dtype) else jnp.result_type(low)
 
 
 def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
@@ -336,7 +343,9 @@ def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
         init=lambda plan, dtype: slots(plan, [jnp.zeros(s, dtype) for s in plan.factor_shapes()]),
         low_shape=lambda plan: plan.core_shape(),
         to_low=lambda plan, g, p: proj.tucker_project(plan, g, _side_arrays(plan, p)),
-        from_low=lambda plan, low, p: proj.tucker_project_back(plan, low, _side_arrays(plan, p)),
+        from_low=lambda plan, low, p, dtype: proj.tucker_project_back(
+            plan, low, _side_arrays(plan, p)
+        ),
         refresh=refresh,
         rotate=lambda plan, m, old, new, *, second: proj.tucker_rotate_moment(
             plan, m, _side_arrays(plan, old), _side_arrays(plan, new), second=second
@@ -564,7 +573,8 @@ def _low_rank_transform(
                 out.append(scaled_by(u, update_scale))
             else:  # scalars commute with the projection: multiply the small array
                 low_u = scaled_by(u, out_scale)
-                out.append(project.from_low(plan, low_u, p).astype(jnp.result_type(g)))
+                dtype = jnp.result_type(g)
+                out.append(project.from_low(plan, low_u, p, dtype).astype(dtype))
         new_state = state_cls(
             optax.safe_int32_increment(count),
             key,

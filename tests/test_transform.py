@@ -1,5 +1,7 @@
 """scale_by_galore / scale_by_tensor_galore: schedule, moments, composability, errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,6 +200,41 @@ def test_bf16_params_keep_dtype():
     assert out["w"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.bfloat16
     projector = state[0].inner_states["galore"].inner_state.projectors.right["w"]
     assert projector.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_bf16_params_project_back_with_a_bf16_gemm(proj_type):
+    """bf16 params: the projection back is a bf16 x bf16 GEMM writing the bf16 update
+    (no float32 full-size array then converted), and the update is the float32
+    computation's rounded to bf16 (within a few bf16 ulps)."""
+    shapes = {"tall": (3, 64, 40), "wide": (40, 72)}  # stacked left side, 2-D right side
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(shapes))
+    params = {n: jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys)}
+    grads = {n: jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys[2:])}
+    dims = {"tall": gj.DimensionNumbers((0,)), "wide": None}
+    bf16 = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)  # noqa: E731
+    tx = gj.scale_by_galore(8, update_proj_gap=5, proj_type=proj_type, dimension_numbers=dims)
+    _, state = jax.jit(tx.update)(bf16(grads), tx.init(bf16(params)))  # refresh at step 0
+    # The reference: the same state (bf16 bases, widened) and bf16 gradients, in float32.
+    widen = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, t
+    )
+    got, _ = jax.jit(tx.update)(bf16(grads), state)  # a step between refreshes
+    want, _ = jax.jit(tx.update)(widen(bf16(grads)), widen(state))
+    for name in shapes:
+        assert got[name].dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(want[name])))
+        np.testing.assert_allclose(
+            np.asarray(got[name], np.float32), want[name], rtol=2**-6, atol=2**-7 * scale
+        )
+    lowered = jax.jit(tx.update).lower(bf16(grads), state).as_text()
+    full_size = [
+        line
+        for line in lowered.splitlines()
+        if "dot_general" in line and re.search(r"-> tensor<(3x64x40|40x72)x", line)
+    ]
+    assert full_size and all(re.search(r"-> tensor<\S+xbf16>", line) for line in full_size)
+    assert all("xf32>" not in line.split("->")[0].split(":")[-1] for line in full_size)
 
 
 def test_stacked_layers_equal_independent_matrices():
