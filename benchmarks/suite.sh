@@ -98,7 +98,7 @@ for part in "${parts[@]}"; do
     step_1b_fast)  # the two changes predicted to lift throughput: cuDNN attention, bf16 params
       run step_1b_fast "$py" benchmarks/train_step.py "${step_1b[@]}" \
         --set model.attention_implementation=cudnn --set model.param_dtype=bfloat16 \
-        --optimizers adamw galore galore_jacobi --out "$out/step_1b_fast.json" ;;
+        --optimizers adamw galore galore_jacobi galore_master --out "$out/step_1b_fast.json" ;;
     peer_torch_1b)
       run peer_torch_1b "$py" benchmarks/peer_torch.py "${step_1b[@]}" \
         --out "$out/peer_torch_1b.json" ;;

@@ -52,6 +52,7 @@ EXTRA = (
     "galore_8bit_int4",
     "galore_layerwise",
     "galore_jacobi",
+    "galore_master",
 )
 DESCRIPTIONS = {
     "adamw": "optax.adamw",
@@ -67,6 +68,7 @@ DESCRIPTIONS = {
     "galore_8bit_int4": "galore_adamw, randomized, 8-bit moments, int4 projectors",
     "galore_layerwise": "galore_adamw, randomized, layer-wise (per-layer clipping)",
     "galore_jacobi": "galore_adamw, randomized, Jacobi eigh (cuSOLVER syevj; GPU only)",
+    "galore_master": "galore_adamw, randomized, float32 master of 16-bit params",
 }
 # Variants = a base variant plus config overrides.
 DERIVED = {
@@ -75,6 +77,7 @@ DERIVED = {
     "galore_8bit_int4": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=4"]),
     "galore_layerwise": ("galore", ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]),
     "galore_jacobi": ("galore", ["optimizer.eigh_implementation=jacobi"]),
+    "galore_master": ("galore", ["optimizer.master_dtype=float32"]),  # with bf16 params
 }
 
 

@@ -27,6 +27,7 @@ from galore_jax.linalg import (
     tucker_project,
     tucker_reconstruct,
 )
+from galore_jax.master import MasterWeightsState, with_master_weights
 from galore_jax.memory import adamw_state_bytes, memory_report, optimizer_state_bytes
 from galore_jax.paths import path_string
 from galore_jax.projection import DimensionNumbers, infer_dimension_numbers
@@ -53,6 +54,7 @@ __all__ = [
     "GradScaleTransformation",
     "LayerwiseState",
     "LeafTreatment",
+    "MasterWeightsState",
     "MatrixProjectors",
     "ScaleByAdam8bitState",
     "ScaleByGaloreState",
@@ -91,6 +93,7 @@ __all__ = [
     "scale_by_torch_adam",
     "state_shardings",
     "top_left_basis",
+    "with_master_weights",
     "tensor_galore_adamw",
     "tucker_project",
     "tucker_reconstruct",

@@ -49,6 +49,7 @@ STRUCTURAL_CONFIG_KEYS = (
     "optimizer.label_overrides",
     "optimizer.moment_bits",
     "optimizer.projector_bits",
+    "optimizer.master_dtype",  # the master copy lives in the state
     "optimizer.layerwise",  # per-group state, the layers' stacked
     "optimizer.grad_clip_mode",  # previous_global keeps a norm in the state
 )

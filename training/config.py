@@ -272,6 +272,9 @@ class OptimizerConfig(_Section):
     # optax_galore), int8 / int4 GaLore projectors (galore only).
     moment_bits: Literal[32, 8] = 32
     projector_bits: Literal[32, 8, 4] = 32
+    # A float32 copy of 16-bit params (model.param_dtype bfloat16 / float16) that
+    # the optimizer updates (galore_jax.with_master_weights); null: none.
+    master_dtype: Optional[Literal["float32"]] = None
     # regex on the '/'-joined param path -> galore | tensor_galore | adam,
     # e.g. {"lm_head": "galore"}; the first match wins over the default rule
     # (matrices -> galore; embeddings, LM head, norms -> adam).
@@ -385,6 +388,16 @@ class Config:
             self.batch_size % self.grad_accum_steps != 0,
             f"batch_size ({self.batch_size}) must be divisible by "
             f"grad_accum_steps ({self.grad_accum_steps})",
+        )
+        return self
+
+    @model_validator(mode="after")
+    def _master(self) -> Config:
+        param_dtype = getattr(self.model, "param_dtype", "float32")
+        _fail(
+            self.optimizer.master_dtype is not None and param_dtype == "float32",
+            f"optimizer.master_dtype={self.optimizer.master_dtype} keeps a copy of 16-bit "
+            "params; set model.param_dtype=bfloat16 (or float16), or optimizer.master_dtype=null",
         )
         return self
 

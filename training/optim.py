@@ -62,7 +62,7 @@ def build_optimizer(
     params: Any = None,
     scanned_model: Optional[gj.ScannedModel] = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The full update rule: clip -> optimizer(schedule).
+    """The full update rule: clip -> optimizer(schedule) [on a float32 master copy].
 
     GaLore and Tensor-GaLore clip by the global norm themselves
     (``max_grad_norm``: the factor is applied in the low-rank space); other
@@ -105,7 +105,10 @@ def build_optimizer(
         tx = _build(cfg, schedule, dimension_numbers, seed, rank, labels, max_grad_norm)
     except ValueError as e:  # the library names the bad argument and value
         raise ConfigError(f"optimizer: {e}") from None
-    return (tx if clip is None or fused_clip else optax.chain(clip, tx)), schedule
+    tx = tx if clip is None or fused_clip else optax.chain(clip, tx)
+    if cfg.master_dtype is not None:
+        tx = gj.with_master_weights(tx, cfg.master_dtype)
+    return tx, schedule
 
 
 # Optimizers whose factory takes `max_grad_norm` (the standard step's global-norm clip).
