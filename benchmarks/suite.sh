@@ -19,8 +19,17 @@
 #
 # Each PART writes OUT_DIR/PART.md (the table printed on stdout), OUT_DIR/PART.log
 # (stderr) and its JSON / PNG files; OUT_DIR/suite.log has each part's exit code
-# and wall time.
+# and wall time. Unknown PART names are refused before anything runs.
+#
+# GPU needs: a CUDA jaxlib (cuDNN for step_1b_fast's attention), one 80 GB-class
+# GPU (the 1B f32-param AdamW step peaked at 54.5 GiB on an H100), and for
+# peer_torch_1b torch + galore-torch + transformers. With little device time, name
+# the parts: the speed work's numbers come from
+#   benchmarks/suite.sh OUT cost_1b step_1b step_1b_fast refresh_1b_jacobi
+# (cost_1b compiles and times solvers only; each step_1b* part compiles and times
+# a few optimizer variants, one process each).
 set -u
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/suite.sh OUT_DIR [PART ...]}
 shift
@@ -30,6 +39,15 @@ if [ ${#parts[@]} -eq 0 ]; then
 elif [ "${parts[*]}" = cpu ]; then
   parts=(cpu_env cpu_state_1b cpu_cost_1b cpu_refresh cpu_step cpu_peer_torch cpu_convergence cpu_convergence_low_bit cpu_fno cpu_fno_paper cpu_memory_1b cpu_memory_7b)
 fi
+# Every PART named must exist before the first runs (a typo would otherwise surface
+# only after the parts before it spent their device time).
+known=$(sed -n 's/^    \([a-z0-9_]*\)).*/\1/p' "$self")
+for part in "${parts[@]}"; do
+  if ! grep -qx "$part" <<<"$known"; then
+    echo "unknown part: $part (known: $(echo $known))" >&2
+    exit 2
+  fi
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # Processes of the same model (adamw in two groups) share compiled programs.
@@ -155,6 +173,5 @@ for part in "${parts[@]}"; do
     cpu_fno_paper)  # Tensor-GaLore at the paper's scale 0.25 and the config's lr
       run cpu_fno_paper "$py" benchmarks/fno_optimizers.py --steps 1000 \
         --optimizers tensor_galore --out "$out/cpu_fno_paper.json" ;;
-    *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

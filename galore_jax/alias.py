@@ -132,6 +132,7 @@ def _fused_update(partition, decay, lr_stage, max_grad_norm):
     """
 
     def update_fn(updates, state, params=None, *, grad_scale=None, **extra_args):
+        transform.check_scalar_arg("grad_scale", grad_scale)
         partition_state, decay_state, lr_state = state
         # The lr stage on a scalar 1: optax's step size (schedule, sign) and count.
         step, lr_state = lr_stage.update(jnp.ones([], jnp.float32), lr_state)

@@ -45,7 +45,10 @@ Example (a user's own scanned model, written as three functions):
   >>> params = {"w_in": jax.random.normal(k[0], (4, 16)) / 2,
   ...           "blocks": {"w": jax.random.normal(k[1], (3, 16, 16)) / 4},
   ...           "w_out": jax.random.normal(k[2], (16, 1)) / 4}
-  >>> tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=5)
+  >>> # One group at a time the labels rule cannot see the whole tree (an embedding
+  >>> # table looks like a matrix alone): label by path from the whole params.
+  >>> labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+  >>> tx = gj.galore_adamw(1e-2, labels=labels, rank=4, update_proj_gap=5)
   >>> state = gj.layerwise_init(tx, model, params)
   >>> step = jax.jit(gj.layerwise_step(tx, model, max_norm=1.0, clip="layer"))
   >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros((8, 1))}

@@ -483,7 +483,7 @@ def top_left_bases(
     """
     if svd not in ("randomized", "exact"):
         raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
-    eigh = _eigh(eigh_implementation)
+    eigh = _eigh(eigh_implementation) if svd == "randomized" else None
     tasks = [(a.astype(compute_dtype(a.dtype)), rank, key, init) for a, rank, key, init in tasks]
     out = [None] * len(tasks)
     groups = {}
@@ -553,12 +553,11 @@ def check_eigh_implementation(value, name: str = "eigh_implementation") -> None:
         )
 
 
-def _eigh(implementation: Optional[str]) -> Callable:
-    """`(evals, evecs)` of a batch of Hermitian matrices with this algorithm; None is
-    `jnp.linalg.eigh` (the backend's choice)."""
+def check_eigh_available(implementation: Optional[str]) -> None:
+    """A clear error when the default backend has no such eigh (e.g. Jacobi on CPU)."""
     check_eigh_implementation(implementation)
     if implementation is None:
-        return jnp.linalg.eigh
+        return
     backend = jax.default_backend()
     if backend not in _EIGH_BACKENDS[implementation]:
         raise ValueError(
@@ -566,6 +565,14 @@ def _eigh(implementation: Optional[str]) -> Callable:
             f"(XLA has it on {', '.join(sorted(set(_EIGH_BACKENDS[implementation])))}): "
             "use eigh_implementation=None"
         )
+
+
+def _eigh(implementation: Optional[str]) -> Callable:
+    """`(evals, evecs)` of a batch of Hermitian matrices with this algorithm; None is
+    `jnp.linalg.eigh` (the backend's choice)."""
+    check_eigh_available(implementation)
+    if implementation is None:
+        return jnp.linalg.eigh
     algorithm = jax.lax.linalg.EighImplementation(implementation)
 
     def eigh(x):

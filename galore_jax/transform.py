@@ -427,6 +427,17 @@ class GradScaleTransformation(optax.GradientTransformationExtraArgs):
     __slots__ = ()
 
 
+def check_scalar_arg(name: str, value) -> None:
+    """`grad_scale` / `update_scale` must be scalars (None: 1), checked when traced."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.number):
+        return
+    got = f"an array of shape {shape}" if shape is not None else type(value).__name__
+    raise ValueError(f"{name} must be a scalar (a number or a 0-d array), got {got}")
+
+
 def scaled_by(x, factor):
     """`x * factor` in x's dtype (as optax's scale_by_learning_rate); None: x."""
     if factor is None:
@@ -479,6 +490,8 @@ def _low_rank_transform(
         )
 
     def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra_args):
+        check_scalar_arg("grad_scale", grad_scale)
+        check_scalar_arg("update_scale", update_scale)
         del params
         names, grads, treedef, plans = make_plans(updates)
         project, n = projection(plans), num_slots(plans)
@@ -733,6 +746,11 @@ def scale_by_galore(
     intermediate_passes = 2 if intermediate_passes is None else intermediate_passes
     _static_int("intermediate_passes", intermediate_passes, minimum=1, maximum=2)
     linalg.check_eigh_implementation(eigh_implementation)
+    if eigh_implementation is not None and svd != "randomized":
+        raise ValueError(
+            f"eigh_implementation={eigh_implementation!r} applies to svd='randomized' "
+            f"(the Rayleigh-Ritz eigh); svd={svd!r} runs an SVD: leave it None"
+        )
     _check_base_optimizer(base_optimizer, "scale_by_galore")
 
     def make_plans(params):

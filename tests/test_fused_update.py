@@ -256,3 +256,12 @@ def test_max_grad_norm_can_be_an_injected_hyperparameter():
     got, _ = jax.jit(injected.update)(grads, state, params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [jnp.ones(2), {"a": 1.0}, "0.5", True])
+@pytest.mark.parametrize("factory", [gj.galore_adamw, gj.scale_by_galore])
+def test_a_grad_scale_that_is_no_scalar_is_one_clear_error(factory, bad):
+    params = {"w": jnp.ones((16, 8))}
+    tx = factory(1e-3, rank=4) if factory is gj.galore_adamw else factory(4)
+    with pytest.raises(ValueError, match=r"grad_scale must be a scalar \(a number or a 0-d"):
+        tx.update(params, tx.init(params), params, grad_scale=bad)

@@ -107,6 +107,8 @@ def test_eigh_implementation_is_checked_and_named():
         gj.galore_adamw(1e-3, eigh_implementation="syevj")
     with pytest.raises(ValueError, match="eigh_implementation must be one of"):
         gj.scale_by_galore(4, eigh_implementation="QR")
+    with pytest.raises(ValueError, match=r"applies to svd='randomized'"):
+        gj.galore_adamw(1e-3, svd="exact", eigh_implementation="qr")
     a = jnp.asarray(np.random.default_rng(0).normal(size=(3, 40, 30)), jnp.float32)
     key = jax.random.PRNGKey(1)
     default = gj.top_left_basis(a, 6, key=key)

@@ -59,3 +59,12 @@ def test_every_gpu_part_is_a_valid_command(part, tmp_path):
     assert f"== {part}: exit 0 " in log, log + (out / f"{part}.log").read_text()
     if part != "env":
         assert "parsed" in (out / f"{part}.md").read_text()
+
+
+def test_an_unknown_part_is_refused_before_any_part_runs(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(SUITE), str(out), "env", "step_1b_fastt"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "unknown part: step_1b_fastt" in proc.stderr
+    assert not out.exists()

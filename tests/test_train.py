@@ -384,6 +384,14 @@ def existing_output(tmp_path):
             r"data: data path not found: '/nonexistent/corpus.txt'",
         ),
         (["seq_len=128"], r"seq_len \(128\) is longer than the model's positions"),
+        (
+            ["optimizer.name=galore", "optimizer.eigh_implementation=jacobi"],
+            r"optimizer.eigh_implementation=jacobi is not available on cpu",
+        ),
+        (
+            ["optimizer.name=galore", "optimizer.master_dtype=float32"],
+            r"optimizer.master_dtype=float32 keeps a copy of 16-bit params",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(existing_output, capsys, overrides, message):

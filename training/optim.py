@@ -15,6 +15,7 @@ import jax
 import optax
 
 import galore_jax as gj
+from galore_jax import linalg
 from training.config import ConfigError, OptimizerConfig
 
 
@@ -103,6 +104,8 @@ def build_optimizer(
     max_grad_norm = cfg.grad_clip if fused_clip and clip is not None else None
     try:
         tx = _build(cfg, schedule, dimension_numbers, seed, rank, labels, max_grad_norm)
+    except ConfigError:  # already names the config key
+        raise
     except ValueError as e:  # the library names the bad argument and value
         raise ConfigError(f"optimizer: {e}") from None
     tx = tx if clip is None or fused_clip else optax.chain(clip, tx)
@@ -176,6 +179,14 @@ def _build(
             f"optimizer.eigh_implementation={cfg.eigh_implementation} applies to "
             f"optimizer.name=galore with svd=randomized, got {cfg.name!r} with svd={cfg.svd!r}"
         )
+    try:  # before the first step compiles (and before output_dir is written)
+        linalg.check_eigh_available(cfg.eigh_implementation)
+    except ValueError:
+        raise ConfigError(
+            f"optimizer.eigh_implementation={cfg.eigh_implementation} is not available on "
+            f"{jax.default_backend()} (XLA has Jacobi eigh on GPU / TPU only): set "
+            "optimizer.eigh_implementation=null"
+        ) from None
     if cfg.name == "adamw" and cfg.moment_bits == 8:
         tx = optax.chain(
             gj.scale_by_adam_8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
