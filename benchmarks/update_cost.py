@@ -37,6 +37,13 @@ floors: steady measured = ``update_alone_s``; refresh extra measured =
 ``refresh_step_s - median_step_s``, set against the refresh phase's cost minus
 the steady phase's.
 
+With ``--whole-step`` the whole train step (forward, backward and update, as
+``train.py`` compiles it; layer-wise for ``*_layerwise``, at ``--batch-size`` x
+``--seq-len``) is compiled too, between refreshes, and a second table gives its
+full-size passes per projected leaf (per layer slice for a layer-wise step: its
+refresh branch is left out by structure), GFLOP and GB HLO. These are static
+counts: a scanned layer's body is counted once.
+
 The device whose peaks are used is ``--device`` (default h100; the
 numbers are data-sheet peaks for the SXM parts), independent of where the
 script runs: the cost analysis is of this backend's compiled program, so run it
@@ -47,6 +54,9 @@ solver calls do not depend on the backend).
         --set model.vocab_size=32000 --gap 200 --optimizers adamw galore \\
         --measured benchmarks/results/h100/step_1b.json
     python benchmarks/update_cost.py --config configs/llama_tiny.yaml --gap 10 --time-solvers
+    python benchmarks/update_cost.py --config configs/llama_1b.yaml --gap 200 \
+        --set model.vocab_size=32000 --batch-size 8 --seq-len 256 \
+        --optimizers adamw galore galore_layerwise --whole-step
 """
 
 from __future__ import annotations
@@ -105,23 +115,30 @@ def parse_args(argv=None):
     )
     p.add_argument("--reps", type=int, default=3, help="timed calls per solver call")
     p.add_argument("--measured", help="train_step.py JSON to put measured times beside the floors")
+    p.add_argument(
+        "--whole-step",
+        action="store_true",
+        help="also compile the whole train step (forward, backward and update; layer-wise "
+        "for *_layerwise) and count its full-size passes per projected (layer) leaf",
+    )
+    common.add_shared_args(p, "--batch-size", "--seq-len")
     common.add_out_arg(p, "update_cost")
     args = p.parse_args(argv)
-    # train_step.build reads these.
-    args.batch_size = args.seq_len = args.accum = None
+    args.accum = None  # train_step.build reads it: one micro-batch with --batch-size
     return args
 
 
 def with_constant_count(state, count: int):
-    """The state with every scalar int32 `count` (GaLore's, Adam's, schedules') set to
-    a trace-time constant, so XLA folds the refresh switch to the branch that runs."""
+    """The state with every int32 `count` (GaLore's, Adam's, schedules'; a layer-wise
+    state's are stacked per layer) set to a trace-time constant, so XLA folds the
+    refresh switch to the branch that runs."""
     import jax
     import jax.numpy as jnp
 
     def fix(path, leaf):
         name = getattr(path[-1], "name", None) if path else None
-        if name == "count" and leaf.ndim == 0 and leaf.dtype == jnp.int32:
-            return jnp.asarray(count, jnp.int32)
+        if name == "count" and leaf.dtype == jnp.int32:
+            return jnp.full(leaf.shape, count, jnp.int32)
         return leaf
 
     return jax.tree_util.tree_map_with_path(fix, state)
@@ -151,15 +168,42 @@ _CALLED = re.compile(r"(?:calls|to_apply)=%(?P<name>[\w.\-]+)")
 _NOT_A_PASS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "copy-start"}
 
 
-def full_size_passes(hlo_text: str, leaf_sizes: list) -> float:
+_SUBCOMPUTATION = re.compile(r"(?:calls|to_apply|body|condition)=%(?P<name>[\w.\-]+)")
+
+
+def _outside_branches(hlo_text: str) -> set:
+    """Computations reachable from ENTRY without entering a `conditional`'s branch."""
+    edges, entry, computation = {}, None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?P<entry>ENTRY\s+)?%(?P<name>[\w.\-]+) ", line)
+        if header and line.rstrip().endswith("{"):
+            computation = header.group("name")
+            entry = computation if header.group("entry") else entry
+            edges[computation] = set()
+        elif computation is not None:
+            edges[computation].update(_SUBCOMPUTATION.findall(line))
+    seen, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in edges:
+            continue
+        seen.add(name)
+        todo.extend(edges[name])
+    return seen
+
+
+def full_size_passes(hlo_text: str, leaf_sizes: list, *, branches: bool = True) -> float:
     """Ops of the compiled update that read or write an array of a projected leaf's
     full size, per projected leaf (a kernel = one top-level op; fused bodies are inside it).
 
     An op touching arrays of two full sizes counts once for each; ops are matched by
     element count (XLA:CPU may reshape a stacked (L, m, n) leaf into 2-D), so leaves
-    of one size share that size's count.
+    of one size share that size's count. With `branches=False` the ops inside a
+    `conditional`'s branches (a refresh that runs or not at run time) are left out, and
+    so are the `while` / `conditional` ops themselves (they pass buffers, no kernel).
     """
     fused = set(_CALLED.findall(hlo_text))
+    counted = None if branches else _outside_branches(hlo_text)
     sizes = {}  # instruction name -> element count, per computation
     counts = Counter()
     computation = None
@@ -169,7 +213,9 @@ def full_size_passes(hlo_text: str, leaf_sizes: list) -> float:
             computation, sizes = header.group("name"), {}
             continue
         match = _HLO_LINE.match(line)
-        if not match:
+        if not match or (counted is not None and computation not in counted):
+            continue
+        if counted is not None and match.group("op") in ("while", "conditional", "call"):
             continue
         dims = re.match(r"[a-z]+\d*\[(?P<dims>[\d,]*)\]", match.group("type")).group("dims")
         size = math.prod(int(d) for d in dims.split(",") if d)
@@ -190,6 +236,38 @@ def matmul_peak_tflops(params, peaks: dict) -> float:
 
     dtypes = {x.dtype for x in jax.tree.leaves(params)}
     return peaks["tf32_tflops"] if jnp.dtype(jnp.float32) in dtypes else peaks["bf16_tflops"]
+
+
+def whole_step_cost(run) -> dict:
+    """The compiled train step between refreshes (count 1, as the steady phase): full-size
+    passes per projected leaf (per layer slice of one for a layer-wise step, which
+    updates a layer at a time), FLOPs and HLO bytes."""
+    import jax
+
+    from training import steps
+
+    sizes = projected_leaf_sizes(run)
+    if run.layerwise:  # the stacked leaves' per-layer slices
+        key = run.scanned_model.layers_key
+        stacked = [math.prod(x.shape) for x in jax.tree.leaves(run.abstract_params[key])]
+        layers = jax.tree.leaves(run.abstract_params[key])[0].shape[0]
+        sizes = [s // layers if s in stacked else s for s in sizes]
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), steps.next_train_batches(run)
+    )
+    train_step = steps.make_train_step(run, donate=False)
+    step = jax.jit(lambda p, s, b: train_step(p, with_constant_count(s, 1), b))
+    compiled = step.lower(run.abstract_params, run.abstract_opt_state, batch).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return {
+        # A layer-wise step's counts are loop-carried (no constant): leave its refresh
+        # branch out by structure.
+        "full_size_passes_per_leaf": full_size_passes(compiled.as_text(), sizes, branches=False),
+        "flops": float(cost.get("flops", 0.0)),
+        "hlo_bytes": float(cost.get("bytes accessed", 0.0)),
+    }
 
 
 def phase_cost(tx, abstract_params, count: int, leaf_sizes: list) -> dict:
@@ -376,6 +454,7 @@ def main(argv=None) -> int:
                 "rank": opt_cfg.rank,
                 "matmul_tflops": matmul_tflops,
                 "phases": phases,
+                **({"whole_step": whole_step_cost(run)} if args.whole_step else {}),
             }
         )
         print(f"{name}: compiled", file=sys.stderr, flush=True)
@@ -440,6 +519,26 @@ def main(argv=None) -> int:
             row.append(describe_calls(cost["solver_calls"]))
             table_rows.append(row)
     print(common.markdown_table(headers, table_rows))
+    if args.whole_step:
+        print(
+            "\nWhole train step between refreshes: full-size passes per projected leaf (a "
+            "layer-wise step: per layer slice), compiled for this backend; static counts "
+            "(a scanned layer's body once).\n"
+        )
+        print(
+            common.markdown_table(
+                ["optimizer", "full-size passes / leaf", "GFLOP", "GB HLO"],
+                [
+                    [
+                        r["optimizer"],
+                        f"{r['whole_step']['full_size_passes_per_leaf']:.1f}",
+                        f"{r['whole_step']['flops'] / 1e9:,.1f}",
+                        f"{r['whole_step']['hlo_bytes'] / 1e9:.2f}",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
     eigh_rows = time_eigh_implementations(solver_seconds, args.reps) if args.time_solvers else []
     if eigh_rows:
         print(f"\neigh per call on {dev.device_kind}: default vs Jacobi (seconds, median).\n")

@@ -35,13 +35,15 @@ def test_solver_calls_reads_custom_calls_and_opcodes():
     }
 
 
-def test_with_constant_count_replaces_only_int32_scalar_counts():
+def test_with_constant_count_replaces_only_int32_counts():
     params = {"w": jnp.ones((4, 3))}
     tx = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda c: 1.0))
     state = tx.init(params)
     fixed = update_cost.with_constant_count(state, 7)
     assert int(fixed[0].count) == 7 and int(fixed[1].count) == 7
     assert fixed[0].mu["w"].shape == (4, 3)
+    stacked = jax.vmap(tx.init)({"w": jnp.ones((5, 4, 3))})  # a layer-wise state's
+    assert update_cost.with_constant_count(stacked, 2)[0].count.tolist() == [2] * 5
 
 
 def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
@@ -122,6 +124,56 @@ ENTRY %main (g: f32[4,8], h: f32[2,3]) -> f32[4,8] {
     # reduce, the fusion (reads g; its body is not counted) and add touch 32 values; negate not.
     assert update_cost.full_size_passes(hlo, [32]) == 3
     assert update_cost.full_size_passes(hlo, [32, 32]) == 1.5  # two leaves of one size
+
+
+def test_full_size_passes_can_leave_conditional_branches_out():
+    hlo = """
+%refresh (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %e = f32[4,8]{1,0} exponential(%p)
+}
+
+%keep (p: f32[4,8]) -> f32[4,8] {
+  ROOT %p = f32[4,8]{1,0} parameter(0)
+}
+
+%body (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %i = s32[] constant(0)
+  %c = f32[4,8]{1,0} conditional(%i, %p, %p), branch_computations={%keep, %refresh}
+  ROOT %n = f32[4,8]{1,0} negate(%c)
+}
+
+%once (p: f32[4,8]) -> pred[] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %f = pred[] constant(false)
+}
+
+ENTRY %main (g: f32[4,8]) -> f32[4,8] {
+  %g = f32[4,8]{1,0} parameter(0)
+  ROOT %w = f32[4,8]{1,0} while(%g), condition=%once, body=%body
+}
+"""
+    # With branches: the while and conditional ops, the refresh's exponential, the negate.
+    assert update_cost.full_size_passes(hlo, [32]) == 4
+    # Steady: only the negate; the branch and the control-flow op are left out.
+    assert update_cost.full_size_passes(hlo, [32], branches=False) == 1
+
+
+def test_whole_step_counts_the_steady_train_step(tmp_path):
+    """--whole-step: the standard and the layer-wise step compile from abstract shapes;
+    between refreshes neither counts the refresh branch, and the standard step touches
+    each projected leaf more often than its update alone (forward and backward use it)."""
+    out = tmp_path / "cost.json"
+    argv = ["--config", str(REPO_ROOT / "configs" / "llama_tiny.yaml"), "--gap", "10"]
+    argv += ["--batch-size", "8", "--seq-len", "32", "--whole-step", "--out", str(out)]
+    assert update_cost.main(argv + ["--optimizers", "galore", "galore_layerwise"]) == 0
+    results = {r["optimizer"]: r for r in json.loads(out.read_text())["results"]}
+    standard, layerwise = results["galore"], results["galore_layerwise"]
+    steady = standard["phases"]["steady"]["full_size_passes_per_leaf"]
+    assert standard["whole_step"]["full_size_passes_per_leaf"] > steady
+    assert layerwise["whole_step"]["full_size_passes_per_leaf"] > 0
+    assert 0 < standard["whole_step"]["flops"] and 0 < layerwise["whole_step"]["hlo_bytes"]
 
 
 def test_refresh_benchmark_runs_every_method_on_a_tiny_shape(tmp_path):
