@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -160,6 +161,7 @@ ENTRY %main (g: f32[4,8]) -> f32[4,8] {
     assert update_cost.full_size_passes(hlo, [32], branches=False) == 1
 
 
+@pytest.mark.slow  # two whole-step compiles on 8 devices: a benchmark option, on demand
 def test_whole_step_counts_the_steady_train_step(tmp_path):
     """--whole-step: the standard and the layer-wise step compile from abstract shapes;
     between refreshes neither counts the refresh branch, and the standard step touches
