@@ -229,7 +229,7 @@ def main(argv=None) -> int:
             power_iters=args.power_iters,
             warm=warm,
             intermediate_passes=args.intermediate_passes,
-            eigh_implementation=args.eigh_implementation if svd == "randomized" else None,
+            eigh_implementation=args.eigh_implementation,  # unused by svd="exact"
         )
         return dict(zip(LEAVES, news))
 

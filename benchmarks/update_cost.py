@@ -246,12 +246,7 @@ def whole_step_cost(run) -> dict:
 
     from training import steps
 
-    sizes = projected_leaf_sizes(run)
-    if run.layerwise:  # the stacked leaves' per-layer slices
-        key = run.scanned_model.layers_key
-        stacked = [math.prod(x.shape) for x in jax.tree.leaves(run.abstract_params[key])]
-        layers = jax.tree.leaves(run.abstract_params[key])[0].shape[0]
-        sizes = [s // layers if s in stacked else s for s in sizes]
+    sizes = projected_leaf_sizes(run, per_layer=run.layerwise)
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), steps.next_train_batches(run)
     )
@@ -299,8 +294,10 @@ def phase_cost(tx, abstract_params, count: int, leaf_sizes: list) -> dict:
     }
 
 
-def projected_leaf_sizes(run) -> list:
-    """Element counts of the leaves GaLore projects (the same leaves for every optimizer)."""
+def projected_leaf_sizes(run, *, per_layer: bool = False) -> list:
+    """Element counts of the leaves GaLore projects (the same leaves for every optimizer);
+    with `per_layer`, one layer's slice of each stacked layer leaf (what a layer-wise
+    step updates at a time)."""
     import jax
 
     import galore_jax as gj
@@ -310,9 +307,11 @@ def projected_leaf_sizes(run) -> list:
         dimension_numbers=run.dimension_numbers,
         label_overrides=run.config.optimizer.label_overrides,
     )
+    layers_key = run.scanned_model.layers_key if per_layer else None
+    leaves = jax.tree_util.tree_flatten_with_path(run.abstract_params)[0]
     return [
-        math.prod(x.shape)
-        for x, label in zip(jax.tree.leaves(run.abstract_params), jax.tree.leaves(labels))
+        math.prod(x.shape[1:] if getattr(path[0], "key", None) == layers_key else x.shape)
+        for (path, x), label in zip(leaves, jax.tree.leaves(labels))
         if label == "galore"
     ]
 

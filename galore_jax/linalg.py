@@ -562,7 +562,7 @@ def check_eigh_available(implementation: Optional[str]) -> None:
     if backend not in _EIGH_BACKENDS[implementation]:
         raise ValueError(
             f"eigh_implementation={implementation!r} is not available on {backend} "
-            f"(XLA has it on {', '.join(sorted(set(_EIGH_BACKENDS[implementation])))}): "
+            f"(XLA has it on {', '.join(sorted(_EIGH_BACKENDS[implementation]))}): "
             "use eigh_implementation=None"
         )
 

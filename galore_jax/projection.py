@@ -256,27 +256,17 @@ def project_back(
     GEMMs), so no float32 full-size array is written and then converted.
     """
     f32 = linalg.compute_dtype(low.dtype)
-    out = f32 if dtype is None else jnp.dtype(dtype)
-    if out == linalg.compute_dtype(out):  # 32-bit or wider: as computed
-        operand = lambda x: x  # noqa: E731
-        out = f32
-    else:
-        operand = lambda x: x.astype(out)  # noqa: E731
-    if plan.side == "left":
-        (u,) = projectors
-        return sops.einsum(
-            "...mr,...rn->...mn", operand(u), operand(low), preferred_element_type=out
-        )
-    if plan.side == "right":
-        (vh,) = projectors
-        return sops.einsum(
-            "...mr,...rn->...mn", operand(low), operand(vh), preferred_element_type=out
-        )
-    u, vh = projectors
-    left = sops.einsum("...mr,...rs->...ms", u, low, preferred_element_type=f32)
-    if out == f32:
-        return sops.einsum("...ms,...sn->...mn", left, vh.astype(f32))
-    return sops.einsum("...ms,...sn->...mn", operand(left), operand(vh), preferred_element_type=out)
+    narrow = dtype is not None and jnp.dtype(dtype) != linalg.compute_dtype(dtype)
+    out = jnp.dtype(dtype) if narrow else f32
+    if plan.side == "full":  # the inner product stays in f32; the outer writes the update
+        u, vh = projectors
+        low = sops.einsum("...mr,...rs->...ms", u, low, preferred_element_type=f32)
+        projectors = (vh if narrow else vh.astype(f32),)
+    (p,) = projectors
+    a, b = (p, low) if plan.side == "left" else (low, p)
+    if narrow:
+        a, b = a.astype(out), b.astype(out)
+    return sops.einsum("...mr,...rn->...mn", a, b, preferred_element_type=out)
 
 
 def refresh_projectors(

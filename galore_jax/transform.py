@@ -302,18 +302,11 @@ def _matrix_projection(
             plan, plan.to_standard(g), decode(plan, p, jnp.result_type(g))
         ),
         from_low=lambda plan, low, p, dtype: plan.from_standard(
-            proj.project_back(plan, low, decode(plan, p, _back_operand_dtype(low, dtype)), dtype)
+            proj.project_back(plan, low, decode(plan, p, jnp.result_type(low)), dtype)
         ),
         refresh=refresh,
         rotate=rotate,
     )
-
-
-def _back_operand_dtype(low: jax.Array, dtype) -> jnp.dtype:
-    """The projection back's operand dtype: the update's when it is 16-bit (a 16-bit
-    GEMM writing the update directly), else the low-rank update's."""
-    dtype = jnp.dtype(dtype)
-    return dtype if dtype != linalg.compute_dtype(dtype) else jnp.result_type(low)
 
 
 def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
