@@ -102,17 +102,17 @@ def _activation_bytes(config) -> int:
     return m.num_layers * tokens * m.hidden_size * itemsize + tokens * (m.vocab_size or 0) * 4
 
 
-def run_child(name: str, args) -> dict:
+def compiled_step_memory(config, num_devices: int, run_steps: int = 0) -> dict:
+    """Compiles train.py's step for `config` on `num_devices` devices (abstract inputs,
+    nothing allocated) and returns XLA's memory analysis beside byte counts from shapes.
+    With `run_steps`, also runs that many real steps and reads the device's peak."""
     import jax
 
     import galore_jax as gj
     from training import mesh as mesh_lib
     from training import steps
-    from training.config import load_config
 
-    overrides, _ = VARIANTS[name]
-    config = load_config(args.config, common.base_overrides(args) + overrides)
-    run = steps.build_run(config, jax.device_count())
+    run = steps.build_run(config, num_devices)
     with mesh_lib.use_mesh(run.mesh):
         train_step = steps.make_train_step(run)
         batches = steps.next_train_batches(run)
@@ -128,8 +128,6 @@ def run_child(name: str, args) -> dict:
         ).compile()
         mem = compiled.memory_analysis()
         result = {
-            "variant": name,
-            "description": VARIANTS[name][1],
             "arguments_bytes": int(mem.argument_size_in_bytes),
             "outputs_bytes": int(mem.output_size_in_bytes),
             "aliased_bytes": int(mem.alias_size_in_bytes),
@@ -148,13 +146,25 @@ def run_child(name: str, args) -> dict:
             + result["temp_bytes"]
         )
         result["peak_bytes_in_use"] = None
-        if args.run_steps:
+        if run_steps:
             params, opt_state, _ = steps.init_or_restore(run, None)
-            for _ in range(args.run_steps):
+            for _ in range(run_steps):
                 params, opt_state, metrics = compiled(params, opt_state, batches)
             jax.block_until_ready(metrics)
             result["peak_bytes_in_use"] = common.jax_peak_memory_bytes()
             result["loss"] = float(metrics["loss"])
+    return result
+
+
+def run_child(name: str, args) -> dict:
+    import jax
+
+    from training.config import load_config
+
+    overrides, description = VARIANTS[name]
+    config = load_config(args.config, common.base_overrides(args) + overrides)
+    result = {"variant": name, "description": description}
+    result.update(compiled_step_memory(config, jax.device_count(), args.run_steps))
     return result
 
 

@@ -300,12 +300,29 @@ def randomized_range(
 
 
 def _randomized_range(
-    mats: list, width: int, *, keys: list, power_iters: int, inits, intermediate_passes: int
+    mats: list,
+    width: int,
+    *,
+    keys: list,
+    power_iters: int,
+    inits,
+    intermediate_passes: int,
+    valid: Optional[list] = None,
 ) -> list:
     """`randomized_range` of a group of matrices (one width, dtype and warm-block width),
-    each orthonormalisation step factorised for the whole group at once."""
+    each orthonormalisation step factorised for the whole group at once.
+
+    `valid` (one boolean scalar per matrix, or None): a matrix whose flag is False is
+    treated as the zero matrix. Its products are zeroed, not the matrix itself, so no
+    full-size masked copy is made (it would stay alive across the group's shared
+    factorisations, one per matrix: a second gradient tree in a whole-model refresh).
+    """
+    valid = [None] * len(mats) if valid is None else valid
     a_hs = [sops.swap_last(a) for a in mats]
-    times = lambda xs, ys, spec: [sops.einsum(spec, x, y) for x, y in zip(xs, ys)]  # noqa: E731
+
+    def times(xs, ys, spec):
+        return [_zero_unless(v, sops.einsum(spec, x, y)) for x, y, v in zip(xs, ys, valid)]
+
     if inits is None:
         omegas = [
             _gaussian(k, (*a.shape[:-2], a.shape[-1], width), a.dtype) for a, k in zip(mats, keys)
@@ -336,6 +353,11 @@ def _randomized_range(
             else _between_products(ys, intermediate_passes)
         )
     return qs
+
+
+def _zero_unless(valid, x: jax.Array) -> jax.Array:
+    """x, or zeros where the scalar `valid` is False (None: always x)."""
+    return x if valid is None else jnp.where(valid, x, jnp.zeros_like(x))
 
 
 def randomized_svd(
@@ -471,6 +493,7 @@ def top_left_bases(
     power_iters: int = 1,
     intermediate_passes: int = 2,
     eigh_implementation: Optional[str] = None,
+    valid: Optional[Sequence[jax.Array]] = None,
 ) -> list:
     """`top_left_basis` of several matrices: `tasks` are `(a, rank, key, init)`.
 
@@ -480,11 +503,17 @@ def top_left_bases(
     model's refresh costs a few solver calls per step instead of a few per leaf.
     Each matrix gets the basis it gets alone (its own key; stacking only changes
     which call factorises its small matrices).
+
+    `valid` (optional, one boolean scalar per task): where False, the matrix is
+    refreshed as if it were zero (a random orthonormal basis), e.g. for a gradient
+    that is not finite. The randomized path zeroes the small products instead of
+    copying the matrix, so a group's refresh reads the matrices in place.
     """
     if svd not in ("randomized", "exact"):
         raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
     eigh = _eigh(eigh_implementation) if svd == "randomized" else None
     tasks = [(a.astype(compute_dtype(a.dtype)), rank, key, init) for a, rank, key, init in tasks]
+    valid = [None] * len(tasks) if valid is None else list(valid)
     out = [None] * len(tasks)
     groups = {}
     for i, (a, rank, key, init) in enumerate(tasks):
@@ -492,7 +521,8 @@ def top_left_bases(
         _check_rank(rank, m, n)
         if svd == "exact":
             u = _per_matrix_on_cpu(
-                lambda x: jnp.linalg.svd(x, full_matrices=False)[0], sops.replicate_matrix_dims(a)
+                lambda x: jnp.linalg.svd(x, full_matrices=False)[0],
+                sops.replicate_matrix_dims(_zero_unless(valid[i], a)),
             )[..., :, :rank]
             out[i] = canonicalize_signs(u)
             continue
@@ -508,13 +538,14 @@ def top_left_bases(
             power_iters=power_iters,
             intermediate_passes=intermediate_passes,
             eigh=eigh,
+            valid=[valid[i] for i in members],
         )
         for i, (q, _, _, evecs) in zip(members, ritz):
             out[i] = canonicalize_signs(sops.einsum("...mk,...kr->...mr", q, evecs))
     return out
 
 
-def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes, eigh):
+def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes, eigh, valid=None):
     """Per task `(a, rank, key, init)` of one group (sketches `width` wide): sketch basis
     Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).
 
@@ -529,8 +560,13 @@ def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes, eigh):
         power_iters=power_iters,
         inits=None if inits[0] is None else inits,
         intermediate_passes=intermediate_passes,
+        valid=valid,
     )
-    bs = [sops.einsum("...mk,...mn->...kn", jnp.conj(q), a) for q, a in zip(qs, mats)]
+    valid = [None] * len(mats) if valid is None else valid
+    bs = [
+        _zero_unless(v, sops.einsum("...mk,...mn->...kn", jnp.conj(q), a))
+        for q, a, v in zip(qs, mats, valid)
+    ]
     grams = [sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b))) for b in bs]
     eig = _factorise_together(eigh, grams)
     return [

@@ -309,11 +309,15 @@ def refresh_projectors_together(
     warm: bool,
     intermediate_passes: int = 2,
     eigh_implementation: Optional[str] = None,
+    valid: Optional[list] = None,
 ) -> list:
     """`refresh_projectors` of several leaves refreshed at one step: their SVDs share
-    each batched factorisation call (`linalg.top_left_bases`)."""
+    each batched factorisation call (`linalg.top_left_bases`). `valid` (a boolean
+    scalar per leaf): where False, the leaf is refreshed as a zero gradient."""
     tasks, slots = [], []  # slots[i]: indices into tasks of leaf i's sides
-    for plan, g, old, key in zip(plans, gs, olds, keys):
+    task_valid = []
+    valid = [None] * len(plans) if valid is None else valid
+    for plan, g, old, key, v in zip(plans, gs, olds, keys, valid):
         left_key, right_key = jax.random.split(key)
         sides = []
         if plan.side in ("left", "full"):
@@ -323,6 +327,7 @@ def refresh_projectors_together(
             sides.append(len(tasks))
             init = sops.swap_last(old[-1]) if warm else None
             tasks.append((sops.swap_last(g), plan.rank, right_key, init))
+        task_valid += [v] * len(sides)
         slots.append((plan.side, sides))
     bases = linalg.top_left_bases(
         tasks,
@@ -331,6 +336,7 @@ def refresh_projectors_together(
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
         eigh_implementation=eigh_implementation,
+        valid=task_valid,
     )
     out = []
     for (side, sides), old in zip(slots, olds):

@@ -217,8 +217,9 @@ class _Projection:
     low_shape: Callable  # plan -> shape of the low-rank gradient
     to_low: Callable  # (plan, g, projectors) -> low-rank gradient
     from_low: Callable  # (plan, low, projectors, update dtype) -> full gradient
-    # (plans, gs, olds, *, keys, warm) -> new projectors per leaf, for leaves that
-    # refresh at one step (matrix GaLore shares their factorisation calls).
+    # (plans, gs, olds, *, keys, warm, valid) -> new projectors per leaf, for leaves
+    # that refresh at one step (matrix GaLore shares their factorisation calls);
+    # a leaf whose `valid` flag is False is refreshed as a zero gradient.
     refresh: Callable
     rotate: Callable  # (plan, moment, old, new, *, second) -> moment
 
@@ -268,7 +269,7 @@ def _matrix_projection(
             )
         return tuple(out)
 
-    def refresh(plans, gs, olds, *, keys, warm):
+    def refresh(plans, gs, olds, *, keys, warm, valid):
         news = proj.refresh_projectors_together(
             plans,
             [plan.to_standard(g) for plan, g in zip(plans, gs)],
@@ -280,6 +281,7 @@ def _matrix_projection(
             warm=warm,
             intermediate_passes=intermediate_passes,
             eigh_implementation=eigh_implementation,
+            valid=valid,
         )
         # Codes and scales keep the old ones' shardings, so lax.switch branches agree.
         return [
@@ -314,13 +316,13 @@ def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
         per_mode = [() if f is None else f for f in plan.expand(tuple(factors))]
         return tuple(per_mode) + ((),) * (num_slots - len(per_mode))
 
-    def refresh(plans, gs, olds, *, keys, warm):
+    def refresh(plans, gs, olds, *, keys, warm, valid):
         return [
             slots(
                 plan,
                 proj.tucker_refresh(
                     plan,
-                    g,
+                    jnp.where(v, g, 0),  # the HOSVD's unfoldings copy g anyway
                     _side_arrays(plan, old),
                     svd=svd,
                     key=key,
@@ -329,7 +331,7 @@ def _tucker_projection(svd, oversample, power_iters, num_slots) -> _Projection:
                     warm=warm,
                 ),
             )
-            for plan, g, old, key in zip(plans, gs, olds, keys)
+            for plan, g, old, key, v in zip(plans, gs, olds, keys, valid)
         ]
 
     return _Projection(
@@ -516,16 +518,17 @@ def _low_rank_transform(
                 return list(olds), [jnp.zeros([], jnp.bool_) for _ in olds]
 
             def refresh(gs, olds, *, warm, plans=member_plans, keys=keys):
-                # The scaled gradient, as a chain before would see it.
-                gs = [scaled_by(g, grad_scale) for g in gs]
+                # A subspace does not change when its gradient is scaled, so the raw
+                # gradients are sketched: a scaled or masked full-size copy per leaf
+                # would stay alive across the shared factorisations (a second gradient
+                # tree). A non-finite gradient (or scale) is refreshed as zero, and so
+                # is one scaled by zero.
                 finite = [jnp.all(jnp.isfinite(g)) for g in gs]
-                news = project.refresh(
-                    plans,
-                    [jnp.where(f, g, 0) for f, g in zip(finite, gs)],
-                    olds,
-                    keys=keys,
-                    warm=warm,
-                )
+                valid = finite
+                if grad_scale is not None:
+                    finite = [f & jnp.isfinite(grad_scale) for f in finite]
+                    valid = [f & (grad_scale != 0) for f in finite]
+                news = project.refresh(plans, gs, olds, keys=keys, warm=warm, valid=valid)
                 skips = [~f & (count > 0) for f in finite]
                 news = [
                     tuple(o if _is_empty(o) else jnp.where(skip, o, p) for p, o in zip(new, old))

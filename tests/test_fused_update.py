@@ -142,8 +142,11 @@ def test_grad_scale_extra_arg_is_a_scale_stage_before_the_clip(factory):
         grads = _grads(step, params)
         u1, s1 = with_arg(grads, s1, p1, c)
         u2, s2 = scaled_first(grads, s2, p2, c)
+        # Refreshes sketch the unscaled gradient (a subspace does not change with a
+        # scalar), so the bases differ from the scaled gradient's by rounding, which the
+        # small gaps between a random gradient's singular values amplify a little.
         for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
 
 

@@ -9,6 +9,7 @@ Everything here is plain ``jax.sharding``: a ``Mesh`` from ``jax.make_mesh``,
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -58,7 +59,7 @@ def maybe_initialize_distributed(
 
 
 def make_mesh(shape: Mapping[str, int], kind: str = "auto") -> jax.sharding.Mesh:
-    """Builds the ``(data, fsdp, tensor)`` mesh over all devices.
+    """Builds the ``(data, fsdp, tensor)`` mesh over the first devices it needs.
 
     Args:
       shape: axis name -> size, sizes already resolved (no -1).
@@ -69,7 +70,10 @@ def make_mesh(shape: Mapping[str, int], kind: str = "auto") -> jax.sharding.Mesh
         "explicit": jax.sharding.AxisType.Explicit,
     }[kind]
     sizes = tuple(int(shape[name]) for name in MESH_AXES)
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
+    devices = jax.devices()[: math.prod(sizes)]
+    return jax.make_mesh(
+        sizes, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES), devices=devices
+    )
 
 
 def use_mesh(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
