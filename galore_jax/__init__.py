@@ -2,8 +2,9 @@
 
 from galore_jax.adam import ScaleByTorchAdamState, scale_by_torch_adam
 from galore_jax.alias import GALORE_ADAMW_STATIC_ARGS, galore_adamw, tensor_galore_adamw
+from galore_jax.complex_grads import conjugate_complex_grads
 from galore_jax.describe import LeafTreatment, Treatment, describe
-from galore_jax.labels import galore_labels, labels_by_path
+from galore_jax.labels import RankFallbackWarning, galore_labels, labels_by_path
 from galore_jax.layerwise import (
     LayerwiseState,
     ScannedModel,
@@ -56,6 +57,7 @@ __all__ = [
     "LeafTreatment",
     "MasterWeightsState",
     "MatrixProjectors",
+    "RankFallbackWarning",
     "ScaleByAdam8bitState",
     "ScaleByGaloreState",
     "ScaleByTensorGaloreState",
@@ -67,6 +69,7 @@ __all__ = [
     "canonicalize_signs",
     "clip_by_layer_norm",
     "clip_by_previous_global_norm",
+    "conjugate_complex_grads",
     "describe",
     "exact_svd",
     "galore_adamw",

@@ -14,6 +14,7 @@ not to full-size arrays (see `_fused_update`).
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -23,6 +24,7 @@ import optax
 from galore_jax import labels as labels_lib
 from galore_jax import paths, quantization, transform
 from galore_jax import projection as proj
+from galore_jax.complex_grads import check_complex_grads
 from galore_jax.transform import scale_by_galore, scale_by_tensor_galore
 
 ScalarOrSchedule = Union[float, optax.Schedule]
@@ -94,12 +96,23 @@ def _check_max_grad_norm(name, max_grad_norm):
 
 def _clip_factor(updates, max_norm, grad_scale=None):
     """optax.clip_by_global_norm's factor for `grad_scale * updates`: 1 below
-    `max_norm`, else max_norm / norm (NaN for a non-finite norm, so every leaf
-    then counts as non-finite)."""
-    norm = optax.tree.norm(updates)
+    `max_norm`, else max_norm / norm.
+
+    The norm leaves out leaves that are not finite (each member zeroes such a
+    leaf for the step), so one NaN cannot scale every other leaf to NaN; with
+    finite gradients it is optax.tree.norm's value bit for bit.
+    """
+    sums = [jnp.sum(jnp.square(x.real) + jnp.square(x.imag)) for x in jax.tree.leaves(updates)]
+    finite_sums = [jnp.where(jnp.isfinite(s), s, jnp.zeros_like(s)) for s in sums]
+    norm = jnp.sqrt(jnp.asarray(functools.reduce(operator.add, finite_sums, 0)))
     if grad_scale is not None:
         norm = norm * jnp.abs(jnp.asarray(grad_scale, norm.dtype))
     return jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
+
+
+def zero_if_not_finite(x):
+    """x, or zeros when any entry of x is NaN / inf (one leaf's step skipped)."""
+    return jnp.where(jnp.all(jnp.isfinite(x)), x, jnp.zeros_like(x))
 
 
 def _times(a, b):
@@ -109,12 +122,15 @@ def _times(a, b):
 
 def _with_scales(inner: optax.GradientTransformation) -> transform.GradScaleTransformation:
     """`inner` (Adam on full-size leaves) that takes the low-rank transforms' extra
-    args `grad_scale` / `update_scale`; the multiplies fuse into Adam's own pass."""
+    args `grad_scale` / `update_scale`; the multiplies fuse into Adam's own pass.
+    A leaf whose gradient is not finite counts as a zero gradient for the step, as
+    in the low-rank transforms."""
     inner = optax.with_extra_args_support(inner)
 
     def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra):
         scaled = lambda tree, f: jax.tree.map(lambda x: transform.scaled_by(x, f), tree)
-        updates, state = inner.update(scaled(updates, grad_scale), state, params, **extra)
+        updates = jax.tree.map(zero_if_not_finite, scaled(updates, grad_scale))
+        updates, state = inner.update(updates, state, params, **extra)
         return scaled(updates, update_scale), state
 
     return transform.GradScaleTransformation(inner.init, update_fn)
@@ -133,6 +149,7 @@ def _fused_update(partition, decay, lr_stage, max_grad_norm):
 
     def update_fn(updates, state, params=None, *, grad_scale=None, **extra_args):
         transform.check_scalar_arg("grad_scale", grad_scale)
+        check_complex_grads(updates, params, where="update")
         partition_state, decay_state, lr_state = state
         # The lr stage on a scalar 1: optax's step size (schedule, sign) and count.
         step, lr_state = lr_stage.update(jnp.ones([], jnp.float32), lr_state)
@@ -154,7 +171,7 @@ def _chain(
     learning_rate,
     *,
     max_grad_norm,
-    labels,
+    labeler,
     b1,
     b2,
     eps,
@@ -173,46 +190,60 @@ def _chain(
             labels_lib.TENSOR_GALORE: tensor_tx(adam()),
             labels_lib.ADAM: _with_scales(adam()),
         },
-        labels,
+        labeler.labels,
     )
     decay = _decayed_weights(weight_decay, weight_decay_mask, name)
     lr_stage = optax.scale_by_learning_rate(learning_rate)
     chain = optax.chain(partition, decay, lr_stage)  # its init: the state tree
-    return transform.GradScaleTransformation(
+    tx = transform.GradScaleTransformation(
         chain.init, _fused_update(partition, decay, lr_stage, max_grad_norm)
     )
+    labels_lib.register_explainer(tx.init, labeler.explain)
+    return tx
 
 
 def _no_batch_axes(params):
     return jax.tree.map(lambda _: None, params)
 
 
-def _label_fn(labels, **rule):
-    if labels is not None:
-        return labels
-    return lambda params: labels_lib.galore_labels(params, **rule)
+class _Labeler:
+    """An optimizer's labels, resolved on the whole params; what GaLore sees by path.
 
-
-class _WholeTreeDimensionNumbers:
-    """Dimension numbers resolved on the whole params, handed to GaLore by path.
-
-    Stacked layers are found by structure over the whole tree (e.g. a norm
-    stack (L, d) beside the kernels (L, m, n)), but `optax.partition` hands the
-    GaLore transform only its masked sub-tree. The labels function, which
-    `optax.partition` calls on the whole tree first (at init and at every
-    update), records the resolution; the transform reads it by param path.
+    Stacked layers are found by structure over the whole tree (e.g. a norm stack
+    (L, d) beside the kernels (L, m, n)), but `optax.partition` hands the GaLore
+    transform only its masked sub-tree. `labels`, which `optax.partition` calls
+    on the whole tree first (at init and at every update), records the
+    resolution; the transform reads it by param path (`__call__`). The rank
+    fallback warning is given once per optimizer, not once per trace.
     """
 
-    def __init__(self, dimension_numbers):
+    def __init__(self, dimension_numbers, given_labels=None, **rule):
         self.dimension_numbers = dimension_numbers
+        self.given_labels = given_labels
+        self.rule = rule
         self.by_path = {}
+        self.warned = False
 
-    def labels(self, params, **rule):
+    def resolve(self, params) -> labels_lib.LabelRule:
         names = paths.leaf_paths(params)[0]
         dims = proj.resolve_dimension_numbers(self.dimension_numbers, params)
         self.by_path = dict(zip(names, dims))
+        if self.given_labels is not None:
+            given = self.given_labels
+            labels = given(params) if paths.is_function(given) else given
+            return labels_lib.LabelRule(labels, dict.fromkeys(names, "labels given"), [])
         treedef = jax.tree.structure(params)
-        return labels_lib.galore_labels(params, dimension_numbers=treedef.unflatten(dims), **rule)
+        return labels_lib.label_rule(params, dimension_numbers=treedef.unflatten(dims), **self.rule)
+
+    def labels(self, params):
+        rule = self.resolve(params)
+        if not self.warned:
+            self.warned = True
+            rule.warn_fallbacks(stacklevel=5)
+        return rule.labels
+
+    def explain(self, params) -> dict:
+        return self.resolve(params).reasons
 
     def __call__(self, sub_params):
         names, _, treedef = paths.leaf_paths(sub_params)
@@ -317,7 +348,14 @@ def galore_adamw(
     _check_ranks("tensor_rank", tensor_rank, static)
     transform.check_common(update_proj_gap, oversample, power_iters, seed, svd, on_refresh, static)
     moment_bits, projector_bits = _check_bits(moment_bits, projector_bits, static)
-    dims = _WholeTreeDimensionNumbers(dimension_numbers)
+    dims = _Labeler(
+        dimension_numbers,
+        labels,
+        label_overrides=label_overrides,
+        rank=rank,
+        proj_type=proj_type,
+        tensor_rank=tensor_rank,
+    )
     refresh = _refresh_options(
         update_proj_gap, scale, oversample, power_iters, warm_start, on_refresh, stagger
     )
@@ -340,14 +378,7 @@ def galore_adamw(
     return _chain(
         learning_rate,
         max_grad_norm=max_grad_norm,
-        labels=labels
-        or functools.partial(
-            dims.labels,
-            label_overrides=label_overrides,
-            rank=rank,
-            proj_type=proj_type,
-            tensor_rank=tensor_rank,
-        ),
+        labeler=dims,
         b1=b1,
         b2=b2,
         eps=eps,
@@ -395,6 +426,14 @@ def tensor_galore_adamw(
     `max_grad_norm` clips as in `galore_adamw` (the factor in the low-rank space),
     and `update` takes the extra arg `grad_scale` as `galore_adamw`'s does.
 
+    `rank`: as in `scale_by_tensor_galore` (a float is the fraction of each
+    tensor's entries kept by its Tucker core plus factors, as in neuraloperator);
+    a per-mode tuple that does not fit a tensor is an error naming it.
+
+    Complex params: `jax.grad` of a real loss returns the conjugate of the descent
+    direction; use `optax.chain(gj.conjugate_complex_grads(), tx)` (or conjugate
+    the gradients yourself, once). A real gradient for a complex param is an error.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import galore_jax as gj
@@ -419,10 +458,10 @@ def tensor_galore_adamw(
         learning_rate,
         max_grad_norm=max_grad_norm,
         # Every N-D tensor is a tensor here (stacked layers too): no stack inference.
-        labels=_label_fn(
+        labeler=_Labeler(
+            _no_batch_axes,
             labels,
             label_overrides=label_overrides,
-            dimension_numbers=_no_batch_axes,
             matrices=labels_lib.ADAM,
             tensor_rank=rank,
         ),

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from galore_jax import labels as labels_lib
 from galore_jax import paths, quantization
 
 __all__ = ["LeafTreatment", "Treatment", "describe"]
@@ -36,6 +37,9 @@ class LeafTreatment:
       codes' shapes when quantized: int4 packs two values per byte).
       moment_shapes: shapes of the other state arrays kept for it (moments).
       bytes: state bytes kept for it (projectors + moments).
+      why: the rule that chose its label ("matrix", "name has 'norm'", "rank 128 >=
+        the matrix's smaller side", ...), for optimizers built by `galore_adamw` /
+        `tensor_galore_adamw`; "-" otherwise.
     """
 
     path: str
@@ -46,6 +50,7 @@ class LeafTreatment:
     projector_shapes: List[Tuple[int, ...]] = dataclasses.field(default_factory=list)
     moment_shapes: List[Tuple[int, ...]] = dataclasses.field(default_factory=list)
     bytes: int = 0
+    why: str = "-"
 
 
 @dataclasses.dataclass
@@ -63,7 +68,17 @@ class Treatment:
         return {leaf.path: leaf for leaf in self.leaves}
 
     def __str__(self) -> str:
-        header = ("param", "shape", "label", "side", "rank", "projectors", "moments", "bytes")
+        header = (
+            "param",
+            "shape",
+            "label",
+            "side",
+            "rank",
+            "projectors",
+            "moments",
+            "bytes",
+            "why",
+        )
         rows = [header]
         for t in self.leaves:
             rows.append(
@@ -76,6 +91,7 @@ class Treatment:
                     " ".join(map(_shape, t.projector_shapes)) or "-",
                     " ".join(map(_shape, t.moment_shapes)) or "-",
                     f"{t.bytes:,}",
+                    t.why,
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -130,9 +146,13 @@ def describe(tx, params: Any) -> Treatment:
       ('adam', [(64, 16), (64, 16)])
     """
     state = jax.eval_shape(tx.init, params)
+    reasons = labels_lib.explain(tx, params)
     param_names, param_leaves, _ = paths.leaf_paths(params)
     split_names = [n.split("/") if n != "<root>" else [] for n in param_names]
-    leaves = [LeafTreatment(n, tuple(x.shape)) for n, x in zip(param_names, param_leaves)]
+    leaves = [
+        LeafTreatment(n, tuple(x.shape), why=reasons.get(n, "-"))
+        for n, x in zip(param_names, param_leaves)
+    ]
     shared = 0
     flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=quantization.is_quantized)[0]
     for keypath, leaf in flat:

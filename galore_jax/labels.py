@@ -17,9 +17,11 @@ to a label keeps it (a rank that does not fit is then an error, not a fallback).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax.numpy as jnp
 
@@ -83,12 +85,132 @@ def _model_tables(shapes, dims) -> list:
     ]
 
 
-def _tucker_fits(shape, tensor_rank) -> bool:
+def _tucker_fallback(shape, tensor_rank, name: str) -> Optional[str]:
+    """Why a tensor gets plain Adam at `tensor_rank` (None: Tucker fits it).
+
+    A per-mode tuple that does not fit the tensor is the caller's mistake and an
+    error; one int rank above a small mode's size (a 3 x 3 conv window) is not.
+    """
     try:
-        proj.tucker_plan(tuple(shape), tensor_rank, None, "")
-    except ValueError:
-        return False
-    return True
+        proj.tucker_plan(tuple(shape), tensor_rank, None, name)
+    except ValueError as e:
+        if isinstance(tensor_rank, (tuple, list)):
+            raise
+        return f"tensor_rank {tensor_rank!r} does not fit: {e}".split("; use")[0]
+    return None
+
+
+@dataclasses.dataclass
+class LabelRule:
+    """The labels of one params tree and why each leaf got its label.
+
+    Attributes:
+      labels: the labels, a pytree with the params' structure.
+      reasons: {param path: the rule that chose its label}.
+      fallbacks: paths of matrices and tensors that get plain Adam only because of
+        their rank (GaLore would save them no memory, or the Tucker rank does not fit).
+    """
+
+    labels: Any
+    reasons: Dict[str, str]
+    fallbacks: List[str]
+    complex_as_real: List[str] = dataclasses.field(default_factory=list)
+
+    def warn_fallbacks(self, stacklevel: int = 3) -> None:
+        """One warning naming the leaves sent to plain Adam only by their rank (and one
+        for real tensors with a trailing axis of 2 given a Tucker factor across it)."""
+        if self.complex_as_real:
+            warnings.warn(
+                f"{', '.join(repr(p) for p in self.complex_as_real[:6])}: a real tensor whose "
+                "last axis has size 2 looks like a complex weight stored as (real, imag) "
+                "(PyTorch's view_as_real); Tensor-GaLore gives that axis a Tucker factor, "
+                "mixing the real and imaginary parts. Store it as a complex array, or project "
+                "the other modes only (modes=...)",
+                stacklevel=stacklevel,
+            )
+        if not self.fallbacks:
+            return
+        shown = "; ".join(f"'{p}' ({self.reasons[p]})" for p in self.fallbacks[:6])
+        more = f" and {len(self.fallbacks) - 6} more" if len(self.fallbacks) > 6 else ""
+        warnings.warn(
+            f"{len(self.fallbacks)} matrix/tensor param(s) get plain Adam only because of the "
+            f"rank, so GaLore saves no memory on them: {shown}{more}. Use a smaller rank (or a "
+            "float fraction), or silence this by labelling them 'adam' with label_overrides",
+            RankFallbackWarning,
+            stacklevel=stacklevel,
+        )
+
+
+class RankFallbackWarning(UserWarning):
+    """A matrix or tensor gets plain Adam only because the rank leaves nothing to save."""
+
+
+def label_rule(
+    params: Any,
+    *,
+    label_overrides: Overrides = None,
+    dimension_numbers: Any = None,
+    rank: Optional[Union[int, float]] = None,
+    proj_type: str = "std",
+    tensor_rank: Any = None,
+    plain_pattern: str = DEFAULT_PLAIN_PATTERN,
+    matrices: str = GALORE,
+    tensors: str = TENSOR_GALORE,
+) -> LabelRule:
+    """`galore_labels` with the reason for each label (what `gj.describe` shows)."""
+    overrides = _normalize_overrides(label_overrides)
+    plain = re.compile(plain_pattern, re.IGNORECASE) if plain_pattern else None
+    names, leaves, treedef = paths.leaf_paths(params)
+    shapes = [tuple(jnp.shape(x)) for x in leaves]
+    dims = proj.resolve_dimension_numbers(dimension_numbers, params)
+    tables = _model_tables(shapes, dims)
+    matched = set()
+    reasons, fallbacks = {}, []
+
+    complex_as_real = []
+
+    def label(name, shape, d, table, leaf):
+        for pattern, lab in overrides:
+            if pattern.search(name):
+                matched.add(pattern.pattern)
+                return lab, f"label_overrides {pattern.pattern!r}"
+        matrix_axes = len(shape) - (len(d.batch_axes) if d is not None else 0)
+        if matrix_axes < 2:
+            return ADAM, "vector" if len(shape) else "scalar"
+        found = plain.search(name) if plain is not None else None
+        if found:
+            return ADAM, f"name has {found.group(0)!r}"
+        if table:
+            return ADAM, "table (one side a layer width, the other no layer's)"
+        if d is not None or len(shape) == 2:
+            kind = "stacked matrices" if d is not None and d.batch_axes else "matrix"
+            if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
+                fallbacks.append(name)
+                return ADAM, f"rank {rank!r} >= the matrix's smaller side"
+            return matrices, kind
+        if tensors != ADAM and tensor_rank is not None:
+            why = _tucker_fallback(shape, tensor_rank, name)
+            if why is not None:
+                fallbacks.append(name)
+                return ADAM, why
+        if tensors != ADAM and shape[-1] == 2 and not jnp.iscomplexobj(leaf):
+            complex_as_real.append(name)
+        return tensors, f"{len(shape)}-D tensor"
+
+    labels = []
+    for name, shape, d, table, leaf in zip(names, shapes, dims, tables, leaves):
+        lab, why = label(name, shape, d, table, leaf)
+        labels.append(lab)
+        reasons[name] = why
+    for pattern, _ in overrides:
+        if pattern.pattern not in matched:
+            examples = ", ".join(repr(n) for n in names[:3])
+            warnings.warn(
+                f"label_overrides pattern {pattern.pattern!r} matches no param path (paths "
+                f"look like {examples}); it has no effect",
+                stacklevel=3,
+            )
+    return LabelRule(treedef.unflatten(labels), reasons, fallbacks, complex_as_real)
 
 
 def galore_labels(
@@ -114,8 +236,10 @@ def galore_labels(
         by structure); stacked matrices get `matrices`' label, stacked vectors
         (norm scales, biases) plain Adam.
       rank, proj_type: when given, a matrix whose rank would reach min(m, n)
-        gets plain Adam (no memory to save) unless an override forces it.
-      tensor_rank: when given, a tensor it does not fit gets plain Adam.
+        gets plain Adam (no memory to save) unless an override forces it; a
+        `RankFallbackWarning` names such leaves.
+      tensor_rank: when given, a tensor a single int rank does not fit gets plain
+        Adam (with the warning); a per-mode tuple that does not fit is an error.
       plain_pattern: regex of names kept in plain Adam by default.
       matrices: label for 2-D leaves (and stacked matrices).
       tensors: label for other >= 3-D leaves.
@@ -127,40 +251,34 @@ def galore_labels(
       >>> gj.galore_labels(params)
       {'embed': 'adam', 'norm': 'adam', 'q': 'galore'}
     """
-    overrides = _normalize_overrides(label_overrides)
-    plain = re.compile(plain_pattern, re.IGNORECASE) if plain_pattern else None
-    names, leaves, treedef = paths.leaf_paths(params)
-    shapes = [tuple(jnp.shape(x)) for x in leaves]
-    dims = proj.resolve_dimension_numbers(dimension_numbers, params)
-    tables = _model_tables(shapes, dims)
-    matched = set()
+    rule = label_rule(
+        params,
+        label_overrides=label_overrides,
+        dimension_numbers=dimension_numbers,
+        rank=rank,
+        proj_type=proj_type,
+        tensor_rank=tensor_rank,
+        plain_pattern=plain_pattern,
+        matrices=matrices,
+        tensors=tensors,
+    )
+    rule.warn_fallbacks()
+    return rule.labels
 
-    def label(name, shape, d, table):
-        for pattern, lab in overrides:
-            if pattern.search(name):
-                matched.add(pattern.pattern)
-                return lab
-        matrix_axes = len(shape) - (len(d.batch_axes) if d is not None else 0)
-        if matrix_axes < 2 or (plain is not None and plain.search(name)) or table:
-            return ADAM
-        if d is not None or len(shape) == 2:
-            if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
-                return ADAM
-            return matrices
-        if tensors != ADAM and tensor_rank is not None and not _tucker_fits(shape, tensor_rank):
-            return ADAM
-        return tensors
 
-    labels = [label(*args) for args in zip(names, shapes, dims, tables)]
-    for pattern, _ in overrides:
-        if pattern.pattern not in matched:
-            examples = ", ".join(repr(n) for n in names[:3])
-            warnings.warn(
-                f"label_overrides pattern {pattern.pattern!r} matches no param path (paths "
-                f"look like {examples}); it has no effect",
-                stacklevel=2,
-            )
-    return treedef.unflatten(labels)
+# Optimizers built by our aliases -> the function that explains their labels
+# (params -> {path: reason}), read by `gj.describe`.
+_EXPLAINERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def register_explainer(init_fn: Callable, explain: Callable[[Any], Dict[str, str]]) -> None:
+    _EXPLAINERS[init_fn] = explain
+
+
+def explain(tx, params: Any) -> Dict[str, str]:
+    """{param path: why it got its label} for optimizers built by our aliases, else {}."""
+    fn = _EXPLAINERS.get(getattr(tx, "init", None))
+    return fn(params) if fn is not None else {}
 
 
 def labels_by_path(labels: Any) -> Callable[[Any], Any]:

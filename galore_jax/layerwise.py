@@ -29,6 +29,14 @@ What layer-wise cannot do, and what it offers instead:
   `clip_by_previous_global_norm` are the same rules for a standard optax chain.
 * Gradient accumulation needs the summed gradient: one micro-batch per step.
 
+So the optimizer must not clip by a global norm itself: each of its updates
+sees one group (one layer, the embedding, the head), and a norm it computed
+would be that group's. `layerwise_init` and `layerwise_step` refuse the global
+clips they can find in ``tx`` (`optax.clip_by_global_norm`, ``max_grad_norm``
+of `galore_adamw` / `tensor_galore_adamw`, `clip_by_layer_norm`,
+`clip_by_previous_global_norm`; also chained, partitioned, wrapped or built by
+`optax.inject_hyperparams`); a clip written by hand cannot be found.
+
 Example (a user's own scanned model, written as three functions):
 
   >>> import jax, jax.numpy as jnp, optax
@@ -59,12 +67,15 @@ Example (a user's own scanned model, written as three functions):
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax import alias
 from galore_jax.transform import GradScaleTransformation
 
 __all__ = [
@@ -279,6 +290,103 @@ def _check_max_norm(max_norm) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Global-norm clips inside the optimizer: found in its functions' closures.
+# ----------------------------------------------------------------------------
+
+_MAX_NODES = 100_000  # a bound on the walk (labels trees are walked too)
+
+
+@functools.cache
+def _clip_codes() -> dict:
+    """The code objects of the update functions of the global clips, by name."""
+    return {
+        optax.clip_by_global_norm(1.0).update.__code__: "optax.clip_by_global_norm",
+        clip_by_previous_global_norm(1.0).update.__code__: "gj.clip_by_previous_global_norm",
+        clip_by_layer_norm(1.0, ScannedModel(None, None, None)).update.__code__: (
+            "gj.clip_by_layer_norm"
+        ),
+    }
+
+
+def _cells(fn: types.FunctionType) -> dict:
+    """A function's closure as {free variable: value} (empty cells left out)."""
+    out = {}
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:
+            pass
+    return out
+
+
+def _injected(cells: dict) -> Any:
+    """The transformation an `optax.inject_hyperparams` init function builds, or None."""
+    factory = cells.get("inner_factory")
+    hps = [cells.get(k) for k in ("other_hps", "numeric_hps", "sched_hps")]
+    if not callable(factory) or not all(isinstance(h, dict) for h in hps):
+        return None
+    other, numeric, sched = hps
+    try:
+        values = {k: f(f.init()) for k, f in sched.items()}
+        return factory(**other, **numeric, **values)
+    except Exception:  # noqa: BLE001 -- a factory we cannot rebuild: nothing found
+        return None
+
+
+def _global_norm_clips(tx: Any) -> list:
+    """Descriptions of the global-norm clips found inside `tx`.
+
+    Walks the closures of its init / update functions and of the transformations
+    they hold (optax.chain, partition, masked, with_extra_args_support,
+    gj.with_master_weights, ... keep theirs there), and rebuilds what
+    `optax.inject_hyperparams` builds lazily. A transformation held by an
+    object (a method's ``self``) or a clip written by hand is not found.
+    """
+    codes = _clip_codes()
+    found, seen, todo = [], set(), [tx]
+    while todo and len(seen) < _MAX_NODES:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (tuple, list)):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, functools.partial):
+            todo.extend([obj.func, *obj.args, *obj.keywords.values()])
+        elif isinstance(obj, types.FunctionType):
+            cells = _cells(obj)
+            name = codes.get(obj.__code__)
+            if name is not None:
+                found.append(f"{name}({cells.get('max_norm', '...')})")
+            elif obj.__module__ == alias.__name__ and cells.get("max_grad_norm") is not None:
+                found.append(
+                    f"gj.galore_adamw / gj.tensor_galore_adamw(max_grad_norm="
+                    f"{cells['max_grad_norm']})"
+                )
+            injected = _injected(cells)
+            if injected is not None:
+                todo.append(injected)
+            todo.extend(cells.values())
+    return sorted(set(found))
+
+
+def _check_no_global_clip(tx: Any) -> None:
+    clips = _global_norm_clips(tx)
+    if clips:
+        raise ValueError(
+            f"layer-wise: the optimizer clips by a global norm itself ({', '.join(clips)}); "
+            "each of its updates sees one layer (or the embedding, or the head), so that "
+            "norm would be per layer, not global. Take the clip out of the optimizer and "
+            "let the step clip: layerwise_step(tx, model, max_norm=..., clip='layer') "
+            "(each layer, the embedding and the head by its own norm) or "
+            "clip='previous_global' (all gradients by the factor of the previous step's "
+            "global norm)"
+        )
+
+
+# ----------------------------------------------------------------------------
 # The layer-wise step.
 # ----------------------------------------------------------------------------
 
@@ -291,7 +399,11 @@ def layerwise_init(tx: optax.GradientTransformation, model: ScannedModel, params
         clipping in it: use `layerwise_step`'s ``clip``).
       model: the model's `ScannedModel`.
       params: the params (arrays or ``jax.ShapeDtypeStruct``; dict-like top level).
+
+    Raises:
+      ValueError: params that do not fit ``model``, or a global-norm clip in ``tx``.
     """
+    _check_no_global_clip(tx)
     before, layers, after = _groups(model, params)
     key = model.layers_key
     layer_state = jax.vmap(lambda p: tx.init({key: p}))(layers[key])
@@ -371,7 +483,13 @@ def layerwise_step(
     Returns:
       The step function (jit it; donate params and state to update in place).
       ``grad_norm`` is this step's global gradient norm before clipping.
+
+    Raises:
+      ValueError: a bad ``max_norm`` / ``clip``, or a global-norm clip inside
+        ``tx`` (see the module docstring); when traced, a ``model.head`` whose
+        loss is not a scalar.
     """
+    _check_no_global_clip(tx)
     if max_norm is not None:
         _check_max_norm(max_norm)
     if clip not in CLIP_MODES:
@@ -406,6 +524,12 @@ def layerwise_step(
 
         x, inputs = jax.lax.scan(forward, x, stack)
         loss, head_vjp = jax.vjp(lambda p, x: model.head(p, x, batch), after, x)
+        if jnp.shape(loss) != ():
+            raise ValueError(
+                f"layer-wise: model.head must return a scalar loss, got shape "
+                f"{jnp.shape(loss)}: reduce it in the head (e.g. return the per-token "
+                "loss's .mean())"
+            )
         grads, dx = head_vjp(jnp.ones_like(loss))
         square = _square_norm(grads)
         after, after_state = apply(grads, state.after, after, state)

@@ -11,7 +11,7 @@ from typing import Any, List, Tuple
 
 import jax
 
-__all__ = ["path_string", "leaf_paths"]
+__all__ = ["path_string", "leaf_paths", "is_function"]
 
 
 def _key_name(key) -> str:
@@ -40,3 +40,18 @@ def leaf_paths(tree: Any) -> Tuple[List[str], List[Any], Any]:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [path_string(path) or "<root>" for path, _ in leaves_with_path]
     return paths, [leaf for _, leaf in leaves_with_path], treedef
+
+
+def is_function(x: Any) -> bool:
+    """Whether `x` is a function of the params rather than a pytree to match them.
+
+    A callable that is also a pytree node (an Equinox module, anything registered
+    with `jax.tree_util` and given a `__call__`) is a tree: calling it would run
+    the user's model. Only callables that JAX treats as leaves are functions.
+
+    Example:
+      >>> import galore_jax as gj
+      >>> gj.paths.is_function(lambda params: params), gj.paths.is_function({"w": None})
+      (True, False)
+    """
+    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree.structure(x))

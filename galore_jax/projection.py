@@ -203,7 +203,7 @@ def resolve_dimension_numbers(dimension_numbers, params) -> list:
     if isinstance(dimension_numbers, DimensionNumbers):
         n = 2 + len(dimension_numbers.batch_axes)
         return [dimension_numbers if jnp.ndim(x) == n else None for _, x in keypaths]
-    tree = dimension_numbers(params) if callable(dimension_numbers) else dimension_numbers
+    tree = dimension_numbers(params) if paths.is_function(dimension_numbers) else dimension_numbers
     by_path = {
         paths.path_string(kp): d
         for kp, d in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_dims_leaf)[0]
@@ -410,16 +410,58 @@ class TuckerPlan:
         return [None if r is None else next(it) for r in self.ranks]
 
 
+def tucker_ranks_for_fraction(shape, fraction: float, modes=None) -> Tuple[int, ...]:
+    """Per-mode Tucker ranks holding about `fraction` of a tensor's entries.
+
+    tensorly's (and neuraloperator's Tensor-GaLore) meaning of a float Tucker rank:
+    every projected mode k gets rank round(c * d_k) (at least 1, at most d_k and
+    the other modes' product), with c chosen so that the core plus the factors hold
+    `fraction` times the tensor's entries. Modes not in `modes` keep their size.
+
+    Example:
+      >>> from galore_jax.projection import tucker_ranks_for_fraction
+      >>> tucker_ranks_for_fraction((24, 24, 8, 8), 0.25)
+      (17, 17, 6, 6)
+    """
+    shape = tuple(int(d) for d in shape)
+    chosen = set(range(len(shape))) if modes is None else {m % len(shape) for m in modes}
+    size = math.prod(shape)
+    kept = math.prod(d for k, d in enumerate(shape) if k not in chosen)
+    projected = [d for k, d in enumerate(shape) if k in chosen]
+    squares = sum(d * d for d in projected)
+
+    def excess(c):  # core + factors - the budget; increases with c
+        return kept * math.prod(projected) * c ** len(projected) + squares * c - fraction * size
+
+    lo, hi = 0.0, max(fraction, 1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+    c = (lo + hi) / 2
+    return tuple(
+        d if k not in chosen else min(d, size // d, max(1, int(round(c * d))))
+        for k, d in enumerate(shape)
+    )
+
+
 def tucker_plan(shape, rank, modes: Optional[Sequence[int]], path: str) -> TuckerPlan:
+    """The Tucker ranks of one leaf; errors name the leaf, its shape and the fix.
+
+    rank: an int for every projected mode, a float fraction of the tensor's entries
+    (`tucker_ranks_for_fraction`), or a per-mode tuple (int, float fraction of that
+    mode, or None to leave the mode unprojected).
+    """
     ndim = len(shape)
     chosen = tuple(range(ndim)) if modes is None else tuple(m % ndim for m in modes)
     if isinstance(rank, (tuple, list)):
         if len(rank) != ndim:
             raise ValueError(
-                f"rank has {len(rank)} entries but '{path}' has {ndim} modes (shape {shape}); give "
-                "one rank per mode (None to skip a mode)"
+                f"rank {tuple(rank)!r} has {len(rank)} entries but '{path}' has {ndim} modes "
+                f"(shape {tuple(shape)}); give one rank per mode (None to skip a mode)"
             )
         per_mode = tuple(rank)
+    elif isinstance(rank, float):
+        per_mode = tucker_ranks_for_fraction(shape, rank, chosen)
     else:
         per_mode = (rank,) * ndim
     ranks = []
@@ -431,8 +473,10 @@ def tucker_plan(shape, rank, modes: Optional[Sequence[int]], path: str) -> Tucke
         other = math.prod(shape) // d
         if rr > d or rr > other:
             raise ValueError(
-                f"rank {r!r} gives {rr} for mode {mode} of '{path}' (shape {shape}), larger "
-                f"than the mode size {d} or the other modes' product {other}"
+                f"rank {r!r} gives {rr} for mode {mode} of '{path}' (shape {tuple(shape)}), "
+                f"larger than the mode size {d} or the other modes' product {other}; use at "
+                f"most {min(d, other)} there, a float fraction of the entries, or label this "
+                "leaf for plain Adam"
             )
         ranks.append(rr)
     return TuckerPlan(tuple(shape), tuple(ranks))

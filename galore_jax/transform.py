@@ -551,9 +551,10 @@ def _low_rank_transform(
 
         new_projectors, low = [], []
         for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
-            if plan is None:
+            if plan is None:  # full space; a non-finite leaf counts as zero, as below
                 new_projectors.append(old)
-                low.append(scaled_by(g, grad_scale))
+                g = scaled_by(g, grad_scale)
+                low.append(jnp.where(jnp.all(jnp.isfinite(g)), g, jnp.zeros_like(g)))
                 continue
             new = refreshed[i]
             new_projectors.append(new)
@@ -815,16 +816,22 @@ def scale_by_tensor_galore(
     optimizer sees the core G x_k U_k^H and its update is mapped back with
     core x_k U_k, times `scale`. Complex leaves (FNO spectral weights) use
     conjugate transposes; the default `optax.scale_by_adam` keeps |g|^2 in its
-    second moment for them. Factors are recomputed from the current gradient at
-    step 0 and every `update_proj_gap` steps (staggered if asked, as in
-    `scale_by_galore`). Leaves with fewer than 2 axes get the base optimizer in
-    full space.
+    second moment for them. `jax.grad` of a real loss returns the conjugate of a
+    complex param's descent direction: chain `gj.conjugate_complex_grads()` before
+    this transform (training on the raw gradient stalls). Factors are recomputed
+    from the current gradient at step 0 and every `update_proj_gap` steps
+    (staggered if asked, as in `scale_by_galore`). Leaves with fewer than 2 axes
+    get the base optimizer in full space.
 
     Extra args `grad_scale` and `update_scale`: as in `scale_by_galore`.
 
     Args:
-      rank: one rank for every projected mode (int, or float fraction of each
-        mode's size), or a per-mode tuple (None leaves a mode unprojected).
+      rank: an int rank for every projected mode; a float in (0, 1]: the fraction
+        of each tensor's entries the Tucker core plus factors hold (tensorly's and
+        neuraloperator's meaning; `projection.tucker_ranks_for_fraction`, e.g. 0.25
+        on (24, 24, 8, 8) gives (17, 17, 6, 6)); or a per-mode tuple of ints, float
+        fractions of that mode, or None (mode unprojected), one entry per mode. A
+        tuple of the wrong length or a rank above its mode's size is an error.
       update_proj_gap: steps between refreshes.
       scale: multiplies the projected-back update.
       modes: which modes to project (default: all).
@@ -846,7 +853,7 @@ def scale_by_tensor_galore(
       >>> tx = gj.scale_by_tensor_galore(rank=0.5, update_proj_gap=50)
       >>> state = tx.init({"w": w})
       >>> [factor["w"].shape for factor in state.factors[:4]]  # one tree per mode
-      [(8, 4), (8, 4), (4, 2), (4, 2)]
+      [(8, 6), (8, 6), (4, 3), (4, 3)]
       >>> state.factors[4]["w"]  # modes a leaf does not have: empty
       ()
 

@@ -95,8 +95,11 @@ class FNOConfig:
       padding: Zero points appended at the end of every spatial axis after
         lifting and removed before projection, for non-periodic problems (the
         FNO paper pads Darcy by 9). Changes the physical padding with resolution.
-      param_dtype: Real parameter dtype, "float32", "float64" or "bfloat16";
-        spectral weights are complex64 (complex128 for float64).
+      param_dtype: Real parameter dtype, "float32" or "bfloat16" (what
+        ``train.py``'s ``model.param_dtype`` offers); spectral weights are
+        complex64 either way. Library use may also pass "float64" (complex128
+        spectral weights), which needs 64-bit JAX,
+        ``jax.config.update("jax_enable_x64", True)``, before the config is made.
     """
 
     dim: int = 2
@@ -140,6 +143,13 @@ class FNOConfig:
             raise ValueError(
                 f"FNOConfig.param_dtype must be one of {_REAL_PARAM_DTYPES}, "
                 f"got {self.param_dtype!r}"
+            )
+        if jnp.dtype(self.param_dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+            # Without x64 JAX would silently make float32 / complex64 params.
+            raise ValueError(
+                "FNOConfig.param_dtype='float64' needs 64-bit JAX: call "
+                "jax.config.update('jax_enable_x64', True) first (train.py offers float32 "
+                "and bfloat16 only)"
             )
 
     @property

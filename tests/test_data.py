@@ -178,13 +178,42 @@ def test_eval_batches_are_fixed(small_stream):
 def test_text_file_and_directory(tmp_path):
     (tmp_path / "b.txt").write_text("second doc", encoding="utf-8")
     (tmp_path / "a.txt").write_text("first doc", encoding="utf-8")
-    (tmp_path / "ignored.md").write_text("not a txt file", encoding="utf-8")
     data = load_tokens({"source": "text", "path": str(tmp_path), "val_fraction": 0.25})
     stream = np.concatenate([data.train, data.val])
     assert ByteTokenizer().decode(stream) == "first docsecond doc"
     assert (stream == ByteTokenizer.eos_id).sum() == 2
+    assert data.skipped_files == 0
     single = load_tokens({"source": "text", "path": tmp_path / "a.txt"})
     assert len(single.train) + len(single.val) == len("first doc") + 1
+
+
+def test_text_directory_reads_any_extension_and_skips_binary_files(tmp_path):
+    """A directory of .md / extension-less files is a corpus (not only *.txt):
+    recursive, in sorted path order; binary files are skipped and counted, and
+    the data line of the run says so."""
+    (tmp_path / "notes.md").write_text("# notes\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "README").write_text("no extension\n", encoding="utf-8")
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # NUL bytes
+    (tmp_path / "latin1.dat").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8
+    (tmp_path / ".hidden").write_text("left out", encoding="utf-8")
+    (tmp_path / "code.py").write_text("print('hi')\n", encoding="utf-8")
+    data = load_tokens({"source": "text", "path": str(tmp_path), "val_fraction": 0.25})
+    stream = np.concatenate([data.train, data.val])
+    documents = ByteTokenizer().decode(stream)
+    assert documents == "print('hi')\n# notes\nno extension\n"  # code.py, notes.md, sub/README
+    assert data.skipped_files == 2
+    again = load_tokens({"source": "text", "path": str(tmp_path), "val_fraction": 0.25})
+    np.testing.assert_array_equal(np.concatenate([again.train, again.val]), stream)
+
+    from training.config import load_config
+
+    (tmp_path / "long.md").write_text("lorem ipsum dolor sit amet " * 200, encoding="utf-8")
+    config = load_config(
+        "configs/llama_tiny.yaml",
+        ["data.source=text", f"data.path={tmp_path}", "seq_len=16", "batch_size=2"],
+    )
+    assert "| 2 binary file(s) skipped" in config.build_task().description
 
 
 def test_jsonl_with_custom_field(tmp_path):

@@ -6,6 +6,9 @@
   step ``update_proj_gap`` (not before), updates stay complex64, and the
   state of the spectral weights is exactly the analytic Tucker size.
 * The FNO learns Burgers with Tensor-GaLore (test L2 far below the mean predictor).
+* Zero-shot super-resolution sets (``data.eval_resolutions``): checked, the same
+  test problems on the finer grid, logged as ``val_l2_res<N>``; a resume on
+  other training data (``data.resolution``) is refused; float64 FNOs need x64.
 """
 
 import dataclasses
@@ -24,12 +27,15 @@ import pytest
 from flax import nnx
 
 import galore_jax as gj
+import train
 from models import fno
 from training import optim
 from training.config import ConfigError, OptimizerConfig, load_config
 from training.fno_task import (
     GALORE_SPECTRAL_ONLY,
     ArrayBatchIterator,
+    build_fno_task,
+    check_eval_resolutions,
     eval_batches,
     load_pde_data,
     trivial_l2,
@@ -166,15 +172,6 @@ def test_eval_batches_weights_give_the_exact_mean():
     np.testing.assert_allclose(np.mean(per_batch), errors.mean(), rtol=1e-6)
 
 
-def test_tucker_ranks_for_param_fraction():
-    for shape, fraction in [((24, 24, 8, 8), 0.25), ((32, 32, 16), 0.25), ((16, 16, 6, 6), 0.5)]:
-        ranks = optim.tucker_ranks_for_param_fraction(shape, fraction)
-        kept = math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks))
-        # Rounding each rank moves the count a little; the target is met roughly.
-        assert 0.6 * fraction < kept / math.prod(shape) < 1.5 * fraction, (shape, ranks)
-    assert optim.tucker_ranks_for_param_fraction((24, 24, 8, 8), 0.25) == (17, 17, 6, 6)
-
-
 def _small_fno(dim=2):
     config = fno.FNOConfig(
         dim=dim, width=8, modes=(4, 3) if dim == 2 else 6, num_layers=2, projection_channels=16
@@ -203,7 +200,7 @@ def _nbytes(tree):
 
 def test_tensor_galore_on_fno_spectral_weights():
     graphdef, params = _small_fno()
-    gap, rank = 3, 0.5
+    gap, rank = 3, 0.25  # core + factors: a quarter of each spectral tensor's entries
     tx = gj.tensor_galore_adamw(1e-3, rank=rank, update_proj_gap=gap, scale=0.25, svd="exact")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(gap + 2, 4, 12, 10, 1)), jnp.float32)
@@ -230,7 +227,7 @@ def test_tensor_galore_on_fno_spectral_weights():
     # (Adam's mu and nu), all complex64.
     analytic = 0
     for leaf in spectral.values():
-        ranks = [max(1, round(rank * d)) for d in leaf.shape]
+        ranks = gj.projection.tucker_ranks_for_fraction(leaf.shape, rank)  # of the entries
         analytic += (sum(d * r for d, r in zip(leaf.shape, ranks)) + 2 * math.prod(ranks)) * 8
     (tg,) = _tensor_galore_states(state)
     assert _nbytes(tg.factors) + _nbytes(tg.base_state) - 4 == analytic  # - Adam's count
@@ -311,7 +308,7 @@ def test_fno_learns_burgers_with_tensor_galore():
     assert test_l2 < 0.1 * trivial, (test_l2, trivial)
 
 
-def test_optimizer_defaults_and_param_fraction_rank():
+def test_optimizer_defaults_for_fno_galore():
     config = load_config("configs/fno_darcy.yaml", ["optimizer.name=galore"])
     graphdef, params = _small_fno()
     # galore: spectral weights flattened to (in, out * modes), others plain Adam.
@@ -319,19 +316,199 @@ def test_optimizer_defaults_and_param_fraction_rank():
     tx, _ = optim.build_optimizer(cfg, 10, params=params)
     report = gj.memory_report(tx.init(params), params)
     assert set(report["per_label"]) >= {"galore", "adam"}
-    # tensor_rank_mode=params turns rank 0.25 into per-mode ranks for the spectral shape.
-    cfg = OptimizerConfig(
-        name="tensor_galore", rank=0.25, tensor_rank_mode="params", update_proj_gap=5
+
+
+def _tucker_ranks(tx, params) -> dict:
+    return {
+        path: row.rank
+        for path, row in gj.describe(tx, params).by_path().items()
+        if row.side == "tucker"
+    }
+
+
+@pytest.mark.parametrize(
+    "rank, mode", [(0.25, "params"), ([4, 4, 2, 2], "params"), ([4, 4, None, 3], "params")]
+)
+def test_train_py_and_the_library_read_a_tucker_rank_alike(rank, mode):
+    """One meaning of a float rank (a fraction of each tensor's entries, as in
+    neuraloperator) in train.py and galore_jax; per-mode lists accepted by train.py."""
+    _, params = _small_fno()
+    cfg = OptimizerConfig(name="tensor_galore", rank=rank, tensor_rank_mode=mode)
+    ours, _ = optim.build_optimizer(cfg, 10, params=params)
+    library_rank = tuple(rank) if isinstance(rank, list) else rank
+    library = gj.tensor_galore_adamw(1e-3, rank=library_rank)
+    got, want = _tucker_ranks(ours, params), _tucker_ranks(library, params)
+    assert len(got) == 4 and got == want
+    if rank == 0.25:  # spectral weights (8, 8, 4, 3): core + factors ~ 25% of the entries
+        assert set(got.values()) == {gj.projection.tucker_ranks_for_fraction((8, 8, 4, 3), 0.25)}
+
+
+def test_tensor_rank_mode_mode_is_a_per_mode_fraction():
+    _, params = _small_fno()
+    cfg = OptimizerConfig(name="tensor_galore", rank=0.5, tensor_rank_mode="mode")
+    ours, _ = optim.build_optimizer(cfg, 10, params=params)
+    assert set(_tucker_ranks(ours, params).values()) == {(4, 4, 2, 2)}
+
+
+def test_per_mode_rank_list_is_for_tensor_galore_only():
+    with pytest.raises(ConfigError, match="per-mode list is for tensor_galore"):
+        load_config("configs/fno_darcy.yaml", ["optimizer.name=galore", "optimizer.rank=[4,4]"])
+
+
+# ---------------------------------------------------------------------------
+# Zero-shot super-resolution, resuming on other data, float64
+# ---------------------------------------------------------------------------
+
+# In-process train.main runs see the 8 virtual CPU devices of tests/conftest.py.
+IN_PROCESS = [
+    *COMMON,
+    "batch_size=8",
+    "data.n_train=16",
+    "data.n_test=6",
+    "data.resolution=16",
+    "model.modes=[4,4]",
+]
+
+
+def _with_eval_resolutions(path, overrides, resolutions):
+    """A loaded config with ``data.eval_resolutions`` set (unchecked: the task checks it)."""
+    config = load_config(path, overrides)
+    object.__setattr__(config.data, "eval_resolutions", resolutions)
+    return config
+
+
+@pytest.mark.parametrize(
+    "config_path, overrides, resolutions, message",
+    [
+        ("darcy", [], 64, "must be a list"),
+        ("darcy", [], [0], "positive ints, got 0"),
+        ("darcy", [], [True], "positive ints, got True"),
+        ("darcy", [], ["64"], "positive ints, got '64'"),
+        ("darcy", [], [64, 64], "lists 64 twice"),
+        ("darcy", [], [2], "darcy generator needs >= 3"),
+        ("darcy", [], [12], r"grid 12 \(model.padding=0\) cannot hold model.modes=\[8, 8\]"),
+        ("darcy", ["data.pointwise_normalizer=true"], [64], "pointwise_normalizer=false"),
+        ("burgers", [], [65], "burgers generator needs even grids, got 65"),
+    ],
+)
+def test_eval_resolutions_are_checked(config_path, overrides, resolutions, message):
+    config = load_config(f"configs/fno_{config_path}.yaml", overrides)
+    with pytest.raises(ConfigError, match=r"^data\.eval_resolutions.*" + message):
+        check_eval_resolutions(resolutions, config.data, config.model)
+    # The training grid itself is fine even with a pointwise normaliser; so are finer ones.
+    assert check_eval_resolutions(
+        [32, 64], load_config(f"configs/fno_{config_path}.yaml").data, config.model
+    ) == (32, 64)
+    assert check_eval_resolutions(None, config.data, config.model) == ()
+
+
+def test_super_resolution_sets_are_the_test_problems_on_the_finer_grid():
+    """Darcy at 17 nodes, tested also at 33: the nodes of 17 are every 2nd of 33."""
+    overrides = [
+        *COMMON,
+        "data.n_train=8",
+        "data.n_test=6",
+        "data.resolution=17",
+        "model.modes=[4,4]",
+    ]
+    config = _with_eval_resolutions("configs/fno_darcy.yaml", overrides, [17, 33])
+    task = build_fno_task(config)
+    sets = task.extra_eval_sets()
+    assert list(sets) == ["val_l2_res17", "val_l2_res33"]
+    assert sets["val_l2_res17"] is task.eval_batches()  # the test split itself
+    coarse, fine = task.eval_batches(), sets["val_l2_res33"]
+    assert [b["x"].shape for b in fine] == [(4, 33, 33, 1)] * 2
+    for c, f in zip(coarse, fine):
+        np.testing.assert_array_equal(f["weight"], c["weight"])
+        # Same permeability (encoded by the training normaliser) at the shared nodes ...
+        np.testing.assert_array_equal(f["x"][:, ::2, ::2], c["x"])
+        # ... and the pressure of the same problem, to the coarse grid's discretisation error.
+        diff = np.linalg.norm(f["y"][:, ::2, ::2] - c["y"]) / np.linalg.norm(c["y"])
+        assert diff < 0.05, diff
+    # The model runs on either grid; eval_loss_fn gives a relative L2 on each.
+    graphdef, params = nnx.split(task.make_model(nnx.Rngs(0)), nnx.Param)
+    evaluate = jax.jit(lambda p, b: task.eval_loss_fn(nnx.merge(graphdef, p), b))
+    for batches in sets.values():
+        value = float(np.mean([float(evaluate(params, b)) for b in batches]))
+        assert 0.1 < value < 10, value
+
+
+def test_train_logs_val_l2_per_eval_resolution(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main(
+        [
+            "--config",
+            "configs/fno_darcy.yaml",
+            *IN_PROCESS,
+            "data.eval_resolutions=[16,24]",
+            f"output_dir={out}",
+        ]
     )
-    tx, _ = optim.build_optimizer(cfg, 10, params=params)
-    (tg,) = _tensor_galore_states(tx.init(params))
-    want = optim.tucker_ranks_for_param_fraction((8, 8, 4, 3), 0.25)
-    ranks = {}  # param path -> rank of each mode (factors[k] holds mode k's factor per param)
-    for tree in tg.factors:
-        for path, f in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            ranks.setdefault(gj.path_string(path), []).append(f.shape[1])
-    assert len(ranks) == 4
-    for per_mode in ranks.values():
-        assert tuple(per_mode) == want
-    with pytest.raises(ConfigError, match="float"):
-        optim.build_optimizer(dataclasses.replace(cfg, rank=2), 10, params=params)
+    stdout = capsys.readouterr().out
+    assert code == 0
+    evals = [r for r in read_metrics(str(out)) if "val_l2" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(r) == {"step", "val_l2", "val_l2_res16", "val_l2_res24"}, r
+        assert r["val_l2_res16"] == r["val_l2"]  # the training grid: the test split itself
+        assert 0 < r["val_l2_res24"] < 2
+    assert "test also at 16x16, 24x24" in stdout
+    assert f"step      4 | val_l2 {evals[1]['val_l2']:.4f} | val_l2_res16" in stdout
+    assert f"val_l2_res24 {evals[1]['val_l2_res24']:.4f}" in stdout
+    other = tmp_path / "other"
+    code = train.main(
+        [
+            "--config",
+            "configs/fno_darcy.yaml",
+            *IN_PROCESS,
+            "data.eval_resolutions=[6]",  # too coarse for modes [4, 4]
+            f"output_dir={other}",
+        ]
+    )
+    assert code == 2
+    assert "error: data.eval_resolutions: the grid 6" in capsys.readouterr().err
+    assert not other.exists()
+
+
+def _snapshot(directory):
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_resume_on_other_training_data_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", "configs/fno_darcy.yaml", *IN_PROCESS, f"output_dir={out}"]
+    assert train.main([*args, "stop_after=2"]) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert train.main([*args, "data.resolution=20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint step 2: cannot continue the data stream"), err
+    assert "data.resolution=16, this run has data.resolution=20" in err, err
+    assert _snapshot(out) == before  # nothing written: config.yaml, metrics, checkpoints
+
+
+def test_iterator_state_records_the_training_data():
+    x = np.arange(8, dtype=np.float32)[:, None]
+    ident = {"dataset": "darcy", "resolution": 32, "n_train": 8, "seed": 0}
+    it = ArrayBatchIterator(x, x, global_batch_size=4, data_id=ident)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    ArrayBatchIterator(x, x, global_batch_size=4, data_id=ident).set_state(state)
+    other = ArrayBatchIterator(x, x, global_batch_size=4, data_id={**ident, "seed": 1})
+    with pytest.raises(ValueError, match="data.seed=0, this run has data.seed=1"):
+        other.set_state(state)
+    # States saved before the data were recorded are taken as they are.
+    other.set_state({k: state[k] for k in ("seed", "epoch", "position")})
+
+
+def test_float64_fno_needs_x64():
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match="param_dtype='float64' needs 64-bit JAX"):
+        fno.FNOConfig(dim=1, width=4, modes=3, param_dtype="float64")
+    with jax.enable_x64(True):
+        config = fno.FNOConfig(dim=1, width=4, modes=3, param_dtype="float64")
+        model = fno.FNO(config, rngs=nnx.Rngs(0))
+        dtypes = {str(v.dtype) for v in jax.tree.leaves(nnx.state(model, nnx.Param))}
+        assert dtypes == {"float64", "complex128"}

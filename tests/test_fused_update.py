@@ -151,41 +151,27 @@ def test_grad_scale_extra_arg_is_a_scale_stage_before_the_clip(factory):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_gradient_with_clipping_acts_as_in_the_chain(bad):
-    """A NaN / inf anywhere makes the global norm non-finite: optax's clip makes every
-    leaf NaN; GaLore then counts each low-rank gradient as zero and keeps the bases
-    at a due refresh. The fused clip must do the same (and give the same updates)."""
+def test_non_finite_leaf_with_clipping_is_the_chain_with_that_leaf_zero(bad):
+    """A NaN / inf in one leaf makes that leaf a zero gradient for the step; the clip's
+    norm comes from the other leaves, which train on (and refresh) as if the bad leaf's
+    gradient were zero. (optax's clip would scale every leaf to NaN.)"""
     params = _params()
     fused, chain = _fused(), _chain()
     fused_state, chain_state = fused.init(params), chain.init(params)
     fused_update, chain_update = jax.jit(fused.update), jax.jit(chain.update)
-    for step in range(GAP + 1):
+    for step in range(GAP + 2):
         grads = _grads(step, params)
+        zeroed = dict(grads)
         if step == GAP:  # a refresh step; the bad value sits in the Adam-only leaf
             grads["norm"] = grads["norm"].at[3].set(bad)
-        u_fused, new_fused = fused_update(grads, fused_state, params)
-        u_chain, new_chain = chain_update(grads, chain_state, params)
+            zeroed["norm"] = jnp.zeros_like(grads["norm"])
+        u_fused, fused_state = fused_update(grads, fused_state, params)
+        u_chain, chain_state = chain_update(zeroed, chain_state, params)
         for a, b in zip(jax.tree.leaves(u_fused), jax.tree.leaves(u_chain)):
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9)  # NaNs in the same places
-        if step == GAP:
-            galore = new_fused[0].inner_states["galore"].inner_state
-            before = fused_state[0].inner_states["galore"].inner_state
-            chain_galore = new_chain[1].inner_states["galore"].inner_state
-            assert int(galore.skipped_refreshes) == int(chain_galore.skipped_refreshes)
-            for x, y in zip(
-                jax.tree.leaves(galore.projectors), jax.tree.leaves(chain_galore.projectors)
-            ):
-                np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-            assert all(np.isfinite(x).all() for x in jax.tree.leaves(galore.base_state))
-            if np.isnan(bad):  # every leaf NaN: both refreshes skipped, the bases kept
-                assert int(galore.skipped_refreshes) == 2  # attn/kernel and proj
-                for x, y in zip(
-                    jax.tree.leaves(galore.projectors), jax.tree.leaves(before.projectors)
-                ):
-                    np.testing.assert_array_equal(x, y)
-            # inf: max_norm / inf = 0 zeroes every finite leaf (optax's clip too), so
-            # the refresh runs on zero gradients (random bases) in both.
-        fused_state, chain_state = new_fused, new_chain
+            assert np.isfinite(a).all()
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9)
+        galore = fused_state[0].inner_states["galore"].inner_state
+        assert int(galore.skipped_refreshes) == 0  # the GaLore leaves were finite
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -415,9 +415,105 @@ def test_clip_factor_reaches_our_optimizer_as_grad_scale(clip):
     batch = _user_batches(1)[0]
     one_layer = 24 * 24  # the trunk kernel's slice, the one projected layer leaf
 
-    def passes(step):
+    def passes(step):  # between refreshes (a refresh reads the raw gradient either way)
         hlo = step.lower(params, s1, batch).compile().as_text()
-        return update_cost.full_size_passes(hlo, [one_layer])
+        return update_cost.full_size_passes(hlo, [one_layer], branches=False)
 
     # The full-size multiply kernel (read + write of the layer's gradient) is gone.
     assert passes(fused) == passes(scaled_first) - 1, (passes(fused), passes(scaled_first))
+
+
+# ----------------------------------------------------------------------------
+# What a layer-wise step cannot do is one clear error, not a silent other rule.
+# ----------------------------------------------------------------------------
+
+
+def test_non_scalar_loss_is_one_clear_error():
+    """A per-element loss used to be summed silently (and returned unreduced)."""
+    model, params, _ = _user_model()
+
+    def per_element_head(p, x, batch):
+        return (x @ p["readout"] - batch["y"]) ** 2  # (16, 3): no .mean()
+
+    model = model._replace(head=per_element_head)
+    tx = optax.adam(1e-3)
+    step = gj.layerwise_step(tx, model)
+    state = gj.layerwise_init(tx, model, params)
+    with pytest.raises(ValueError, match=r"scalar loss, got shape \(16, 3\).*\.mean\(\)"):
+        jax.eval_shape(step, params, state, _user_batches(1)[0])
+
+
+def _clipped_optimizers():
+    adam = optax.adam(1e-3)
+    return {
+        "galore_adamw": gj.galore_adamw(1e-3, rank=4, max_grad_norm=1.0),
+        "tensor_galore_adamw": gj.tensor_galore_adamw(1e-3, max_grad_norm=1.0),
+        "chain": optax.chain(optax.clip_by_global_norm(1.0), adam),
+        "master_weights": gj.with_master_weights(
+            optax.chain(optax.clip_by_global_norm(1.0), gj.galore_adamw(1e-3, rank=4))
+        ),
+        "inject_hyperparams": optax.inject_hyperparams(
+            gj.galore_adamw, static_args=gj.GALORE_ADAMW_STATIC_ARGS
+        )(learning_rate=1e-3, rank=4, max_grad_norm=1.0),
+        "inject_hyperparams_factory": optax.inject_hyperparams(
+            lambda learning_rate: optax.chain(
+                optax.clip_by_global_norm(1.0), optax.adam(learning_rate)
+            )
+        )(learning_rate=optax.linear_schedule(1e-3, 0.0, 10)),
+        "previous_global": optax.chain(gj.clip_by_previous_global_norm(1.0), adam),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_clipped_optimizers()))
+def test_global_norm_clip_inside_the_optimizer_is_one_clear_error(name):
+    """Inside a layer-wise step the optimizer sees one layer: its "global" norm
+    would be that layer's. Refused at construction, naming the step's own clip."""
+    model, params, _ = _user_model()
+    tx = _clipped_optimizers()[name]
+    message = r"clips by a global norm itself \(.*1\.0\).*per layer.*clip='layer'"
+    with pytest.raises(ValueError, match=message):
+        gj.layerwise_step(tx, model, max_norm=1.0)
+    with pytest.raises(ValueError, match=message):
+        gj.layerwise_init(tx, model, params)
+
+
+def test_per_leaf_optimizers_and_clips_are_accepted():
+    model, params, _ = _user_model()
+    labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+    for tx in [
+        gj.galore_adamw(1e-3, rank=4, labels=labels),
+        gj.tensor_galore_adamw(1e-3),
+        optax.chain(optax.clip(1.0), optax.adaptive_grad_clip(0.1), optax.adamw(1e-3)),
+        optax.inject_hyperparams(gj.galore_adamw, static_args=gj.GALORE_ADAMW_STATIC_ARGS)(
+            learning_rate=optax.linear_schedule(1e-3, 0.0, 10), rank=2
+        ),
+    ]:
+        gj.layerwise_step(tx, model, max_norm=1.0)
+        gj.layerwise_init(tx, model, params)
+
+
+# ----------------------------------------------------------------------------
+# The start-up line: the optimizer state against AdamW's.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, ratio",
+    [
+        (["optimizer.name=adamw"], (0.99, 1.01)),
+        ([*GALORE, "optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"], (0.1, 0.9)),
+    ],
+    ids=["adamw", "galore-layerwise"],
+)
+def test_start_up_line_gives_the_state_against_adamw(overrides, ratio):
+    config = load_config(str(REPO / "configs/llama_tiny.yaml"), [*TINY, *overrides])
+    run = steps.build_run(config, jax.device_count())
+    line = steps.describe_run(run).splitlines()[1]
+    found = re.search(r"\(([\d.]+) MiB state\) = ([\d.]+)x AdamW's ([\d.]+) MiB", line)
+    assert found, line
+    state = gj.optimizer_state_bytes(run.abstract_opt_state)
+    adamw = gj.adamw_state_bytes(run.abstract_params)  # 2 moments + a counter
+    assert float(found.group(1)) == round(state / 2**20, 1)
+    assert float(found.group(2)) == round(state / adamw, 2)
+    assert float(found.group(3)) == round(adamw / 2**20, 1)
+    assert ratio[0] < state / adamw < ratio[1]

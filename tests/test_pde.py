@@ -81,6 +81,30 @@ def test_same_seed_same_functions_at_every_resolution():
     assert float(jnp.mean(a16 == a31[:, ::2, ::2])) > 0.99
 
 
+def test_start_gives_the_tail_of_the_same_draw():
+    # A test split generated alone (at any grid) is the tail of the whole data set.
+    a, u = pde.darcy_dataset(6, 9, seed=2)
+    a_tail, u_tail = pde.darcy_dataset(6, 9, seed=2, start=4)
+    assert a_tail.shape == u_tail.shape == (2, 9, 9, 1)
+    np.testing.assert_array_equal(a_tail, a[4:])
+    np.testing.assert_allclose(u_tail, u[4:], rtol=1e-5, atol=1e-7)
+    x, y = pde.burgers_dataset(6, 32, seed=2)
+    x_tail, y_tail = pde.burgers_dataset(6, 32, seed=2, start=4)  # same time step
+    np.testing.assert_array_equal(x_tail, x[4:])
+    np.testing.assert_allclose(y_tail, y[4:], rtol=1e-5, atol=1e-7)
+    # The finer grid holds the same problems: same input at the shared points.
+    a_fine, _ = pde.darcy_dataset(6, 17, seed=2, start=4)
+    np.testing.assert_array_equal(a_fine[:, ::2, ::2], a_tail)
+    x_fine, y_fine = pde.burgers_dataset(6, 64, seed=2, start=4)
+    np.testing.assert_array_equal(x_fine[:, ::2], x_tail)
+    np.testing.assert_array_equal(y_fine[:, ::2], y_tail)
+    for bad in (-1, 6, 1.0, True):
+        with pytest.raises(ValueError, match="start"):
+            pde.darcy_dataset(6, 9, start=bad)
+        with pytest.raises(ValueError, match="start"):
+            pde.burgers_dataset(6, 32, start=bad)
+
+
 def test_burgers_rejects_bad_arguments():
     with pytest.raises(ValueError, match="viscosity"):
         pde.solve_burgers(jnp.zeros(16), -1.0, 1.0, 10)

@@ -392,6 +392,21 @@ def existing_output(tmp_path):
             ["optimizer.name=galore", "optimizer.master_dtype=float32"],
             r"optimizer.master_dtype=float32 keeps a copy of 16-bit params",
         ),
+        # float16 params diverge (non-finite loss at step 2 or 3, master copy or not)
+        (
+            ["model.param_dtype=float16"],
+            r"model.param_dtype=float16 is not supported .* use model.param_dtype=bfloat16"
+            r" with optimizer.master_dtype=float32",
+        ),
+        (
+            ["model.param_dtype=float16", "optimizer.master_dtype=float32"],
+            r"model.param_dtype=float16 is not supported",
+        ),
+        # used to print "optimizer galore" and train plain Adam
+        (
+            ["optimizer.name=galore", "optimizer.rank=1000"],
+            r"optimizer.name=galore projects no param at optimizer.rank=1000",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(existing_output, capsys, overrides, message):
@@ -460,6 +475,96 @@ def test_incompatible_checkpoint_is_one_clear_error(reference, tmp_path, capsys)
     assert snapshot(out) == before
 
 
+# --------------------------------------------------------------------------
+# Resuming a run whose config changed or whose newest checkpoint is damaged
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """4 AdamW steps with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("two_checkpoints")
+    run_train(out, "steps=4", "checkpoint.every=2")
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    return out
+
+
+def test_resume_with_a_changed_config_says_what_changed_and_keeps_the_history(
+    two_checkpoints, tmp_path
+):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    # steps=40, lr=0.01: test_adamw_loss_falls's train step (a compilation cache hit).
+    proc = run_train(out, "steps=40", "optimizer.lr=0.01", "seed=3", "log_every=2", "stop_after=5")
+    changed = [line for line in proc.stdout.splitlines() if "config changed" in line]
+    # 4 -> 40 steps: warm-up is now int(0.1 * 40) = 4 steps, so step 5 (the
+    # optimizer's count 4) gets the new peak lr; the old 4-step schedule ends
+    # there at final_lr_fraction * 0.003. log_every / stop_after are left out.
+    assert changed == [
+        "config changed on resume: optimizer.lr: 0.003 -> 0.01, "
+        "seed: 0 -> 3 (no effect on a resumed run), steps: 4 -> 40; "
+        "the lr schedule is rebuilt for steps=40: step 5 trains at lr 0.01 instead of 0.0003 "
+        "(warm-up ended at step 4; the cosine now ends at step 40)"
+    ], proc.stdout
+    logged = {r["step"]: r["lr"] for r in read_metrics(str(out)) if "lr" in r}
+    assert logged[5] == pytest.approx(0.01)
+    import yaml
+
+    history = list(yaml.safe_load_all((out / "config_history.yaml").read_text()))
+    assert [(d["start_step"], d["config"]["steps"]) for d in history] == [(0, 4), (4, 40)]
+    assert history[0]["config"]["optimizer"]["lr"] == 0.003
+    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 40
+
+
+def damage(output_dir, step):
+    """Truncates every array chunk file of checkpoint ``step``'s params."""
+    files = [p for p in Path(output_dir, "checkpoints", str(step), "params", "d").iterdir()]
+    assert files
+    for path in files:
+        path.write_bytes(path.read_bytes()[:5])
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    damage(out, 4)
+    proc = run_train(out, "steps=4", "checkpoint.every=2", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr, proc.stderr
+    warning = proc.stderr.strip().splitlines()
+    assert len(warning) == 1 and re.fullmatch(
+        r"warning: checkpoint step 4 is damaged in .* \(.+\); resuming from step 2, the newest"
+        r" intact one \(the damaged files are kept in .*checkpoints_damaged/4\)",
+        warning[0],
+    ), proc.stderr
+    assert "resumed from step 2" in proc.stdout
+    assert losses(out) == losses(two_checkpoints)  # steps 3 and 4 again, bitwise
+    for a, b in zip(checkpoint_arrays(out, 4), checkpoint_arrays(two_checkpoints, 4)):
+        np.testing.assert_array_equal(a, b)
+    kept = out / "checkpoints_damaged" / "4" / "params" / "d"
+    assert {p.name: p.stat().st_size for p in kept.iterdir()} == {
+        p.name: 5 for p in (two_checkpoints / "checkpoints" / "4" / "params" / "d").iterdir()
+    }
+
+
+def test_every_checkpoint_damaged_is_one_error_line_without_traceback(two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    damage(out, 2)
+    damage(out, 4)
+    before = snapshot(out)
+    proc = run_train(out, "steps=6", "checkpoint.every=2", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no "Event loop is closed" tracebacks after it
+    assert re.fullmatch(
+        r"error: no checkpoint in .* can be restored: step 4, 2 are damaged \(.+\);"
+        r" delete them or use a new output_dir",
+        lines[0],
+    ), lines[0]
+    assert snapshot(out) == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [8, 32, 64])
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
@@ -501,3 +606,25 @@ def test_tensor_galore_on_eight_devices(tmp_path, kind):
         devices=8,
     )
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_rank_fallback_is_one_warning_line_at_start_up(tmp_path, capsys):
+    """Matrices that get plain Adam only because of the rank are named, once."""
+    code = train.main(
+        [
+            "--config",
+            "configs/llama_tiny.yaml",
+            *TINY,
+            f"output_dir={tmp_path / 'run'}",
+            "optimizer.name=galore",
+            "model.intermediate_size=24",
+            "optimizer.rank=24",
+            "steps=1",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1, err
+    assert "'layers/mlp/up_proj'" in lines[0] and "smaller rank" in lines[0]
+    assert "attention" not in lines[0]

@@ -18,12 +18,22 @@ Orbax writes each step into a temporary directory and renames it when every
 item is complete, and lists only finalized steps, so a run killed mid-save
 leaves at most a temporary directory that is never loaded (and is cleaned up
 by the next run).
+
+A finalized checkpoint whose files were damaged later raises
+:class:`DamagedCheckpointError`; ``train.py`` then skips it
+(:meth:`Checkpointer.skip`), resumes from the newest intact one and moves
+the damaged one aside (:meth:`Checkpointer.set_aside`). ``config_changes``
+lists the settings a resumed run changed (``train.py`` prints them).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import shutil
+import sys
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -45,6 +55,7 @@ STRUCTURAL_CONFIG_KEYS = (
     "model",
     "optimizer.name",
     "optimizer.rank",
+    "optimizer.tensor_rank_mode",  # how a float tensor_galore rank becomes Tucker ranks
     "optimizer.proj_type",
     "optimizer.label_overrides",
     "optimizer.moment_bits",
@@ -57,12 +68,39 @@ STRUCTURAL_CONFIG_KEYS = (
 # differ between a checkpoint and the run resuming it.
 RUNTIME_MODEL_KEYS = ("remat", "dtype", "attention_implementation", "max_seq_len")
 
+# Config entries that do not change what a resumed run computes (when it logs,
+# evaluates, saves or stops, where it runs); ``config_changes`` leaves them out.
+UNTRACKED_CONFIG_KEYS = (
+    "output_dir",
+    "stop_after",
+    "log_every",
+    "eval_every",
+    "progress_bar",
+    "step_timeout_s",
+    "tensorboard",
+    "checkpoint",
+    "distributed",
+)
+
 # Orbax logs every save/restore at INFO; keep the training output readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is printed as-is."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, overwritten, missing).
+
+    Attributes:
+      step: the damaged step.
+      reason: the first line of what orbax / TensorStore reported.
+    """
+
+    def __init__(self, message: str, step: int, reason: str):
+        super().__init__(message)
+        self.step, self.reason = step, reason
 
 
 def _is_prng_key(x: Any) -> bool:
@@ -111,6 +149,35 @@ def _get_path(tree: Mapping, dotted: str) -> Any:
     return node
 
 
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+NOT_SET = "(not set)"
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple]:
+    """``(dotted key, saved value, current value)`` for each setting that differs,
+    sorted by key, leaving out :data:`UNTRACKED_CONFIG_KEYS`. A key only one side
+    has (a config written by another version) shows :data:`NOT_SET` on the other."""
+    saved, current = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        if any(key == k or key.startswith(k + ".") for k in UNTRACKED_CONFIG_KEYS):
+            continue
+        old, new = saved.get(key, NOT_SET), current.get(key, NOT_SET)
+        if old != new:
+            changes.append((key, old, new))
+    return changes
+
+
 def _diff(saved: Any, current: Any, prefix: str) -> list[str]:
     """Human-readable differences between two plain-data config values."""
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
@@ -135,6 +202,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(directory))
+        self._skipped: set[int] = set()
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -149,11 +218,36 @@ class Checkpointer:
     # -- queries ---------------------------------------------------------------
 
     def latest_step(self) -> Optional[int]:
-        """Newest finalized step, or None."""
-        return self._manager.latest_step()
+        """Newest finalized step that was not skipped (:meth:`skip`), or None."""
+        steps = [s for s in self._manager.all_steps() if s not in self._skipped]
+        return max(steps) if steps else None
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def skip(self, step: int) -> None:
+        """Leaves ``step`` out of :meth:`latest_step` (a damaged checkpoint); its files stay."""
+        self._skipped.add(int(step))
+
+    def set_aside(self, step: int, destination: str) -> str:
+        """Moves checkpoint ``step`` out of the way, to ``destination/<step>``
+        (``<step>.1``, ... if that exists), so that this run can save ``step``
+        again and the ``max_to_keep`` rotation never deletes it. Every process
+        calls this; process 0 moves. Returns the new path."""
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(os.path.abspath(destination), str(step))
+        n = 0
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(os.path.abspath(destination), f"{step}.{n}")
+        _sync_processes(f"checkpoint_set_aside_{step}_start")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(source, target)
+        _sync_processes(f"checkpoint_set_aside_{step}_done")
+        self._manager.reload()
+        self._skipped.discard(int(step))
+        return target
 
     # -- save ------------------------------------------------------------------
 
@@ -200,6 +294,10 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for background saves and closes orbax (again: a no-op)."""
+        if self._closed:
+            return
+        self._closed = True
         self._manager.wait_until_finished()
         self._manager.close()
 
@@ -207,6 +305,7 @@ class Checkpointer:
 
     def read_config_and_meta(self, step: int) -> tuple[dict, dict]:
         """The JSON items of ``step`` (cheap; no arrays are read)."""
+        _quiet_orbax_leftovers()
         try:
             restored = self._manager.restore(
                 step,
@@ -214,9 +313,12 @@ class Checkpointer:
             )
             config, meta = restored["config"], restored["meta"]
         except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(
+            _failed_restore()
+            raise DamagedCheckpointError(
                 f"checkpoint step {step} in {self.directory} is unreadable "
-                f"({_short(e)}); delete it or use a new output_dir"
+                f"({_short(e)}); delete it or use a new output_dir",
+                step,
+                _short(e),
             ) from None
         if not isinstance(meta, Mapping) or meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(
@@ -307,6 +409,7 @@ class Checkpointer:
                 treedef,
             )
 
+        _quiet_orbax_leftovers()
         try:
             restored = self._manager.restore(
                 step,
@@ -317,9 +420,12 @@ class Checkpointer:
                 ),
             )
         except Exception as e:
-            raise CheckpointError(
+            _failed_restore()
+            raise DamagedCheckpointError(
                 f"checkpoint step {step} in {self.directory} could not be restored "
-                f"({_short(e)}); delete it or use a new output_dir"
+                f"({_short(e)}); delete it or use a new output_dir",
+                step,
+                _short(e),
             ) from None
 
         out = []
@@ -348,6 +454,62 @@ def _without_leafless_first_stage(saved_names: list, saved: dict, names: list):
     if stripped != names:
         return saved_names, saved
     return stripped, {n[2:]: v for n, v in saved.items()}
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+_QUIET = False
+
+
+def _quiet_orbax_leftovers() -> None:
+    """Keeps what a failed orbax restore leaves behind off stderr, for the rest
+    of the process (installed before each restore: the first reports can come
+    before the failure reaches us). The restore's asyncio loop is closed while
+    TensorStore reads are still in flight; each of them later reports
+    "RuntimeError: Event loop is closed" (or its own read error, from a coroutine
+    nobody awaits any more) as an unraisable exception, and asyncio logs "Future
+    exception was never retrieved" for them. Only those are dropped; the error
+    itself is raised as a CheckpointError."""
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error, obj = unraisable.exc_value, unraisable.object
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        code = getattr(obj, "cr_code", None) if inspect.iscoroutine(obj) else None
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_abandoned_async_results)
+
+
+def _failed_restore() -> None:
+    """After a failed restore: no "coroutine ... was never awaited" warnings at exit
+    for the reads it abandoned."""
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+    )
+
+
+def _drop_abandoned_async_results(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(
+        (
+            "Future exception was never retrieved",
+            "Task exception was never retrieved",
+            "Task was destroyed but it is pending",
+        )
+    )
 
 
 def _short(error: BaseException) -> str:

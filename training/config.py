@@ -112,6 +112,18 @@ class LlamaModelConfig(_Section):
     attention_implementation: Optional[Literal["xla", "cudnn"]] = None
 
     @model_validator(mode="after")
+    def _float16(self) -> LlamaModelConfig:
+        # float16 params (with or without a float32 master copy) give a non-finite
+        # loss within a few steps: nothing here scales the loss or the gradients.
+        _fail(
+            self.param_dtype == "float16",
+            "model.param_dtype=float16 is not supported (without loss scaling the loss "
+            "is not finite within a few steps); use model.param_dtype=bfloat16 with "
+            "optimizer.master_dtype=float32, or model.param_dtype=float32",
+        )
+        return self
+
+    @model_validator(mode="after")
     def _shape(self) -> LlamaModelConfig:
         from models import llama  # the one home of the head/GQA/RoPE shape rules
 
@@ -135,7 +147,8 @@ class TextDataConfig(_Section):
     """Token data for ``task: lm``.
 
     ``source``: ``builtin`` (the embedded Python-stdlib corpus), ``text`` (a
-    UTF-8 file or a directory of ``*.txt``), ``jsonl`` (one JSON object per line,
+    UTF-8 file, or a directory of text files of any extension, read recursively;
+    binary files are skipped and counted), ``jsonl`` (one JSON object per line,
     text under ``jsonl_field``) or ``bin`` (a pre-tokenized token array). The
     tokenizer is ``byte`` or a path to a Hugging Face ``tokenizer.json``.
     """
@@ -190,7 +203,10 @@ class PDEDataConfig(_Section):
     the training split (``pointwise``: one mean/std per grid point, as in the
     FNO paper; otherwise per channel). The whole test split is evaluated
     (``eval_batches`` is not used) and reported as ``val_l2``, the mean
-    relative L2 error.
+    relative L2 error. ``eval_resolutions``: grids at which the same test
+    samples are also generated and evaluated (zero-shot super-resolution),
+    reported as ``val_l2_res<N>``; checked against the generator and the model
+    in ``training.fno_task.check_eval_resolutions``.
     """
 
     dataset: Literal["burgers", "darcy"] = "darcy"
@@ -201,6 +217,7 @@ class PDEDataConfig(_Section):
     viscosity: Float = Field(0.1, gt=0)  # burgers: nu (FNO paper 0.1; 0.01 has steeper fronts)
     t_final: Float = Field(1.0, gt=0)  # burgers: T
     pointwise_normalizer: Bool = False
+    eval_resolutions: list[Pos] = dataclasses.field(default_factory=list)
 
     @model_validator(mode="after")
     def _grid(self) -> PDEDataConfig:
@@ -244,15 +261,15 @@ class OptimizerConfig(_Section):
     layerwise: Bool = False
     warmup_fraction: Float = Field(0.1, ge=0, lt=1)
     final_lr_fraction: Float = Field(0.1, ge=0, le=1)
-    # GaLore options (ignored by adamw). An int rank, or a float fraction in (0, 1].
-    rank: Union[Int, Float] = 128
-    # How tensor_galore reads a float rank: "mode" keeps that fraction of every
-    # mode (galore_jax's meaning: 0.25 on a 4-D tensor keeps 1/256 of it);
-    # "params" picks per-mode ranks round(c * d_k) so the Tucker core plus
-    # factors hold that fraction of the tensor's entries (tensorly's meaning,
-    # used by the Tensor-GaLore paper's code: 0.25 keeps ~0.7 of each mode of a
-    # 4-D tensor). "params" needs the projected tensors to share one shape.
-    tensor_rank_mode: Literal["mode", "params"] = "mode"
+    # GaLore options (ignored by adamw). An int rank, or a float fraction in (0, 1]:
+    # of the projected side for galore; of each tensor's entries for tensor_galore
+    # (the Tucker core plus factors hold that fraction, as in neuraloperator's
+    # Tensor-GaLore and galore_jax). tensor_galore also takes a per-mode list
+    # (ints, float fractions of that mode, or null to leave a mode unprojected).
+    rank: Union[Int, Float, list[Optional[Union[Int, Float]]]] = 128
+    # Deprecated: "mode" reads a float tensor_galore rank as that fraction of every
+    # mode (what galore_jax 0.2 did; the same as a list of one fraction per mode).
+    tensor_rank_mode: Literal["mode", "params"] = "params"
     update_proj_gap: Pos = 200
     scale: Float = 0.25
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
@@ -272,7 +289,7 @@ class OptimizerConfig(_Section):
     # optax_galore), int8 / int4 GaLore projectors (galore only).
     moment_bits: Literal[32, 8] = 32
     projector_bits: Literal[32, 8, 4] = 32
-    # A float32 copy of 16-bit params (model.param_dtype bfloat16 / float16) that
+    # A float32 copy of 16-bit params (model.param_dtype bfloat16) that
     # the optimizer updates (galore_jax.with_master_weights); null: none.
     master_dtype: Optional[Literal["float32"]] = None
     # regex on the '/'-joined param path -> galore | tensor_galore | adam,
@@ -282,13 +299,21 @@ class OptimizerConfig(_Section):
 
     @model_validator(mode="after")
     def _rank(self) -> OptimizerConfig:
-        if isinstance(self.rank, float):
+        if isinstance(self.rank, list):
             _fail(
-                not 0 < self.rank <= 1,
-                f"optimizer.rank as a fraction must be in (0, 1], got {self.rank}",
+                self.name != "tensor_galore",
+                f"optimizer.rank as a per-mode list is for tensor_galore, got {self.rank} "
+                f"with optimizer.name={self.name}",
             )
+            _fail(not self.rank, "optimizer.rank as a per-mode list must not be empty")
+            entries = [r for r in self.rank if r is not None]
         else:
-            _fail(self.rank <= 0, f"optimizer.rank must be > 0, got {self.rank}")
+            entries = [self.rank]
+        for r in entries:
+            if isinstance(r, float):
+                _fail(not 0 < r <= 1, f"optimizer.rank as a fraction must be in (0, 1], got {r}")
+            else:
+                _fail(r <= 0, f"optimizer.rank must be > 0, got {r}")
         return self
 
 
@@ -397,7 +422,7 @@ class Config:
         _fail(
             self.optimizer.master_dtype is not None and param_dtype == "float32",
             f"optimizer.master_dtype={self.optimizer.master_dtype} keeps a copy of 16-bit "
-            "params; set model.param_dtype=bfloat16 (or float16), or optimizer.master_dtype=null",
+            "params; set model.param_dtype=bfloat16, or optimizer.master_dtype=null",
         )
         return self
 

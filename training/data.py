@@ -31,8 +31,12 @@ vocab_size          optional; only for ``bin`` data whose ids exceed the
   their path relative to the stdlib root (a fixed order that mixes packages,
   so a byte cap still samples the whole library) and taken while they fit the
   cap. The corpus depends only on the Python installation.
-* ``text``: one UTF-8 file, or every ``*.txt`` under a directory (sorted,
-  recursive); one document per file.
+* ``text``: one UTF-8 file, or every text file under a directory, whatever
+  its extension (``.txt``, ``.md``, none...): recursive, in the sorted order of
+  the paths relative to the directory, hidden files and directories (``.*``)
+  left out. A file holding a NUL byte or bytes that are not UTF-8 counts as
+  binary and is skipped (``TokenData.skipped_files`` counts them). One
+  document per file.
 * ``jsonl``: one or more ``.jsonl`` files (a file or a directory of them); one
   document per line, text under ``jsonl_field``.
 * ``bin``: a flat pre-tokenized array read with ``np.memmap`` (never copied).
@@ -73,12 +77,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import sysconfig
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -266,8 +271,33 @@ def _files_under(path: Path, suffix: str) -> list[Path]:
     return [path]
 
 
-def _text_documents(path: Path) -> list[str]:
-    return [p.read_text(encoding="utf-8", errors="replace") for p in _files_under(path, ".txt")]
+def _text_documents(path: Path) -> tuple[list[str], int]:
+    """The documents of a text file or directory, and how many binary files were skipped."""
+    if not path.is_dir():  # a file named explicitly is read as text
+        return [path.read_text(encoding="utf-8", errors="replace")], 0
+    files = sorted(
+        (p.relative_to(path).as_posix(), p)
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    documents, skipped = [], 0
+    for _, file in files:
+        text = _decode_text(file.read_bytes())
+        if text is None:
+            skipped += 1
+        else:
+            documents.append(text)
+    return documents, skipped
+
+
+def _decode_text(data: bytes) -> str | None:
+    """``data`` as UTF-8 text, or None for binary data (a NUL byte, or not UTF-8)."""
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _jsonl_documents(path: Path, field: str) -> list[str]:
@@ -292,12 +322,20 @@ def _jsonl_documents(path: Path, field: str) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-class TokenData(NamedTuple):
-    """Result of :func:`load_tokens`; unpacks as ``train, val, vocab_size``."""
+@dataclasses.dataclass(frozen=True)
+class TokenData:
+    """Result of :func:`load_tokens`; unpacks as ``train, val, vocab_size``.
+
+    ``skipped_files``: binary files left out of a ``text`` directory.
+    """
 
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
+    skipped_files: int = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.train, self.val, self.vocab_size))
 
 
 def _option(source: Any, name: str, default: Any) -> Any:
@@ -316,8 +354,9 @@ def load_tokens(source: Any = None) -> TokenData:
             docstring; None means the builtin corpus with defaults.
 
     Returns:
-        ``TokenData(train, val, vocab_size)``: 1-D unsigned-int token streams
-        (``np.memmap`` views for ``bin``) and the tokenizer's vocabulary size.
+        ``TokenData(train, val, vocab_size, skipped_files)``: 1-D unsigned-int
+        token streams (``np.memmap`` views for ``bin``), the tokenizer's
+        vocabulary size and the number of binary files a ``text`` directory skipped.
 
     Raises:
         FileNotFoundError: ``path`` (or the tokenizer file) does not exist.
@@ -325,6 +364,7 @@ def load_tokens(source: Any = None) -> TokenData:
             token ids outside the vocabulary.
     """
     source = {} if source is None else source
+    skipped_files = 0
     kind = _option(source, "source", "builtin")
     if kind not in _SOURCES:
         raise ValueError(f"data source must be one of {_SOURCES}, got {kind!r}")
@@ -348,7 +388,7 @@ def load_tokens(source: Any = None) -> TokenData:
             raise FileNotFoundError(f"data path not found: {str(path)!r}")
         description = f"{kind} {str(path)!r}"
         if kind == "text":
-            documents = _text_documents(path)
+            documents, skipped_files = _text_documents(path)
         elif kind == "jsonl":
             documents = _jsonl_documents(path, _option(source, "jsonl_field", "text"))
     if kind == "bin":
@@ -369,14 +409,17 @@ def load_tokens(source: Any = None) -> TokenData:
     else:
         documents = [doc for doc in documents if doc]
         if not documents:
-            raise ValueError(f"The {description} corpus is empty (no non-empty documents).")
+            binary = f"; {skipped_files} binary file(s) skipped" if skipped_files else ""
+            raise ValueError(f"The {description} corpus is empty (no non-empty documents{binary}).")
         tokens = tokenize_documents(documents, tokenizer)
     if len(tokens) < 2:
         raise ValueError(f"The {description} corpus is empty (only {len(tokens)} tokens).")
 
     num_val = max(1, int(round(len(tokens) * val_fraction)))
     split = len(tokens) - num_val
-    return TokenData(train=tokens[:split], val=tokens[split:], vocab_size=vocab_size)
+    return TokenData(
+        train=tokens[:split], val=tokens[split:], vocab_size=vocab_size, skipped_files=skipped_files
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -112,5 +112,6 @@ def build_lm_task(config: Config) -> Task:
             f"data: {config.data.source} | {len(tokens.train):,} train / "
             f"{len(tokens.val):,} val tokens | vocab {tokens.vocab_size} "
             f"(model {model_config.vocab_size})"
+            + (f" | {tokens.skipped_files} binary file(s) skipped" if tokens.skipped_files else "")
         ),
     )

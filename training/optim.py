@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
@@ -88,9 +87,9 @@ def build_optimizer(
       ``(transformation, schedule)``; the schedule is also used for logging.
     """
     schedule = lr_schedule(cfg, total_steps)
-    rank = cfg.rank  # per-mode Tucker ranks are no config value: passed beside cfg
-    if cfg.name == "tensor_galore" and cfg.tensor_rank_mode == "params":
-        rank = _param_fraction_ranks(cfg, params)
+    rank = tuple(cfg.rank) if isinstance(cfg.rank, list) else cfg.rank
+    if cfg.name == "tensor_galore" and cfg.tensor_rank_mode == "mode":
+        rank = _per_mode_fraction_ranks(cfg, params)
     labels = None
     if cfg.layerwise:  # the optimizer sees one part at a time: label it as the whole tree
         if cfg.name in ("galore", "tensor_galore"):
@@ -254,52 +253,23 @@ def _build(
     return tx
 
 
-def tucker_ranks_for_param_fraction(shape: tuple, fraction: float) -> tuple[int, ...]:
-    """Per-mode Tucker ranks holding about ``fraction`` of a tensor's entries.
-
-    Ranks are ``round(c * d_k)`` (at least 1, at most ``d_k``) with ``c`` solving
-    ``c^N prod(d) + c sum(d_k^2) = fraction prod(d)``: the core plus the factors
-    have ``fraction`` times the tensor's size (tensorly's float Tucker rank).
-
-    Example:
-      >>> tucker_ranks_for_param_fraction((24, 24, 8, 8), 0.25)
-      (17, 17, 6, 6)
-    """
-    size = math.prod(shape)
-    squares = sum(d * d for d in shape)
-    excess = lambda c: size * c ** len(shape) + squares * c - fraction * size  # noqa: E731
-    lo, hi = 0.0, max(fraction, 1.0)
-    for _ in range(60):  # excess() increases with c
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
-    c = (lo + hi) / 2
-    return tuple(min(d, max(1, int(round(c * d)))) for d in shape)
-
-
-def _param_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:
-    """``tensor_rank_mode: params``: the float rank as per-mode Tucker ranks."""
-    if not isinstance(cfg.rank, float):
-        raise ConfigError(
-            "optimizer.tensor_rank_mode='params' needs a float optimizer.rank "
-            f"(a fraction of each tensor's entries), got {cfg.rank!r}"
-        )
-    if params is None:
-        raise ConfigError("optimizer.tensor_rank_mode='params' needs the params' shapes")
+def _per_mode_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:
+    """Deprecated ``tensor_rank_mode: mode``: a float rank as that fraction of every
+    mode, i.e. the per-mode tuple (rank, ..., rank) of the projected tensors."""
+    if not isinstance(cfg.rank, float) or params is None:
+        return cfg.rank
     labels = gj.galore_labels(
         params, label_overrides=cfg.label_overrides, matrices="adam", tensors="tensor_galore"
     )
-    shapes = sorted(
-        {
-            tuple(p.shape)
-            for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
-            if label == "tensor_galore"
-        }
-    )
-    if not shapes:
-        return cfg.rank
-    if len(shapes) > 1:
+    ndims = {
+        len(p.shape)
+        for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+        if label == "tensor_galore"
+    }
+    if len(ndims) > 1:
         raise ConfigError(
-            "optimizer.tensor_rank_mode='params' needs every Tucker-projected tensor to "
-            f"have one shape, got {shapes}; use tensor_rank_mode='mode'"
+            "optimizer.tensor_rank_mode='mode' needs every Tucker-projected tensor to have "
+            f"one number of modes, got {sorted(ndims)}; use tensor_rank_mode='params' or a "
+            "per-mode list"
         )
-    return tucker_ranks_for_param_fraction(shapes[0], cfg.rank)
+    return (cfg.rank,) * ndims.pop() if ndims else cfg.rank

@@ -220,6 +220,7 @@ def burgers_dataset(
     solver_resolution: int | None = None,
     n_steps: int | None = None,
     cfl: float = 0.5,
+    start: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Pairs ``(u(., 0), u(., T))`` of 1-D viscous Burgers, as in the FNO paper.
 
@@ -227,6 +228,12 @@ def burgers_dataset(
     ``625 (-Laplacian + 25 I)**(-2)``) sampled on a fine grid of
     ``solver_resolution`` points, are solved there with :func:`solve_burgers`,
     and both ends are subsampled to ``resolution`` points (``x_j = j / resolution``).
+
+    The initial conditions do not depend on the grid, so ``(n_samples, seed)``
+    at another resolution gives the same problems on another grid (zero-shot
+    super-resolution test sets); ``start`` returns only the samples
+    ``start..n_samples-1`` of that draw, solving only those (with the time step
+    the whole draw would get, so they equal the tail of the full data set).
 
     Args:
       n_samples: Number of pairs.
@@ -242,12 +249,14 @@ def burgers_dataset(
       n_steps: Time steps. Default from the advective limit,
         ``dt = cfl / (solver_resolution * max|u0|)``, capped at ``dt <= 0.01``.
       cfl: Courant number used when ``n_steps`` is None.
+      start: First sample returned (0 <= start < n_samples).
 
     Returns:
-      ``(x, y)``, each ``(n_samples, resolution, 1)`` float32.
+      ``(x, y)``, each ``(n_samples - start, resolution, 1)`` float32.
     """
     _check_positive_int("n_samples", n_samples)
     _check_positive_int("resolution", resolution)
+    _check_start(start, n_samples)
     if resolution % 2:
         raise ValueError(f"resolution must be even, got {resolution}")
     if solver_resolution is None:
@@ -266,6 +275,7 @@ def burgers_dataset(
         max_speed = max(float(jnp.max(jnp.abs(u0))), 1e-6)
         dt = min(cfl / (solver_resolution * max_speed), 0.01)
         n_steps = max(1, math.ceil(t_final / dt))
+    u0 = u0[start:]
     u_final = solve_burgers(u0, viscosity, t_final, n_steps)
     stride = solver_resolution // resolution
     x = u0[:, ::stride, None].astype(jnp.float32)
@@ -278,7 +288,7 @@ def burgers_dataset(
 # ---------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("n_samples", "resolution", "n_modes"))
+@functools.partial(jax.jit, static_argnames=("n_samples", "resolution", "n_modes", "start"))
 def darcy_permeability(
     key: jax.Array,
     n_samples: int,
@@ -289,6 +299,7 @@ def darcy_permeability(
     high: float = 12.0,
     low: float = 3.0,
     n_modes: int = 32,
+    start: int = 0,
 ) -> jax.Array:
     """Piecewise-constant permeability: a thresholded Gaussian random field.
 
@@ -310,21 +321,24 @@ def darcy_permeability(
       low: Permeability where the field is negative.
       n_modes: Cosine modes per axis (coefficient decay makes the rest negligible
         for the sign of the field away from its zero set).
+      start: Return only the fields ``start..n_samples-1`` of the ``n_samples``
+        drawn from ``key`` (0 <= start < n_samples).
 
     Returns:
-      ``(n_samples, resolution, resolution)`` float32 array of ``high``/``low``.
+      ``(n_samples - start, resolution, resolution)`` float32 array of ``high``/``low``.
     """
     _check_positive_int("n_samples", n_samples)
     if resolution < 3:
         raise ValueError(f"resolution must be >= 3, got {resolution}")
     _check_positive_int("n_modes", n_modes)
+    _check_start(start, n_samples)
     k = jnp.arange(n_modes, dtype=jnp.float32)
     nodes = jnp.linspace(0.0, 1.0, resolution, dtype=jnp.float32)
     cosine_basis = jnp.cos(jnp.pi * nodes[:, None] * k[None, :])  # (node, mode)
     k1, k2 = jnp.meshgrid(k, k, indexing="ij")
     coef = tau ** (alpha - 1.0) * (jnp.pi**2 * (k1**2 + k2**2) + tau**2) ** (-alpha / 2.0)
     coef = coef.at[0, 0].set(0.0)
-    xi = jax.random.normal(key, (n_samples, n_modes, n_modes), jnp.float32)
+    xi = jax.random.normal(key, (n_samples, n_modes, n_modes), jnp.float32)[start:]
     field = jnp.einsum("ik,nkl,jl->nij", cosine_basis, coef * xi, cosine_basis)
     return jnp.where(field >= 0, high, low).astype(jnp.float32)
 
@@ -499,12 +513,18 @@ def darcy_dataset(
     tol: float = 1e-5,
     method: str = "cg",
     face_average: str = "harmonic",
+    start: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Pairs ``(a, u)`` of 2-D Darcy flow, as in the FNO paper (at small resolution).
 
     ``a`` from :func:`darcy_permeability` (12 / 3), ``u`` from :func:`solve_darcy`
     with ``f = 1`` and zero Dirichlet boundary. Grids include the boundary nodes,
     so ``u`` is 0 on the outer ring, like the paper's data.
+
+    The permeabilities do not depend on the grid, so ``(n_samples, seed)`` at
+    another resolution gives the same problems solved on another grid (zero-shot
+    super-resolution test sets); ``start`` returns only the samples
+    ``start..n_samples-1`` of that draw and solves only those.
 
     Args:
       n_samples: Number of pairs.
@@ -513,11 +533,12 @@ def darcy_dataset(
       tol: CG relative tolerance.
       method: "cg" or "dense" (see :func:`solve_darcy`).
       face_average: "harmonic" or "arithmetic".
+      start: First sample returned (0 <= start < n_samples).
 
     Returns:
-      ``(a, u)``, each ``(n_samples, resolution, resolution, 1)`` float32.
+      ``(a, u)``, each ``(n_samples - start, resolution, resolution, 1)`` float32.
     """
-    a = darcy_permeability(jax.random.key(seed), n_samples, resolution)
+    a = darcy_permeability(jax.random.key(seed), n_samples, resolution, start=start)
     u = solve_darcy(a, tol, method=method, face_average=face_average)
     return a[..., None], u[..., None].astype(jnp.float32)
 
@@ -577,6 +598,13 @@ class UnitGaussianNormalizer(NamedTuple):
 def _check_positive_int(name: str, value) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_start(start, n_samples: int) -> None:
+    if not isinstance(start, (int, np.integer)) or isinstance(start, bool):
+        raise ValueError(f"start must be an integer, got {start!r}")
+    if not 0 <= start < n_samples:
+        raise ValueError(f"start must be in [0, n_samples={n_samples}), got {start}")
 
 
 def _drop_channel(x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -64,6 +65,7 @@ class Run:
     abstract_opt_state: Any
     opt_shardings: Any
     scanned_model: Optional[gj.ScannedModel] = None
+    notes: list = dataclasses.field(default_factory=list)  # warnings to show at start-up
 
     @property
     def layerwise(self) -> bool:
@@ -91,6 +93,21 @@ def dimension_numbers_from_layer_axes(layer_axes: Any) -> Any:
     )
 
 
+def _check_something_is_projected(config: Config, abstract_opt_state: Any) -> None:
+    """A GaLore run in which no param is projected is AdamW under another name."""
+    if config.optimizer.name not in ("galore", "tensor_galore"):
+        return
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract_opt_state)[0]:
+        names = gj.path_string(keypath).split("/")
+        if ("projectors" in names or "factors" in names) and getattr(leaf, "ndim", 0) > 0:
+            return
+    raise ConfigError(
+        f"optimizer.name={config.optimizer.name} projects no param at optimizer.rank="
+        f"{config.optimizer.rank!r}: every matrix / tensor would get plain Adam (no memory "
+        "saved). Use a smaller optimizer.rank (or a float fraction), or optimizer.name=adamw"
+    )
+
+
 def build_run(config: Config, num_devices: int) -> Run:
     """config -> mesh -> task -> model shapes -> optimizer; nothing allocated.
 
@@ -114,18 +131,24 @@ def build_run(config: Config, num_devices: int) -> Run:
     param_shardings = mesh_lib.named_shardings(mesh, param_specs)
     dims = dimension_numbers_from_layer_axes(task.layer_axes(param_vars))
     scanned = _scanned_model(config, task, abstract_model)
-    tx, lr_schedule = build_optimizer(
-        config.optimizer,
-        config.steps,
-        seed=config.seed,
-        dimension_numbers=dims,
-        params=abstract_params,
-        scanned_model=scanned,
-    )
-    try:
-        abstract_opt_state = jax.eval_shape(_opt_state_init(config, tx, scanned), abstract_params)
-    except ValueError as e:  # e.g. a rank that does not fit a param's shape
-        raise ConfigError(f"optimizer: {e}") from None
+    with warnings.catch_warnings(record=True) as caught:  # printed by train.py, one line each
+        warnings.simplefilter("always", gj.RankFallbackWarning)
+        tx, lr_schedule = build_optimizer(
+            config.optimizer,
+            config.steps,
+            seed=config.seed,
+            dimension_numbers=dims,
+            params=abstract_params,
+            scanned_model=scanned,
+        )
+        try:
+            abstract_opt_state = jax.eval_shape(
+                _opt_state_init(config, tx, scanned), abstract_params
+            )
+        except ValueError as e:  # e.g. a rank that does not fit a param's shape
+            raise ConfigError(f"optimizer: {e}") from None
+    notes = list(dict.fromkeys(str(w.message) for w in caught))
+    _check_something_is_projected(config, abstract_opt_state)
     if config.optimizer.layerwise:
         opt_shardings = gj.layerwise_state_shardings(
             abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
@@ -147,6 +170,7 @@ def build_run(config: Config, num_devices: int) -> Run:
         abstract_opt_state,
         opt_shardings,
         scanned,
+        notes,
     )
 
 
@@ -336,21 +360,36 @@ def next_train_batches(run: Run) -> Any:
 
 
 def evaluate(run: Run, eval_step: Callable, params: Any) -> dict:
-    """Validation metrics over the task's fixed validation batches."""
+    """Validation metrics over the task's fixed validation batches (and its extra sets)."""
     sharding = eval_batch_sharding(run)
-    losses = [
-        float(eval_step(params, global_batch(b, sharding, 0))) for b in run.task.eval_batches()
-    ]
-    return run.task.summarize_eval(float(np.mean(losses)))
+
+    def mean_loss(batches):
+        return float(
+            np.mean([float(eval_step(params, global_batch(b, sharding, 0))) for b in batches])
+        )
+
+    metrics = dict(run.task.summarize_eval(mean_loss(run.task.eval_batches())))
+    for name, batches in run.task.extra_eval_sets().items():
+        metrics[name] = mean_loss(batches)
+    return metrics
 
 
 def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
-    """The start-up lines: data, mesh, params, optimizer and each leaf's treatment."""
+    """The start-up lines: data, mesh, params, optimizer and each leaf's treatment.
+
+    The optimizer's state size is given beside AdamW's for the same params (what
+    ``optax.adamw`` keeps: two moments in the params' dtypes and a counter).
+    """
     state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
+    adamw_bytes = gj.optimizer_state_bytes(
+        jax.eval_shape(optax.adamw(1e-3).init, run.abstract_params)
+    )
+    # "(... MiB state)" stays as it was: benchmarks/convergence.py reads it.
     lines = [
         run.task.description,
         f"{mesh_lib.describe(run.mesh)} | {run.num_params / 1e6:.2f}M params | optimizer "
-        f"{run.config.optimizer.name} ({state_bytes / 2**20:.1f} MiB state)",
+        f"{run.config.optimizer.name} ({state_bytes / 2**20:.1f} MiB state) = "
+        f"{state_bytes / adamw_bytes:.2f}x AdamW's {adamw_bytes / 2**20:.1f} MiB",
     ]
     if run.layerwise:
         lines.append(

@@ -65,6 +65,10 @@ class Task:
             task-specific optimizer settings the user left unset (FNO: matrix
             GaLore only on the spectral weights). Applied before the config is
             saved, so ``config.yaml`` shows what ran. Default: identity.
+        extra_eval_sets: ``() -> {metric name: iterable of batches}``: further
+            validation sets, each evaluated like ``eval_batches`` (the mean of
+            ``eval_loss_fn`` over its batches) and logged under its name next
+            to ``summarize_eval``'s metrics (FNO: ``val_l2_res64``). Default: none.
     """
 
     name: str
@@ -83,3 +87,4 @@ class Task:
     postprocess_grads: Callable[[Any], Any] = _identity
     optimizer_defaults: Callable[[Any], Any] = _identity
     scanned_model: Optional[Callable[[nnx.Module], Any]] = None
+    extra_eval_sets: Callable[[], Mapping[str, Iterable[Batch]]] = dict
