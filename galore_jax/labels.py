@@ -213,21 +213,11 @@ def label_rule(
     return LabelRule(treedef.unflatten(labels), reasons, fallbacks, complex_as_real)
 
 
-def galore_labels(
-    params: Any,
-    *,
-    label_overrides: Overrides = None,
-    dimension_numbers: Any = None,
-    rank: Optional[Union[int, float]] = None,
-    proj_type: str = "std",
-    tensor_rank: Any = None,
-    plain_pattern: str = DEFAULT_PLAIN_PATTERN,
-    matrices: str = GALORE,
-    tensors: str = TENSOR_GALORE,
-) -> Any:
+def galore_labels(params: Any, **rule: Any) -> Any:
     """Labels for each leaf of `params` (a pytree of strings with the same structure).
 
-    Args:
+    Keyword arguments (those of `label_rule`, which also says why each leaf got its
+    label):
       params: the parameters (arrays or ShapeDtypeStructs; `nnx.State` too).
       label_overrides: {regex: label} or [(regex, label)], searched in order in
         each param's path; the first match wins over the default rule. A
@@ -251,17 +241,7 @@ def galore_labels(
       >>> gj.galore_labels(params)
       {'embed': 'adam', 'norm': 'adam', 'q': 'galore'}
     """
-    rule = label_rule(
-        params,
-        label_overrides=label_overrides,
-        dimension_numbers=dimension_numbers,
-        rank=rank,
-        proj_type=proj_type,
-        tensor_rank=tensor_rank,
-        plain_pattern=plain_pattern,
-        matrices=matrices,
-        tensors=tensors,
-    )
+    rule = label_rule(params, **rule)
     rule.warn_fallbacks()
     return rule.labels
 

@@ -172,6 +172,10 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     for key in sorted(set(saved) | set(current)):
         if any(key == k or key.startswith(k + ".") for k in UNTRACKED_CONFIG_KEYS):
             continue
+        if key == "optimizer.tensor_rank_mode" and current.get("optimizer.name") != (
+            "tensor_galore"
+        ):
+            continue  # read by tensor_galore's float rank only
         old, new = saved.get(key, NOT_SET), current.get(key, NOT_SET)
         if old != new:
             changes.append((key, old, new))
@@ -331,6 +335,10 @@ class Checkpointer:
         saved_config, _ = self.read_config_and_meta(step)
         problems = []
         for key in STRUCTURAL_CONFIG_KEYS:
+            if key == "optimizer.tensor_rank_mode" and _get_path(config, "optimizer.name") != (
+                "tensor_galore"
+            ):
+                continue  # read by tensor_galore's float rank only
             saved, current = _get_path(saved_config, key), _get_path(config, key)
             if key == "model" and isinstance(saved, Mapping) and isinstance(current, Mapping):
                 saved, current = (
