@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -236,10 +237,13 @@ class _Labeler:
         return labels_lib.label_rule(params, dimension_numbers=treedef.unflatten(dims), **self.rule)
 
     def labels(self, params):
+        if self.warned:  # every warning of the rule is said once per optimizer
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self.resolve(params).labels
+        self.warned = True
         rule = self.resolve(params)
-        if not self.warned:
-            self.warned = True
-            rule.warn_fallbacks(stacklevel=5)
+        rule.warn_fallbacks(stacklevel=5)
         return rule.labels
 
     def explain(self, params) -> dict:

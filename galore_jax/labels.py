@@ -184,9 +184,11 @@ def label_rule(
             return ADAM, "table (one side a layer width, the other no layer's)"
         if d is not None or len(shape) == 2:
             kind = "stacked matrices" if d is not None and d.batch_axes else "matrix"
+            if matrices == ADAM:
+                return ADAM, f"{kind} (plain Adam for matrices here)"
             if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
                 fallbacks.append(name)
-                return ADAM, f"rank {rank!r} >= the matrix's smaller side"
+                return ADAM, f"rank {rank!r}: GaLore's state would not be smaller than Adam's"
             return matrices, kind
         if tensors != ADAM and tensor_rank is not None:
             why = _tucker_fallback(shape, tensor_rank, name)
@@ -225,9 +227,9 @@ def galore_labels(params: Any, **rule: Any) -> Any:
       dimension_numbers: as in `scale_by_galore` (None: stacked layers are found
         by structure); stacked matrices get `matrices`' label, stacked vectors
         (norm scales, biases) plain Adam.
-      rank, proj_type: when given, a matrix whose rank would reach min(m, n)
-        gets plain Adam (no memory to save) unless an override forces it; a
-        `RankFallbackWarning` names such leaves.
+      rank, proj_type: when given, a matrix whose GaLore state (projector plus two
+        low-rank moments) would not be smaller than Adam's two moments gets plain
+        Adam unless an override forces it; a `RankFallbackWarning` names such leaves.
       tensor_rank: when given, a tensor a single int rank does not fit gets plain
         Adam (with the warning); a per-mode tuple that does not fit is an error.
       plain_pattern: regex of names kept in plain Adam by default.
@@ -256,9 +258,40 @@ def register_explainer(init_fn: Callable, explain: Callable[[Any], Dict[str, str
 
 
 def explain(tx, params: Any) -> Dict[str, str]:
-    """{param path: why it got its label} for optimizers built by our aliases, else {}."""
-    fn = _EXPLAINERS.get(getattr(tx, "init", None))
-    return fn(params) if fn is not None else {}
+    """{param path: why it got its label} for optimizers built by our aliases, also
+    inside wrappers (`optax.chain`, `with_master_weights`, ...), else {}."""
+    fn = _find_explainer(getattr(tx, "init", None))
+    if fn is None:
+        return {}
+    with warnings.catch_warnings():  # said once already, when the optimizer was built
+        warnings.simplefilter("ignore")
+        return fn(params)
+
+
+def _find_explainer(init_fn, depth: int = 6):
+    """The registered explainer of `init_fn` or of an init it wraps (closure cells)."""
+    seen, frontier = set(), [init_fn]
+    for _ in range(depth):
+        wrapped = []
+        for obj in frontier:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if callable(obj) and obj in _EXPLAINERS:
+                return _EXPLAINERS[obj]
+            if isinstance(obj, (tuple, list)):
+                wrapped.extend(obj)
+            elif isinstance(obj, dict):
+                wrapped.extend(obj.values())
+            if hasattr(obj, "init"):  # a GradientTransformation held by a wrapper
+                wrapped.append(obj.init)
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    wrapped.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        frontier = wrapped
+    return None
 
 
 def labels_by_path(labels: Any) -> Callable[[Any], Any]:

@@ -162,10 +162,17 @@ def matrix_plan(
 
 
 def saves_memory(shape, dims: Optional[DimensionNumbers], proj_type: str, rank) -> bool:
-    """Whether matrix GaLore at `rank` stores less than the full matrix (rank < min(m, n))."""
+    """Whether matrix GaLore at `rank` keeps less state than Adam does for the matrix:
+    its projector(s) plus two low-rank moments against two full-size moments (so
+    rank < min(m, n), and for a square matrix about rank < 2/3 of its side)."""
     batch_axes, flatten = _matrix_layout(shape, dims, "")
     m, n = MatrixPlan(tuple(shape), batch_axes, flatten, "left", 1).matrix_shape
-    return _side_and_rank((m, n), proj_type, rank)[1] < min(m, n)
+    side, r = _side_and_rank((m, n), proj_type, rank)
+    if r >= min(m, n):
+        return False
+    plan = MatrixPlan(tuple(shape), batch_axes, flatten, side, r)
+    kept = sum(math.prod(s) for s in plan.projector_shapes()) + 2 * math.prod(plan.low_rank_shape())
+    return kept < 2 * math.prod(shape)
 
 
 def infer_dimension_numbers(params) -> list:

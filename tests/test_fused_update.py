@@ -150,7 +150,7 @@ def test_grad_scale_extra_arg_is_a_scale_stage_before_the_clip(factory):
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("bad", [np.nan, pytest.param(np.inf, marks=pytest.mark.slow)])
 def test_non_finite_leaf_with_clipping_is_the_chain_with_that_leaf_zero(bad):
     """A NaN / inf in one leaf makes that leaf a zero gradient for the step; the clip's
     norm comes from the other leaves, which train on (and refresh) as if the bad leaf's

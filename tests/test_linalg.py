@@ -294,7 +294,7 @@ def test_cpu_lapack_kernels_get_one_matrix_at_a_time(svd):
     assert all(len(dims.split(",")) == 2 for dims in results), results
 
 
-@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("warm", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_leaves_refreshed_together_share_each_factorisation_call(warm):
     """A model's leaves refresh at one step: sketches of one width (here three leaves of
     different shapes, one projected on the right) share every Cholesky / eigh call; a

@@ -61,6 +61,7 @@ def _train(tx, params, steps, cast):
     return params, state
 
 
+@pytest.mark.slow  # a convergence comparison
 def test_bf16_params_with_master_follow_the_float32_run():
     start16 = jax.tree.map(lambda x: x.astype(BF16), _params())
     start = jax.tree.map(lambda x: x.astype(jnp.float32), start16)  # the same start
@@ -188,6 +189,7 @@ def test_master_is_sharded_like_its_param_on_eight_devices():
 MASTER = ["model.param_dtype=bfloat16", "optimizer.master_dtype=float32", "optimizer.lr=0.003"]
 
 
+@pytest.mark.slow  # three train.py runs; resume exactness of the default path is in test_train.py
 def test_train_py_bf16_with_master_resumes_exactly(tmp_path):
     """train.py with bf16 params and a float32 master: trains, stops, resumes to the
     uninterrupted run bit for bit (the master is in the checkpoint), and saving the

@@ -104,6 +104,7 @@ def test_two_process_checkpoint_resumes_on_one_process(
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=LOSS_RTOL)
 
 
+@pytest.mark.slow  # two processes; the default suite runs test_two_processes_give_the_losses_of_one
 def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     procs = start_processes(tmp_path, "steps=2000", *GALORE, *MESH)
     lines = []

@@ -617,8 +617,8 @@ def test_rank_fallback_is_one_warning_line_at_start_up(tmp_path, capsys):
             *TINY,
             f"output_dir={tmp_path / 'run'}",
             "optimizer.name=galore",
-            "model.intermediate_size=24",
-            "optimizer.rank=24",
+            "model.intermediate_size=12",
+            "optimizer.rank=12",
             "steps=1",
         ]
     )

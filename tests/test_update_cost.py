@@ -178,6 +178,7 @@ def test_whole_step_counts_the_steady_train_step(tmp_path):
     assert 0 < standard["whole_step"]["flops"] and 0 < layerwise["whole_step"]["hlo_bytes"]
 
 
+@pytest.mark.slow  # a benchmark harness run
 def test_refresh_benchmark_runs_every_method_on_a_tiny_shape(tmp_path):
     """benchmarks/refresh.py injects projectors into the transform's state: it must
     follow the state's layout (a failure there only shows as an 'error' cell)."""
