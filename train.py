@@ -328,19 +328,22 @@ class Log:
         )
         self.progress = _progress_bar(run.config, start, enabled=jax.process_index() == 0)
         self.throughput = Throughput()
-        self.pending_losses = []
+        self.pending_losses, self.pending_nonfinite = [], []
 
     def train(self, step, metrics, *, force=False) -> bool:
         """Records one step; logs every ``log_every`` steps, at the last one and
         when ``force``d. Returns False when the logged loss is not finite."""
         task = self.run.task
         self.pending_losses.append(metrics["loss"])
+        if "nonfinite_leaves" in metrics:  # leaves zeroed for a step (NaN / inf gradient)
+            self.pending_nonfinite.append(metrics["nonfinite_leaves"])
         self.throughput.add(task.units_per_batch)
         self.progress.update(1)
         if not (step % self.run.config.log_every == 0 or step == self.last or force):
             return True
         loss = float(np.mean(jax.device_get(self.pending_losses)))
-        self.pending_losses = []
+        nonfinite = int(np.sum(jax.device_get(self.pending_nonfinite)))
+        self.pending_losses, self.pending_nonfinite = [], []
         rate = self.throughput.measure()
         record = {
             "loss": loss,
@@ -348,11 +351,14 @@ class Log:
             "grad_norm": float(metrics["grad_norm"]),
             f"{task.units_name}_per_s": rate,
         }
+        if nonfinite:
+            record["nonfinite_leaves"] = nonfinite
         self.metrics.log(step, record)
         self.progress.set_postfix(loss=f"{loss:.4f}", **{f"{task.units_name}/s": f"{rate:,.0f}"})
+        zeroed = f" | {nonfinite} non-finite leaf gradients zeroed" if nonfinite else ""
         self.write(
             f"step {step:6d} | loss {loss:.4f} | lr {record['lr']:.2e} | "
-            f"{rate:,.0f} {task.units_name}/s"
+            f"{rate:,.0f} {task.units_name}/s{zeroed}"
         )
         if not np.isfinite(loss):
             self.write(f"loss is not finite at step {step}; stopping")

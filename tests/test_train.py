@@ -628,3 +628,20 @@ def test_rank_fallback_is_one_warning_line_at_start_up(tmp_path, capsys):
     assert len(lines) == 1, err
     assert "'layers/mlp/up_proj'" in lines[0] and "smaller rank" in lines[0]
     assert "attention" not in lines[0]
+
+
+def test_step_metrics_count_non_finite_leaves_and_norm_the_finite_ones():
+    import jax.numpy as jnp
+    import optax
+
+    from training.steps import _gradient_metrics
+
+    grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4), "c": jnp.ones((2, 2))}
+    finite = _gradient_metrics(grads)
+    assert float(finite["grad_norm"]) == float(optax.tree.norm(grads))  # bit for bit
+    assert int(finite["nonfinite_leaves"]) == 0
+    grads["b"] = grads["b"].at[1].set(jnp.nan)
+    grads["c"] = grads["c"].at[0, 0].set(jnp.inf)
+    bad = _gradient_metrics(grads)
+    assert int(bad["nonfinite_leaves"]) == 2
+    assert float(bad["grad_norm"]) == pytest.approx(float(jnp.linalg.norm(grads["a"])))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import warnings
 from typing import Any, Callable, Optional
 
@@ -304,6 +305,18 @@ def make_layerwise_step(run: Run) -> Callable:
     return layerwise
 
 
+def _gradient_metrics(grads) -> dict:
+    """The global norm over the finite leaves (optax.tree.norm's value when all are) and
+    how many leaves were not finite (our optimizers zero those for the step)."""
+    sums = [jnp.sum(jnp.square(g.real) + jnp.square(g.imag)) for g in jax.tree.leaves(grads)]
+    finite = [jnp.isfinite(x) for x in sums]
+    total = functools.reduce(
+        operator.add, [jnp.where(f, x, jnp.zeros_like(x)) for f, x in zip(finite, sums)], 0
+    )
+    nonfinite = functools.reduce(operator.add, [(~f).astype(jnp.int32) for f in finite], 0)
+    return {"grad_norm": jnp.sqrt(jnp.asarray(total)), "nonfinite_leaves": jnp.asarray(nonfinite)}
+
+
 def _make_standard_step(run: Run) -> Callable:
     """The un-jitted step: the mean gradient, then the optimizer on the whole tree."""
     loss_and_grads = make_loss_and_grads(run)
@@ -313,7 +326,7 @@ def _make_standard_step(run: Run) -> Callable:
         grads = run.task.postprocess_grads(grads)  # e.g. conjugate complex grads (FNO)
         updates, opt_state = run.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {"loss": loss, **_gradient_metrics(grads)}
 
     return standard
 
@@ -322,7 +335,8 @@ def make_train_step(run: Run, *, donate: bool = True) -> Callable:
     """The jitted step ``(params, opt_state, batches) -> (params, opt_state, metrics)``.
 
     ``batches`` are global arrays ``[accum, batch / accum, ...]`` (see
-    ``micro_batches`` / ``global_batch``); metrics are ``loss`` and ``grad_norm``.
+    ``micro_batches`` / ``global_batch``); metrics are ``loss`` and ``grad_norm`` (and, for
+    the standard step, ``nonfinite_leaves``: leaves whose gradient was zeroed).
     With ``optimizer.layerwise`` the step is ``make_layerwise_step``'s.
     """
     train_step = make_layerwise_step(run) if run.layerwise else _make_standard_step(run)
