@@ -95,25 +95,30 @@ def _check_max_grad_norm(name, max_grad_norm):
         )
 
 
+def norm_of_finite_leaves(tree) -> tuple[jax.Array, jax.Array]:
+    """(global norm over the leaves whose squared norm is finite, how many are not).
+
+    With every leaf finite the norm is optax.tree.norm's value bit for bit; a NaN /
+    inf leaf (which `galore_adamw` zeroes for the step) is left out of it.
+    """
+    sums = [jnp.sum(jnp.square(x.real) + jnp.square(x.imag)) for x in jax.tree.leaves(tree)]
+    finite = [jnp.isfinite(s) for s in sums]
+    total = functools.reduce(
+        operator.add, [jnp.where(f, s, jnp.zeros_like(s)) for f, s in zip(finite, sums)], 0
+    )
+    nonfinite = functools.reduce(operator.add, [(~f).astype(jnp.int32) for f in finite], 0)
+    return jnp.sqrt(jnp.asarray(total)), jnp.asarray(nonfinite)
+
+
 def _clip_factor(updates, max_norm, grad_scale=None):
     """optax.clip_by_global_norm's factor for `grad_scale * updates`: 1 below
-    `max_norm`, else max_norm / norm.
-
-    The norm leaves out leaves that are not finite (each member zeroes such a
-    leaf for the step), so one NaN cannot scale every other leaf to NaN; with
-    finite gradients it is optax.tree.norm's value bit for bit.
-    """
-    sums = [jnp.sum(jnp.square(x.real) + jnp.square(x.imag)) for x in jax.tree.leaves(updates)]
-    finite_sums = [jnp.where(jnp.isfinite(s), s, jnp.zeros_like(s)) for s in sums]
-    norm = jnp.sqrt(jnp.asarray(functools.reduce(operator.add, finite_sums, 0)))
+    `max_norm`, else max_norm / norm, the norm taken over the finite leaves (each
+    member zeroes a non-finite leaf for the step, so one NaN cannot scale every
+    other leaf to NaN)."""
+    norm, _ = norm_of_finite_leaves(updates)
     if grad_scale is not None:
         norm = norm * jnp.abs(jnp.asarray(grad_scale, norm.dtype))
     return jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
-
-
-def zero_if_not_finite(x):
-    """x, or zeros when any entry of x is NaN / inf (one leaf's step skipped)."""
-    return jnp.where(jnp.all(jnp.isfinite(x)), x, jnp.zeros_like(x))
 
 
 def _times(a, b):
@@ -130,7 +135,7 @@ def _with_scales(inner: optax.GradientTransformation) -> transform.GradScaleTran
 
     def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra):
         scaled = lambda tree, f: jax.tree.map(lambda x: transform.scaled_by(x, f), tree)
-        updates = jax.tree.map(zero_if_not_finite, scaled(updates, grad_scale))
+        updates = jax.tree.map(transform.zero_if_not_finite, scaled(updates, grad_scale))
         updates, state = inner.update(updates, state, params, **extra)
         return scaled(updates, update_scale), state
 

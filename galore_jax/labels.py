@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 
-from galore_jax import paths
+from galore_jax import _closures, paths
 from galore_jax import projection as proj
 
 GALORE = "galore"
@@ -260,7 +260,7 @@ def register_explainer(init_fn: Callable, explain: Callable[[Any], Dict[str, str
 def explain(tx, params: Any) -> Dict[str, str]:
     """{param path: why it got its label} for optimizers built by our aliases, also
     inside wrappers (`optax.chain`, `with_master_weights`, ...), else {}."""
-    fn = _find_explainer(getattr(tx, "init", None))
+    fn = _find_explainer(tx)
     if fn is None:
         return {}
     with warnings.catch_warnings():  # said once already, when the optimizer was built
@@ -268,29 +268,14 @@ def explain(tx, params: Any) -> Dict[str, str]:
         return fn(params)
 
 
-def _find_explainer(init_fn, depth: int = 6):
-    """The registered explainer of `init_fn` or of an init it wraps (closure cells)."""
-    seen, frontier = set(), [init_fn]
-    for _ in range(depth):
-        wrapped = []
-        for obj in frontier:
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
+def _find_explainer(tx):
+    """The registered explainer of `tx`'s init or of an init it wraps."""
+    for obj in _closures.reachable(tx):
+        try:
             if callable(obj) and obj in _EXPLAINERS:
                 return _EXPLAINERS[obj]
-            if isinstance(obj, (tuple, list)):
-                wrapped.extend(obj)
-            elif isinstance(obj, dict):
-                wrapped.extend(obj.values())
-            if hasattr(obj, "init"):  # a GradientTransformation held by a wrapper
-                wrapped.append(obj.init)
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    wrapped.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
-        frontier = wrapped
+        except TypeError:  # an unhashable callable (e.g. a pytree module): not ours
+            continue
     return None
 
 

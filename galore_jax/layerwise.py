@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import alias
+from galore_jax import _closures, alias
 from galore_jax.transform import GradScaleTransformation
 
 __all__ = [
@@ -293,8 +293,6 @@ def _check_max_norm(max_norm) -> None:
 # Global-norm clips inside the optimizer: found in its functions' closures.
 # ----------------------------------------------------------------------------
 
-_MAX_NODES = 100_000  # a bound on the walk (labels trees are walked too)
-
 
 @functools.cache
 def _clip_codes() -> dict:
@@ -308,67 +306,43 @@ def _clip_codes() -> dict:
     }
 
 
-def _cells(fn: types.FunctionType) -> dict:
-    """A function's closure as {free variable: value} (empty cells left out)."""
-    out = {}
-    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
-        try:
-            out[name] = cell.cell_contents
-        except ValueError:
-            pass
-    return out
-
-
-def _injected(cells: dict) -> Any:
-    """The transformation an `optax.inject_hyperparams` init function builds, or None."""
-    factory = cells.get("inner_factory")
-    hps = [cells.get(k) for k in ("other_hps", "numeric_hps", "sched_hps")]
+def _injected(obj: Any) -> list:
+    """[the transformation an `optax.inject_hyperparams` init function builds], or []."""
+    if not isinstance(obj, types.FunctionType):
+        return []
+    found = _closures.cells(obj)
+    factory = found.get("inner_factory")
+    hps = [found.get(k) for k in ("other_hps", "numeric_hps", "sched_hps")]
     if not callable(factory) or not all(isinstance(h, dict) for h in hps):
-        return None
+        return []
     other, numeric, sched = hps
     try:
         values = {k: f(f.init()) for k, f in sched.items()}
-        return factory(**other, **numeric, **values)
+        return [factory(**other, **numeric, **values)]
     except Exception:  # noqa: BLE001 -- a factory we cannot rebuild: nothing found
-        return None
+        return []
 
 
 def _global_norm_clips(tx: Any) -> list:
     """Descriptions of the global-norm clips found inside `tx`.
 
-    Walks the closures of its init / update functions and of the transformations
-    they hold (optax.chain, partition, masked, with_extra_args_support,
-    gj.with_master_weights, ... keep theirs there), and rebuilds what
+    Walks what `tx` holds (`galore_jax._closures.reachable`), and rebuilds what
     `optax.inject_hyperparams` builds lazily. A transformation held by an
     object (a method's ``self``) or a clip written by hand is not found.
     """
     codes = _clip_codes()
-    found, seen, todo = [], set(), [tx]
-    while todo and len(seen) < _MAX_NODES:
-        obj = todo.pop()
-        if id(obj) in seen:
+    found = []
+    for obj in _closures.reachable(tx, extra=_injected):
+        if not isinstance(obj, types.FunctionType):
             continue
-        seen.add(id(obj))
-        if isinstance(obj, (tuple, list)):
-            todo.extend(obj)
-        elif isinstance(obj, dict):
-            todo.extend(obj.values())
-        elif isinstance(obj, functools.partial):
-            todo.extend([obj.func, *obj.args, *obj.keywords.values()])
-        elif isinstance(obj, types.FunctionType):
-            cells = _cells(obj)
-            name = codes.get(obj.__code__)
-            if name is not None:
-                found.append(f"{name}({cells.get('max_norm', '...')})")
-            elif obj.__module__ == alias.__name__ and cells.get("max_grad_norm") is not None:
-                found.append(
-                    f"gj.galore_adamw / gj.tensor_galore_adamw(max_grad_norm="
-                    f"{cells['max_grad_norm']})"
-                )
-            injected = _injected(cells)
-            if injected is not None:
-                todo.append(injected)
-            todo.extend(cells.values())
+        held = _closures.cells(obj)
+        name = codes.get(obj.__code__)
+        if name is not None:
+            found.append(f"{name}({held.get('max_norm', '...')})")
+        elif obj.__module__ == alias.__name__ and held.get("max_grad_norm") is not None:
+            found.append(
+                f"gj.galore_adamw / gj.tensor_galore_adamw(max_grad_norm={held['max_grad_norm']})"
+            )
     return sorted(set(found))
 
 

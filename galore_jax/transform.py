@@ -433,6 +433,11 @@ def check_scalar_arg(name: str, value) -> None:
     raise ValueError(f"{name} must be a scalar (a number or a 0-d array), got {got}")
 
 
+def zero_if_not_finite(x):
+    """x, or zeros when any entry of x is NaN / inf (the leaf's step counts as zero)."""
+    return jnp.where(jnp.all(jnp.isfinite(x)), x, jnp.zeros_like(x))
+
+
 def scaled_by(x, factor):
     """`x * factor` in x's dtype (as optax's scale_by_learning_rate); None: x."""
     if factor is None:
@@ -553,14 +558,13 @@ def _low_rank_transform(
         for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
             if plan is None:  # full space; a non-finite leaf counts as zero, as below
                 new_projectors.append(old)
-                g = scaled_by(g, grad_scale)
-                low.append(jnp.where(jnp.all(jnp.isfinite(g)), g, jnp.zeros_like(g)))
+                low.append(zero_if_not_finite(scaled_by(g, grad_scale)))
                 continue
             new = refreshed[i]
             new_projectors.append(new)
             low_g = project.to_low(plan, g, new).astype(_low_dtype(jnp.result_type(g)))
             low_g = scaled_by(low_g, grad_scale)
-            low.append(jnp.where(jnp.all(jnp.isfinite(low_g)), low_g, 0))
+            low.append(zero_if_not_finite(low_g))
 
         base_state = state.base_state
         if on_refresh != "keep" and projected:

@@ -163,6 +163,12 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 NOT_SET = "(not set)"
 
 
+def _applies(key: str, optimizer_name: Any) -> bool:
+    """Whether config ``key`` means anything for this optimizer: tensor_rank_mode is
+    read by tensor_galore's float rank only."""
+    return key != "optimizer.tensor_rank_mode" or optimizer_name == "tensor_galore"
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple]:
     """``(dotted key, saved value, current value)`` for each setting that differs,
     sorted by key, leaving out :data:`UNTRACKED_CONFIG_KEYS`. A key only one side
@@ -172,10 +178,8 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     for key in sorted(set(saved) | set(current)):
         if any(key == k or key.startswith(k + ".") for k in UNTRACKED_CONFIG_KEYS):
             continue
-        if key == "optimizer.tensor_rank_mode" and current.get("optimizer.name") != (
-            "tensor_galore"
-        ):
-            continue  # read by tensor_galore's float rank only
+        if not _applies(key, current.get("optimizer.name")):
+            continue
         old, new = saved.get(key, NOT_SET), current.get(key, NOT_SET)
         if old != new:
             changes.append((key, old, new))
@@ -335,10 +339,8 @@ class Checkpointer:
         saved_config, _ = self.read_config_and_meta(step)
         problems = []
         for key in STRUCTURAL_CONFIG_KEYS:
-            if key == "optimizer.tensor_rank_mode" and _get_path(config, "optimizer.name") != (
-                "tensor_galore"
-            ):
-                continue  # read by tensor_galore's float rank only
+            if not _applies(key, _get_path(config, "optimizer.name")):
+                continue
             saved, current = _get_path(saved_config, key), _get_path(config, key)
             if key == "model" and isinstance(saved, Mapping) and isinstance(current, Mapping):
                 saved, current = (

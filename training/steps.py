@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import warnings
 from typing import Any, Callable, Optional
 
@@ -308,13 +307,8 @@ def make_layerwise_step(run: Run) -> Callable:
 def _gradient_metrics(grads) -> dict:
     """The global norm over the finite leaves (optax.tree.norm's value when all are) and
     how many leaves were not finite (our optimizers zero those for the step)."""
-    sums = [jnp.sum(jnp.square(g.real) + jnp.square(g.imag)) for g in jax.tree.leaves(grads)]
-    finite = [jnp.isfinite(x) for x in sums]
-    total = functools.reduce(
-        operator.add, [jnp.where(f, x, jnp.zeros_like(x)) for f, x in zip(finite, sums)], 0
-    )
-    nonfinite = functools.reduce(operator.add, [(~f).astype(jnp.int32) for f in finite], 0)
-    return {"grad_norm": jnp.sqrt(jnp.asarray(total)), "nonfinite_leaves": jnp.asarray(nonfinite)}
+    norm, nonfinite = gj.alias.norm_of_finite_leaves(grads)
+    return {"grad_norm": norm, "nonfinite_leaves": nonfinite}
 
 
 def _make_standard_step(run: Run) -> Callable:
@@ -395,9 +389,7 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
     ``optax.adamw`` keeps: two moments in the params' dtypes and a counter).
     """
     state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
-    adamw_bytes = gj.optimizer_state_bytes(
-        jax.eval_shape(optax.adamw(1e-3).init, run.abstract_params)
-    )
+    adamw_bytes = gj.adamw_state_bytes(run.abstract_params)
     # "(... MiB state)" stays as it was: benchmarks/convergence.py reads it.
     lines = [
         run.task.description,
