@@ -130,7 +130,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.config import load_config
+    from tasks.registry import load_config
 
     config = load_config(args.config, list(args.overrides))
     lrs = learning_rates(args, config)

@@ -13,7 +13,7 @@ and number of steps, measures:
 
 Every run is a fresh subprocess (so peak memory is per run), built from
 ``configs/fno_<dataset>.yaml`` with the same pieces as ``train.py``
-(``training.fno_task``, ``training.optim.build_optimizer``). Prints a markdown
+(``tasks.fno.task``, ``training.optim.build_optimizer``). Prints a markdown
 table and writes JSON::
 
     python benchmarks/fno_optimizers.py --steps 300 --out fno_bench.json
@@ -75,9 +75,9 @@ def run_one(dataset: str, optimizer: str, args) -> dict:
     import numpy as np
 
     import galore_jax as gj
+    from tasks.registry import load_config
     from training import mesh as mesh_lib
     from training import optim, steps
-    from training.config import load_config
 
     overrides = [
         *args.overrides,

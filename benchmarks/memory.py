@@ -159,7 +159,7 @@ def compiled_step_memory(config, num_devices: int, run_steps: int = 0) -> dict:
 def run_child(name: str, args) -> dict:
     import jax
 
-    from training.config import load_config
+    from tasks.registry import load_config
 
     overrides, description = VARIANTS[name]
     config = load_config(args.config, common.base_overrides(args) + overrides)

@@ -99,7 +99,7 @@ def missing_modules(optimizers) -> list[str]:
 
 
 def load_config(args):
-    from training.config import load_config as load
+    from tasks.registry import load_config as load
 
     overrides = common.base_overrides(args)  # no --accum here: one micro-batch per step
     return load(args.config, overrides), overrides
@@ -109,7 +109,7 @@ def vocab_size(config) -> int:
     """models/llama.py's vocabulary: the tokenizer's, rounded up to vocab_multiple."""
     if config.model.vocab_size:
         return config.model.vocab_size
-    from training.data import make_tokenizer
+    from tasks.lm.data import make_tokenizer
 
     vocab = make_tokenizer(config.data.tokenizer).vocab_size
     multiple = config.model.vocab_multiple

@@ -160,7 +160,7 @@ def parse_args(argv=None):
 
 
 def load(args, name):
-    from training.config import load_config
+    from tasks.registry import load_config
 
     if args.tensor_rank is None:
         config = load_config(args.config, common.base_overrides(args))

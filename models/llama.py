@@ -50,7 +50,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,6 @@ __all__ = [
     "layer_axis_tree",
     "logical_axes",
     "logical_partition_specs",
-    "scanned_model",
 ]
 
 _DTYPES = {
@@ -410,68 +409,6 @@ class Llama(nnx.Module):
         return jnp.dot(
             x, self.lm_head[...].astype(self.config.jnp_dtype), preferred_element_type=jnp.float32
         )
-
-
-def scanned_model(model: Llama, loss_fn: Callable[[jax.Array, Any], jax.Array]):
-    """The `galore_jax.ScannedModel` of a scanned Llama, for layer-wise updates.
-
-    Args:
-        model: a Llama with ``scan_layers=True`` (abstract, from ``nnx.eval_shape``,
-            is enough: only its structure is used).
-        loss_fn: ``(logits, batch) -> scalar`` mean loss; ``batch["inputs"]`` are
-            the tokens.
-
-    Returns:
-        ``ScannedModel`` over ``nnx.as_pure(nnx.state(model, nnx.Param))``:
-        ``token_embedding`` before the layers, ``final_norm`` and ``lm_head`` after.
-    """
-    import galore_jax as gj
-
-    if not model.config.scan_layers:
-        raise ValueError("layer-wise updates need LlamaConfig.scan_layers=True (stacked layers)")
-    config = model.config
-    layer_def = nnx.split(model.layers, nnx.Param)[0]
-    head_def = nnx.split(_Head(model), nnx.Param)[0]
-
-    def embed(params, batch):
-        return _Embed(params["token_embedding"], config).embed(batch["inputs"])
-
-    def layer(params, x):
-        cos, sin = rotary_tables(x.shape[1], config.head_dim, config.rope_theta)
-        return nnx.merge(layer_def, params)(x, cos, sin)
-
-    def head(params, x, batch):
-        return loss_fn(nnx.merge(head_def, params).logits(x), batch)
-
-    return gj.ScannedModel(
-        embed,
-        layer,
-        head,
-        layers_key="layers",
-        before=("token_embedding",),
-        after=("final_norm", "lm_head"),
-    )
-
-
-class _Embed:
-    """`Llama.embed` on the embedding table alone."""
-
-    def __init__(self, table: jax.Array, config: LlamaConfig):
-        self.config = config
-        self.token_embedding = table
-
-    embed = Llama.embed
-
-
-class _Head(nnx.Module):
-    """`Llama.logits` on the final norm and LM head alone (same param paths)."""
-
-    def __init__(self, model: Llama):
-        self.config = model.config
-        self.final_norm = model.final_norm
-        self.lm_head = model.lm_head
-
-    logits = Llama.logits
 
 
 # ----------------------------------------------------------------------------

@@ -5,17 +5,15 @@ import dataclasses
 import pytest
 import yaml
 
+from tasks.fno.config import FNOConfig, FNOModelConfig
+from tasks.lm.config import LMConfig
+from tasks.registry import config_from_dict, load_config
 from training.config import (
     Config,
     ConfigError,
-    FNOConfig,
-    FNOModelConfig,
-    LMConfig,
     OptimizerConfig,
     apply_overrides,
-    config_from_dict,
     config_to_dict,
-    load_config,
     resolve_mesh_shape,
     validate_for_devices,
 )

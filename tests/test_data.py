@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from training.data import (
+from tasks.lm.data import (
     ByteTokenizer,
     TokenBatchIterator,
     builtin_documents,
@@ -206,7 +206,7 @@ def test_text_directory_reads_any_extension_and_skips_binary_files(tmp_path):
     again = load_tokens({"source": "text", "path": str(tmp_path), "val_fraction": 0.25})
     np.testing.assert_array_equal(np.concatenate([again.train, again.val]), stream)
 
-    from training.config import load_config
+    from tasks.registry import load_config
 
     (tmp_path / "long.md").write_text("lorem ipsum dolor sit amet " * 200, encoding="utf-8")
     config = load_config(

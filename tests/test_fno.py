@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from models.fno import FNO, FNOConfig, SpectralConv, conjugate_complex_grads, relative_l2
-from training import pde
+from tasks.fno import pde
 
 
 def dft_matrix(n: int, frequencies) -> np.ndarray:

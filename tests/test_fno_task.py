@@ -29,9 +29,7 @@ from flax import nnx
 import galore_jax as gj
 import train
 from models import fno
-from training import optim
-from training.config import ConfigError, OptimizerConfig, load_config
-from training.fno_task import (
+from tasks.fno.task import (
     GALORE_SPECTRAL_ONLY,
     ArrayBatchIterator,
     build_fno_task,
@@ -40,6 +38,9 @@ from training.fno_task import (
     load_pde_data,
     trivial_l2,
 )
+from tasks.registry import load_config
+from training import optim
+from training.config import ConfigError, OptimizerConfig
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

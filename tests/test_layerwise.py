@@ -30,9 +30,9 @@ from test_train import (
 
 import galore_jax as gj
 import train
+from tasks.registry import load_config
 from training import mesh as mesh_lib
 from training import steps
-from training.config import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import update_cost  # noqa: E402

@@ -130,7 +130,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
 
 
 def test_each_process_reads_only_its_rows_of_the_batch():
-    from training.data import TokenBatchIterator
+    from tasks.lm.data import TokenBatchIterator
 
     tokens = np.arange(10_000, dtype=np.int32) % 251
     whole = TokenBatchIterator(tokens, global_batch_size=8, seq_len=16, seed=3)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from training import pde
+from tasks.fno import pde
 
 
 def cole_hopf_sine(x: np.ndarray, viscosity: float, t: float) -> np.ndarray:

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import memory  # noqa: E402
 
-from training.config import load_config  # noqa: E402
+from tasks.registry import load_config  # noqa: E402
 
 SHAPE = [
     "model.hidden_size=256",

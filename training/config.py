@@ -1,14 +1,20 @@
 """Training configuration: pydantic dataclasses, YAML loading, ``key=value`` overrides.
 
 A config is a tree of pydantic dataclasses (so ``dataclasses.replace`` and
-``dataclasses.asdict`` work, and attribute assignment is validated). The
-top-level :class:`Config` is a union discriminated by ``task`` (default
-``lm``): :class:`LMConfig` or :class:`FNOConfig`, each with its own ``model``
-and ``data`` sections. ``load_config`` reads a YAML file, applies command-line
-overrides such as ``optimizer.lr=3e-4`` (dotted keys reach into sections,
-values are parsed as YAML scalars), and validates. Any problem raises
-:class:`ConfigError` with one readable line; ``train.py`` prints it as
-``error: ...`` and exits with status 2, so a typo never costs a traceback.
+``dataclasses.asdict`` work, and attribute assignment is validated). This
+module holds what every run has (:class:`Config`: ``optimizer``, ``mesh``,
+``checkpoint``, ``distributed`` and the top-level keys) and the loading
+machinery; it names no task. Each task subclasses :class:`Config` with its own
+``model`` and ``data`` sections and a ``build_task()`` (``tasks/<name>/config.py``),
+and :class:`TaskConfigs` tells them apart by the ``task`` key:
+``tasks.registry`` builds one and passes it to :func:`load_config` /
+:func:`config_from_dict` (``tasks.registry.load_config`` does both).
+
+``load_config`` reads a YAML file, applies command-line overrides such as
+``optimizer.lr=3e-4`` (dotted keys reach into sections, values are parsed as
+YAML scalars), and validates. Any problem raises :class:`ConfigError` with one
+readable line; ``train.py`` prints it as ``error: ...`` and exits with status 2,
+so a typo never costs a traceback.
 
 Checks that need the machine (device count) or the model (which dims get
 sharded) live in :func:`validate_for_devices` and in ``training.mesh``.
@@ -22,12 +28,15 @@ import difflib
 import math
 import re
 import typing
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 
 import annotated_types as at
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
+
+if TYPE_CHECKING:
+    from training.task import Task
 
 
 class ConfigError(ValueError):
@@ -84,153 +93,6 @@ class _Section:
 # ---------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------
-
-
-@dataclass(config=_SECTION)
-class LlamaModelConfig(_Section):
-    """LLaMA shape for ``task: lm``; checked by ``models.llama.LlamaConfig``.
-
-    ``vocab_size: null`` takes the tokenizer's vocabulary size rounded up to a
-    multiple of ``vocab_multiple`` (so the vocab dim splits over mesh axes;
-    the padding ids are never targets).
-    """
-
-    vocab_size: Optional[Pos] = None
-    vocab_multiple: Pos = 64
-    hidden_size: Pos = 128
-    intermediate_size: Pos = 344
-    num_layers: Pos = 2
-    num_heads: Pos = 4
-    num_kv_heads: Optional[Pos] = None  # None: same as num_heads (no GQA)
-    max_seq_len: Pos = 256
-    rope_theta: Float = Field(10000.0, gt=0)
-    norm_eps: Float = Field(1e-6, gt=0)
-    scan_layers: Bool = True  # stack layers on a leading axis and scan them
-    remat: Bool = False  # recompute activations in the backward pass
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention_implementation: Optional[Literal["xla", "cudnn"]] = None
-
-    @model_validator(mode="after")
-    def _float16(self) -> LlamaModelConfig:
-        # float16 params (with or without a float32 master copy) give a non-finite
-        # loss within a few steps: nothing here scales the loss or the gradients.
-        _fail(
-            self.param_dtype == "float16",
-            "model.param_dtype=float16 is not supported (without loss scaling the loss "
-            "is not finite within a few steps); use model.param_dtype=bfloat16 with "
-            "optimizer.master_dtype=float32, or model.param_dtype=float32",
-        )
-        return self
-
-    @model_validator(mode="after")
-    def _shape(self) -> LlamaModelConfig:
-        from models import llama  # the one home of the head/GQA/RoPE shape rules
-
-        fields = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(llama.LlamaConfig)
-            if hasattr(self, f.name)
-        }
-        try:
-            llama.LlamaConfig(**dict(fields, vocab_size=self.vocab_size or self.vocab_multiple))
-        except ValueError as e:  # name the keys as the user writes them: model.<field>
-            names = "|".join(f.name for f in dataclasses.fields(self))
-            raise ConfigError(
-                re.sub(rf"(?:LlamaConfig\.)?\b({names})\b", r"model.\1", str(e)).rstrip(".")
-            ) from None
-        return self
-
-
-@dataclass(config=_SECTION)
-class TextDataConfig(_Section):
-    """Token data for ``task: lm``.
-
-    ``source``: ``builtin`` (the embedded Python-stdlib corpus), ``text`` (a
-    UTF-8 file, or a directory of text files of any extension, read recursively;
-    binary files are skipped and counted), ``jsonl`` (one JSON object per line,
-    text under ``jsonl_field``) or ``bin`` (a pre-tokenized token array). The
-    tokenizer is ``byte`` or a path to a Hugging Face ``tokenizer.json``.
-    """
-
-    source: Literal["builtin", "text", "jsonl", "bin"] = "builtin"
-    path: Optional[Str] = None
-    tokenizer: Str = "byte"
-    jsonl_field: Str = "text"
-    bin_dtype: Str = "uint16"
-    val_fraction: Float = Field(0.05, gt=0, lt=1)
-    max_corpus_bytes: Optional[Pos] = None  # cap on the builtin corpus (fast tests)
-
-    @model_validator(mode="after")
-    def _path(self) -> TextDataConfig:
-        _fail(
-            self.source != "builtin" and self.path is None,
-            f"data.path is required for data.source={self.source!r}",
-        )
-        return self
-
-
-@dataclass(config=_SECTION)
-class FNOModelConfig(_Section):
-    """Fourier Neural Operator shape for ``task: fno``; mirrors ``models.fno.FNOConfig``.
-
-    The spatial dimension comes from the data (burgers: 1-D, darcy: 2-D).
-    ``modes`` is an int (all axes) or a list with one entry per axis; in 2-D,
-    ``modes[0]`` frequencies are kept on each side of the full-FFT axis, so
-    the resolution must be >= 2 * modes[0] (and >= 2 * (modes[1] - 1)).
-    """
-
-    width: Pos = 32
-    modes: Union[Int, list[Int]] = 12
-    num_layers: Pos = 4
-    lifting_channels: Optional[Pos] = None  # None: one linear lifting layer
-    projection_channels: Pos = 128
-    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
-    append_grid: Bool = True  # append grid coordinates to the input channels
-    padding: Int = Field(0, ge=0)  # zero points appended per spatial axis (non-periodic)
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-
-
-@dataclass(config=_SECTION)
-class PDEDataConfig(_Section):
-    """PDE data for ``task: fno``, generated at start-up by ``training.pde``.
-
-    ``dataset``: ``burgers`` (1-D viscous Burgers, ``u(., 0) -> u(., t_final)``)
-    or ``darcy`` (2-D Darcy flow, permeability -> pressure). ``n_train + n_test``
-    samples are drawn from ``seed`` (fixed, independent of the run's seed, so
-    runs with different model seeds or optimizers see the same data) and split.
-    Inputs and outputs are normalised with ``UnitGaussianNormalizer`` fitted on
-    the training split (``pointwise``: one mean/std per grid point, as in the
-    FNO paper; otherwise per channel). The whole test split is evaluated
-    (``eval_batches`` is not used) and reported as ``val_l2``, the mean
-    relative L2 error. ``eval_resolutions``: grids at which the same test
-    samples are also generated and evaluated (zero-shot super-resolution),
-    reported as ``val_l2_res<N>``; checked against the generator and the model
-    in ``training.fno_task.check_eval_resolutions``.
-    """
-
-    dataset: Literal["burgers", "darcy"] = "darcy"
-    n_train: Pos = 256
-    n_test: Pos = 64
-    resolution: Pos = 32
-    seed: Int = Field(0, ge=0)
-    viscosity: Float = Field(0.1, gt=0)  # burgers: nu (FNO paper 0.1; 0.01 has steeper fronts)
-    t_final: Float = Field(1.0, gt=0)  # burgers: T
-    pointwise_normalizer: Bool = False
-    eval_resolutions: list[Pos] = dataclasses.field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _grid(self) -> PDEDataConfig:
-        res = self.resolution
-        _fail(
-            self.dataset == "burgers" and res % 2,
-            f"data.resolution must be even for burgers, got {res}",
-        )
-        _fail(
-            self.dataset == "darcy" and res < 3,
-            f"data.resolution must be >= 3 for darcy, got {res}",
-        )
-        return self
 
 
 @dataclass(config=_SECTION)
@@ -382,9 +244,15 @@ class DistributedConfig(_Section):
 @dataclass(config=_SECTION)
 class Config:
     """Everything a run needs except ``model`` and ``data``, whose types depend on
-    ``task``: a loaded config is an :class:`LMConfig` or an :class:`FNOConfig`."""
+    ``task``: a loaded config is the task's subclass (``tasks.lm.config.LMConfig``,
+    ``tasks.fno.config.FNOConfig``), which adds them, ``task: Literal[<name>]`` and
+    :meth:`build_task`."""
 
-    task: Literal["lm", "fno"] = "lm"
+    # Whether the task's model is embedding -> scanned layers -> head, what
+    # optimizer.layerwise=true needs (the LM task's config sets it).
+    scanned_layers: ClassVar[bool] = False
+
+    task: Str  # the subclass fixes it: Literal["lm"] = "lm", ...
     output_dir: Str = Field("runs/default", min_length=1)
     seed: Int = 0
     steps: Pos = 1000  # optimizer steps (the LR schedule spans these)
@@ -432,7 +300,7 @@ class Config:
         if not opt.layerwise:
             return self
         _fail(
-            self.task != "lm",
+            not self.scanned_layers,
             f"optimizer.layerwise=true needs a model of scanned layers (task: lm), "
             f"got task: {self.task}",
         )
@@ -449,85 +317,38 @@ class Config:
         )
         return self
 
+    def build_task(self) -> Task:
+        """The task (model, loss, data) this config describes; loads or generates its data.
 
-@dataclass(config=_SECTION)
-class LMConfig(Config):
-    """``task: lm``: a LLaMA on token data."""
+        Raises:
+          ConfigError: data that cannot be read, a model that does not fit it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not build a task")
 
-    task: Literal["lm"] = "lm"
-    model: LlamaModelConfig = dataclasses.field(default_factory=LlamaModelConfig)
-    data: TextDataConfig = dataclasses.field(default_factory=TextDataConfig)
+    def check_mesh(self, mesh_shape: dict[str, int]) -> None:
+        """The task's checks of the resolved mesh (:func:`validate_for_devices`); none here.
 
-    def build_task(self):
-        """The LLaMA LM task (loads the token data)."""
-        from training.lm_task import build_lm_task  # lazily: it imports jax and the model
+        Raises:
+          ConfigError: a model dimension that does not split over its mesh axis.
+        """
 
-        return build_lm_task(self)
 
-    @model_validator(mode="after")
-    def _positions(self) -> LMConfig:
-        _fail(
-            self.seq_len > self.model.max_seq_len,
-            f"seq_len ({self.seq_len}) is longer than the model's positions "
-            f"(model.max_seq_len={self.model.max_seq_len})",
+class TaskConfigs:
+    """The config class of every task, told apart by the ``task`` key.
+
+    Args:
+      configs: ``{task name: Config subclass}``; each class's ``task`` field is
+        ``Literal[<its name>]``.
+      default: the task of a config without a ``task`` key.
+    """
+
+    def __init__(self, configs: Mapping[str, type[Config]], default: str):
+        if default not in configs:
+            raise ValueError(f"default task {default!r} is not one of {list(configs)}")
+        self.configs, self.default = dict(configs), default
+        self.adapter = TypeAdapter(
+            Annotated[Union[tuple(self.configs.values())], Field(discriminator="task")]
         )
-        _fail(
-            self.optimizer.layerwise and not self.model.scan_layers,
-            "optimizer.layerwise=true needs stacked layers: set model.scan_layers=true",
-        )
-        return self
-
-
-@dataclass(config=_SECTION)
-class FNOConfig(Config):
-    """``task: fno``: a Fourier Neural Operator on generated PDE data."""
-
-    task: Literal["fno"] = "fno"
-    model: FNOModelConfig = dataclasses.field(default_factory=FNOModelConfig)
-    data: PDEDataConfig = dataclasses.field(default_factory=PDEDataConfig)
-
-    def build_task(self):
-        """The FNO task (generates the PDE data)."""
-        from training.fno_task import build_fno_task  # lazily: it imports jax and the model
-
-        return build_fno_task(self)
-
-    @model_validator(mode="after")
-    def _fit(self) -> FNOConfig:
-        model, data = self.model, self.data
-        _fail(
-            data.n_train < self.batch_size,
-            f"data.n_train ({data.n_train}) must be >= batch_size ({self.batch_size})",
-        )
-        dim = 1 if data.dataset == "burgers" else 2
-        modes = model.modes if isinstance(model.modes, list) else [model.modes] * dim
-        _fail(
-            len(modes) != dim or min(modes) <= 0,
-            f"model.modes must be a positive int or a list of {dim} positive ints for "
-            f"data.dataset={data.dataset!r}, got {model.modes!r}",
-        )
-        n = data.resolution + model.padding  # the spectral layers see the padded grid
-        grid = f"(data.resolution={data.resolution}, model.padding={model.padding})"
-        if dim == 1:
-            _fail(
-                modes[0] > n // 2 + 1,
-                f"model.modes ({modes[0]}) must be <= "
-                f"{n // 2 + 1}, the rfft frequencies of the grid {grid}",
-            )
-        else:
-            _fail(
-                2 * modes[0] > n or modes[1] > n // 2 + 1,
-                f"model.modes ({model.modes!r}) do not fit the grid: need 2 * modes[0] "
-                f"<= {n} and modes[1] <= {n // 2 + 1} {grid}",
-            )
-        return self
-
-
-# The task registry: one config class per task, told apart by the ``task`` key,
-# each with its own model/data sections and a ``build_task()``. A new task adds
-# its Config subclass here.
-TASK_CONFIGS: dict[str, type[Config]] = {"lm": LMConfig, "fno": FNOConfig}
-_ADAPTER = TypeAdapter(Annotated[Union[tuple(TASK_CONFIGS.values())], Field(discriminator="task")])
 
 
 # ---------------------------------------------------------------------------
@@ -569,14 +390,14 @@ def _closest(name: str, candidates: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _message(error: dict, raw: dict) -> str:
+def _message(error: dict, raw: dict, tasks: TaskConfigs) -> str:
     """One line for one pydantic error: the dotted key, what it expects, the value."""
     kind, loc = error["type"], error["loc"][1:]  # loc[0] is the task tag
     if kind == "union_tag_invalid":
         return (
             f"config key 'task' expects one of {error['ctx']['expected_tags']}, got {raw['task']!r}"
         )
-    cls, names, info, value = TASK_CONFIGS[raw["task"]], [], None, raw
+    cls, names, info, value = tasks.configs[raw["task"]], [], None, raw
     for part in loc:  # walk the loc down the fields; stops at union member tags
         fields = getattr(cls, "__pydantic_fields__", {})
         if part not in fields:
@@ -610,14 +431,15 @@ def _message(error: dict, raw: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
-def config_from_dict(raw: dict) -> Config:
-    """Builds a validated config (``LMConfig`` or ``FNOConfig``) from nested plain data."""
+def config_from_dict(raw: dict, tasks: TaskConfigs) -> Config:
+    """Builds a validated config (the class ``tasks`` has for its ``task``) from nested
+    plain data."""
     raw = dict(raw or {})
-    raw.setdefault("task", "lm")
+    raw.setdefault("task", tasks.default)
     try:
-        return _ADAPTER.validate_python(raw)
+        return tasks.adapter.validate_python(raw)
     except ValidationError as e:
-        message, *others = dict.fromkeys(_message(err, raw) for err in e.errors())
+        message, *others = dict.fromkeys(_message(err, raw, tasks) for err in e.errors())
         raise ConfigError(message + (f" (and {len(others)} more)" if others else "")) from None
 
 
@@ -657,15 +479,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+def load_config(path: Optional[str], overrides: list[str], tasks: TaskConfigs) -> Config:
     """Reads a YAML config (or starts from defaults), applies overrides, validates.
 
     Args:
       path: YAML file, or None for the defaults.
       overrides: ``key=value`` strings; dotted keys reach into sections.
+      tasks: the config class of each ``task`` (``tasks.registry.TASKS``).
 
     Returns:
-      The validated config (an :class:`LMConfig` or :class:`FNOConfig`).
+      The validated config (the ``task``'s class, e.g. ``LMConfig``).
 
     Raises:
       ConfigError: unreadable file, unknown key, wrong type or bad value.
@@ -681,7 +504,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a YAML mapping at the top level")
-    return config_from_dict(apply_overrides(raw, list(overrides)))
+    return config_from_dict(apply_overrides(raw, list(overrides)), tasks)
 
 
 # ---------------------------------------------------------------------------
@@ -714,7 +537,8 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
     """Device-dependent checks; returns the resolved mesh shape.
 
     The global batch (per micro-batch) is split over the ``data`` and ``fsdp``
-    axes, and attention heads over ``tensor``.
+    axes; the task checks its own dims (``Config.check_mesh``: the LM's attention
+    heads over ``tensor``).
     """
     shape = resolve_mesh_shape(config, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
@@ -724,14 +548,5 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
         f"micro-batch size batch_size/grad_accum_steps = {micro_batch} must be "
         f"divisible by mesh data*fsdp = {batch_shards}",
     )
-    if config.task == "lm":
-        model = config.model
-        for name, value in (
-            ("model.num_heads", model.num_heads),
-            ("model.num_kv_heads", model.num_kv_heads or model.num_heads),
-        ):
-            _fail(
-                value % shape["tensor"],
-                f"{name} ({value}) must be divisible by mesh.tensor ({shape['tensor']})",
-            )
+    config.check_mesh(shape)
     return shape

@@ -2,9 +2,10 @@
 
 ``train.py`` is task-agnostic: it asks the task for a model, a loss, a training
 iterator and validation batches, and runs the same loop for all of them. A
-task is added by writing a ``build_<name>_task(config) -> Task`` function and a
-config class for it (its model/data sections and a ``build_task()`` calling
-that function) in ``training.config.TASK_CONFIGS``, the one task registry.
+task is added as a package ``tasks/<name>/``: a ``build_<name>_task(config) ->
+Task`` function and a config class (a ``training.config.Config`` subclass with
+its model/data sections and a ``build_task()`` calling that function), listed
+in ``tasks.registry.TASKS``, the one task registry.
 """
 
 from __future__ import annotations

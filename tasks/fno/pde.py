@@ -19,7 +19,7 @@ All generators return ``float32`` ``jax.Array`` s in channels-last layout,
 ``(n_samples, *spatial, 1)``, which is what :class:`models.fno.FNO` consumes.
 
 Example:
-    >>> from training import pde
+    >>> from tasks.fno import pde
     >>> x, y = pde.burgers_dataset(8, 64, seed=0)
     >>> x.shape, y.shape
     ((8, 64, 1), (8, 64, 1))

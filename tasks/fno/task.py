@@ -1,7 +1,7 @@
 """Operator learning with the Fourier Neural Operator on generated PDE data.
 
 ``task: fno`` trains :class:`models.fno.FNO` on 1-D Burgers or 2-D Darcy flow
-pairs generated at start-up by :mod:`training.pde` (deterministic by
+pairs generated at start-up by :mod:`tasks.fno.pde` (deterministic by
 ``data.seed``; nothing is downloaded). Inputs and outputs are normalised with
 ``UnitGaussianNormalizer`` fitted on the training split; the model sees the
 normalised input and its output is decoded before the loss, so the training
@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from models import fno
-from training import pde
+from tasks.fno import pde
 from training.config import Config, ConfigError, OptimizerConfig
 from training.data import EpochBatchIterator, process_slice
 from training.task import Task

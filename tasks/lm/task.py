@@ -1,14 +1,19 @@
-"""Language modelling with the LLaMA model: next-token cross-entropy, perplexity."""
+"""``task: lm``: language modelling with the LLaMA model (next-token cross-entropy,
+perplexity) on the token data of :mod:`tasks.lm.data`, and the model's layer
+structure for layer-wise updates (:func:`scanned_model`)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import optax
+from flax import nnx
 
+import galore_jax as gj
 from models import llama
-from training import data as data_lib
+from tasks.lm import data as data_lib
 from training.config import Config, ConfigError
 from training.task import Task
 
@@ -103,7 +108,7 @@ def build_lm_task(config: Config) -> Task:
         loss_fn=cross_entropy,
         eval_loss_fn=cross_entropy,
         summarize_eval=perplexity_metrics,
-        scanned_model=lambda model: llama.scanned_model(model, token_cross_entropy),
+        scanned_model=lambda model: scanned_model(model, token_cross_entropy),
         train_iterator=train_iterator,
         eval_batches=eval_batches,
         units_per_batch=config.batch_size * config.seq_len,
@@ -115,3 +120,63 @@ def build_lm_task(config: Config) -> Task:
             + (f" | {tokens.skipped_files} binary file(s) skipped" if tokens.skipped_files else "")
         ),
     )
+
+
+def scanned_model(model: llama.Llama, loss_fn: Callable[[jax.Array, Any], jax.Array]):
+    """The `galore_jax.ScannedModel` of a scanned Llama, for layer-wise updates.
+
+    Args:
+        model: a Llama with ``scan_layers=True`` (abstract, from ``nnx.eval_shape``,
+            is enough: only its structure is used).
+        loss_fn: ``(logits, batch) -> scalar`` mean loss; ``batch["inputs"]`` are
+            the tokens.
+
+    Returns:
+        ``ScannedModel`` over ``nnx.as_pure(nnx.state(model, nnx.Param))``:
+        ``token_embedding`` before the layers, ``final_norm`` and ``lm_head`` after.
+    """
+    if not model.config.scan_layers:
+        raise ValueError("layer-wise updates need LlamaConfig.scan_layers=True (stacked layers)")
+    config = model.config
+    layer_def = nnx.split(model.layers, nnx.Param)[0]
+    head_def = nnx.split(_Head(model), nnx.Param)[0]
+
+    def embed(params, batch):
+        return _Embed(params["token_embedding"], config).embed(batch["inputs"])
+
+    def layer(params, x):
+        cos, sin = llama.rotary_tables(x.shape[1], config.head_dim, config.rope_theta)
+        return nnx.merge(layer_def, params)(x, cos, sin)
+
+    def head(params, x, batch):
+        return loss_fn(nnx.merge(head_def, params).logits(x), batch)
+
+    return gj.ScannedModel(
+        embed,
+        layer,
+        head,
+        layers_key="layers",
+        before=("token_embedding",),
+        after=("final_norm", "lm_head"),
+    )
+
+
+class _Embed:
+    """`models.llama.Llama.embed` on the embedding table alone."""
+
+    def __init__(self, table: jax.Array, config: llama.LlamaConfig):
+        self.config = config
+        self.token_embedding = table
+
+    embed = llama.Llama.embed
+
+
+class _Head(nnx.Module):
+    """`models.llama.Llama.logits` on the final norm and LM head alone (same param paths)."""
+
+    def __init__(self, model: llama.Llama):
+        self.config = model.config
+        self.final_norm = model.final_norm
+        self.lm_head = model.lm_head
+
+    logits = llama.Llama.logits
