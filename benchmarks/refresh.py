@@ -5,7 +5,7 @@ Builds the matrix gradients of a LLaMA-shaped model as stacked-layer leaves
 projectors of all of them at once, and times, for each SVD method:
 
 * **refresh only**: the new projectors of every leaf, their factorisations
-  shared (what ``galore_jax.projection.refresh_projectors_together`` computes
+  shared (what ``galore_jax._matrix_plan.refresh_projectors`` computes
   inside the optimizer), one jitted call;
 * **update w/ refresh**: one ``scale_by_galore`` update at a refresh step
   (refresh + projection + Adam + projection back), the step that spikes;
@@ -35,6 +35,7 @@ energy ``||P^T G||_F^2 / ||P_exact^T G||_F^2`` that the method captures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -174,7 +175,7 @@ def make_gradient_fn(shape, args, dtype):
         ka, kb, kda, kdb, kn = jax.random.split(key, 5)
         a = jax.random.normal(ka, (layers, m, k)) + drift * jax.random.normal(kda, (layers, m, k))
         b = jax.random.normal(kb, (layers, n, k)) + drift * jax.random.normal(kdb, (layers, n, k))
-        qa, qb = gj.orthonormalize(a), gj.orthonormalize(b)
+        qa, qb = gj.linalg.orthonormalize(a), gj.linalg.orthonormalize(b)
         signal = jnp.einsum("lmk,k,lnk->lmn", qa, s, qb)
         noise_key = jax.random.fold_in(kn, jnp.asarray(drift * 1e6, jnp.int32))
         return (signal + sigma * jax.random.normal(noise_key, (layers, m, n))).astype(dtype)
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     import optax
 
     import galore_jax as gj
-    from galore_jax import projection as proj
+    from galore_jax import _matrix_plan as proj
 
     dtype = jnp.dtype(args.dtype)
     shapes = leaf_shapes(args.layers, args.hidden, args.intermediate)
@@ -216,20 +217,24 @@ def main(argv=None) -> int:
     def gradients(drift):
         return {name: gen[name](leaf_keys[name], jnp.float32(drift)) for name in LEAVES}
 
+    randomized = gj.RandomizedSVD(
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        passes=args.intermediate_passes,
+        eigh=args.eigh_implementation,
+        seed=args.seed,
+    )
+
     def refresh_all(grads, old, refresh_key, *, svd, warm):
         """Every leaf's projectors in one refresh, their factorisations shared (as the
         optimizer refreshes leaves due at one step)."""
-        news = proj.refresh_projectors_together(
+        news = proj.refresh_projectors(
             [plans[name] for name in LEAVES],
             [plans[name].to_standard(grads[name]) for name in LEAVES],
             [old[name] for name in LEAVES],
-            svd=svd,
+            refresh=randomized if svd == "randomized" else gj.ExactSVD(seed=args.seed),
             keys=[jax.random.fold_in(refresh_key, i) for i in range(len(LEAVES))],
-            oversample=args.oversample,
-            power_iters=args.power_iters,
             warm=warm,
-            intermediate_passes=args.intermediate_passes,
-            eigh_implementation=args.eigh_implementation,  # unused by svd="exact"
         )
         return dict(zip(LEAVES, news))
 
@@ -276,12 +281,12 @@ def main(argv=None) -> int:
     def state_projectors(per_leaf):
         """Per-leaf projector tuples (refresh_projectors' layout) -> the state's slot trees."""
         sides = {"left": ("left",), "right": ("right",), "full": ("left", "right")}
-        slots = {field: {} for field in gj.MatrixProjectors._fields}
+        slots = {field: {} for field in gj.galore.MatrixProjectors._fields}
         for name, arrays in per_leaf.items():
             filled = dict(zip(sides[plans[name].side], arrays))
             for field, tree in slots.items():
                 tree[name] = filled.get(field, ())
-        return gj.MatrixProjectors(**slots)
+        return gj.galore.MatrixProjectors(**slots)
 
     # ---- Timings.
     results = {}
@@ -303,19 +308,17 @@ def main(argv=None) -> int:
                 on_first=keep_bases(method),
             )
         }
-        svd = "exact" if method == "exact" else "randomized"
+        svd = (
+            gj.ExactSVD(seed=args.seed)
+            if is_exact
+            else dataclasses.replace(randomized, warm_start=method == "randomized_warm")
+        )
         tx = gj.scale_by_galore(
             args.rank,
             update_proj_gap=args.gap,
             proj_type=args.proj_type,
             svd=svd,
-            oversample=args.oversample,
-            power_iters=args.power_iters,
-            intermediate_passes=args.intermediate_passes,
-            eigh_implementation=None if is_exact else args.eigh_implementation,
-            warm_start=method == "randomized_warm",
             dimension_numbers=dims,
-            seed=args.seed,
         )
         state = jax.jit(tx.init)(grads)
         # Projectors from the previous refresh; count = gap is a (non-first) refresh step.

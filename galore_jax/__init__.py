@@ -1,103 +1,122 @@
-"""galore-jax: GaLore 2 and Tensor-GaLore as composable Optax transforms."""
+"""galore-jax: GaLore 2 and Tensor-GaLore as composable Optax transforms.
 
-from galore_jax.adam import ScaleByTorchAdamState, scale_by_torch_adam
+What a user calls is here; linear algebra is the namespace `galore_jax.linalg`,
+and each concept's module (`galore_jax.galore`, `.adam`, `.layerwise`, ...)
+holds its less common pieces.
+"""
+
+import importlib as _importlib
+import warnings as _warnings
+
+from galore_jax import linalg as linalg
+from galore_jax._low_rank import GradScaleTransformation
+from galore_jax.adam import scale_by_adam_8bit, scale_by_torch_adam
 from galore_jax.alias import GALORE_ADAMW_STATIC_ARGS, galore_adamw, tensor_galore_adamw
+from galore_jax.clipping import clip_by_layer_norm, clip_by_previous_global_norm
 from galore_jax.complex_grads import conjugate_complex_grads
-from galore_jax.describe import LeafTreatment, Treatment, describe
-from galore_jax.labels import RankFallbackWarning, galore_labels, labels_by_path
-from galore_jax.layerwise import (
-    LayerwiseState,
-    ScannedModel,
-    clip_by_layer_norm,
-    clip_by_previous_global_norm,
-    layerwise_init,
-    layerwise_state_shardings,
-    layerwise_step,
-    one_layer_view,
+from galore_jax.describe import describe
+from galore_jax.dimensions import DimensionNumbers
+from galore_jax.galore import ScaleByGaloreState, scale_by_galore
+from galore_jax.labels import RankFallbackWarning, galore_labels
+from galore_jax.layerwise import layerwise_init, layerwise_state_shardings, layerwise_step
+from galore_jax.master import with_master_weights
+from galore_jax.memory import memory_report
+from galore_jax.options import (
+    AdamOptions,
+    ExactSVD,
+    Labels,
+    ProjectorStorage,
+    RandomizedSVD,
+    Tucker,
 )
-from galore_jax.linalg import (
-    canonicalize_signs,
-    exact_svd,
-    hosvd,
-    mode_fold,
-    mode_product,
-    mode_unfold,
-    orthonormalize,
-    randomized_svd,
-    top_left_basis,
-    tucker_project,
-    tucker_reconstruct,
-)
-from galore_jax.master import MasterWeightsState, with_master_weights
-from galore_jax.memory import adamw_state_bytes, memory_report, optimizer_state_bytes
-from galore_jax.paths import path_string
-from galore_jax.projection import DimensionNumbers, infer_dimension_numbers
-from galore_jax.quantization import ScaleByAdam8bitState, scale_by_adam_8bit
+from galore_jax.scanned import ScannedModel
 from galore_jax.sharding import state_shardings
-from galore_jax.transform import (
-    GALORE_STATIC_ARGS,
-    TENSOR_GALORE_STATIC_ARGS,
-    GradScaleTransformation,
-    MatrixProjectors,
-    ScaleByGaloreState,
-    ScaleByTensorGaloreState,
-    refresh_offsets,
-    scale_by_galore,
-    scale_by_tensor_galore,
-)
+from galore_jax.tensor_galore import ScaleByTensorGaloreState, scale_by_tensor_galore
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
-    "DimensionNumbers",
-    "GALORE_ADAMW_STATIC_ARGS",
-    "GALORE_STATIC_ARGS",
-    "GradScaleTransformation",
-    "LayerwiseState",
-    "LeafTreatment",
-    "MasterWeightsState",
-    "MatrixProjectors",
-    "RankFallbackWarning",
-    "ScaleByAdam8bitState",
-    "ScaleByGaloreState",
-    "ScaleByTensorGaloreState",
-    "ScaleByTorchAdamState",
-    "ScannedModel",
-    "TENSOR_GALORE_STATIC_ARGS",
-    "Treatment",
-    "adamw_state_bytes",
-    "canonicalize_signs",
-    "clip_by_layer_norm",
-    "clip_by_previous_global_norm",
-    "conjugate_complex_grads",
-    "describe",
-    "exact_svd",
-    "galore_adamw",
-    "galore_labels",
-    "hosvd",
-    "infer_dimension_numbers",
-    "labels_by_path",
-    "layerwise_init",
-    "layerwise_state_shardings",
-    "layerwise_step",
-    "memory_report",
-    "mode_fold",
-    "mode_product",
-    "mode_unfold",
-    "one_layer_view",
-    "optimizer_state_bytes",
-    "orthonormalize",
-    "path_string",
-    "randomized_svd",
-    "refresh_offsets",
-    "scale_by_adam_8bit",
+    # transformations and optimizers
     "scale_by_galore",
     "scale_by_tensor_galore",
-    "scale_by_torch_adam",
-    "state_shardings",
-    "top_left_basis",
-    "with_master_weights",
+    "galore_adamw",
     "tensor_galore_adamw",
-    "tucker_project",
-    "tucker_reconstruct",
+    "scale_by_adam_8bit",
+    "scale_by_torch_adam",
+    "conjugate_complex_grads",
+    "with_master_weights",
+    "GradScaleTransformation",
+    "GALORE_ADAMW_STATIC_ARGS",
+    # options
+    "RandomizedSVD",
+    "ExactSVD",
+    "ProjectorStorage",
+    "AdamOptions",
+    "Tucker",
+    "Labels",
+    "DimensionNumbers",
+    # states
+    "ScaleByGaloreState",
+    "ScaleByTensorGaloreState",
+    # inspection
+    "describe",
+    "memory_report",
+    "galore_labels",
+    "RankFallbackWarning",
+    # sharding and layer-wise updates
+    "state_shardings",
+    "ScannedModel",
+    "layerwise_init",
+    "layerwise_step",
+    "layerwise_state_shardings",
+    "clip_by_layer_norm",
+    "clip_by_previous_global_norm",
 ]
+
+# Names of galore-jax 0.2.0's flat namespace -> their module now (CHANGELOG.md).
+_MOVED = {
+    "GALORE_STATIC_ARGS": ("galore_jax._checks", "STATIC_ARGS"),
+    "TENSOR_GALORE_STATIC_ARGS": ("galore_jax._checks", "STATIC_ARGS"),
+    "LayerwiseState": ("galore_jax.layerwise", "LayerwiseState"),
+    "LeafTreatment": ("galore_jax.describe", "LeafTreatment"),
+    "Treatment": ("galore_jax.describe", "Treatment"),
+    "MasterWeightsState": ("galore_jax.master", "MasterWeightsState"),
+    "MatrixProjectors": ("galore_jax.galore", "MatrixProjectors"),
+    "ScaleByAdam8bitState": ("galore_jax.adam", "ScaleByAdam8bitState"),
+    "ScaleByTorchAdamState": ("galore_jax.adam", "ScaleByTorchAdamState"),
+    "adamw_state_bytes": ("galore_jax.memory", "adamw_state_bytes"),
+    "optimizer_state_bytes": ("galore_jax.memory", "optimizer_state_bytes"),
+    "infer_dimension_numbers": ("galore_jax.dimensions", "infer_dimension_numbers"),
+    "labels_by_path": ("galore_jax.labels", "labels_by_path"),
+    "one_layer_view": ("galore_jax.scanned", "one_layer_view"),
+    "path_string": ("galore_jax.paths", "path_string"),
+    "refresh_offsets": ("galore_jax._low_rank", "refresh_offsets"),
+    **{
+        name: ("galore_jax.linalg", name)
+        for name in (
+            "canonicalize_signs",
+            "exact_svd",
+            "hosvd",
+            "mode_fold",
+            "mode_product",
+            "mode_unfold",
+            "orthonormalize",
+            "randomized_svd",
+            "top_left_basis",
+            "tucker_project",
+            "tucker_reconstruct",
+        )
+    },
+}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        _warnings.warn(
+            f"gj.{name} moved to {module}.{attr} in galore-jax 0.3.0 (see CHANGELOG.md)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_importlib.import_module(module), attr)
+    raise AttributeError(f"module 'galore_jax' has no attribute {name!r}")

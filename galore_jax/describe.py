@@ -14,8 +14,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from galore_jax import _quantization as quantization
 from galore_jax import labels as labels_lib
-from galore_jax import paths, quantization
+from galore_jax import paths
 
 __all__ = ["LeafTreatment", "Treatment", "describe"]
 

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 
-from galore_jax import _closures, paths
-from galore_jax import projection as proj
+from galore_jax import _closures, _matrix_plan, _tucker_plan, paths
+from galore_jax.dimensions import resolve_dimension_numbers
 
 GALORE = "galore"
 TENSOR_GALORE = "tensor_galore"
@@ -92,7 +92,7 @@ def _tucker_fallback(shape, tensor_rank, name: str) -> Optional[str]:
     error; one int rank above a small mode's size (a 3 x 3 conv window) is not.
     """
     try:
-        proj.tucker_plan(tuple(shape), tensor_rank, None, name)
+        _tucker_plan.tucker_plan(tuple(shape), tensor_rank, None, name)
     except ValueError as e:
         if isinstance(tensor_rank, (tuple, list)):
             raise
@@ -162,7 +162,7 @@ def label_rule(
     plain = re.compile(plain_pattern, re.IGNORECASE) if plain_pattern else None
     names, leaves, treedef = paths.leaf_paths(params)
     shapes = [tuple(jnp.shape(x)) for x in leaves]
-    dims = proj.resolve_dimension_numbers(dimension_numbers, params)
+    dims = resolve_dimension_numbers(dimension_numbers, params)
     tables = _model_tables(shapes, dims)
     matched = set()
     reasons, fallbacks = {}, []
@@ -186,7 +186,7 @@ def label_rule(
             kind = "stacked matrices" if d is not None and d.batch_axes else "matrix"
             if matrices == ADAM:
                 return ADAM, f"{kind} (plain Adam for matrices here)"
-            if rank is not None and not proj.saves_memory(shape, d, proj_type, rank):
+            if rank is not None and not _matrix_plan.saves_memory(shape, d, proj_type, rank):
                 fallbacks.append(name)
                 return ADAM, f"rank {rank!r}: GaLore's state would not be smaller than Adam's"
             return matrices, kind

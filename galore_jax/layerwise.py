@@ -67,53 +67,42 @@ Example (a user's own scanned model, written as three functions):
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import _closures, alias
-from galore_jax.transform import GradScaleTransformation
+from galore_jax._low_rank import GradScaleTransformation
+from galore_jax.clipping import (
+    _check_max_norm,
+    _check_no_global_clip,
+    _clip_factor,
+    _scale,
+    _square_norm,
+)
+from galore_jax.scanned import (
+    ScannedModel,
+    _groups,
+    _merge,
+    _put,
+    _read_slice,
+    _slice,
+    _stack_size,
+    _without_layer_axis,
+    one_layer_view,
+)
+
+CLIP_MODES = ("layer", "previous_global")
 
 __all__ = [
     "LayerwiseState",
     "ScannedModel",
-    "clip_by_layer_norm",
-    "clip_by_previous_global_norm",
     "layerwise_init",
     "layerwise_state_shardings",
     "layerwise_step",
     "one_layer_view",
 ]
-
-CLIP_MODES = ("layer", "previous_global")
-
-
-class ScannedModel(NamedTuple):
-    """A model as embedding -> scanned layers -> head, over a dict of params.
-
-    Attributes:
-      embed: ``(params_before, batch) -> x``, the input of the first layer.
-      layer: ``(layer_params, x) -> x``, one layer; ``layer_params`` is one
-        slice of ``params[layers_key]`` (no layer axis).
-      head: ``(params_after, x, batch) -> loss``, a scalar mean loss.
-      layers_key: top-level key of the stacked layer params (leading layer axis).
-      before: top-level keys ``embed`` reads (e.g. the token embedding).
-      after: top-level keys ``head`` reads (final norm, output head).
-
-    ``params_before`` / ``params_after`` are dicts ``{key: params[key]}``; the
-    params' top level must hold exactly ``before + (layers_key,) + after``.
-    """
-
-    embed: Callable[[Any, Any], jax.Array]
-    layer: Callable[[Any, jax.Array], jax.Array]
-    head: Callable[[Any, jax.Array, Any], jax.Array]
-    layers_key: str = "layers"
-    before: tuple = ()
-    after: tuple = ()
 
 
 class LayerwiseState(NamedTuple):
@@ -127,237 +116,6 @@ class LayerwiseState(NamedTuple):
     layers: optax.OptState
     after: optax.OptState
     grad_norm: jax.Array  # shape=(), float32: the last step's global gradient norm
-
-
-# ----------------------------------------------------------------------------
-# Params <-> the three groups the optimizer sees.
-# ----------------------------------------------------------------------------
-
-
-def _check_keys(model: ScannedModel, params: Any) -> None:
-    try:
-        keys = set(params.keys())
-    except AttributeError:
-        raise TypeError(
-            f"layer-wise params must be a dict of top-level params, got {type(params).__name__}"
-        ) from None
-    wanted = [*model.before, model.layers_key, *model.after]
-    missing = [k for k in wanted if k not in keys]
-    extra = sorted(keys - set(wanted))
-    if missing or extra or len(set(wanted)) != len(wanted):
-        raise ValueError(
-            f"ScannedModel(before={tuple(model.before)}, layers_key={model.layers_key!r}, "
-            f"after={tuple(model.after)}) must name every top-level param key once; "
-            f"params have {sorted(keys)} (missing {missing}, unassigned {extra})"
-        )
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params[model.layers_key])[0]:
-        if jnp.ndim(leaf) < 1:
-            raise ValueError(
-                f"layer-wise: params[{model.layers_key!r}]{jax.tree_util.keystr(path)} has no "
-                "leading layer axis"
-            )
-    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(params[model.layers_key])}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"layer-wise: params[{model.layers_key!r}] leaves disagree on the layer count: "
-            f"{sorted(sizes)}"
-        )
-
-
-def _groups(model: ScannedModel, params: Any, *, check: bool = True):
-    """(before, layers, after): the dicts the optimizer sees for each group."""
-    if check:
-        _check_keys(model, params)
-    before = {k: params[k] for k in model.before}
-    after = {k: params[k] for k in model.after}
-    return before, {model.layers_key: params[model.layers_key]}, after
-
-
-def _merge(params: Any, before: dict, layers: dict, after: dict) -> Any:
-    """The three groups back in the params' own container (dict, nnx.State, ...)."""
-    treedef = jax.tree.structure(params)
-    return treedef.unflatten(jax.tree.leaves({**before, **layers, **after}))
-
-
-def _without_layer_axis(tree: Any) -> Any:
-    """Shapes of one slice of stacked arrays: the leading (layer) axis dropped."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
-
-
-def one_layer_view(model: ScannedModel, params: Any) -> dict:
-    """The params as the optimizer sees them: ``params[layers_key]`` as one layer's shapes.
-
-    For whatever must read the whole tree the way a layer-wise optimizer sees it
-    (labels by the whole-tree rule, ``galore_jax.describe``).
-    """
-    _check_keys(model, params)
-    view = dict(params)
-    view[model.layers_key] = _without_layer_axis(params[model.layers_key])
-    return view
-
-
-def _stack_size(layers: dict) -> int:
-    return jax.tree.leaves(layers)[0].shape[0]
-
-
-def _slice(tree: Any, i) -> Any:
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-
-
-def _read_slice(tree: Any, i) -> Any:
-    """`_slice`, materialised (a conditional's result is never fused into its users)."""
-    return jax.lax.cond(i >= 0, _slice, lambda t, i: _slice(t, 0), tree, i)
-
-
-def _put(tree: Any, part: Any, i) -> Any:
-    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, part)
-
-
-# ----------------------------------------------------------------------------
-# Clipping rules a layer-wise step can apply (and their standard-chain forms).
-# ----------------------------------------------------------------------------
-
-
-def _square_norm(tree: Any) -> jax.Array:
-    """Sum of squared magnitudes, in float32 (optax.tree.norm squared)."""
-    total = jnp.zeros([], jnp.float32)
-    for x in jax.tree.leaves(tree):
-        total = total + jnp.sum(jnp.abs(x.astype(jnp.result_type(x, jnp.float32))) ** 2)
-    return total
-
-
-def _clip_factor(norm: jax.Array, max_norm: float) -> jax.Array:
-    """optax.clip_by_global_norm's rule as a factor: 1 below max_norm, else max/norm."""
-    return jnp.where(norm < max_norm, 1.0, max_norm / jnp.where(norm < max_norm, 1.0, norm))
-
-
-def _scale(tree: Any, factor: jax.Array) -> Any:
-    return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
-
-
-def clip_by_layer_norm(max_norm: float, model: ScannedModel) -> optax.GradientTransformation:
-    """Clips each layer's gradient, the embedding's and the head's by its own norm.
-
-    The standard-chain form of ``layerwise_step(..., clip="layer")``: put it
-    first in a chain to train with the rule a layer-wise step applies.
-    """
-    _check_max_norm(max_norm)
-
-    def update_fn(updates, state, params=None):
-        del params
-        before, layers, after = _groups(model, updates)
-        stack = layers[model.layers_key]
-        per_layer = jax.vmap(lambda g: _clip_factor(jnp.sqrt(_square_norm(g)), max_norm))(stack)
-        stack = jax.tree.map(
-            lambda g: g * per_layer.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), stack
-        )
-        clip_group = lambda t: _scale(t, _clip_factor(jnp.sqrt(_square_norm(t)), max_norm))
-        merged = _merge(updates, clip_group(before), {model.layers_key: stack}, clip_group(after))
-        return merged, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-class ClipByPreviousGlobalNormState(NamedTuple):
-    grad_norm: jax.Array  # the previous step's global norm (0 before the first step)
-
-
-def clip_by_previous_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """Scales gradients by the factor the previous step's global norm implies.
-
-    The standard-chain form of ``layerwise_step(..., clip="previous_global")``;
-    the first step is not clipped.
-    """
-    _check_max_norm(max_norm)
-
-    def init_fn(params):
-        del params
-        return ClipByPreviousGlobalNormState(jnp.zeros([], jnp.float32))
-
-    def update_fn(updates, state, params=None):
-        del params
-        norm = jnp.sqrt(_square_norm(updates))
-        return _scale(updates, _clip_factor(state.grad_norm, max_norm)), (
-            ClipByPreviousGlobalNormState(norm)
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_max_norm(max_norm) -> None:
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
-        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
-
-
-# ----------------------------------------------------------------------------
-# Global-norm clips inside the optimizer: found in its functions' closures.
-# ----------------------------------------------------------------------------
-
-
-@functools.cache
-def _clip_codes() -> dict:
-    """The code objects of the update functions of the global clips, by name."""
-    return {
-        optax.clip_by_global_norm(1.0).update.__code__: "optax.clip_by_global_norm",
-        clip_by_previous_global_norm(1.0).update.__code__: "gj.clip_by_previous_global_norm",
-        clip_by_layer_norm(1.0, ScannedModel(None, None, None)).update.__code__: (
-            "gj.clip_by_layer_norm"
-        ),
-    }
-
-
-def _injected(obj: Any) -> list:
-    """[the transformation an `optax.inject_hyperparams` init function builds], or []."""
-    if not isinstance(obj, types.FunctionType):
-        return []
-    found = _closures.cells(obj)
-    factory = found.get("inner_factory")
-    hps = [found.get(k) for k in ("other_hps", "numeric_hps", "sched_hps")]
-    if not callable(factory) or not all(isinstance(h, dict) for h in hps):
-        return []
-    other, numeric, sched = hps
-    try:
-        values = {k: f(f.init()) for k, f in sched.items()}
-        return [factory(**other, **numeric, **values)]
-    except Exception:  # noqa: BLE001 -- a factory we cannot rebuild: nothing found
-        return []
-
-
-def _global_norm_clips(tx: Any) -> list:
-    """Descriptions of the global-norm clips found inside `tx`.
-
-    Walks what `tx` holds (`galore_jax._closures.reachable`), and rebuilds what
-    `optax.inject_hyperparams` builds lazily. A transformation held by an
-    object (a method's ``self``) or a clip written by hand is not found.
-    """
-    codes = _clip_codes()
-    found = []
-    for obj in _closures.reachable(tx, extra=_injected):
-        if not isinstance(obj, types.FunctionType):
-            continue
-        held = _closures.cells(obj)
-        name = codes.get(obj.__code__)
-        if name is not None:
-            found.append(f"{name}({held.get('max_norm', '...')})")
-        elif obj.__module__ == alias.__name__ and held.get("max_grad_norm") is not None:
-            found.append(
-                f"gj.galore_adamw / gj.tensor_galore_adamw(max_grad_norm={held['max_grad_norm']})"
-            )
-    return sorted(set(found))
-
-
-def _check_no_global_clip(tx: Any) -> None:
-    clips = _global_norm_clips(tx)
-    if clips:
-        raise ValueError(
-            f"layer-wise: the optimizer clips by a global norm itself ({', '.join(clips)}); "
-            "each of its updates sees one layer (or the embedding, or the head), so that "
-            "norm would be per layer, not global. Take the clip out of the optimizer and "
-            "let the step clip: layerwise_step(tx, model, max_norm=..., clip='layer') "
-            "(each layer, the embedding and the head by its own norm) or "
-            "clip='previous_global' (all gradients by the factor of the previous step's "
-            "global norm)"
-        )
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax.transform import GradScaleTransformation
+from galore_jax._low_rank import GradScaleTransformation
 
 __all__ = ["MasterWeightsState", "with_master_weights"]
 

@@ -39,7 +39,7 @@ def test_randomized_spans_exact_subspace(shape, rank, complex_):
     rng = np.random.default_rng(0)
     a = _gapped_matrix(rng, *shape, rank, complex_=complex_)
     dtype = jnp.complex64 if complex_ else jnp.float32
-    u, s, vt = gj.randomized_svd(jnp.asarray(a, dtype), rank, key=jax.random.PRNGKey(1))
+    u, s, vt = gj.linalg.randomized_svd(jnp.asarray(a, dtype), rank, key=jax.random.PRNGKey(1))
     u_ref, s_ref, vt_ref = np.linalg.svd(a)
     assert _max_sine(u, u_ref[:, :rank]) <= 1e-2
     assert _max_sine(np.conj(vt).T, np.conj(vt_ref[:rank]).T) <= 1e-2
@@ -77,7 +77,7 @@ def test_one_intermediate_pass_halves_the_factorisations_and_keeps_the_subspace(
     init = init if warm else None
     bases, counts = {}, {}
     for passes in (1, 2):
-        fn = lambda x, p=passes: gj.top_left_basis(
+        fn = lambda x, p=passes: gj.linalg.top_left_basis(
             x, 12, key=key, init=init, power_iters=1, intermediate_passes=p
         )
         bases[passes] = np.asarray(fn(a), np.float64)
@@ -94,27 +94,31 @@ def test_one_intermediate_pass_halves_the_factorisations_and_keeps_the_subspace(
 
 
 def test_intermediate_passes_is_checked_early():
-    with pytest.raises(ValueError, match="intermediate_passes must be <= 2"):
-        gj.galore_adamw(1e-3, intermediate_passes=3)
-    with pytest.raises(ValueError, match="intermediate_passes must be >= 1"):
-        gj.scale_by_galore(4, intermediate_passes=0)
+    with pytest.raises(ValueError, match="RandomizedSVD.passes must be <= 2, got 3"):
+        gj.galore_adamw(1e-3, svd=gj.RandomizedSVD(passes=3))
+    with pytest.raises(ValueError, match="RandomizedSVD.passes must be >= 1"):
+        with pytest.warns(DeprecationWarning, match="intermediate_passes= -> svd.passes"):
+            gj.scale_by_galore(4, intermediate_passes=0)  # 0.2.0's spelling
 
 
 def test_eigh_implementation_is_checked_and_named():
     """A bad value is refused at construction; Jacobi where XLA has none (CPU) is one
     ValueError naming the option when the refresh is traced, not a lowering error."""
-    with pytest.raises(ValueError, match=r"eigh_implementation must be one of \(None, 'qr'"):
-        gj.galore_adamw(1e-3, eigh_implementation="syevj")
-    with pytest.raises(ValueError, match="eigh_implementation must be one of"):
-        gj.scale_by_galore(4, eigh_implementation="QR")
-    with pytest.raises(ValueError, match=r"applies to svd='randomized'"):
+    with pytest.raises(ValueError, match=r"RandomizedSVD.eigh must be one of \(None, 'qr'"):
+        gj.galore_adamw(1e-3, svd=gj.RandomizedSVD(eigh="syevj"))
+    with pytest.raises(ValueError, match="RandomizedSVD.eigh must be one of"):
+        gj.scale_by_galore(4, svd=gj.RandomizedSVD(eigh="QR"))
+    with (
+        pytest.raises(ValueError, match=r"applies to svd='randomized'"),
+        pytest.warns(DeprecationWarning),
+    ):
         gj.galore_adamw(1e-3, svd="exact", eigh_implementation="qr")
     a = jnp.asarray(np.random.default_rng(0).normal(size=(3, 40, 30)), jnp.float32)
     key = jax.random.PRNGKey(1)
-    default = gj.top_left_basis(a, 6, key=key)
+    default = gj.linalg.top_left_basis(a, 6, key=key)
     # "qr" is the CPU / GPU default algorithm: the same basis, bit for bit.
     np.testing.assert_array_equal(
-        gj.top_left_basis(a, 6, key=key, eigh_implementation="qr"), default
+        gj.linalg.top_left_basis(a, 6, key=key, eigh_implementation="qr"), default
     )
     if jax.default_backend() == "cpu":
         tx = gj.galore_adamw(1e-3, rank=4, eigh_implementation="jacobi")
@@ -124,7 +128,7 @@ def test_eigh_implementation_is_checked_and_named():
         ):
             jax.jit(tx.update)(params, tx.init(params), params)
     else:  # GPU / TPU: Jacobi's basis spans the default's subspace
-        jacobi = gj.top_left_basis(a, 6, key=key, eigh_implementation="jacobi")
+        jacobi = gj.linalg.top_left_basis(a, 6, key=key, eigh_implementation="jacobi")
         assert (
             _max_sine(np.asarray(jacobi[0], np.float64), np.asarray(default[0], np.float64)) < 1e-3
         )
@@ -134,8 +138,8 @@ def test_randomized_batched_and_vmapped_agree():
     rng = np.random.default_rng(1)
     stack = jnp.asarray(np.stack([_gapped_matrix(rng, 64, 48, 6) for _ in range(3)]), jnp.float32)
     key = jax.random.PRNGKey(0)
-    batched = gj.top_left_basis(stack, 6, key=key, power_iters=2)
-    vmapped = jax.vmap(lambda a: gj.top_left_basis(a, 6, key=key, power_iters=2))(stack)
+    batched = gj.linalg.top_left_basis(stack, 6, key=key, power_iters=2)
+    vmapped = jax.vmap(lambda a: gj.linalg.top_left_basis(a, 6, key=key, power_iters=2))(stack)
     for layer in range(3):
         exact = np.linalg.svd(np.asarray(stack[layer], np.float64))[0][:, :6]
         assert _max_sine(batched[layer], exact) <= 1e-2
@@ -158,7 +162,7 @@ def test_warm_start_needs_fewer_power_iterations():
     a = jnp.asarray(new, jnp.float32)
 
     def error(power_iters, init):
-        basis = gj.top_left_basis(
+        basis = gj.linalg.top_left_basis(
             a, rank, key=jax.random.PRNGKey(3), oversample=8, power_iters=power_iters, init=init
         )
         return _max_sine(basis, exact_new)
@@ -173,7 +177,7 @@ def test_warm_start_needs_fewer_power_iterations():
 def test_exact_svd_matches_numpy_and_sign_rule():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(30, 20))
-    u, s, vt = gj.exact_svd(jnp.asarray(a, jnp.float32), 5)
+    u, s, vt = gj.linalg.exact_svd(jnp.asarray(a, jnp.float32), 5)
     u_np, s_np, vt_np = np.linalg.svd(a)
     flip = np.sign(u_np[np.argmax(np.abs(u_np[:, :5]), axis=0), np.arange(5)])
     np.testing.assert_allclose(np.asarray(u), u_np[:, :5] * flip, atol=1e-4)
@@ -183,7 +187,7 @@ def test_exact_svd_matches_numpy_and_sign_rule():
 
 def test_canonicalize_signs_rule_and_ties():
     basis = jnp.asarray([[0.5, -0.7, 0.5], [-0.5, 0.1, -0.5], [0.1, 0.7, 0.2]])
-    out = np.asarray(gj.canonicalize_signs(basis))
+    out = np.asarray(gj.linalg.canonicalize_signs(basis))
     # column 0: tie between rows 0 and 1 -> first index (0.5) positive: unchanged
     np.testing.assert_allclose(out[:, 0], [0.5, -0.5, 0.1])
     # column 1: tie |-0.7| == |0.7| -> first index (row 0) made positive: flipped
@@ -191,7 +195,7 @@ def test_canonicalize_signs_rule_and_ties():
     # column 2: largest is -0.5? no, 0.5 at row 0 (tie with row 1, first wins): unchanged
     np.testing.assert_allclose(out[:, 2], [0.5, -0.5, 0.2])
     complex_basis = jnp.asarray([[1j, 0.1], [0.2, -2.0]], jnp.complex64)
-    out = np.asarray(gj.canonicalize_signs(complex_basis))
+    out = np.asarray(gj.linalg.canonicalize_signs(complex_basis))
     assert abs(out[0, 0] - 1.0) < 1e-6 and abs(out[1, 1] - 2.0) < 1e-6
 
 
@@ -203,7 +207,7 @@ def test_degenerate_inputs_stay_finite():
         jax.random.normal(key, (40, 2)) @ jax.random.normal(key, (2, 30)),
     ]:
         for passes in (1, 2):
-            u, s, vt = gj.randomized_svd(a, 5, key=key, intermediate_passes=passes)
+            u, s, vt = gj.linalg.randomized_svd(a, 5, key=key, intermediate_passes=passes)
             assert np.isfinite(np.asarray(u)).all() and np.isfinite(np.asarray(vt)).all()
             # Directions without energy are completed: always a full orthonormal basis.
             np.testing.assert_allclose(u.T @ u, np.eye(5), atol=1e-5)
@@ -211,7 +215,7 @@ def test_degenerate_inputs_stay_finite():
 
 def test_bf16_input_is_refreshed_in_float32():
     a = jax.random.normal(jax.random.PRNGKey(0), (32, 16)).astype(jnp.bfloat16)
-    u, s, vt = gj.randomized_svd(a, 4, key=jax.random.PRNGKey(1))
+    u, s, vt = gj.linalg.randomized_svd(a, 4, key=jax.random.PRNGKey(1))
     assert u.dtype == jnp.float32 and s.dtype == jnp.float32
 
 
@@ -250,7 +254,7 @@ def test_hosvd_matches_numpy(shape, ranks, complex_):
     t = rng.normal(size=shape) + (1j * rng.normal(size=shape) if complex_ else 0)
     core_ref, factors_ref = _numpy_hosvd(t, ranks)
     dtype = jnp.complex64 if complex_ else jnp.float32
-    core, factors = gj.hosvd(jnp.asarray(t, dtype), ranks)
+    core, factors = gj.linalg.hosvd(jnp.asarray(t, dtype), ranks)
     for f, f_ref in zip(factors, factors_ref):
         np.testing.assert_allclose(np.asarray(f), f_ref, atol=2e-4)
     np.testing.assert_allclose(np.asarray(core), core_ref, atol=2e-4 * np.abs(core_ref).max())
@@ -266,17 +270,19 @@ def test_tucker_roundtrip_of_exactly_low_multilinear_rank(complex_, svd):
     for mode, (d, r) in enumerate(zip(shape, ranks)):
         t = np.moveaxis(np.tensordot(draw(d, r), t, axes=([1], [mode])), 0, mode)
     dtype = jnp.complex64 if complex_ else jnp.float32
-    core, factors = gj.hosvd(jnp.asarray(t, dtype), ranks, svd=svd, key=jax.random.PRNGKey(0))
-    back = np.asarray(gj.tucker_reconstruct(core, factors))
+    core, factors = gj.linalg.hosvd(
+        jnp.asarray(t, dtype), ranks, svd=svd, key=jax.random.PRNGKey(0)
+    )
+    back = np.asarray(gj.linalg.tucker_reconstruct(core, factors))
     assert np.linalg.norm(back - t) / np.linalg.norm(t) < 1e-4
 
 
 def test_mode_unfold_fold_roundtrip():
     t = jnp.arange(2 * 3 * 4.0).reshape(2, 3, 4)
     for mode in range(3):
-        unfolding = gj.mode_unfold(t, mode)
+        unfolding = gj.linalg.mode_unfold(t, mode)
         assert unfolding.shape == (t.shape[mode], t.size // t.shape[mode])
-        np.testing.assert_array_equal(gj.mode_fold(unfolding, mode, t.shape), t)
+        np.testing.assert_array_equal(gj.linalg.mode_fold(unfolding, mode, t.shape), t)
 
 
 @pytest.mark.parametrize("svd", ["randomized", "exact"])
@@ -287,7 +293,7 @@ def test_cpu_lapack_kernels_get_one_matrix_at_a_time(svd):
     import re
 
     a = jnp.ones((4, 64, 48)) + jnp.arange(48.0)
-    fn = lambda a: gj.top_left_basis(a, 16, svd=svd, key=jax.random.PRNGKey(0))
+    fn = lambda a: gj.linalg.top_left_basis(a, 16, svd=svd, key=jax.random.PRNGKey(0))
     hlo = jax.jit(fn).lower(a).compile().as_text()
     results = re.findall(r"= \(?\w+\[([\d,]*)\][^\n]*custom_call_target=\"lapack_", hlo)
     assert results, "no LAPACK custom call found"
@@ -299,37 +305,31 @@ def test_leaves_refreshed_together_share_each_factorisation_call(warm):
     """A model's leaves refresh at one step: sketches of one width (here three leaves of
     different shapes, one projected on the right) share every Cholesky / eigh call; a
     leaf of another width is its own group. Each leaf gets the basis it gets alone."""
-    from galore_jax import projection as proj
+    from galore_jax import _matrix_plan as proj
 
     rng = np.random.default_rng(5)
     shapes = [(3, 32, 48), (3, 32, 80), (80, 32), (12, 40)]  # the last: width 12, not 16
-    dims = [proj.DimensionNumbers((0,)), proj.DimensionNumbers((0,)), None, None]
+    dims = [gj.DimensionNumbers((0,)), gj.DimensionNumbers((0,)), None, None]
     plans = [
         proj.matrix_plan(s, d, "std", 8, f"p{i}") for i, (s, d) in enumerate(zip(shapes, dims))
     ]
     gs = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
     gs = [plan.to_standard(g) for plan, g in zip(plans, gs)]
     keys = [jax.random.PRNGKey(i) for i in range(len(gs))]
+    svd = gj.RandomizedSVD(oversample=8, power_iters=1)
     olds = [
         proj.refresh_projectors(
-            p,
-            g,
-            proj.init_projectors(p, jnp.float32),
-            svd="randomized",
-            key=k,
-            oversample=8,
-            power_iters=1,
-            warm=False,
-        )
+            [p], [g], [proj.init_projectors(p, jnp.float32)], refresh=svd, keys=[k], warm=False
+        )[0]
         for p, g, k in zip(plans, gs, keys)
     ]
-    opts = dict(svd="randomized", oversample=8, power_iters=1, warm=warm)
+    opts = dict(refresh=svd, warm=warm)
 
     def together(gs):
-        return proj.refresh_projectors_together(plans, gs, olds, keys=keys, **opts)
+        return proj.refresh_projectors(plans, gs, olds, keys=keys, **opts)
 
     def alone(g, i):
-        return proj.refresh_projectors(plans[i], g, olds[i], key=keys[i], **opts)
+        return proj.refresh_projectors([plans[i]], [g], [olds[i]], keys=[keys[i]], **opts)[0]
 
     for name in ("cholesky", "eigh"):
         each = [_primitive_count(lambda g, i=i: alone(g, i), name, gs[i]) for i in range(4)]

@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
-from galore_jax import quantization as q
+from galore_jax import _quantization as q
 from training.checkpoint import Checkpointer
 
 
@@ -80,7 +80,7 @@ def test_low_bit_galore_trains_like_32_bit(projector_bits):
     assert projectors.left_scales["layers"]["w"].dtype == jnp.float32
     assert q.is_quantized(inner["galore"].inner_state.base_state.mu["layers"]["w"])
     assert q.is_quantized(inner["adam"].inner_state.mu["embed"])  # plain-Adam leaves too
-    assert gj.optimizer_state_bytes(state8) < 0.45 * gj.optimizer_state_bytes(state32)
+    assert gj.memory.optimizer_state_bytes(state8) < 0.45 * gj.memory.optimizer_state_bytes(state32)
 
 
 def test_state_bytes_of_low_bit_galore_at_llama_shapes():
@@ -95,12 +95,14 @@ def test_state_bytes_of_low_bit_galore_at_llama_shapes():
         },
         "embedding": jax.ShapeDtypeStruct((4096, d), jnp.float32),
     }
-    full = gj.optimizer_state_bytes(jax.eval_shape(gj.galore_adamw(1e-3, rank=r).init, params))
+    full = gj.memory.optimizer_state_bytes(
+        jax.eval_shape(gj.galore_adamw(1e-3, rank=r).init, params)
+    )
     tx = gj.galore_adamw(1e-3, rank=r, moment_bits=8, projector_bits=8)
-    low = gj.optimizer_state_bytes(jax.eval_shape(tx.init, params))
+    low = gj.memory.optimizer_state_bytes(jax.eval_shape(tx.init, params))
     assert low <= 0.30 * full, low / full
     tx4 = gj.galore_adamw(1e-3, rank=r, moment_bits=8, projector_bits=4)
-    assert gj.optimizer_state_bytes(jax.eval_shape(tx4.init, params)) < low
+    assert gj.memory.optimizer_state_bytes(jax.eval_shape(tx4.init, params)) < low
 
 
 def test_on_refresh_project_and_stagger_with_8_bit_moments():
@@ -187,28 +189,25 @@ def test_nnx_optimizer_with_low_bit_state():
 
 
 def test_bad_bits_are_clear_errors():
-    with pytest.raises(ValueError, match="moment_bits must be one of 32, 8; got 4"):
-        gj.galore_adamw(1e-3, moment_bits=4)
-    with pytest.raises(ValueError, match="projector_bits must be one of 32, 8, 4; got 16"):
-        gj.galore_adamw(1e-3, projector_bits=16)
-    with pytest.raises(ValueError, match="projector_bits"):
-        gj.scale_by_galore(projector_bits=2)
+    with pytest.raises(ValueError, match="AdamOptions.bits must be 32 or 8; got 4"):
+        gj.galore_adamw(1e-3, adam=gj.AdamOptions(bits=4))
+    with pytest.raises(ValueError, match="ProjectorStorage.bits must be 32, 8 or 4; got 16"):
+        gj.galore_adamw(1e-3, projector=gj.ProjectorStorage(bits=16))
+    with pytest.raises(TypeError, match="projector must be None or gj.ProjectorStorage"):
+        gj.scale_by_galore(projector=8)
+    with pytest.raises(ValueError, match="ProjectorStorage.bits"), pytest.warns(DeprecationWarning):
+        gj.scale_by_galore(projector_bits=2)  # 0.2.0's spelling
 
 
 def test_low_bit_options_under_inject_hyperparams():
-    """Default bit widths are None, so static_args lists written before they existed
-    still work; setting them needs the names the hint gives."""
+    """Option objects are static by themselves: only the ints GALORE_ADAMW_STATIC_ARGS
+    names need listing, and the state is the un-injected optimizer's."""
     params = {"w": jnp.ones((12, 8)) * 0.1, "b": jnp.zeros((8,))}
-    old_list = ("rank", "update_proj_gap", "oversample", "power_iters", "seed", "tensor_rank")
-    tx = optax.inject_hyperparams(gj.galore_adamw, static_args=old_list)(1e-2, rank=4)
-    jax.jit(tx.update)(params, jax.jit(tx.init)(params), params)
-
-    unlisted = optax.inject_hyperparams(gj.galore_adamw, static_args=old_list)
-    with pytest.raises(TypeError, match="moment_bits must be a static Python int.*static_args="):
-        unlisted(1e-2, rank=4, moment_bits=8, projector_bits=4).init(params)
-
+    options = dict(adam=gj.AdamOptions(bits=8), projector=gj.ProjectorStorage(bits=4))
     listed = optax.inject_hyperparams(gj.galore_adamw, static_args=gj.GALORE_ADAMW_STATIC_ARGS)
-    tx = listed(1e-2, rank=4, moment_bits=8, projector_bits=4)
+    tx = listed(1e-2, rank=4, **options)
     state = jax.jit(tx.init)(params)
     updates, _ = jax.jit(tx.update)(params, state, params)
     assert jnp.isfinite(updates["w"]).all()
+    plain = gj.galore_adamw(1e-2, rank=4, **options).init(params)
+    assert jax.tree.structure(state.inner_state) == jax.tree.structure(plain)

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import galore_jax as gj
-from galore_jax import quantization as q
+from galore_jax import _projector_codes as pcodes
+from galore_jax import _quantization as q
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -326,7 +327,7 @@ def test_adam_8bit_tracks_optax_adam():
         for t in range(steps)
     ]
     params = jax.tree.map(np.zeros_like, seq[0])
-    out, state = _run_pair(q.scale_by_adam_8bit(), optax.scale_by_adam(), params, seq)
+    out, state = _run_pair(gj.scale_by_adam_8bit(), optax.scale_by_adam(), params, seq)
     assert isinstance(state.mu["w"], q.QuantizedArray) and isinstance(
         state.nu["w"], q.QuantizedArray
     )
@@ -346,7 +347,7 @@ def test_adam_8bit_tracks_optax_adam():
 
 
 def test_adam_8bit_small_leaf_rule():
-    tx = q.scale_by_adam_8bit(min_size=100)
+    tx = gj.scale_by_adam_8bit(min_size=100)
     params = {
         "a": np.zeros((10, 10), np.float32),
         "b": np.zeros((99,), np.float32),
@@ -360,12 +361,12 @@ def test_adam_8bit_small_leaf_rule():
     for k in "bcd":
         assert s.mu[k].dtype == jnp.float32 and s.mu[k].shape == params[k].shape, k
     small = {"e": params["e"], "d": params["d"]}
-    tx = q.scale_by_adam_8bit(min_size=100)
+    tx = gj.scale_by_adam_8bit(min_size=100)
     u, _ = jax.jit(tx.update)(jax.tree.map(lambda p: jnp.ones_like(p), small), tx.init(small))
     assert u["e"].dtype == jnp.bfloat16 and u["d"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(u["e"], np.float32), 1.0, rtol=1e-2)
     with pytest.raises(ValueError, match="min_size"):
-        q.scale_by_adam_8bit(min_size=-1)
+        gj.scale_by_adam_8bit(min_size=-1)
 
 
 def test_adam_8bit_as_galore_base_optimizer():
@@ -379,7 +380,7 @@ def test_adam_8bit_as_galore_base_optimizer():
         update_proj_gap=2,
         svd="exact",
         warm_start=False,
-        base_optimizer=q.scale_by_adam_8bit(min_size=256),
+        base_optimizer=gj.scale_by_adam_8bit(min_size=256),
     )
     state = tx.init(params)
     base = state.base_state
@@ -412,7 +413,7 @@ def test_state_is_arrays_and_bytes_per_param():
         "w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
         "b": jax.ShapeDtypeStruct((1024,), jnp.float32),
     }
-    tx = q.scale_by_adam_8bit()
+    tx = gj.scale_by_adam_8bit()
     abstract = jax.eval_shape(tx.init, params)
     leaves = jax.tree.leaves(abstract)
     assert {jnp.dtype(x.dtype).name for x in leaves} == {"uint8", "float32", "int32"}
@@ -437,7 +438,7 @@ def test_survives_nnx_optimizer():
     """nnx.Optimizer turns nested NamedTuples into nnx.State mappings (from step 2); accepted."""
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
-    tx = optax.chain(q.scale_by_adam_8bit(), optax.scale(-1e-2))
+    tx = optax.chain(gj.scale_by_adam_8bit(), optax.scale(-1e-2))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     params0 = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     x = np.ones((4, 128), np.float32)
@@ -476,8 +477,8 @@ def _int4_cases(xs, axes):
     def f(xs):
         outs = []
         for x, axis in zip(xs, axes):
-            p = q.pack_int4(x, axis=axis)
-            outs.append((p, q.unpack_int4(p, x.shape[axis], axis=axis)))
+            p = pcodes.pack_int4(x, axis=axis)
+            outs.append((p, pcodes.unpack_int4(p, x.shape[axis], axis=axis)))
         return outs
 
     return jax.jit(f)(xs)
@@ -524,15 +525,15 @@ _PROJ_MEASURED = [7.25e-3, 5.78e-3, 1.32e-1, 1.21e-1]
 def _projector_cases(u, vh):
     outs = []
     for bits, gs in _PROJ_CASES:
-        qu = q.quantize_projector(u, bits, group_size=gs)
-        outs.append((qu, q.dequantize_projector(qu, bits, jnp.float32, u.shape)))
+        qu = pcodes.quantize_projector(u, bits, group_size=gs)
+        outs.append((qu, pcodes.dequantize_projector(qu, bits, jnp.float32, u.shape)))
     for bits in (8, 4):
-        qv = q.quantize_projector(vh, bits, axis=-1, group_size=128)
-        outs.append((qv, q.dequantize_projector(qv, bits, jnp.bfloat16, vh.shape, axis=-1)))
+        qv = pcodes.quantize_projector(vh, bits, axis=-1, group_size=128)
+        outs.append((qv, pcodes.dequantize_projector(qv, bits, jnp.bfloat16, vh.shape, axis=-1)))
     bad = vh.at[0, 3].set(jnp.nan)
     outs.append(
-        q.dequantize_projector(
-            q.quantize_projector(bad, 8, axis=-1), 8, jnp.float32, vh.shape, axis=-1
+        pcodes.dequantize_projector(
+            pcodes.quantize_projector(bad, 8, axis=-1), 8, jnp.float32, vh.shape, axis=-1
         )
     )
     return outs
@@ -567,9 +568,9 @@ def test_projectors():
     y = np.asarray(outs[6])
     assert np.all(np.isfinite(y)) and y[0, 3] == 0.0, "a NaN in a projector is stored as 0"
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        q.quantize_projector(vh, 2)
+        pcodes.quantize_projector(vh, 2)
     with pytest.raises(TypeError, match="real float"):
-        q.quantize_projector(np.ones((4, 2), np.complex64), 8)
+        pcodes.quantize_projector(np.ones((4, 2), np.complex64), 8)
 
 
 # ----------------------------------------------------------------------------
@@ -591,14 +592,14 @@ def test_explicit_mesh_sharded_quantization():
     def f(x, x768):
         qx = q.quantize(x, kind=q.NU_KIND)
         q768 = q.quantize(x768, kind=q.NU_KIND)  # 3 blocks on 4 shards: gathered, resharded back
-        qp = q.quantize_projector(x, 4, group_size=4)
+        qp = pcodes.quantize_projector(x, 4, group_size=4)
         return (
             qx,
             q.dequantize(qx, kind=q.NU_KIND),
             q768,
             q.dequantize(q768, kind=q.NU_KIND),
             qp,
-            q.dequantize_projector(qp, 4, jnp.float32, x.shape),
+            pcodes.dequantize_projector(qp, 4, jnp.float32, x.shape),
         )
 
     qx, y, q768, y768, qp, yp = f(

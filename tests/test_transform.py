@@ -169,7 +169,9 @@ def _train(tx, params, steps, seed=0):
 
 def test_composes_with_clip_multisteps_and_inject_hyperparams():
     params = {"w": jnp.ones((12, 8)) * 0.1, "b": jnp.zeros((8,))}
-    galore = lambda: gj.scale_by_galore(rank=3, update_proj_gap=4)
+    galore = lambda: gj.scale_by_galore(
+        rank=3, update_proj_gap=4, svd=gj.RandomizedSVD(oversample=4)
+    )
     chained = optax.chain(optax.clip_by_global_norm(1.0), galore(), optax.scale(-1e-2))
     p_chain, _ = _train(chained, params, 6)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p_chain))
@@ -180,8 +182,8 @@ def test_composes_with_clip_multisteps_and_inject_hyperparams():
 
     injected = optax.inject_hyperparams(
         gj.scale_by_galore,
-        static_args=("rank", "update_proj_gap", "oversample", "power_iters", "seed"),
-    )(rank=3, update_proj_gap=4, scale=0.25)
+        static_args=gj.GALORE_ADAMW_STATIC_ARGS,
+    )(rank=3, update_proj_gap=4, scale=0.25, svd=gj.RandomizedSVD(oversample=4))
     p_inj, s_inj = _train(optax.chain(injected, optax.scale(-1e-2)), params, 6)
     p_ref, _ = _train(optax.chain(galore(), optax.scale(-1e-2)), params, 6)
     np.testing.assert_allclose(np.asarray(p_inj["w"]), np.asarray(p_ref["w"]), rtol=1e-6)
@@ -383,6 +385,6 @@ def test_memory_report_matches_analytic_count_for_llama_like_tree():
     assert report["per_label"]["galore"] == galore + 4 + 8 + 4 + 4
     assert report["per_label"]["adam"] == adam + 4
     assert report["total_bytes"] == sum(report["per_label"].values())
-    assert report["total_bytes"] == gj.optimizer_state_bytes(state)
+    assert report["total_bytes"] == gj.memory.optimizer_state_bytes(state)
     assert report["adamw_bytes"] == 2 * f32 * sum(p.size for p in jax.tree.leaves(params)) + 4
     assert report["ratio_to_adamw"] < 0.6

@@ -1,4 +1,4 @@
-"""Low-bit optimizer state: block-wise 8-bit moments, 8-bit Adam, int8/int4 projectors.
+"""Block-wise 8-bit quantization of optimizer moments (`gj.scale_by_adam_8bit` uses it).
 
 Everything here is a NamedTuple of arrays (jit, sharding, orbax and flax's
 `nnx.Optimizer` keep them), shapes are static, and every function is jittable.
@@ -19,38 +19,9 @@ Maps (`kind`), each 255 finite levels + the NaN code:
   * "sqrt_linear" / "sqrt_dynamic": quantize sqrt(x) with the unsigned map,
     square on dequantization (halves the dynamic range in log scale).
 
-Measured (float64 NumPy reference; a (256, 1024) leaf after 30 Adam steps,
-b1=0.9, b2=0.999, gradients student-t(3) noise + a fixed student-t(3) mean,
-times lognormal row and column scales of log-std sigma; block 256 along rows):
-
-  first moment mu            sigma=0.5             sigma=1.5
-                             relL2(mu)  relL2(u)   relL2(mu)  relL2(u)
-    linear                   1.6e-2     3.4e-2     2.2e-2     4.3e-1
-    dynamic                  1.5e-2     2.0e-2     1.0e-2     4.2e-2
-
-  second moment nu           sigma=0.5                    sigma=1.5
-                             relL2(sqrt) relL2(u) zeroed  relL2(sqrt) relL2(u) zeroed
-    linear_unsigned          7.0e-2      1.8e+4   3.1%    1.4e-1      1.4e+6   76%
-    dynamic_unsigned         6.2e-3      9.3e-3   0       5.7e-3      4.0e+3   1.2%
-    sqrt_linear              5.9e-3      1.2e-2   0       1.2e-2      4.7e+4   8.3%
-    sqrt_dynamic             7.7e-3      1.1e-2   0       5.6e-3      2.3e-2   0
-
-  (relL2(u): relative L2 error of the Adam direction m_hat / (sqrt(v_hat) + eps)
-  with only that moment round-tripped; "zeroed": nonzero nu stored as 0, which
-  turns the update into mu / eps.) Full 8-bit Adam over the 30 steps (both
-  moments stored quantized every step), relative L2 error of the last update:
-  dynamic + sqrt_dynamic 5.2e-2 / 1.1e-1 (sigma 0.5 / 1.5); dynamic +
-  dynamic_unsigned 5.1e-2 / 4.2e+1; linear + sqrt_dynamic 7.5e-2 / 6.7e-1.
-
-Choice: `MU_KIND = "dynamic"` (best on both sets; linear absmax loses the
-small entries of a block), `NU_KIND = "sqrt_dynamic"` (the only nu map that
-never zeroes a nonzero second moment on wide-range blocks: its smallest level
-is ~1e-7 of the block max in sqrt(nu), ~1e-14 in nu; on narrow data it is
-within 15% of the best).
-
-`scale_by_adam_8bit` stores Adam's moments that way. Projectors
-(`quantize_projector`, Q-GaLore) use symmetric int8 / packed int4 codes with
-per-vector or per-group scales.
+Moments use `MU_KIND = "dynamic"` and `NU_KIND = "sqrt_dynamic"`, chosen by
+measurement (docs/design.md, "Low-bit state": the only nu map that never zeroes
+a nonzero second moment on wide-range blocks).
 
 Sharding: quantization never mixes values across axes other than the last.
 In Explicit mode the codes keep the value's sharding; scales (and packed int4
@@ -71,35 +42,10 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _sharding_ops as sops
-
-__all__ = [
-    "value_shape",
-    "DEFAULT_BLOCK_SIZE",
-    "KINDS",
-    "MU_KIND",
-    "NU_KIND",
-    "QuantizedArray",
-    "QuantizedComplex",
-    "QuantizedProjector",
-    "ScaleByAdam8bitState",
-    "as_quantized",
-    "block_layout",
-    "dequantize",
-    "dequantize_projector",
-    "is_quantized",
-    "map_levels",
-    "pack_int4",
-    "quantize",
-    "quantize_like",
-    "quantize_projector",
-    "scale_by_adam_8bit",
-    "unpack_int4",
-]
 
 DEFAULT_BLOCK_SIZE = 256
 NAN_CODE = 255  # Reserved code of every map: a non-finite input, dequantized as NaN.
@@ -126,21 +72,6 @@ class QuantizedComplex(NamedTuple):
 
     real: QuantizedArray
     imag: QuantizedArray
-
-
-class QuantizedProjector(NamedTuple):
-    """A projector (basis) stored as int8 or packed int4 codes with per-group scales.
-
-    With `axis` the axis along which each basis vector runs (-2 for U of shape
-    (..., m, r), -1 for Vh of shape (..., r, n)): int8 codes have the
-    projector's shape, int4 codes have that axis halved (rounded up, two values
-    per byte), and scales have that axis replaced by the number of groups
-    (1 for per-vector scales). All other axes are the projector's axes.
-    """
-
-    # shape=p.shape (int8) or p.shape with axis -> ceil(len / 2) (int4); dtype=jnp.int8 / jnp.uint8.
-    codes: jax.Array
-    scales: jax.Array  # shape=p.shape with axis -> num_groups, dtype=jnp.float32.
 
 
 def _field(x, name):
@@ -256,7 +187,7 @@ def map_levels(kind: str) -> np.ndarray:
     For "sqrt_*" kinds the levels apply to sqrt(x) / max(sqrt(x)) of the block.
 
     Example:
-      >>> from galore_jax.quantization import map_levels
+      >>> from galore_jax._quantization import map_levels
       >>> v = map_levels("dynamic")
       >>> v.shape, float(v[0]), float(v[127]), float(v[-1])
       ((255,), -1.0, 0.0, 1.0)
@@ -360,7 +291,7 @@ def block_layout(n: int, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int
       (block, num_blocks).
 
     Example:
-      >>> from galore_jax.quantization import block_layout
+      >>> from galore_jax._quantization import block_layout
       >>> block_layout(1024), block_layout(100), block_layout(768), block_layout(257)
       ((256, 4), (100, 1), (256, 3), (129, 2))
     """
@@ -481,7 +412,7 @@ def quantize(
 
     Example:
       >>> import numpy as np
-      >>> from galore_jax import quantization as q
+      >>> from galore_jax import _quantization as q
       >>> x = np.linspace(-1.0, 1.0, 512, dtype=np.float32).reshape(2, 256)
       >>> qx = q.quantize(x, kind=q.MU_KIND)
       >>> qx.codes.shape, qx.codes.dtype, qx.scales.shape
@@ -520,7 +451,7 @@ def quantize_like(x: jax.Array, like, *, kind: str):
 
     Example:
       >>> import numpy as np
-      >>> from galore_jax import quantization as q
+      >>> from galore_jax import _quantization as q
       >>> old = q.quantize(np.ones((4, 300), np.float32), kind=q.NU_KIND, block_size=64)
       >>> new = q.quantize_like(np.full((4, 300), 2.0, np.float32), old, kind=q.NU_KIND)
       >>> new.scales.shape, old.scales.shape  # 300 in blocks of 60, as `old`
@@ -576,294 +507,3 @@ def _dequantize_real(q: QuantizedArray, m: _Map) -> jax.Array:
     y = y * _match_spec(_expand_scales(q.scales, n), y)
     y = y * y if m.sqrt else y
     return _match_spec(y, q.codes)
-
-
-# ----------------------------------------------------------------------------
-# 8-bit Adam.
-# ----------------------------------------------------------------------------
-
-
-class ScaleByAdam8bitState(NamedTuple):
-    """State of `scale_by_adam_8bit` (arrays only)."""
-
-    count: jax.Array  # shape=(), dtype=jnp.int32.
-    mu: optax.Updates  # per leaf: QuantizedArray / QuantizedComplex (MU_KIND) or float32 array.
-    nu: optax.Updates  # per leaf: QuantizedArray (NU_KIND) or float32 array.
-
-
-def _zeros_quantized(shape, dtype, kind, block_size):
-    """What `quantize(jnp.zeros(shape, dtype), ...)` returns, built directly (cheap init)."""
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        part = _zeros_quantized(shape, jnp.float32, kind, block_size)
-        return QuantizedComplex(part, part)
-    zero_code = int(np.flatnonzero(_get_map(kind).values == 0)[0])
-    _, nb = block_layout(shape[-1], block_size)
-    return QuantizedArray(
-        jnp.full(shape, zero_code, jnp.uint8), jnp.zeros((*shape[:-1], nb), jnp.float32)
-    )
-
-
-def _full_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _real_dtype(dtype):
-    return jnp.finfo(dtype).dtype
-
-
-def scale_by_adam_8bit(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    min_size: int = 4096,
-) -> optax.GradientTransformation:
-    """Adam scaling with block-wise 8-bit moments (bitsandbytes-style Adam8bit).
-
-    Same math as `optax.scale_by_adam` (bias correction, eps outside and
-    eps_root inside the root; complex-safe: mu is complex, nu tracks |g|^2).
-    Each step, leaf by leaf: dequantize mu and nu, update them in float32,
-    compute the update from the float32 moments, requantize them for storage.
-    So a step's update is exact given the stored state; only the stored moments
-    carry rounding. mu uses the map `MU_KIND`, nu `NU_KIND` (see module docstring).
-
-    Leaves with fewer than `min_size` elements, no axes, or fewer than 2
-    elements in their last axis keep full-precision moments (float32, or the
-    leaf's dtype if wider; complex64 mu for complex leaves), as in bitsandbytes.
-    Needs no params, so it can be `scale_by_galore(base_optimizer=...)`.
-
-    Args:
-      b1: decay of the first moment.
-      b2: decay of the second moment.
-      eps: added to the root of the second moment.
-      eps_root: added to the second moment inside the root.
-      block_size: nominal block size along each leaf's last axis (`block_layout`).
-      min_size: leaves with fewer elements stay full precision.
-
-    Returns:
-      An `optax.GradientTransformation`.
-
-    Example:
-      >>> import jax, numpy as np, optax
-      >>> from galore_jax import quantization as q
-      >>> params = {"w": np.zeros((64, 128), np.float32), "b": np.zeros((128,), np.float32)}
-      >>> tx = optax.chain(q.scale_by_adam_8bit(), optax.scale(-1e-3))
-      >>> state = tx.init(params)
-      >>> type(state[0].mu["w"]).__name__, state[0].mu["w"].codes.dtype, state[0].mu["b"].dtype
-      ('QuantizedArray', dtype('uint8'), dtype('float32'))
-      >>> updates, state = jax.jit(tx.update)(jax.tree.map(np.ones_like, params), state)
-      >>> round(float(np.asarray(updates["w"])[0, 0]), 6)
-      -0.001
-
-    References:
-      Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
-      https://arxiv.org/abs/2110.02861
-    """
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
-    block_layout(1, block_size)  # validates block_size
-
-    def quantized_leaf(x) -> bool:
-        shape = jnp.shape(x)
-        return len(shape) >= 1 and shape[-1] >= 2 and math.prod(shape) >= min_size
-
-    def init_fn(params):
-        leaves, treedef = jax.tree.flatten(params)
-        mu, nu = [], []
-        for x in leaves:
-            dtype = _full_dtype(jnp.result_type(x))
-            m = jnp.zeros(jnp.shape(x), dtype)
-            v = jnp.zeros(jnp.shape(x), _real_dtype(dtype))
-            if quantized_leaf(x):
-                m = _zeros_quantized(m.shape, m.dtype, MU_KIND, block_size)
-                v = _zeros_quantized(v.shape, v.dtype, NU_KIND, block_size)
-            mu.append(m)
-            nu.append(v)
-        return ScaleByAdam8bitState(
-            jnp.zeros([], jnp.int32), treedef.unflatten(mu), treedef.unflatten(nu)
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        grads, treedef = jax.tree.flatten(updates)
-        mus = [as_quantized(x) for x in treedef.flatten_up_to(state.mu)]
-        nus = [as_quantized(x) for x in treedef.flatten_up_to(state.nu)]
-        count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        c1 = 1 - b1**t
-        c2 = 1 - b2**t
-        out, new_mu, new_nu = [], [], []
-        for g, mq, vq in zip(grads, mus, nus):
-            dtype = _full_dtype(jnp.result_type(g))
-            m = dequantize(mq, kind=MU_KIND, dtype=dtype)
-            v = dequantize(vq, kind=NU_KIND, dtype=_real_dtype(dtype))
-            gf = g.astype(dtype)
-            m = b1 * m + (1 - b1) * gf
-            v = b2 * v + (1 - b2) * (jnp.real(gf) ** 2 + jnp.imag(gf) ** 2).astype(v.dtype)
-            u = (m / c1.astype(v.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
-            out.append(u.astype(jnp.result_type(g)))
-            new_mu.append(quantize_like(m, mq, kind=MU_KIND))
-            new_nu.append(quantize_like(v, vq, kind=NU_KIND))
-        return treedef.unflatten(out), ScaleByAdam8bitState(
-            count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-# ----------------------------------------------------------------------------
-# Low-bit projectors (Q-GaLore).
-# ----------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("axis",))
-def pack_int4(x: jax.Array, *, axis: int = -2) -> jax.Array:
-    """Packs int values in [-8, 7] two per byte along `axis` (odd length: zero pad).
-
-    Element 2i goes to the low nibble, 2i+1 to the high nibble, both in two's
-    complement; the result is uint8 with `axis` of length ceil(len / 2).
-
-    Example:
-      >>> import numpy as np
-      >>> from galore_jax.quantization import pack_int4, unpack_int4
-      >>> v = np.arange(-8, 7, dtype=np.int8)  # 15 values, odd length
-      >>> p = pack_int4(v, axis=0)
-      >>> p.shape, p.dtype, np.array_equal(unpack_int4(p, 15, axis=0), v)
-      ((8,), dtype('uint8'), True)
-    """
-    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
-    n = x.shape[-1]
-    x = _local_last(x, -(-n // 2), 2)
-    if n % 2:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
-    nib = (x.astype(jnp.int32) & 0xF).astype(jnp.uint8)
-    pairs = nib.reshape(*nib.shape[:-1], -1, 2)
-    packed = pairs[..., 0] | (pairs[..., 1] << 4)
-    return jnp.moveaxis(packed, -1, axis)
-
-
-@functools.partial(jax.jit, static_argnames=("length", "axis"))
-def unpack_int4(packed: jax.Array, length: int, *, axis: int = -2) -> jax.Array:
-    """Inverse of `pack_int4`: int8 values in [-8, 7], `axis` of length `length`."""
-    p = jnp.moveaxis(jnp.asarray(packed), axis, -1).astype(jnp.int32)
-    if length != 2 * p.shape[-1]:
-        p = _replicate_last(p)
-    nib = jnp.stack([p & 0xF, p >> 4], axis=-1)
-    vals = jnp.where(nib >= 8, nib - 16, nib).astype(jnp.int8)
-    vals = vals.reshape(*vals.shape[:-2], -1)[..., :length]
-    return jnp.moveaxis(vals, -1, axis)
-
-
-def _check_bits(bits):
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-
-
-def _group_layout(n: int, group_size: Optional[int]) -> tuple[int, int]:
-    if group_size is None:
-        return n, 1
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
-    if group_size >= n:
-        return n, 1
-    ng = -(-n // group_size)
-    return -(-n // ng), ng
-
-
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "group_size"))
-def quantize_projector(
-    p: jax.Array, bits: int = 8, *, axis: int = -2, group_size: Optional[int] = None
-) -> QuantizedProjector:
-    """Symmetric absmax, round-to-nearest int8 or int4 quantization of a basis.
-
-    Each basis vector runs along `axis` (-2 for U of shape (..., m, r), -1 for
-    Vh of shape (..., r, n)). Scales are per vector (`group_size=None`) or per
-    group of `group_size` consecutive values along `axis` (Q-GaLore: INT4,
-    group 256); a length that `group_size` does not divide gets ceil(len /
-    group_size) groups of ceil(len / num_groups) values, the last one shorter.
-    Levels: int8 in [-127, 127], int4 in [-7, 7] (two per byte along `axis`,
-    see `pack_int4`), so a value's error is at most scale / 254 or scale / 14
-    where scale is its group's absmax. Non-finite entries are stored as 0 and
-    left out of the scales (refreshes never produce them). Real only.
-
-    Args:
-      p: real projector, at least 1-D.
-      bits: 8 or 4.
-      axis: the axis along which basis vectors run (packing and groups).
-      group_size: None (per vector) or the group length along `axis`.
-
-    Returns:
-      `QuantizedProjector(codes, scales)`.
-
-    Example:
-      >>> import numpy as np
-      >>> from galore_jax import quantization as q
-      >>> u = np.linalg.qr(np.random.default_rng(0).standard_normal((513, 8)))[0]
-      >>> qu = q.quantize_projector(u.astype(np.float32), 4, group_size=256)  # Q-GaLore
-      >>> qu.codes.shape, qu.codes.dtype, qu.scales.shape
-      ((257, 8), dtype('uint8'), (3, 8))
-      >>> u4 = np.asarray(q.dequantize_projector(qu, 4, np.float32, u.shape))
-      >>> bool(np.linalg.norm(u4 - u) / np.linalg.norm(u) < 0.15)
-      True
-    """
-    _check_bits(bits)
-    p = jnp.asarray(p)
-    if jnp.issubdtype(p.dtype, jnp.complexfloating) or not jnp.issubdtype(p.dtype, jnp.floating):
-        raise TypeError(
-            f"quantize_projector needs a real float projector, got dtype {p.dtype}; "
-            "quantize real and imaginary parts of complex bases separately"
-        )
-    if p.ndim < 1:
-        raise ValueError(f"quantize_projector needs at least one axis, got shape {p.shape}")
-    x0 = jnp.moveaxis(p, axis, -1).astype(jnp.promote_types(p.dtype, jnp.float32))
-    n = x0.shape[-1]
-    group, ng = _group_layout(n, group_size)
-    x = _local_last(x0, ng, group)
-    blocks = _to_blocks(x, group, ng)
-    finite = jnp.isfinite(blocks)
-    blocks = jnp.where(finite, blocks, 0)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    qmax = 127 if bits == 8 else 7
-    ints = jnp.clip(jnp.round(_normalize(blocks, absmax) * qmax), -qmax, qmax).astype(jnp.int8)
-    ints = _from_blocks(ints, n)
-    codes = _match_spec(ints if bits == 8 else pack_int4(ints, axis=-1), x0)
-    scales = _match_spec(absmax.astype(jnp.float32), x0)
-    return QuantizedProjector(jnp.moveaxis(codes, -1, axis), jnp.moveaxis(scales, -1, axis))
-
-
-def dequantize_projector(
-    q: QuantizedProjector, bits: int, dtype, shape, *, axis: int = -2
-) -> jax.Array:
-    """Inverse of `quantize_projector` (up to rounding).
-
-    Args:
-      q: the `QuantizedProjector`.
-      bits: 8 or 4, as quantized.
-      dtype: result dtype.
-      shape: the projector's shape (fixes odd int4 lengths).
-      axis: as quantized.
-
-    Returns:
-      The projector, `shape` and `dtype`.
-    """
-    return _dequantize_projector(q, bits, dtype, tuple(int(d) for d in shape), axis)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _dequantize_projector(q, bits, dtype, shape, axis):
-    _check_bits(bits)
-    n = shape[axis]
-    codes = jnp.moveaxis(q.codes, axis, -1)
-    ints = codes if bits == 8 else unpack_int4(codes, n, axis=-1)
-    scales = _expand_scales(jnp.moveaxis(q.scales, axis, -1), n)
-    qmax = 127 if bits == 8 else 7
-    x = ints.astype(jnp.float32)
-    x = _match_spec(x * _match_spec(scales / qmax, x), codes)
-    x = jnp.moveaxis(x, -1, axis)
-    if x.shape != tuple(shape):
-        raise ValueError(
-            f"dequantize_projector: codes give shape {x.shape}, asked for {tuple(shape)}"
-        )
-    return x.astype(dtype)

@@ -1,0 +1,117 @@
+"""A model of scanned layers (embedding -> stacked layers -> head) and how its
+params split into the three groups a layer-wise optimizer sees."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ScannedModel(NamedTuple):
+    """A model as embedding -> scanned layers -> head, over a dict of params.
+
+    Attributes:
+      embed: ``(params_before, batch) -> x``, the input of the first layer.
+      layer: ``(layer_params, x) -> x``, one layer; ``layer_params`` is one
+        slice of ``params[layers_key]`` (no layer axis).
+      head: ``(params_after, x, batch) -> loss``, a scalar mean loss.
+      layers_key: top-level key of the stacked layer params (leading layer axis).
+      before: top-level keys ``embed`` reads (e.g. the token embedding).
+      after: top-level keys ``head`` reads (final norm, output head).
+
+    ``params_before`` / ``params_after`` are dicts ``{key: params[key]}``; the
+    params' top level must hold exactly ``before + (layers_key,) + after``.
+    """
+
+    embed: Callable[[Any, Any], jax.Array]
+    layer: Callable[[Any, jax.Array], jax.Array]
+    head: Callable[[Any, jax.Array, Any], jax.Array]
+    layers_key: str = "layers"
+    before: tuple = ()
+    after: tuple = ()
+
+
+# ----------------------------------------------------------------------------
+# Params <-> the three groups the optimizer sees.
+# ----------------------------------------------------------------------------
+
+
+def _check_keys(model: ScannedModel, params: Any) -> None:
+    try:
+        keys = set(params.keys())
+    except AttributeError:
+        raise TypeError(
+            f"layer-wise params must be a dict of top-level params, got {type(params).__name__}"
+        ) from None
+    wanted = [*model.before, model.layers_key, *model.after]
+    missing = [k for k in wanted if k not in keys]
+    extra = sorted(keys - set(wanted))
+    if missing or extra or len(set(wanted)) != len(wanted):
+        raise ValueError(
+            f"ScannedModel(before={tuple(model.before)}, layers_key={model.layers_key!r}, "
+            f"after={tuple(model.after)}) must name every top-level param key once; "
+            f"params have {sorted(keys)} (missing {missing}, unassigned {extra})"
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params[model.layers_key])[0]:
+        if jnp.ndim(leaf) < 1:
+            raise ValueError(
+                f"layer-wise: params[{model.layers_key!r}]{jax.tree_util.keystr(path)} has no "
+                "leading layer axis"
+            )
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(params[model.layers_key])}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"layer-wise: params[{model.layers_key!r}] leaves disagree on the layer count: "
+            f"{sorted(sizes)}"
+        )
+
+
+def _groups(model: ScannedModel, params: Any, *, check: bool = True):
+    """(before, layers, after): the dicts the optimizer sees for each group."""
+    if check:
+        _check_keys(model, params)
+    before = {k: params[k] for k in model.before}
+    after = {k: params[k] for k in model.after}
+    return before, {model.layers_key: params[model.layers_key]}, after
+
+
+def _merge(params: Any, before: dict, layers: dict, after: dict) -> Any:
+    """The three groups back in the params' own container (dict, nnx.State, ...)."""
+    treedef = jax.tree.structure(params)
+    return treedef.unflatten(jax.tree.leaves({**before, **layers, **after}))
+
+
+def _without_layer_axis(tree: Any) -> Any:
+    """Shapes of one slice of stacked arrays: the leading (layer) axis dropped."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
+
+
+def one_layer_view(model: ScannedModel, params: Any) -> dict:
+    """The params as the optimizer sees them: ``params[layers_key]`` as one layer's shapes.
+
+    For whatever must read the whole tree the way a layer-wise optimizer sees it
+    (labels by the whole-tree rule, ``galore_jax.describe``).
+    """
+    _check_keys(model, params)
+    view = dict(params)
+    view[model.layers_key] = _without_layer_axis(params[model.layers_key])
+    return view
+
+
+def _stack_size(layers: dict) -> int:
+    return jax.tree.leaves(layers)[0].shape[0]
+
+
+def _slice(tree: Any, i) -> Any:
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _read_slice(tree: Any, i) -> Any:
+    """`_slice`, materialised (a conditional's result is never fused into its users)."""
+    return jax.lax.cond(i >= 0, _slice, lambda t, i: _slice(t, 0), tree, i)
+
+
+def _put(tree: Any, part: Any, i) -> Any:
+    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, part)
