@@ -59,14 +59,14 @@ OVERRIDES = {
     "galore_8bit": [
         "optimizer.name=galore",
         "optimizer.svd=randomized",
-        "optimizer.moment_bits=8",
-        "optimizer.projector_bits=8",
+        "optimizer.adam.bits=8",
+        "optimizer.projector.bits=8",
     ],
     "galore_8bit_int4": [
         "optimizer.name=galore",
         "optimizer.svd=randomized",
-        "optimizer.moment_bits=8",
-        "optimizer.projector_bits=4",
+        "optimizer.adam.bits=8",
+        "optimizer.projector.bits=4",
     ],
 }
 

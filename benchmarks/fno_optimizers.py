@@ -102,7 +102,7 @@ def run_one(dataset: str, optimizer: str, args) -> dict:
         train_step, eval_step = steps.make_train_step(run), steps.make_eval_step(run)
         report = gj.memory_report(opt_state, params)
         spectral_params = {k: v for k, v in _flat(params).items() if np.iscomplexobj(v)}
-        spectral_adamw = gj.adamw_state_bytes(spectral_params) - 4
+        spectral_adamw = gj.memory.adamw_state_bytes(spectral_params) - 4
 
         times, losses = [], []
         for _ in range(config.steps):
@@ -168,7 +168,7 @@ def _flat(tree):
 
     import galore_jax as gj
 
-    return {gj.path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {gj.paths.path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _spectral_state_bytes(report, optimizer, spectral_adamw):

@@ -37,7 +37,7 @@ import _common as common
 
 # Layer-wise updates clip per layer (a step of theirs never holds the global norm).
 LAYERWISE = ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]
-LOW_BIT = ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]
+LOW_BIT = ["optimizer.adam.bits=8", "optimizer.projector.bits=8"]
 VARIANTS = {
     "adamw": (["optimizer.name=adamw"], "optax.adamw, standard step"),
     "galore": (["optimizer.name=galore"], "galore_adamw, standard step"),
@@ -88,7 +88,7 @@ def _live_gradient_bytes(run) -> int:
     model = run.scanned_model
     import galore_jax as gj
 
-    one_layer = gj.one_layer_view(model, params)[model.layers_key]
+    one_layer = gj.scanned.one_layer_view(model, params)[model.layers_key]
     return max(_nbytes(one_layer), *(_nbytes(params[k]) for k in (*model.before, *model.after)))
 
 
@@ -133,7 +133,7 @@ def compiled_step_memory(config, num_devices: int, run_steps: int = 0) -> dict:
             "aliased_bytes": int(mem.alias_size_in_bytes),
             "temp_bytes": int(mem.temp_size_in_bytes),
             "params_bytes": _nbytes(run.abstract_params),
-            "opt_state_bytes": int(gj.optimizer_state_bytes(run.abstract_opt_state)),
+            "opt_state_bytes": int(gj.memory.optimizer_state_bytes(run.abstract_opt_state)),
             "gradient_bytes": _live_gradient_bytes(run),
             "activation_bytes": _activation_bytes(run.config),
             "param_dtype": run.config.model.param_dtype,

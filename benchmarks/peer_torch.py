@@ -255,13 +255,13 @@ def run_child(name: str, args) -> dict:
     model = build_model(config, vocab).to(device)
     model.train()
     opt_cfg = config.optimizer
-    betas = (opt_cfg.b1, opt_cfg.b2)
+    betas = (opt_cfg.adam.b1, opt_cfg.adam.b2)
     if name == "adamw":
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=opt_cfg.lr,
             betas=betas,
-            eps=opt_cfg.eps,
+            eps=opt_cfg.adam.eps,
             weight_decay=opt_cfg.weight_decay,
             fused=device.type == "cuda",
         )
@@ -286,7 +286,7 @@ def run_child(name: str, args) -> dict:
             ],
             lr=opt_cfg.lr,
             betas=betas,
-            eps=opt_cfg.eps,
+            eps=opt_cfg.adam.eps,
             weight_decay=opt_cfg.weight_decay,
             no_deprecation_warning=True,
         )

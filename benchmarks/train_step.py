@@ -72,9 +72,9 @@ DESCRIPTIONS = {
 }
 # Variants = a base variant plus config overrides.
 DERIVED = {
-    "adamw_8bit": ("adamw", ["optimizer.moment_bits=8"]),
-    "galore_8bit": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]),
-    "galore_8bit_int4": ("galore", ["optimizer.moment_bits=8", "optimizer.projector_bits=4"]),
+    "adamw_8bit": ("adamw", ["optimizer.adam.bits=8"]),
+    "galore_8bit": ("galore", ["optimizer.adam.bits=8", "optimizer.projector_bits=8"]),
+    "galore_8bit_int4": ("galore", ["optimizer.adam.bits=8", "optimizer.projector_bits=4"]),
     "galore_layerwise": ("galore", ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]),
     "galore_jacobi": ("galore", ["optimizer.eigh_implementation=jacobi"]),
     "galore_master": ("galore", ["optimizer.master_dtype=float32"]),  # with bf16 params
@@ -182,7 +182,7 @@ def refresh_steps(name: str, opt_cfg, num_galore_leaves: int, total: int) -> set
     if opt_cfg.stagger:
         import galore_jax as gj
 
-        offsets = set(gj.refresh_offsets(num_galore_leaves, gap, True))
+        offsets = set(gj._low_rank.refresh_offsets(num_galore_leaves, gap, True))
         return {0} | {i for i in range(gap, total) if i % gap in offsets}
     return {i for i in range(total) if i % gap == 0}
 
@@ -266,7 +266,7 @@ def run_child(name: str, args) -> dict:
         params, opt_state, _ = steps.init_or_restore(run, None)
         train_step = steps.make_train_step(run)
         batches = [steps.next_train_batches(run) for _ in range(4)]  # on the device before timing
-    state_bytes = int(gj.optimizer_state_bytes(opt_state))
+    state_bytes = int(gj.memory.optimizer_state_bytes(opt_state))
     labels = gj.galore_labels(
         abstract_params,
         dimension_numbers=run.dimension_numbers,
@@ -296,7 +296,7 @@ def run_child(name: str, args) -> dict:
     )
 
     sizes = {
-        gj.path_string(path): int(np.prod(x.shape))
+        gj.paths.path_string(path): int(np.prod(x.shape))
         for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     }
     num_params = sum(sizes.values())
@@ -341,7 +341,7 @@ def run_child(name: str, args) -> dict:
             config, num_params, embedding, amortized, info["device_kind"], args.peak_tflops
         ),
         "state_bytes": state_bytes,
-        "adamw_state_bytes": int(gj.adamw_state_bytes(params)),
+        "adamw_state_bytes": int(gj.memory.adamw_state_bytes(params)),
         "peak_device_bytes": peak,
         "loss_first": losses[0],
         "loss_last": losses[-1],

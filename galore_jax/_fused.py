@@ -13,9 +13,6 @@ not to full-size arrays (see `_fused_update`).
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,6 +21,7 @@ from galore_jax import labels as labels_lib
 from galore_jax._checks import check_scalar_arg
 from galore_jax._low_rank import GradScaleTransformation, scaled_by, zero_if_not_finite
 from galore_jax.adam import scale_by_adam_8bit
+from galore_jax.clipping import norm_of_finite_leaves
 from galore_jax.complex_grads import check_complex_grads
 from galore_jax.options import AdamOptions
 
@@ -55,21 +53,6 @@ def _decayed_weights(weight_decay, mask, name):
         return inner.update(updates, state, params)
 
     return optax.GradientTransformation(inner.init, update_fn)
-
-
-def norm_of_finite_leaves(tree) -> tuple[jax.Array, jax.Array]:
-    """(global norm over the leaves whose squared norm is finite, how many are not).
-
-    With every leaf finite the norm is optax.tree.norm's value bit for bit; a NaN /
-    inf leaf (which `galore_adamw` zeroes for the step) is left out of it.
-    """
-    sums = [jnp.sum(jnp.square(x.real) + jnp.square(x.imag)) for x in jax.tree.leaves(tree)]
-    finite = [jnp.isfinite(s) for s in sums]
-    total = functools.reduce(
-        operator.add, [jnp.where(f, s, jnp.zeros_like(s)) for f, s in zip(finite, sums)], 0
-    )
-    nonfinite = functools.reduce(operator.add, [(~f).astype(jnp.int32) for f in finite], 0)
-    return jnp.sqrt(jnp.asarray(total)), jnp.asarray(nonfinite)
 
 
 def _clip_factor(updates, max_norm, grad_scale=None):

@@ -4,6 +4,7 @@ the search for global-norm clips inside an optimizer (which a layer-wise step re
 from __future__ import annotations
 
 import functools
+import operator
 import types
 from typing import Any, NamedTuple
 
@@ -11,8 +12,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import _closures, _fused
+from galore_jax import _closures
 from galore_jax.scanned import ScannedModel, _groups, _merge
+
+
+def norm_of_finite_leaves(tree) -> tuple[jax.Array, jax.Array]:
+    """(global norm over the leaves whose squared norm is finite, how many are not).
+
+    With every leaf finite the norm is optax.tree.norm's value bit for bit; a NaN /
+    inf leaf (which `galore_adamw` zeroes for the step) is left out of it.
+    """
+    sums = [jnp.sum(jnp.square(x.real) + jnp.square(x.imag)) for x in jax.tree.leaves(tree)]
+    finite = [jnp.isfinite(s) for s in sums]
+    total = functools.reduce(
+        operator.add, [jnp.where(f, s, jnp.zeros_like(s)) for f, s in zip(finite, sums)], 0
+    )
+    nonfinite = functools.reduce(operator.add, [(~f).astype(jnp.int32) for f in finite], 0)
+    return jnp.sqrt(jnp.asarray(total)), jnp.asarray(nonfinite)
 
 
 def _square_norm(tree: Any) -> jax.Array:
@@ -136,7 +152,7 @@ def _global_norm_clips(tx: Any) -> list:
         name = codes.get(obj.__code__)
         if name is not None:
             found.append(f"{name}({held.get('max_norm', '...')})")
-        elif obj.__module__ == _fused.__name__ and held.get("max_grad_norm") is not None:
+        elif obj.__module__ == "galore_jax._fused" and held.get("max_grad_norm") is not None:
             found.append(
                 f"gj.galore_adamw / gj.tensor_galore_adamw(max_grad_norm={held['max_grad_norm']})"
             )

@@ -291,7 +291,7 @@ def labels_by_path(labels: Any) -> Callable[[Any], Any]:
       >>> import jax.numpy as jnp, galore_jax as gj
       >>> params = {"wte": jnp.zeros((50, 8)), "h": jnp.zeros((3, 8, 8))}
       >>> dims = {"wte": None, "h": gj.DimensionNumbers((0,))}  # "h": 3 stacked layers
-      >>> by_path = gj.labels_by_path(gj.galore_labels(params, dimension_numbers=dims))
+      >>> by_path = gj.labels.labels_by_path(gj.galore_labels(params, dimension_numbers=dims))
       >>> by_path({"h": jnp.zeros((8, 8))})  # one layer of "h"
       {'h': 'galore'}
     """

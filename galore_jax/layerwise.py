@@ -55,7 +55,7 @@ Example (a user's own scanned model, written as three functions):
   ...           "w_out": jax.random.normal(k[2], (16, 1)) / 4}
   >>> # One group at a time the labels rule cannot see the whole tree (an embedding
   >>> # table looks like a matrix alone): label by path from the whole params.
-  >>> labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+  >>> labels = gj.labels.labels_by_path(gj.galore_labels(params, rank=4))
   >>> tx = gj.galore_adamw(1e-2, labels=labels, rank=4, update_proj_gap=5)
   >>> state = gj.layerwise_init(tx, model, params)
   >>> step = jax.jit(gj.layerwise_step(tx, model, max_norm=1.0, clip="layer"))

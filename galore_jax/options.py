@@ -65,8 +65,8 @@ def _float(owner: str, field: str, value, *, low: float, high: float, closed_hig
 def _dtype(owner: str, field: str, value):
     if value is None:
         return None
-    try:
-        return jnp.dtype(value)
+    try:  # by name: hashable, and YAML / JSON safe
+        return jnp.dtype(value).name
     except TypeError:
         raise TypeError(f"{owner}.{field} must be a dtype or None, got {value!r}") from None
 

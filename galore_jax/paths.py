@@ -26,7 +26,8 @@ def path_string(keypath) -> str:
 
     Example:
       >>> import jax, galore_jax as gj
-      >>> [gj.path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
+      >>> flat = jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]
+      >>> [gj.paths.path_string(p) for p, _ in flat]
       ['a/0', 'a/1']
     """
     keys = list(keypath)

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
+import galore_jax as gj
 from tasks.fno.config import FNOConfig, FNOModelConfig
 from tasks.lm.config import LMConfig
 from tasks.registry import config_from_dict, load_config
@@ -200,7 +201,7 @@ def test_empty_section_takes_defaults_and_assignment_is_checked():
     assert isinstance(config, Config)
 
 
-def test_intermediate_passes_reaches_galore_and_is_refused_elsewhere():
+def test_svd_passes_reaches_galore_and_is_refused_elsewhere():
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -211,19 +212,21 @@ def test_intermediate_passes_reaches_galore_and_is_refused_elsewhere():
     grads = {"w": params["w"] * 0.5 + 0.1}
     updates = {}
     for passes in (1, 2):
-        cfg = OptimizerConfig(name="galore", rank=8, intermediate_passes=passes)
+        cfg = OptimizerConfig(name="galore", rank=8, svd=gj.RandomizedSVD(passes=passes))
         tx, _ = optim.build_optimizer(cfg, 10, params=params)
         out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
         updates[passes] = np.asarray(out["w"])
     np.testing.assert_allclose(updates[1], updates[2], rtol=1e-3, atol=1e-6)
-    cfg = OptimizerConfig(name="adamw", intermediate_passes=1)
-    with pytest.raises(ConfigError, match="optimizer.intermediate_passes=1 applies to"):
+    cfg = load_config(None, ["optimizer.name=tensor_galore", "optimizer.svd.passes=1"]).optimizer
+    with pytest.raises(ConfigError, match="optimizer.svd.passes=1 applies to"):
         optim.build_optimizer(cfg, 10, params=params)
-    with pytest.raises(ConfigError, match="optimizer.intermediate_passes"):
-        load_config(None, ["optimizer.intermediate_passes=3"])
+    with pytest.raises(ConfigError, match="optimizer.svd.passes must be <= 2, got 3"):
+        load_config(None, ["optimizer.svd.passes=3"])
+    with pytest.raises(ConfigError, match="optimizer.svd.passes must be <= 2, got 3"):
+        load_config(None, ["optimizer.intermediate_passes=3"])  # 0.2.0's key
 
 
-def test_eigh_implementation_reaches_the_refresh_and_is_refused_elsewhere(monkeypatch):
+def test_svd_eigh_reaches_the_refresh_and_is_refused_elsewhere(monkeypatch):
     import jax
     import jax.numpy as jnp
 
@@ -231,25 +234,27 @@ def test_eigh_implementation_reaches_the_refresh_and_is_refused_elsewhere(monkey
 
     params = {"w": jnp.ones((48, 32))}
     cfg = load_config(
-        None, ["optimizer.name=galore", "optimizer.rank=8", "optimizer.eigh_implementation=jacobi"]
+        None, ["optimizer.name=galore", "optimizer.rank=8", "optimizer.svd.eigh=jacobi"]
     )
     if jax.default_backend() == "cpu":  # XLA:CPU has no Jacobi eigh: refused when built
         with pytest.raises(ConfigError, match="jacobi is not available on cpu"):
             optim.build_optimizer(cfg.optimizer, 10, params=params)
         # Without that check the option reaches the refresh's eigh, which XLA refuses.
-        monkeypatch.setattr(optim.linalg, "check_eigh_available", lambda implementation: None)
+        for module in (gj.linalg, gj.linalg._svd):
+            monkeypatch.setattr(module, "check_eigh_available", lambda implementation: None)
         tx, _ = optim.build_optimizer(cfg.optimizer, 10, params=params)
         with pytest.raises(NotImplementedError, match="Jacobi implementation is not supported"):
             jax.jit(tx.update)(params, tx.init(params), params)
     else:
         tx, _ = optim.build_optimizer(cfg.optimizer, 10, params=params)
         jax.jit(tx.update)(params, tx.init(params), params)
-    for overrides in (["optimizer.name=adamw"], ["optimizer.name=galore", "optimizer.svd=exact"]):
-        cfg = load_config(None, overrides + ["optimizer.eigh_implementation=jacobi"])
-        with pytest.raises(ConfigError, match="optimizer.eigh_implementation=jacobi applies to"):
-            optim.build_optimizer(cfg.optimizer, 10, params=params)
-    with pytest.raises(ConfigError, match="optimizer.eigh_implementation"):
-        load_config(None, ["optimizer.eigh_implementation=syevj"])
+    cfg = load_config(None, ["optimizer.name=adamw", "optimizer.svd.eigh=jacobi"])
+    with pytest.raises(ConfigError, match="optimizer.svd.eigh=jacobi applies to"):
+        optim.build_optimizer(cfg.optimizer, 10, params=params)
+    with pytest.raises(ConfigError, match="optimizer.svd.eigh must be one of"):
+        load_config(None, ["optimizer.svd.eigh=syevj"])
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer.svd.eig'; did you mean"):
+        load_config(None, ["optimizer.svd.eig=qr"])
 
 
 @pytest.mark.parametrize("name", ["galore", "tensor_galore", "adamw"])

@@ -210,7 +210,7 @@ def train_losses(overrides, steps_to_run=STEPS):
     [
         # The default suite keeps the GaLore case; the others run with -m slow.
         pytest.param("auto", ["optimizer.name=adamw", "optimizer.lr=0.01"], marks=pytest.mark.slow),
-        ("explicit", [*GALORE, "optimizer.stagger=true", "optimizer.warm_start=true"]),
+        ("explicit", [*GALORE, "optimizer.stagger=true", "optimizer.svd.warm_start=true"]),
         pytest.param(
             "auto",
             [*GALORE, "optimizer.grad_clip_mode=previous_global", "optimizer.grad_clip=0.5"],
@@ -224,7 +224,7 @@ def test_layerwise_matches_the_standard_step_on_eight_devices(kind, optimizer):
     common = [f"mesh.kind={kind}", *clip, *optimizer]
     ref, ref_params, _ = train_losses(common)
     got, got_params, run = train_losses([*common, "optimizer.layerwise=true"])
-    assert isinstance(run.abstract_opt_state, gj.LayerwiseState)
+    assert isinstance(run.abstract_opt_state, gj.layerwise.LayerwiseState)
     np.testing.assert_allclose(got, ref, rtol=RTOL)
     assert ref[-1] < ref[0]
     assert_trees_close(got_params, ref_params)
@@ -246,12 +246,14 @@ def test_layerwise_state_is_sharded_like_the_params():
     layers = run.opt_shardings.layers
     # Every per-layer state leaf is stacked on an unsharded leading axis, and the
     # token embedding's moments (vocab x embed) are split like the embedding.
-    specs = {gj.path_string(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layers)[0]}
+    specs = {
+        gj.paths.path_string(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(layers)[0]
+    }
     assert all(spec[0] is None for spec in specs.values())  # the layer axis
     embedding = [
         s.spec
         for p, s in jax.tree_util.tree_flatten_with_path(run.opt_shardings.before)[0]
-        if "token_embedding" in gj.path_string(p) and len(s.spec) == 2
+        if "token_embedding" in gj.paths.path_string(p) and len(s.spec) == 2
     ]
     table = run.param_shardings["token_embedding"].spec
     assert "fsdp" in tuple(table)
@@ -263,7 +265,7 @@ def test_layerwise_state_is_sharded_like_the_params():
     [
         ["optimizer.name=tensor_galore", "optimizer.rank=0.5", "optimizer.update_proj_gap=4"],
         pytest.param(
-            [*GALORE, "optimizer.moment_bits=8", "optimizer.projector_bits=4"],
+            [*GALORE, "optimizer.adam.bits=8", "optimizer.projector.bits=4"],
             marks=pytest.mark.slow,
         ),
     ],
@@ -351,7 +353,7 @@ def test_user_scanned_model_matches_a_plain_optax_loop(clip):
         standard = optax.chain(gj.clip_by_previous_global_norm(0.05), standard)
     # One group at a time, the optimizer cannot tell the encoder (a table by
     # structure: its input side is no layer size) from a layer: labels by path.
-    labels = gj.labels_by_path(gj.galore_labels(params, dimension_numbers=dims, rank=4))
+    labels = gj.labels.labels_by_path(gj.galore_labels(params, dimension_numbers=dims, rank=4))
     tx = gj.galore_adamw(3e-3, labels=labels, **options)
     step = jax.jit(
         gj.layerwise_step(tx, model, max_norm=None if clip is None else 0.05, clip=clip or "layer")
@@ -398,7 +400,7 @@ def test_clip_factor_reaches_our_optimizer_as_grad_scale(clip):
     low-rank gradients): same training as scaling the gradients first, and fewer ops
     of the compiled step touch a full-size layer gradient."""
     model, params, _ = _user_model()
-    labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+    labels = gj.labels.labels_by_path(gj.galore_labels(params, rank=4))
     tx = gj.galore_adamw(3e-3, labels=labels, rank=4, update_proj_gap=3, weight_decay=0.1)
     assert isinstance(tx, gj.GradScaleTransformation)
     fused, scaled_first = (
@@ -479,7 +481,7 @@ def test_global_norm_clip_inside_the_optimizer_is_one_clear_error(name):
 
 def test_per_leaf_optimizers_and_clips_are_accepted():
     model, params, _ = _user_model()
-    labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+    labels = gj.labels.labels_by_path(gj.galore_labels(params, rank=4))
     for tx in [
         gj.galore_adamw(1e-3, rank=4, labels=labels),
         gj.tensor_galore_adamw(1e-3),
@@ -511,8 +513,8 @@ def test_start_up_line_gives_the_state_against_adamw(overrides, ratio):
     line = steps.describe_run(run).splitlines()[1]
     found = re.search(r"\(([\d.]+) MiB state\) = ([\d.]+)x AdamW's ([\d.]+) MiB", line)
     assert found, line
-    state = gj.optimizer_state_bytes(run.abstract_opt_state)
-    adamw = gj.adamw_state_bytes(run.abstract_params)  # 2 moments + a counter
+    state = gj.memory.optimizer_state_bytes(run.abstract_opt_state)
+    adamw = gj.memory.adamw_state_bytes(run.abstract_params)  # 2 moments + a counter
     assert float(found.group(1)) == round(state / 2**20, 1)
     assert float(found.group(2)) == round(state / adamw, 2)
     assert float(found.group(3)) == round(adamw / 2**20, 1)

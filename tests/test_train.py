@@ -385,8 +385,8 @@ def existing_output(tmp_path):
         ),
         (["seq_len=128"], r"seq_len \(128\) is longer than the model's positions"),
         (
-            ["optimizer.name=galore", "optimizer.eigh_implementation=jacobi"],
-            r"optimizer.eigh_implementation=jacobi is not available on cpu",
+            ["optimizer.name=galore", "optimizer.svd.eigh=jacobi"],
+            r"optimizer.svd.eigh=jacobi is not available on cpu",
         ),
         (
             ["optimizer.name=galore", "optimizer.master_dtype=float32"],

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
+from training.config import migrate_moved_keys
 
 FORMAT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "config", "meta")
@@ -58,8 +59,9 @@ STRUCTURAL_CONFIG_KEYS = (
     "optimizer.tensor_rank_mode",  # how a float tensor_galore rank becomes Tucker ranks
     "optimizer.proj_type",
     "optimizer.label_overrides",
-    "optimizer.moment_bits",
-    "optimizer.projector_bits",
+    "optimizer.adam.bits",
+    "optimizer.projector.bits",
+    "optimizer.projector.group_size",
     "optimizer.master_dtype",  # the master copy lives in the state
     "optimizer.layerwise",  # per-group state, the layers' stacked
     "optimizer.grad_clip_mode",  # previous_global keeps a norm in the state
@@ -110,7 +112,7 @@ def _is_prng_key(x: Any) -> bool:
 def flatten_with_names(tree: Any) -> tuple[list[Any], list[str], Any]:
     """Leaves, their '/'-joined path names and the treedef of ``tree``."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [gj.path_string(path) for path, _ in leaves_with_paths]
+    names = [gj.paths.path_string(path) for path, _ in leaves_with_paths]
     return [leaf for _, leaf in leaves_with_paths], names, treedef
 
 
@@ -173,7 +175,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     """``(dotted key, saved value, current value)`` for each setting that differs,
     sorted by key, leaving out :data:`UNTRACKED_CONFIG_KEYS`. A key only one side
     has (a config written by another version) shows :data:`NOT_SET` on the other."""
-    saved, current = _flatten(saved), _flatten(current)
+    saved, current = _flatten(migrate_moved_keys(saved)[0]), _flatten(current)
     changes = []
     for key in sorted(set(saved) | set(current)):
         if any(key == k or key.startswith(k + ".") for k in UNTRACKED_CONFIG_KEYS):
@@ -332,7 +334,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} has an unknown format"
             )
-        return dict(config), dict(meta)
+        config, _ = migrate_moved_keys(config)  # a checkpoint of galore-jax 0.2.0
+        return config, dict(meta)
 
     def check_compatible(self, step: int, config: Mapping[str, Any]) -> None:
         """Raises :class:`CheckpointError` if ``config`` changes the state layout."""

@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import typing
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 
@@ -34,6 +35,8 @@ import annotated_types as at
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
+
+import galore_jax as gj
 
 if TYPE_CHECKING:
     from training.task import Task
@@ -95,6 +98,87 @@ class _Section:
 # ---------------------------------------------------------------------------
 
 
+# The optimizer sections that are galore_jax option objects (their fields are the keys).
+OPTION_SECTIONS = {
+    "adam": gj.AdamOptions,
+    "svd": gj.RandomizedSVD,
+    "projector": gj.ProjectorStorage,
+}
+_SEEDED_BY_THE_RUN = ("seed",)
+
+
+def _option_object(key: str, option: type, given: dict) -> Any:
+    """``optimizer.<key>``'s mapping as an ``option`` object; errors name the config key."""
+    fields = [f.name for f in dataclasses.fields(option)]
+    for name in given:
+        if name not in fields:
+            unknown = f"optimizer.{key}.{name}"
+            valid = [f"optimizer.{key}.{f}" for f in fields]
+            raise ConfigError(f"unknown config key '{unknown}'{_closest(unknown, valid)}")
+    if given.get("seed", 0) != 0:  # config.yaml holds seed: 0
+        raise ConfigError(
+            f"optimizer.{key}.seed={given['seed']!r}: the run's top-level seed seeds the "
+            "refresh; set seed instead"
+        )
+    try:
+        return option(**given)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).replace(f"{option.__name__}.", f"optimizer.{key}.")) from None
+
+
+# galore-jax 0.2.0's flat optimizer keys -> (section, field) in 0.3.0.
+MOVED_OPTIMIZER_KEYS = {
+    "b1": ("adam", "b1"),
+    "b2": ("adam", "b2"),
+    "eps": ("adam", "eps"),
+    "moment_bits": ("adam", "bits"),
+    "oversample": ("svd", "oversample"),
+    "power_iters": ("svd", "power_iters"),
+    "warm_start": ("svd", "warm_start"),
+    "intermediate_passes": ("svd", "passes"),
+    "eigh_implementation": ("svd", "eigh"),
+    "projector_bits": ("projector", "bits"),
+}
+
+
+def migrate_moved_keys(raw: Mapping) -> tuple[dict, list[str]]:
+    """A raw config with 0.2.0's flat optimizer keys moved into their sections, and one
+    line naming the moves (empty if none). Sketch options given with ``svd: exact``
+    are dropped, as 0.2.0 ignored them."""
+    raw = dict(raw or {})
+    optimizer = raw.get("optimizer")
+    if not isinstance(optimizer, dict) or not set(optimizer) & set(MOVED_OPTIMIZER_KEYS):
+        return raw, []
+    optimizer = dict(optimizer)
+    moved = []
+    for old, (section, field) in MOVED_OPTIMIZER_KEYS.items():
+        if old not in optimizer:
+            continue
+        value = optimizer.pop(old)
+        moved.append(f"optimizer.{old} -> optimizer.{section}.{field}")
+        target = optimizer.get(section)
+        if section == "svd" and target in (None, "randomized"):
+            target = {}
+        if section == "svd" and target == "exact":
+            continue
+        if target is None:
+            target = {}
+        if not isinstance(target, dict):
+            raise ConfigError(
+                f"optimizer.{old} (moved to optimizer.{section}.{field}) cannot be combined "
+                f"with optimizer.{section}: {target!r}"
+            )
+        if field in target and target[field] != value:
+            raise ConfigError(
+                f"optimizer.{old} and optimizer.{section}.{field} are the same setting, given "
+                f"twice ({value!r} and {target[field]!r}); keep optimizer.{section}.{field}"
+            )
+        optimizer[section] = {**target, field: value}
+    raw["optimizer"] = optimizer
+    note = "config keys of galore-jax 0.2.0 moved (they still work for now): " + ", ".join(moved)
+    return raw, [note]
+
+
 @dataclass(config=_SECTION)
 class OptimizerConfig(_Section):
     """Optimizer and schedule.
@@ -108,9 +192,6 @@ class OptimizerConfig(_Section):
 
     name: Literal["adamw", "galore", "tensor_galore", "optax_galore"] = "adamw"
     lr: Float = Field(1e-3, gt=0)
-    b1: Float = 0.9
-    b2: Float = 0.999
-    eps: Float = 1e-8
     weight_decay: Float = 0.0
     grad_clip: Float = Field(1.0, ge=0)  # clip threshold; 0 disables
     # What grad_clip bounds: "global" (this step's global norm), "layer" (each
@@ -135,22 +216,17 @@ class OptimizerConfig(_Section):
     update_proj_gap: Pos = 200
     scale: Float = 0.25
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
-    svd: Literal["randomized", "exact"] = "randomized"
-    oversample: Int = 8
-    power_iters: Int = 1
-    # Cholesky-QR passes for the range finder's blocks between products (galore):
-    # 2 is accurate to float32 rounding; 1 halves those factorisations.
-    intermediate_passes: Literal[1, 2] = 2
-    # The refresh's Rayleigh-Ritz eigh (galore, randomized): null = the backend's
-    # (cuSOLVER syevd on GPU), "jacobi" = cuSOLVER syevj (GPU / TPU only).
-    eigh_implementation: Optional[Literal["qr", "jacobi"]] = None
-    warm_start: Bool = True
     on_refresh: Literal["keep", "reset", "project"] = "keep"
     stagger: Bool = False
-    # Low-bit state: 8-bit block-wise Adam moments (every optimizer but
-    # optax_galore), int8 / int4 GaLore projectors (galore only).
-    moment_bits: Literal[32, 8] = 32
-    projector_bits: Literal[32, 8, 4] = 32
+    # The option objects of galore_jax, one section each (keys = their fields):
+    # adam: gj.AdamOptions (b1, b2, eps, bits: 32 | 8 for block-wise 8-bit moments;
+    #   every optimizer but optax_galore);
+    # svd: "randomized" | "exact", or the fields of gj.RandomizedSVD (oversample,
+    #   power_iters, warm_start, passes, eigh); the run's seed seeds it;
+    # projector: gj.ProjectorStorage (bits: 32 | 8 | 4, group_size; galore only).
+    adam: gj.AdamOptions = dataclasses.field(default_factory=gj.AdamOptions)
+    svd: Union[Literal["randomized", "exact"], gj.RandomizedSVD] = "randomized"
+    projector: gj.ProjectorStorage = dataclasses.field(default_factory=gj.ProjectorStorage)
     # A float32 copy of 16-bit params (model.param_dtype bfloat16) that
     # the optimizer updates (galore_jax.with_master_weights); null: none.
     master_dtype: Optional[Literal["float32"]] = None
@@ -158,6 +234,19 @@ class OptimizerConfig(_Section):
     # e.g. {"lm_head": "galore"}; the first match wins over the default rule
     # (matrices -> galore; embeddings, LM head, norms -> adam).
     label_overrides: Optional[dict[Str, Str]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _option_objects(cls, value: Any) -> Any:
+        """The option sections as galore_jax's objects; their errors name the key."""
+        if not isinstance(value, dict):
+            return value
+        value = dict(value)
+        for key, option in OPTION_SECTIONS.items():
+            given = value.get(key)
+            if isinstance(given, dict):
+                value[key] = _option_object(key, option, given)
+        return value
 
     @model_validator(mode="after")
     def _rank(self) -> OptimizerConfig:
@@ -434,7 +523,7 @@ def _message(error: dict, raw: dict, tasks: TaskConfigs) -> str:
 def config_from_dict(raw: dict, tasks: TaskConfigs) -> Config:
     """Builds a validated config (the class ``tasks`` has for its ``task``) from nested
     plain data."""
-    raw = dict(raw or {})
+    raw, _ = migrate_moved_keys(raw)
     raw.setdefault("task", tasks.default)
     try:
         return tasks.adapter.validate_python(raw)
@@ -504,7 +593,10 @@ def load_config(path: Optional[str], overrides: list[str], tasks: TaskConfigs) -
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a YAML mapping at the top level")
-    return config_from_dict(apply_overrides(raw, list(overrides)), tasks)
+    raw, notes = migrate_moved_keys(apply_overrides(raw, list(overrides)))
+    for note in notes:
+        print(f"deprecated: {note}", file=sys.stderr)
+    return config_from_dict(raw, tasks)
 
 
 # ---------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def check_divisible(shapes: Any, specs: Any, mesh: jax.sharding.Mesh, what: str 
         for dim, entry in enumerate(spec):
             size = _spec_axis_size(entry, mesh)
             if size > 1 and leaf.shape[dim] % size:
-                name = gj.path_string(path)
+                name = gj.paths.path_string(path)
                 raise ConfigError(
                     f"{what} '{name}' dim {dim} (size {leaf.shape[dim]}) cannot be split "
                     f"over mesh axes {entry!r} (size {size}); change the mesh sizes or "

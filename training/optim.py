@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
 import optax
 
 import galore_jax as gj
-from galore_jax import linalg
 from training.config import ConfigError, OptimizerConfig
 
 
@@ -34,22 +34,27 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def _galore_options(cfg: OptimizerConfig) -> dict:
+def refresh_options(cfg: OptimizerConfig, seed: int) -> gj.RandomizedSVD | gj.ExactSVD:
+    """``optimizer.svd`` as galore_jax's refresh object, seeded with the run's seed."""
+    if cfg.svd == "exact":
+        return gj.ExactSVD(seed=seed)
+    svd = gj.RandomizedSVD() if cfg.svd == "randomized" else cfg.svd
+    return dataclasses.replace(svd, seed=seed)
+
+
+def _galore_options(cfg: OptimizerConfig, seed: int, labels: Any, dimension_numbers: Any) -> dict:
+    """The arguments ``galore_adamw`` and ``tensor_galore_adamw`` share, from the config."""
     return dict(
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
         update_proj_gap=cfg.update_proj_gap,
         scale=cfg.scale,
-        svd=cfg.svd,
-        oversample=cfg.oversample,
-        power_iters=cfg.power_iters,
-        warm_start=cfg.warm_start,
+        svd=refresh_options(cfg, seed),
         on_refresh=cfg.on_refresh,
         stagger=cfg.stagger,
-        label_overrides=cfg.label_overrides,
-        moment_bits=cfg.moment_bits,
+        adam=cfg.adam,
+        weight_decay=cfg.weight_decay,
+        labels=gj.Labels(
+            tree=labels, overrides=cfg.label_overrides, dimension_numbers=dimension_numbers
+        ),
     )
 
 
@@ -93,7 +98,7 @@ def build_optimizer(
     labels = None
     if cfg.layerwise:  # the optimizer sees one part at a time: label it as the whole tree
         if cfg.name in ("galore", "tensor_galore"):
-            labels = gj.labels_by_path(
+            labels = gj.labels.labels_by_path(
                 _whole_tree_labels(cfg, params, dimension_numbers, rank, scanned_model)
             )
         dimension_numbers = None  # the optimizer sees one layer's matrices
@@ -130,7 +135,7 @@ def _whole_tree_labels(cfg: OptimizerConfig, params, dimension_numbers, rank, sc
         )
     layers = f"^{scanned_model.layers_key}/"
     return gj.galore_labels(
-        gj.one_layer_view(scanned_model, params),
+        gj.scanned.one_layer_view(scanned_model, params),
         label_overrides={layers: "tensor_galore", **(cfg.label_overrides or {})},
         dimension_numbers=lambda tree: jax.tree.map(lambda _: None, tree),
         matrices="adam",
@@ -163,63 +168,65 @@ def _build(
     labels: Any = None,
     max_grad_norm: Optional[float] = None,
 ) -> optax.GradientTransformation:
-    if cfg.name != "galore" and cfg.projector_bits != 32:
+    svd = cfg.svd if isinstance(cfg.svd, gj.RandomizedSVD) else None
+    if cfg.name != "galore" and cfg.projector.bits != 32:
         raise ConfigError(
-            f"optimizer.projector_bits={cfg.projector_bits} needs optimizer.name=galore "
+            f"optimizer.projector.bits={cfg.projector.bits} needs optimizer.name=galore "
             f"(matrix projectors), got {cfg.name!r}"
         )
-    if cfg.name != "galore" and cfg.intermediate_passes != 2:
+    if cfg.name != "galore" and svd is not None and svd.passes != 2:
         raise ConfigError(
-            f"optimizer.intermediate_passes={cfg.intermediate_passes} applies to "
-            f"optimizer.name=galore's randomized SVD, got {cfg.name!r}"
+            f"optimizer.svd.passes={svd.passes} applies to optimizer.name=galore's randomized "
+            f"SVD, got {cfg.name!r}"
         )
-    if cfg.eigh_implementation is not None and (cfg.name, cfg.svd) != ("galore", "randomized"):
-        raise ConfigError(
-            f"optimizer.eigh_implementation={cfg.eigh_implementation} applies to "
-            f"optimizer.name=galore with svd=randomized, got {cfg.name!r} with svd={cfg.svd!r}"
-        )
-    try:  # before the first step compiles (and before output_dir is written)
-        linalg.check_eigh_available(cfg.eigh_implementation)
-    except ValueError:
-        raise ConfigError(
-            f"optimizer.eigh_implementation={cfg.eigh_implementation} is not available on "
-            f"{jax.default_backend()} (XLA has Jacobi eigh on GPU / TPU only): set "
-            "optimizer.eigh_implementation=null"
-        ) from None
-    if cfg.name == "adamw" and cfg.moment_bits == 8:
+    if svd is not None and svd.eigh is not None:
+        if cfg.name != "galore":
+            raise ConfigError(
+                f"optimizer.svd.eigh={svd.eigh} applies to optimizer.name=galore, got {cfg.name!r}"
+            )
+        try:  # before the first step compiles (and before output_dir is written)
+            gj.linalg.check_eigh_available(svd.eigh)
+        except ValueError:
+            raise ConfigError(
+                f"optimizer.svd.eigh={svd.eigh} is not available on {jax.default_backend()} "
+                "(XLA has Jacobi eigh on GPU / TPU only): set optimizer.svd.eigh=null"
+            ) from None
+    adam = cfg.adam
+    if cfg.name == "adamw" and adam.bits == 8:
         tx = optax.chain(
-            gj.scale_by_adam_8bit(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            gj.scale_by_adam_8bit(b1=adam.b1, b2=adam.b2, eps=adam.eps),
             optax.add_decayed_weights(cfg.weight_decay),
             optax.scale_by_learning_rate(schedule),
         )
     elif cfg.name == "adamw":
-        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        tx = optax.adamw(
+            schedule,
+            b1=adam.b1,
+            b2=adam.b2,
+            eps=adam.eps,
+            mu_dtype=adam.mu_dtype,
+            weight_decay=cfg.weight_decay,
+        )
     elif cfg.name == "galore":
         tx = gj.galore_adamw(
             schedule,
-            **_galore_options(cfg),
+            **_galore_options(cfg, seed, labels, dimension_numbers),
             rank=rank,
-            seed=seed,
             proj_type=cfg.proj_type,
-            dimension_numbers=dimension_numbers,
-            projector_bits=cfg.projector_bits,
-            intermediate_passes=cfg.intermediate_passes,
-            eigh_implementation=cfg.eigh_implementation,
-            labels=labels,
+            projector=cfg.projector,
             max_grad_norm=max_grad_norm,
+            tensor=gj.Tucker(svd=gj.ExactSVD(seed=seed)),
         )
     elif cfg.name == "tensor_galore":
         tx = gj.tensor_galore_adamw(
             schedule,
-            **_galore_options(cfg),
+            **_galore_options(cfg, seed, labels, None),
             rank=rank,
-            seed=seed,
-            labels=labels,
             max_grad_norm=max_grad_norm,
         )
     elif cfg.name == "optax_galore":
-        if cfg.moment_bits != 32:
-            raise ConfigError("optimizer.moment_bits=8 is not available for optax_galore")
+        if adam.bits != 32:
+            raise ConfigError("optimizer.adam.bits=8 is not available for optax_galore")
         if isinstance(cfg.rank, float):
             raise ConfigError(f"optimizer.rank must be an int for optax_galore, got {cfg.rank!r}")
         if dimension_numbers is not None and any(
@@ -229,7 +236,7 @@ def _build(
                 "optimizer.name='optax_galore' cannot project stacked layer weights;"
                 " set model.scan_layers=false"
             )
-        adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        base = optax.scale_by_adam(b1=adam.b1, b2=adam.b2, eps=adam.eps)
         # Same selection as the GaLore paper: matrices get GaLore, embeddings,
         # LM head and norms get plain AdamW.
         tx = optax.partition(
@@ -240,10 +247,10 @@ def _build(
                     update_proj_gap=cfg.update_proj_gap,
                     scale=cfg.scale,
                     weight_decay=cfg.weight_decay,
-                    base_optimizer=adam,
+                    base_optimizer=base,
                 ),
                 "adam": optax.adamw(
-                    schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
+                    schedule, b1=adam.b1, b2=adam.b2, eps=adam.eps, weight_decay=cfg.weight_decay
                 ),
             },
             lambda params: gj.galore_labels(params, tensors="adam"),

@@ -98,7 +98,7 @@ def _check_something_is_projected(config: Config, abstract_opt_state: Any) -> No
     if config.optimizer.name not in ("galore", "tensor_galore"):
         return
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract_opt_state)[0]:
-        names = gj.path_string(keypath).split("/")
+        names = gj.paths.path_string(keypath).split("/")
         if ("projectors" in names or "factors" in names) and getattr(leaf, "ndim", 0) > 0:
             return
     raise ConfigError(
@@ -307,7 +307,7 @@ def make_layerwise_step(run: Run) -> Callable:
 def _gradient_metrics(grads) -> dict:
     """The global norm over the finite leaves (optax.tree.norm's value when all are) and
     how many leaves were not finite (our optimizers zero those for the step)."""
-    norm, nonfinite = gj.alias.norm_of_finite_leaves(grads)
+    norm, nonfinite = gj.clipping.norm_of_finite_leaves(grads)
     return {"grad_norm": norm, "nonfinite_leaves": nonfinite}
 
 
@@ -388,8 +388,8 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
     The optimizer's state size is given beside AdamW's for the same params (what
     ``optax.adamw`` keeps: two moments in the params' dtypes and a counter).
     """
-    state_bytes = opt_state_bytes or gj.optimizer_state_bytes(run.abstract_opt_state)
-    adamw_bytes = gj.adamw_state_bytes(run.abstract_params)
+    state_bytes = opt_state_bytes or gj.memory.optimizer_state_bytes(run.abstract_opt_state)
+    adamw_bytes = gj.memory.adamw_state_bytes(run.abstract_params)
     # "(... MiB state)" stays as it was: benchmarks/convergence.py reads it.
     lines = [
         run.task.description,
@@ -405,6 +405,6 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
     if run.config.optimizer.name != "adamw":
         params = run.abstract_params
         if run.layerwise:  # what the optimizer sees: one layer of the stack
-            params = gj.one_layer_view(run.scanned_model, params)
+            params = gj.scanned.one_layer_view(run.scanned_model, params)
         lines.append(str(gj.describe(run.tx, params)))
     return "\n".join(lines)
