@@ -4,9 +4,10 @@
 
 Overrides use dotted keys and YAML values, e.g. ``optimizer.name=galore
 optimizer.rank=16 steps=200 mesh.fsdp=2``. The script reads top to bottom:
-config -> mesh, data, model, optimizer (``training.steps.build_run``) ->
-checkpoint/resume -> loop; the loop ends on a stated reason (done, stop_after,
-a signal, divergence).
+config (``tasks.registry``: the ``task``'s schema) -> mesh, task (data, model),
+optimizer (``training.steps.build_run``) -> checkpoint/resume -> loop (log lines:
+``training.log``); the loop ends on a stated reason (done, stop_after, a signal,
+divergence).
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per log line),
 ``config.yaml`` (the resolved config of the latest invocation that trained),

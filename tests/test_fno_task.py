@@ -228,14 +228,14 @@ def test_tensor_galore_on_fno_spectral_weights():
     # (Adam's mu and nu), all complex64.
     analytic = 0
     for leaf in spectral.values():
-        ranks = gj.projection.tucker_ranks_for_fraction(leaf.shape, rank)  # of the entries
+        ranks = gj._tucker_plan.tucker_ranks_for_fraction(leaf.shape, rank)  # of the entries
         analytic += (sum(d * r for d, r in zip(leaf.shape, ranks)) + 2 * math.prod(ranks)) * 8
     (tg,) = _tensor_galore_states(state)
     assert _nbytes(tg.factors) + _nbytes(tg.base_state) - 4 == analytic  # - Adam's count
     report = gj.memory_report(state, params)
     scalars = 4 + 8 + 4 + 4  # counter, PRNG key, skipped refreshes, Adam's counter
     assert report["per_label"]["tensor_galore"] == analytic + scalars
-    assert report["per_label"]["tensor_galore"] < 0.25 * gj.adamw_state_bytes(
+    assert report["per_label"]["tensor_galore"] < 0.25 * gj.memory.adamw_state_bytes(
         {str(k): v for k, v in spectral.items()}
     )
 
@@ -341,7 +341,7 @@ def test_train_py_and_the_library_read_a_tucker_rank_alike(rank, mode):
     got, want = _tucker_ranks(ours, params), _tucker_ranks(library, params)
     assert len(got) == 4 and got == want
     if rank == 0.25:  # spectral weights (8, 8, 4, 3): core + factors ~ 25% of the entries
-        assert set(got.values()) == {gj.projection.tucker_ranks_for_fraction((8, 8, 4, 3), 0.25)}
+        assert set(got.values()) == {gj._tucker_plan.tucker_ranks_for_fraction((8, 8, 4, 3), 0.25)}
 
 
 def test_tensor_rank_mode_mode_is_a_per_mode_fraction():

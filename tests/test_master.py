@@ -70,7 +70,7 @@ def test_bf16_params_with_master_follow_the_float32_run():
     master_tx = gj.with_master_weights(_tx())
     with_master, state = _train(master_tx, start16, steps, lambda g: g)
     plain, _ = _train(_tx(), start16, steps, lambda g: g)
-    assert isinstance(state, gj.MasterWeightsState)
+    assert isinstance(state, gj.master.MasterWeightsState)
     for name in start:
         ref = np.asarray(f32[name], np.float64)
         moved = np.abs(ref - np.asarray(start[name], np.float64)).max()
@@ -155,7 +155,7 @@ def test_layerwise_step_with_master_weights():
         "w_out": jax.random.normal(k[2], (16, 2)) / 4,
     }
     params = jax.tree.map(lambda x: x.astype(BF16), params)
-    labels = gj.labels_by_path(gj.galore_labels(params, rank=4))
+    labels = gj.labels.labels_by_path(gj.galore_labels(params, rank=4))
     tx = gj.with_master_weights(gj.galore_adamw(1e-2, labels=labels, rank=4, update_proj_gap=3))
     state = gj.layerwise_init(tx, model, params)
     step = jax.jit(gj.layerwise_step(tx, model, max_norm=1.0, clip="layer"))

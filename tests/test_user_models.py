@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import galore_jax as gj
+from galore_jax._tucker_plan import tucker_ranks_for_fraction
 from galore_jax.labels import RankFallbackWarning
-from galore_jax.projection import tucker_ranks_for_fraction
 
 eqx = pytest.importorskip("equinox")
 

@@ -296,7 +296,7 @@ def test_rank_deficient_gradient_gives_an_orthonormal_basis_and_lossless_full_ra
     # rank 16 = min(m, n): projecting and projecting back is the identity.
     err = float(jnp.linalg.norm(out["w"] - g) / jnp.linalg.norm(g))
     assert err < 1e-5
-    u8 = gj.top_left_basis(g, 8, svd=svd, key=jax.random.PRNGKey(2))
+    u8 = gj.linalg.top_left_basis(g, 8, svd=svd, key=jax.random.PRNGKey(2))
     assert _orthonormality_error(u8) < 1e-5
 
 
@@ -383,7 +383,9 @@ class _TinyLM(nnx.Module):
 def _labels_of(model):
     state = nnx.state(model, nnx.Param)
     labels = gj.galore_labels(nnx.as_pure(state), rank=8)
-    return {gj.path_string(kp): lab for kp, lab in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    return {
+        gj.paths.path_string(kp): lab for kp, lab in jax.tree_util.tree_flatten_with_path(labels)[0]
+    }
 
 
 def test_default_labels_follow_structure_for_other_names():
@@ -456,9 +458,9 @@ def test_describe_lists_every_leaf():
     tx = gj.galore_adamw(1e-3, rank=8)
     treatment = gj.describe(tx, params)
     assert {t.path for t in treatment.leaves} == {
-        gj.path_string(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        gj.paths.path_string(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     }
-    assert treatment.total_bytes == gj.optimizer_state_bytes(jax.eval_shape(tx.init, params))
+    assert treatment.total_bytes == gj.memory.optimizer_state_bytes(jax.eval_shape(tx.init, params))
     fc1 = treatment.by_path()["blocks/0/fc1/kernel"]
     assert (fc1.side, fc1.rank, fc1.projector_shapes, fc1.moment_shapes) == (
         "left",
