@@ -91,22 +91,7 @@ _MOVED = {
     "one_layer_view": ("galore_jax.scanned", "one_layer_view"),
     "path_string": ("galore_jax.paths", "path_string"),
     "refresh_offsets": ("galore_jax._low_rank", "refresh_offsets"),
-    **{
-        name: ("galore_jax.linalg", name)
-        for name in (
-            "canonicalize_signs",
-            "exact_svd",
-            "hosvd",
-            "mode_fold",
-            "mode_product",
-            "mode_unfold",
-            "orthonormalize",
-            "randomized_svd",
-            "top_left_basis",
-            "tucker_project",
-            "tucker_reconstruct",
-        )
-    },
+    **{name: ("galore_jax.linalg", name) for name in linalg.__all__},
 }
 
 

@@ -77,6 +77,17 @@ _BUILDERS = {"svd": _refresh, "projector": _projector, "adam": _adam, "labels": 
 _BUILDERS["tensor"] = _tucker
 
 
+def _tucker_follows(kwargs: dict, grouped: dict, signature) -> None:
+    """0.2.0's galore_adamw gave its Tucker refresh the matrix refresh's sketch options
+    and seed (the Tucker key drew from seed + 1, as it still does)."""
+    fields = dict(grouped.get("svd", {}))
+    fields.pop("passes", None), fields.pop("eigh", None)  # matrix-only options in 0.2.0
+    tucker = kwargs.get("tensor", signature.parameters["tensor"].default)
+    if fields and (tucker is None or "tensor" in grouped):
+        tucker = tucker or options.Tucker()
+        kwargs["tensor"] = dataclasses.replace(tucker, svd=_refresh(tucker.svd, fields))
+
+
 def moved_keywords(**moved: dict) -> Callable:
     """Decorator: `moved[param]` maps 0.2.0 keywords to fields of the option `param`."""
 
@@ -103,6 +114,8 @@ def moved_keywords(**moved: dict) -> Callable:
             for param, fields in grouped.items():
                 current = kwargs.get(param, signature.parameters[param].default)
                 kwargs[param] = _BUILDERS[param](current, fields)
+            if "tensor" in signature.parameters:
+                _tucker_follows(kwargs, grouped, signature)
             return factory(*args, **kwargs)
 
         return wrapper

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,22 @@ import optax
 from galore_jax import _quantization as quantization
 from galore_jax import _sharding_ops as sops
 from galore_jax import paths
-from galore_jax._checks import check_scalar_arg
+from galore_jax._checks import check_scalar_arg, check_schedule
+from galore_jax.options import as_refresh
+
+
+class Schedule(NamedTuple):
+    """When and how every low-rank algorithm refreshes its subspaces (checked)."""
+
+    update_proj_gap: int
+    on_refresh: str
+    stagger: bool
+    refresh: Any  # a galore_jax.options refresh object
+
+    @classmethod
+    def checked(cls, update_proj_gap, on_refresh, stagger, svd) -> "Schedule":
+        check_schedule(update_proj_gap, on_refresh, stagger)
+        return cls(update_proj_gap, on_refresh, stagger, as_refresh(svd))
 
 
 class LowRankAlgorithm(Protocol):
@@ -164,22 +179,27 @@ def scaled_by(x, factor):
 
 def low_rank_transform(
     algorithm: LowRankAlgorithm,
+    schedule: Schedule,
     *,
-    update_proj_gap: int,
     scale,
-    base_optimizer: optax.GradientTransformation,
-    warm_start: bool,
-    on_refresh: str,
-    stagger: bool,
+    base_optimizer: Optional[optax.GradientTransformation],
     projector_dtype,
-    seed: int,
     state_cls,
 ) -> GradScaleTransformation:
     """The optax transformation of a low-rank `algorithm` (see the module docstring).
 
     `state_cls(count, key, projectors, base_state, skipped_refreshes)` builds the
-    state; `projector_dtype` (None: the param's) is the dtype of new projectors.
+    state; `projector_dtype` (None: the param's) is the dtype of new projectors;
+    `base_optimizer` None is `optax.scale_by_adam()`.
     """
+    update_proj_gap, on_refresh, stagger = (
+        schedule.update_proj_gap,
+        schedule.on_refresh,
+        schedule.stagger,
+    )
+    warm_start = getattr(schedule.refresh, "warm_start", False)
+    seed = schedule.refresh.seed
+    base_optimizer = base_optimizer or optax.scale_by_adam()
     base_optimizer = optax.with_extra_args_support(base_optimizer)
 
     def low_rank_tree(leaves, plans, treedef, project):

@@ -51,11 +51,6 @@ DEFAULT_BLOCK_SIZE = 256
 NAN_CODE = 255  # Reserved code of every map: a non-finite input, dequantized as NaN.
 
 
-# ----------------------------------------------------------------------------
-# Containers (NamedTuples of arrays: jit, sharding, orbax and nnx.State keep them).
-# ----------------------------------------------------------------------------
-
-
 class QuantizedArray(NamedTuple):
     """A real array stored as 8-bit codes plus one float32 scale per block.
 
@@ -119,11 +114,6 @@ def is_quantized(x) -> bool:
     """Whether `x` is a `QuantizedArray` or `QuantizedComplex` (or such a container
     after a round trip through flax's `nnx.State`), not a plain array."""
     return isinstance(as_quantized(x), (QuantizedArray, QuantizedComplex))
-
-
-# ----------------------------------------------------------------------------
-# Maps (256-entry code books; code 255 is reserved for non-finite values).
-# ----------------------------------------------------------------------------
 
 
 def _dynamic_values(signed: bool) -> np.ndarray:
@@ -267,11 +257,6 @@ def _local_last(x: jax.Array, nb: int, block: int) -> jax.Array:
     return _replicate_last(x)
 
 
-# ----------------------------------------------------------------------------
-# Block layout along the last axis.
-# ----------------------------------------------------------------------------
-
-
 def block_layout(n: int, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int]:
     """(block, num_blocks) used along a last axis of length `n`.
 
@@ -356,11 +341,6 @@ def _match_spec(x: jax.Array, like: jax.Array) -> jax.Array:
     if current == target:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, P(*target)))
-
-
-# ----------------------------------------------------------------------------
-# Quantize / dequantize moments.
-# ----------------------------------------------------------------------------
 
 
 def _quantize_real(x: jax.Array, m: _Map, nb: Optional[int], block_size: int) -> QuantizedArray:

@@ -39,6 +39,13 @@ def _labels(labels: LabelsArg) -> Labels:
     return labels if isinstance(labels, Labels) else Labels(tree=labels)
 
 
+def _schedule(update_proj_gap, scale, on_refresh, stagger) -> dict:
+    """The keywords both low-rank transforms take alike."""
+    return dict(
+        update_proj_gap=update_proj_gap, scale=scale, on_refresh=on_refresh, stagger=stagger
+    )
+
+
 def _no_batch_axes(params):
     return jax.tree.map(lambda _: None, params)
 
@@ -184,8 +191,7 @@ def galore_adamw(
     adam = _checks.check_option("adam", adam, AdamOptions)
     tensor = _checks.check_option("tensor", tensor, Tucker)
     labeler = _Labeler(_labels(labels), rank=rank, proj_type=proj_type, tensor_rank=tensor.rank)
-    schedule = dict(update_proj_gap=update_proj_gap, scale=scale, on_refresh=on_refresh)
-    schedule["stagger"] = stagger
+    schedule = _schedule(update_proj_gap, scale, on_refresh, stagger)
     tensor_svd = dataclasses.replace(tensor.svd, seed=tensor.svd.seed + 1)
     return adamw_chain(
         learning_rate,
@@ -266,8 +272,7 @@ def tensor_galore_adamw(
     labels = _labels(labels)
     # Every N-D tensor is a tensor here (stacked layers too): no stack inference.
     labels = dataclasses.replace(labels, dimension_numbers=_no_batch_axes)
-    schedule = dict(update_proj_gap=update_proj_gap, scale=scale, on_refresh=on_refresh)
-    schedule["stagger"] = stagger
+    schedule = _schedule(update_proj_gap, scale, on_refresh, stagger)
     return adamw_chain(
         learning_rate,
         max_grad_norm=max_grad_norm,

@@ -12,10 +12,15 @@ from galore_jax import _checks, _legacy, paths
 from galore_jax import _matrix_plan as mp
 from galore_jax import _projector_codes as codes
 from galore_jax import _sharding_ops as sops
-from galore_jax._low_rank import GradScaleTransformation, is_empty, low_rank_transform
+from galore_jax._low_rank import (
+    GradScaleTransformation,
+    Schedule,
+    is_empty,
+    low_rank_transform,
+)
 from galore_jax.dimensions import DimensionNumbers, resolve_dimension_numbers
 from galore_jax.linalg._qr import compute_dtype
-from galore_jax.options import ProjectorStorage, RandomizedSVD, Refresh, as_refresh
+from galore_jax.options import ProjectorStorage, Refresh
 
 __all__ = ["MatrixProjectors", "ScaleByGaloreState", "scale_by_galore"]
 
@@ -254,20 +259,16 @@ def scale_by_galore(
       Projection, 2025. https://arxiv.org/abs/2504.20437
     """
     _checks.check_rank_value(rank)
-    _checks.check_schedule(update_proj_gap, on_refresh, stagger)
+    schedule = Schedule.checked(update_proj_gap, on_refresh, stagger, svd)
     _checks.check_choice("proj_type", proj_type, _checks.PROJ_TYPES)
-    refresh = as_refresh(svd)
     projector = _checks.check_option("projector", projector, ProjectorStorage)
     _checks.check_base_optimizer(base_optimizer, "scale_by_galore")
+    algorithm = MatrixGaLore(rank, proj_type, schedule.refresh, projector, dimension_numbers)
     return low_rank_transform(
-        MatrixGaLore(rank, proj_type, refresh, projector, dimension_numbers),
-        update_proj_gap=update_proj_gap,
+        algorithm,
+        schedule,
         scale=scale,
-        base_optimizer=base_optimizer or optax.scale_by_adam(),
-        warm_start=isinstance(refresh, RandomizedSVD) and refresh.warm_start,
-        on_refresh=on_refresh,
-        stagger=stagger,
+        base_optimizer=base_optimizer,
         projector_dtype=projector.dtype,
-        seed=refresh.seed,
         state_cls=ScaleByGaloreState,
     )

@@ -135,7 +135,8 @@ class LabelRule:
         warnings.warn(
             f"{len(self.fallbacks)} matrix/tensor param(s) get plain Adam only because of the "
             f"rank, so GaLore saves no memory on them: {shown}{more}. Use a smaller rank (or a "
-            "float fraction), or silence this by labelling them 'adam' with label_overrides",
+            "float fraction), or silence this by labelling them 'adam' (gj.Labels(overrides=...); "
+            "train.py: optimizer.label_overrides)",
             RankFallbackWarning,
             stacklevel=stacklevel,
         )

@@ -10,8 +10,13 @@ import optax
 
 from galore_jax import _checks, _legacy, paths
 from galore_jax import _tucker_plan as tp
-from galore_jax._low_rank import GradScaleTransformation, is_empty, low_rank_transform
-from galore_jax.options import ProjectorStorage, RandomizedSVD, Refresh, as_refresh
+from galore_jax._low_rank import (
+    GradScaleTransformation,
+    Schedule,
+    is_empty,
+    low_rank_transform,
+)
+from galore_jax.options import ProjectorStorage, Refresh
 
 __all__ = ["ScaleByTensorGaloreState", "scale_by_tensor_galore"]
 
@@ -165,8 +170,7 @@ def scale_by_tensor_galore(
       Tensor Decomposition, 2025. https://arxiv.org/abs/2501.02379
     """
     _checks.check_ranks("rank", rank)
-    _checks.check_schedule(update_proj_gap, on_refresh, stagger)
-    refresh = as_refresh(svd)
+    schedule = Schedule.checked(update_proj_gap, on_refresh, stagger, svd)
     projector = _checks.check_option("projector", projector, ProjectorStorage)
     if projector.bits != 32:
         raise ValueError(
@@ -175,14 +179,10 @@ def scale_by_tensor_galore(
         )
     _checks.check_base_optimizer(base_optimizer, "scale_by_tensor_galore")
     return low_rank_transform(
-        TuckerGaLore(rank, modes, refresh),
-        update_proj_gap=update_proj_gap,
+        TuckerGaLore(rank, modes, schedule.refresh),
+        schedule,
         scale=scale,
-        base_optimizer=base_optimizer or optax.scale_by_adam(),
-        warm_start=isinstance(refresh, RandomizedSVD) and refresh.warm_start,
-        on_refresh=on_refresh,
-        stagger=stagger,
+        base_optimizer=base_optimizer,
         projector_dtype=projector.dtype,
-        seed=refresh.seed,
         state_cls=ScaleByTensorGaloreState,
     )

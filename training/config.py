@@ -141,13 +141,30 @@ MOVED_OPTIMIZER_KEYS = {
 }
 
 
+def _spelled_out(optimizer: dict) -> dict:
+    """Option sections as full mappings (``svd: randomized`` and a partial ``adam:``
+    spelled out with the defaults), so that configs written either way compare equal
+    and ``optimizer.svd.passes=1`` can reach into a config that says ``randomized``."""
+    optimizer = dict(optimizer)
+    for key, option in OPTION_SECTIONS.items():
+        given = optimizer.get(key)
+        if key == "svd" and given == "randomized":
+            given = {}
+        if isinstance(given, dict):
+            optimizer[key] = {**dataclasses.asdict(option()), **given}
+    return optimizer
+
+
 def migrate_moved_keys(raw: Mapping) -> tuple[dict, list[str]]:
     """A raw config with 0.2.0's flat optimizer keys moved into their sections, and one
     line naming the moves (empty if none). Sketch options given with ``svd: exact``
     are dropped, as 0.2.0 ignored them."""
     raw = dict(raw or {})
     optimizer = raw.get("optimizer")
-    if not isinstance(optimizer, dict) or not set(optimizer) & set(MOVED_OPTIMIZER_KEYS):
+    if not isinstance(optimizer, dict):
+        return raw, []
+    if not set(optimizer) & set(MOVED_OPTIMIZER_KEYS):
+        raw["optimizer"] = _spelled_out(optimizer)
         return raw, []
     optimizer = dict(optimizer)
     moved = []
@@ -225,7 +242,9 @@ class OptimizerConfig(_Section):
     #   power_iters, warm_start, passes, eigh); the run's seed seeds it;
     # projector: gj.ProjectorStorage (bits: 32 | 8 | 4, group_size; galore only).
     adam: gj.AdamOptions = dataclasses.field(default_factory=gj.AdamOptions)
-    svd: Union[Literal["randomized", "exact"], gj.RandomizedSVD] = "randomized"
+    svd: Union[Literal["exact"], gj.RandomizedSVD] = dataclasses.field(
+        default_factory=gj.RandomizedSVD
+    )
     projector: gj.ProjectorStorage = dataclasses.field(default_factory=gj.ProjectorStorage)
     # A float32 copy of 16-bit params (model.param_dtype bfloat16) that
     # the optimizer updates (galore_jax.with_master_weights); null: none.
@@ -242,6 +261,14 @@ class OptimizerConfig(_Section):
         if not isinstance(value, dict):
             return value
         value = dict(value)
+        svd = value.get("svd")
+        if svd == "randomized":  # the shorthand
+            value["svd"] = {}
+        elif not isinstance(svd, (dict, gj.RandomizedSVD)) and svd not in (None, "exact"):
+            raise ConfigError(
+                "optimizer.svd must be 'randomized', 'exact' or a mapping of "
+                f"gj.RandomizedSVD's fields (oversample, power_iters, ...), got {svd!r}"
+            )
         for key, option in OPTION_SECTIONS.items():
             given = value.get(key)
             if isinstance(given, dict):
@@ -593,8 +620,9 @@ def load_config(path: Optional[str], overrides: list[str], tasks: TaskConfigs) -
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a YAML mapping at the top level")
-    raw, notes = migrate_moved_keys(apply_overrides(raw, list(overrides)))
-    for note in notes:
+    raw, notes = migrate_moved_keys(raw)
+    raw, more = migrate_moved_keys(apply_overrides(raw, list(overrides)))
+    for note in notes + more:
         print(f"deprecated: {note}", file=sys.stderr)
     return config_from_dict(raw, tasks)
 
