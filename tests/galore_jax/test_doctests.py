@@ -8,8 +8,11 @@ import pytest
 
 import galore_jax
 
-# Every module of the library, so a new module's examples cannot go untested.
-MODULES = sorted(m.name for m in pkgutil.iter_modules(galore_jax.__path__))
+# Every module of the library (subpackages too), so a new module's examples cannot go untested.
+MODULES = sorted(
+    m.name.removeprefix("galore_jax.")
+    for m in pkgutil.walk_packages(galore_jax.__path__, prefix="galore_jax.")
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

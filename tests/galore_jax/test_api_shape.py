@@ -103,13 +103,18 @@ PARAMS = {
                 adam=gj.AdamOptions(b2=0.95, eps=1e-6, bits=8),
                 projector=gj.ProjectorStorage(bits=8),
                 labels=gj.Labels(overrides={"embed": "galore"}),
-                tensor=gj.Tucker(rank=0.5),
+                tensor=gj.Tucker(rank=0.5, svd=gj.ExactSVD(seed=3)),  # 0.2.0: seed + 1
                 update_proj_gap=2,
             ),
         ),
         (
             dict(rank=4, svd="exact", seed=1, update_proj_gap=2),
-            dict(rank=4, svd=gj.ExactSVD(seed=1), update_proj_gap=2),
+            dict(
+                rank=4,
+                svd=gj.ExactSVD(seed=1),
+                tensor=gj.Tucker(svd=gj.ExactSVD(seed=1)),
+                update_proj_gap=2,
+            ),
         ),
     ],
     ids=["randomized_low_bit", "exact"],

@@ -10,13 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from galore_jax import _quantization as q
-from training.checkpoint import Checkpointer
 
 
 def _problem():
@@ -115,28 +113,6 @@ def test_on_refresh_project_and_stagger_with_8_bit_moments():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
-def test_orbax_round_trip_is_bit_exact(tmp_path):
-    params, loss = _problem()
-    tx = _galore(moment_bits=8, projector_bits=4)
-    params, state, _ = _train(tx, params, loss, 3)
-    mesh = jax.make_mesh((1,), ("data",))
-    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
-    abstract_state = jax.eval_shape(tx.init, params)
-    checkpointer = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-    checkpointer.save(3, params=params, opt_state=state, data_state={}, config={})
-    _, restored, _ = checkpointer.restore(
-        3,
-        abstract_params=jax.eval_shape(lambda: params),
-        param_shardings=shardings,
-        abstract_opt_state=abstract_state,
-        opt_state_shardings=gj.state_shardings(abstract_state, params, shardings),
-    )
-    checkpointer.close()
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 @pytest.mark.parametrize("kind", ["explicit", "auto"])
 def test_low_bit_state_on_an_8_device_mesh(kind):
     params, loss = _problem()
@@ -162,32 +138,6 @@ def test_low_bit_state_on_an_8_device_mesh(kind):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
 
 
-def test_nnx_optimizer_with_low_bit_state():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.fc1 = nnx.Linear(64, 128, rngs=rngs)
-            self.fc2 = nnx.Linear(128, 64, rngs=rngs)
-
-        def __call__(self, x):
-            return self.fc2(jnp.tanh(self.fc1(x)))
-
-    model = Net(nnx.Rngs(0))
-    tx = gj.galore_adamw(
-        1e-2, rank=8, update_proj_gap=2, moment_bits=8, projector_bits=4, on_refresh="project"
-    )
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    x = jax.random.normal(jax.random.PRNGKey(1), (16, 64))
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - x) ** 2))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(4)]  # refreshes at 0 and 2
-    assert losses[-1] < losses[0]
-
-
 def test_bad_bits_are_clear_errors():
     with pytest.raises(ValueError, match="AdamOptions.bits must be 32 or 8; got 4"):
         gj.galore_adamw(1e-3, adam=gj.AdamOptions(bits=4))
@@ -211,3 +161,56 @@ def test_low_bit_options_under_inject_hyperparams():
     assert jnp.isfinite(updates["w"]).all()
     plain = gj.galore_adamw(1e-2, rank=4, **options).init(params)
     assert jax.tree.structure(state.inner_state) == jax.tree.structure(plain)
+
+
+def test_orbax_round_trip_is_bit_exact(tmp_path):
+    pytest.importorskip("orbax.checkpoint")  # the app's dependency (not the library's)
+    from training.checkpoint import Checkpointer
+
+    params, loss = _problem()
+    tx = _galore(moment_bits=8, projector_bits=4)
+    params, state, _ = _train(tx, params, loss, 3)
+    mesh = jax.make_mesh((1,), ("data",))
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+    abstract_state = jax.eval_shape(tx.init, params)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    checkpointer.save(3, params=params, opt_state=state, data_state={}, config={})
+    _, restored, _ = checkpointer.restore(
+        3,
+        abstract_params=jax.eval_shape(lambda: params),
+        param_shardings=shardings,
+        abstract_opt_state=abstract_state,
+        opt_state_shardings=gj.state_shardings(abstract_state, params, shardings),
+    )
+    checkpointer.close()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nnx_optimizer_with_low_bit_state():
+    nnx = pytest.importorskip("flax.nnx")  # the user's path (flax is not the library's)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(64, 128, rngs=rngs)
+            self.fc2 = nnx.Linear(128, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jnp.tanh(self.fc1(x)))
+
+    model = Net(nnx.Rngs(0))
+    tx = gj.galore_adamw(
+        1e-2, rank=8, update_proj_gap=2, moment_bits=8, projector_bits=4, on_refresh="project"
+    )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 64))
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - x) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(4)]  # refreshes at 0 and 2
+    assert losses[-1] < losses[0]

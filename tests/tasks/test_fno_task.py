@@ -43,7 +43,7 @@ from training import optim
 from training.config import ConfigError, OptimizerConfig
 from training.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 240
 
 COMMON = [

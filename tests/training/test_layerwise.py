@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train import (
+from train_runs import (
     REPO,
     TIMEOUT,
     TINY,
@@ -34,7 +34,7 @@ from tasks.registry import load_config
 from training import mesh as mesh_lib
 from training import steps
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import update_cost  # noqa: E402
 
 STEPS = 20

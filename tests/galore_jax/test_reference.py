@@ -14,13 +14,13 @@ import galore_jax as gj
 # A copy of ../shared/reference/galore_torch_reference.npz travels with the repo, so a
 # clean clone (CI) replays it too; the shared file, where present, is the original.
 _SHARED = (
-    pathlib.Path(__file__).resolve().parents[1]
+    pathlib.Path(__file__).resolve().parents[2]
     / ".."
     / "shared"
     / "reference"
     / ("galore_torch_reference.npz")
 )
-_VENDORED = pathlib.Path(__file__).resolve().parent / "data" / "galore_torch_reference.npz"
+_VENDORED = pathlib.Path(__file__).resolve().parents[1] / "data" / "galore_torch_reference.npz"
 REFERENCE = _SHARED if _SHARED.exists() else _VENDORED
 
 

@@ -5,7 +5,7 @@ import importlib.util
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECKER = REPO / ".ci" / "check_imports.py"
 
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import update_cost  # noqa: E402
 

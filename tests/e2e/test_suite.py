@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUITE = REPO / "benchmarks" / "suite.sh"
 
 # argv: script.py ARGS... -> parse ARGS with the script's parser; -c CODE -> run CODE.

@@ -22,7 +22,7 @@ import galore_jax as gj
 from galore_jax import labels as labels_lib
 from galore_jax import paths
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import update_cost  # noqa: E402
 
 MAX_NORM, WD, GAP = 0.5, 0.1, 4

@@ -10,7 +10,7 @@ import pytest
 import train
 from training.metrics import read_metrics
 
-FIXTURES = Path(__file__).resolve().parent / "data" / "checkpoint_v0_2_0"
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "checkpoint_v0_2_0"
 # The command the fixtures were written with (data/checkpoint_v0_2_0/README.md).
 COMMAND = (
     "--config configs/llama_tiny.yaml model.hidden_size=32 model.intermediate_size=64 "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import TIMEOUT, losses, run_train, start_train, subprocess_env
+from train_runs import TIMEOUT, losses, run_train, start_train, subprocess_env
 
 # A refresh every 2 steps: refreshes before and after every resume point.
 GALORE = [
