@@ -1,4 +1,4 @@
-"""galore-jax: GaLore 2 and Tensor-GaLore as composable Optax transforms.
+"""galore-jax: GaLore 2, Tensor-GaLore, Fira and APOLLO as composable Optax transforms.
 
 What a user calls is here; linear algebra is the namespace `galore_jax.linalg`,
 and each concept's module (`galore_jax.galore`, `.adam`, `.layerwise`, ...)
@@ -8,17 +8,19 @@ holds its less common pieces.
 import importlib as _importlib
 import warnings as _warnings
 
+from galore_jax import clipping as clipping
 from galore_jax import linalg as linalg
 from galore_jax._low_rank import GradScaleTransformation
 from galore_jax.adam import scale_by_adam_8bit, scale_by_torch_adam
 from galore_jax.alias import GALORE_ADAMW_STATIC_ARGS, galore_adamw, tensor_galore_adamw
-from galore_jax.clipping import clip_by_layer_norm, clip_by_previous_global_norm
+from galore_jax.apollo import apollo_adamw, apollo_mini_adamw, scale_by_apollo
 from galore_jax.complex_grads import conjugate_complex_grads
 from galore_jax.describe import describe
 from galore_jax.dimensions import DimensionNumbers
-from galore_jax.galore import ScaleByGaloreState, scale_by_galore
-from galore_jax.labels import RankFallbackWarning, galore_labels
-from galore_jax.layerwise import layerwise_init, layerwise_state_shardings, layerwise_step
+from galore_jax.fira import fira_adamw, scale_by_fira
+from galore_jax.galore import scale_by_galore
+from galore_jax.labels import galore_labels
+from galore_jax.layerwise import layerwise_init, layerwise_step
 from galore_jax.master import with_master_weights
 from galore_jax.memory import memory_report
 from galore_jax.options import (
@@ -31,7 +33,7 @@ from galore_jax.options import (
 )
 from galore_jax.scanned import ScannedModel
 from galore_jax.sharding import state_shardings
-from galore_jax.tensor_galore import ScaleByTensorGaloreState, scale_by_tensor_galore
+from galore_jax.tensor_galore import scale_by_tensor_galore
 
 __version__ = "0.3.0"
 
@@ -39,8 +41,13 @@ __all__ = [
     # transformations and optimizers
     "scale_by_galore",
     "scale_by_tensor_galore",
+    "scale_by_fira",
+    "scale_by_apollo",
     "galore_adamw",
     "tensor_galore_adamw",
+    "fira_adamw",
+    "apollo_adamw",
+    "apollo_mini_adamw",
     "scale_by_adam_8bit",
     "scale_by_torch_adam",
     "conjugate_complex_grads",
@@ -55,22 +62,15 @@ __all__ = [
     "Tucker",
     "Labels",
     "DimensionNumbers",
-    # states
-    "ScaleByGaloreState",
-    "ScaleByTensorGaloreState",
     # inspection
     "describe",
     "memory_report",
     "galore_labels",
-    "RankFallbackWarning",
     # sharding and layer-wise updates
     "state_shardings",
     "ScannedModel",
     "layerwise_init",
     "layerwise_step",
-    "layerwise_state_shardings",
-    "clip_by_layer_norm",
-    "clip_by_previous_global_norm",
 ]
 
 # Names of galore-jax 0.2.0's flat namespace -> their module now (CHANGELOG.md).
@@ -91,15 +91,33 @@ _MOVED = {
     "one_layer_view": ("galore_jax.scanned", "one_layer_view"),
     "path_string": ("galore_jax.paths", "path_string"),
     "refresh_offsets": ("galore_jax._low_rank", "refresh_offsets"),
+    # Moved to their modules in 0.4.0 (room in the namespace for Fira and APOLLO).
+    "ScaleByGaloreState": ("galore_jax.galore", "ScaleByGaloreState"),
+    "ScaleByTensorGaloreState": ("galore_jax.tensor_galore", "ScaleByTensorGaloreState"),
+    "RankFallbackWarning": ("galore_jax.labels", "RankFallbackWarning"),
+    "layerwise_state_shardings": ("galore_jax.layerwise", "layerwise_state_shardings"),
+    "clip_by_layer_norm": ("galore_jax.clipping", "clip_by_layer_norm"),
+    "clip_by_previous_global_norm": ("galore_jax.clipping", "clip_by_previous_global_norm"),
     **{name: ("galore_jax.linalg", name) for name in linalg.__all__},
 }
+
+
+_MOVED_IN_0_4_0 = (
+    "ScaleByGaloreState",
+    "ScaleByTensorGaloreState",
+    "RankFallbackWarning",
+    "layerwise_state_shardings",
+    "clip_by_layer_norm",
+    "clip_by_previous_global_norm",
+)
 
 
 def __getattr__(name):
     if name in _MOVED:
         module, attr = _MOVED[name]
+        version = "0.4.0" if name in _MOVED_IN_0_4_0 else "0.3.0"
         _warnings.warn(
-            f"gj.{name} moved to {module}.{attr} in galore-jax 0.3.0 (see CHANGELOG.md)",
+            f"gj.{name} moved to {module}.{attr} in galore-jax {version} (see CHANGELOG.md)",
             DeprecationWarning,
             stacklevel=2,
         )

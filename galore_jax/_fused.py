@@ -19,7 +19,12 @@ import optax
 
 from galore_jax import labels as labels_lib
 from galore_jax._checks import check_scalar_arg
-from galore_jax._low_rank import GradScaleTransformation, scaled_by, zero_if_not_finite
+from galore_jax._low_rank import (
+    GradScaleTransformation,
+    register_bias_correction,
+    scaled_by,
+    zero_if_not_finite,
+)
 from galore_jax.adam import scale_by_adam_8bit
 from galore_jax.clipping import norm_of_finite_leaves
 from galore_jax.complex_grads import check_complex_grads
@@ -30,9 +35,10 @@ def adam(options: AdamOptions) -> optax.GradientTransformation:
     """Adam's scaling with 32-bit (optax) or block-wise 8-bit moments."""
     if options.bits == 8:
         return scale_by_adam_8bit(b1=options.b1, b2=options.b2, eps=options.eps)
-    return optax.scale_by_adam(
+    tx = optax.scale_by_adam(
         b1=options.b1, b2=options.b2, eps=options.eps, mu_dtype=options.mu_dtype
     )
+    return register_bias_correction(tx, options.b1, options.b2)
 
 
 def _decayed_weights(weight_decay, mask, name):

@@ -8,11 +8,19 @@ together, under `lax.switch` so other steps pay nothing), warm starts, skipping
 refreshes on non-finite gradients, the base optimizer on the low-rank leaves,
 what its moments do on a refresh, and the `grad_scale` / `update_scale` extra
 args that keep scalar multiplies in the low-rank space.
+
+An algorithm whose full-size update is not just the projected-back low-rank
+one (Fira adds a scaled residual of the raw gradient, APOLLO scales the raw
+gradient itself) also defines `leaf_state` and `full_update` (see the
+protocol): the engine then keeps one extra per-leaf array tree in the state
+(its sixth field) and hands `full_update` the raw gradient, the low-rank
+gradient, the base optimizer's low-rank update and its bias-correction factor.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 import zlib
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -80,6 +88,54 @@ class LowRankAlgorithm(Protocol):
 
     def rotate(self, plan: Any, moment: jax.Array, old: tuple, new: tuple, *, second: bool):
         """A low-rank moment mapped from the old basis to the new one."""
+
+    # Optional (Fira, APOLLO): both or neither.
+    #
+    # def leaf_state(self, plan) -> jax.Array:
+    #     """The extra per-leaf state of a projected leaf (e.g. a limiter's last norm)."""
+    #
+    # def full_update(self, plan, g, low_g, low_u, projectors, leaf_state, ctx):
+    #     """(full-size update in g's dtype, new leaf_state) of a projected leaf.
+    #
+    #     g: the raw gradient (grad_scale not applied); low_g: the low-rank gradient
+    #     (grad_scale applied, zero if g is not finite); low_u: the base optimizer's
+    #     low-rank update; ctx: an `UpdateContext`. The engine's default is
+    #     `from_low(ctx.scale * ctx.update_scale * low_u)`."""
+
+
+class UpdateContext(NamedTuple):
+    """The scalars `full_update` gets (None: 1)."""
+
+    scale: Any  # the transform's `scale`
+    update_scale: Any  # extra arg: multiplies the final update (e.g. -lr)
+    grad_scale: Any  # extra arg: multiplied into the gradients first (e.g. a clip factor)
+    bias_correction: Any  # the base optimizer's sqrt(1 - b2^t) / (1 - b1^t) (None: unknown)
+
+
+# Base optimizers' init functions -> base state -> their Adam bias-correction factor
+# sqrt(1 - b2^t) / (1 - b1^t) at the step just taken (what Fira's and APOLLO's
+# norm-growth limiter divides out: the packages limit before bias correction).
+_BIAS_CORRECTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def register_bias_correction(tx: optax.GradientTransformation, b1: float, b2: float):
+    """Records that `tx` is an Adam with `b1`, `b2` and a `count` in its state; returns tx."""
+
+    def factor(state):
+        t = jnp.asarray(state.count, jnp.float32)
+        return jnp.sqrt(1 - b2**t) / (1 - b1**t)
+
+    _BIAS_CORRECTIONS[tx.init] = factor
+    return tx
+
+
+def bias_correction(base_optimizer, base_state):
+    """The registered bias-correction factor of `base_optimizer` after an update, or None."""
+    try:
+        factor = _BIAS_CORRECTIONS.get(base_optimizer.init)
+    except TypeError:  # an unhashable init: not registered
+        factor = None
+    return None if factor is None else factor(base_state)
 
 
 def low_dtype(dtype):
@@ -189,8 +245,9 @@ def low_rank_transform(
     """The optax transformation of a low-rank `algorithm` (see the module docstring).
 
     `state_cls(count, key, projectors, base_state, skipped_refreshes)` builds the
-    state; `projector_dtype` (None: the param's) is the dtype of new projectors;
-    `base_optimizer` None is `optax.scale_by_adam()`.
+    state (with a sixth field, the per-leaf `leaf_state` tree, for algorithms that
+    define `full_update`); `projector_dtype` (None: the param's) is the dtype of
+    new projectors; `base_optimizer` None is `optax.scale_by_adam()`.
     """
     update_proj_gap, on_refresh, stagger = (
         schedule.update_proj_gap,
@@ -199,8 +256,9 @@ def low_rank_transform(
     )
     warm_start = getattr(schedule.refresh, "warm_start", False)
     seed = schedule.refresh.seed
-    base_optimizer = base_optimizer or optax.scale_by_adam()
+    base_optimizer = base_optimizer or register_bias_correction(optax.scale_by_adam(), 0.9, 0.999)
     base_optimizer = optax.with_extra_args_support(base_optimizer)
+    full_update = getattr(algorithm, "full_update", None)
 
     def low_rank_tree(leaves, plans, treedef, project):
         low = [
@@ -220,13 +278,17 @@ def low_rank_transform(
             for x, p in zip(leaves, plans)
         ]
         low = low_rank_tree(leaves, plans, treedef, project)
-        return state_cls(
+        fields = (
             jnp.zeros([], jnp.int32),
             jax.random.PRNGKey(seed),
             algorithm.pack(slot_trees(per_leaf, treedef, n)),
             base_optimizer.init(low),
             jnp.zeros([], jnp.int32),
         )
+        if full_update is None:
+            return state_cls(*fields)
+        extra = [() if p is None else algorithm.leaf_state(p) for p in plans]
+        return state_cls(*fields, treedef.unflatten(extra))
 
     def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra_args):
         check_scalar_arg("grad_scale", grad_scale)
@@ -321,21 +383,32 @@ def low_rank_transform(
         low_updates = treedef.flatten_up_to(low_updates)
         out_scale = scale if update_scale is None else scale * update_scale
         out = []
-        for g, plan, u, p in zip(grads, plans, low_updates, new_projectors):
+        if full_update is not None:
+            ctx = UpdateContext(
+                scale, update_scale, grad_scale, bias_correction(base_optimizer, base_state)
+            )
+            leaf_states = _slot_leaves(state[5])
+        for i, (g, plan, u, p) in enumerate(zip(grads, plans, low_updates, new_projectors)):
             if plan is None:
                 out.append(scaled_by(u, update_scale))
+            elif full_update is not None:
+                dtype = jnp.result_type(g)
+                full, leaf_states[i] = full_update(plan, g, low[i], u, p, leaf_states[i], ctx)
+                out.append(full.astype(dtype))
             else:  # scalars commute with the projection: multiply the small array
                 low_u = scaled_by(u, out_scale)
                 dtype = jnp.result_type(g)
                 out.append(project.from_low(plan, low_u, p, dtype).astype(dtype))
-        new_state = state_cls(
+        fields = (
             optax.safe_int32_increment(count),
             key,
             algorithm.pack(slot_trees(new_projectors, treedef, n)),
             base_state,
             skipped,
         )
-        return treedef.unflatten(out), new_state
+        if full_update is not None:
+            fields += (treedef.unflatten(leaf_states),)
+        return treedef.unflatten(out), state_cls(*fields)
 
     def _on_refresh_moment(project, i, moment, second, plans, flags, old, new):
         plan = plans[i]

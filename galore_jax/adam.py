@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax._low_rank import register_bias_correction
 from galore_jax._quantization import (
     DEFAULT_BLOCK_SIZE,
     MU_KIND,
@@ -68,7 +69,8 @@ def scale_by_torch_adam(
         )
         return out, ScaleByTorchAdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    # Fira's / APOLLO's norm-growth limiter reads the bias-correction factor.
+    return register_bias_correction(optax.GradientTransformation(init_fn, update_fn), b1, b2)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -198,4 +200,4 @@ def scale_by_adam_8bit(
             count, treedef.unflatten(new_mu), treedef.unflatten(new_nu)
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return register_bias_correction(optax.GradientTransformation(init_fn, update_fn), b1, b2)

@@ -112,9 +112,11 @@ def _clip_codes() -> dict:
     """The code objects of the update functions of the global clips, by name."""
     return {
         optax.clip_by_global_norm(1.0).update.__code__: "optax.clip_by_global_norm",
-        clip_by_previous_global_norm(1.0).update.__code__: "gj.clip_by_previous_global_norm",
+        clip_by_previous_global_norm(1.0).update.__code__: (
+            "gj.clipping.clip_by_previous_global_norm"
+        ),
         clip_by_layer_norm(1.0, ScannedModel(None, None, None)).update.__code__: (
-            "gj.clip_by_layer_norm"
+            "gj.clipping.clip_by_layer_norm"
         ),
     }
 

@@ -21,6 +21,10 @@ from galore_jax import paths
 __all__ = ["LeafTreatment", "Treatment", "describe"]
 
 _PROJECTOR_FIELDS = ("left", "right", "left_scales", "right_scales", "factors")
+# Per-param state that is neither a projector nor a moment: APOLLO's random
+# projection keys (the projection is regenerated from them), Fira's and APOLLO's
+# norm-growth limiter (the last residual norm).
+_PER_LEAF_FIELDS = frozenset(("projection_keys", "limiter"))
 
 
 @dataclasses.dataclass
@@ -32,7 +36,9 @@ class LeafTreatment:
       shape: the param's shape.
       label: `optax.partition` label ("galore", "tensor_galore", "adam", ...), or
         "-" when the optimizer does not partition.
-      side: "left" / "right" / "full" (GaLore), "tucker" (Tensor-GaLore) or "-".
+      side: "left" / "right" / "full" (GaLore, Fira, APOLLO with an SVD), "random left" /
+        "random right" (APOLLO's regenerated random projection), "tucker"
+        (Tensor-GaLore) or "-".
       rank: GaLore rank, Tucker ranks per mode, or None.
       projector_shapes: shapes of the projectors / Tucker factors kept for it (their
       codes' shapes when quantized: int4 packs two values per byte).
@@ -166,13 +172,17 @@ def describe(tx, params: Any) -> Treatment:
             shape = tuple(leaf.shape)
         names = paths.path_string(keypath).split("/")
         owner = _owner(names, split_names)
-        if owner is None or not shape:
+        per_leaf = _PER_LEAF_FIELDS.intersection(names)  # a key, a limiter's norm
+        if owner is None or (not shape and not per_leaf):
             shared += nbytes
             continue
         t = leaves[owner]
         t.bytes += nbytes
         if "inner_states" in names and names.index("inner_states") + 1 < len(names):
             t.label = names[names.index("inner_states") + 1]
+        if per_leaf:
+            t.side = "random" if "projection_keys" in per_leaf and t.side == "-" else t.side
+            continue
         field = next((f for f in reversed(names) if f in _PROJECTOR_FIELDS), None)
         if field is None:
             t.moment_shapes.append(shape)
@@ -186,4 +196,9 @@ def describe(tx, params: Any) -> Treatment:
         else:
             t.side = field if t.side in ("-", field) else "full"
             t.rank = shape[-1] if field == "left" else shape[-2]
+    for t in leaves:  # a random projection (APOLLO): side and rank from the moments
+        low = [m for m in t.moment_shapes if len(m) == len(t.shape) and m != t.shape]
+        if t.side == "random" and low:
+            right = low[0][-1] != t.shape[-1]
+            t.side, t.rank = ("random right", low[0][-1]) if right else ("random left", low[0][-2])
     return Treatment(leaves, shared)

@@ -150,13 +150,13 @@ def _clip(cfg: OptimizerConfig, scanned_model) -> Optional[optax.GradientTransfo
     if cfg.grad_clip_mode == "global":
         return optax.clip_by_global_norm(cfg.grad_clip)
     if cfg.grad_clip_mode == "previous_global":
-        return gj.clip_by_previous_global_norm(cfg.grad_clip)
+        return gj.clipping.clip_by_previous_global_norm(cfg.grad_clip)
     if scanned_model is None:
         raise ConfigError(
             "optimizer.grad_clip_mode=layer needs a model of scanned layers "
             "(task: lm with model.scan_layers=true)"
         )
-    return gj.clip_by_layer_norm(cfg.grad_clip, scanned_model)
+    return gj.clipping.clip_by_layer_norm(cfg.grad_clip, scanned_model)
 
 
 def _build(

@@ -132,7 +132,7 @@ def build_run(config: Config, num_devices: int) -> Run:
     dims = dimension_numbers_from_layer_axes(task.layer_axes(param_vars))
     scanned = _scanned_model(config, task, abstract_model)
     with warnings.catch_warnings(record=True) as caught:  # printed by train.py, one line each
-        warnings.simplefilter("always", gj.RankFallbackWarning)
+        warnings.simplefilter("always", gj.labels.RankFallbackWarning)
         tx, lr_schedule = build_optimizer(
             config.optimizer,
             config.steps,
@@ -150,7 +150,7 @@ def build_run(config: Config, num_devices: int) -> Run:
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     _check_something_is_projected(config, abstract_opt_state)
     if config.optimizer.layerwise:
-        opt_shardings = gj.layerwise_state_shardings(
+        opt_shardings = gj.layerwise.layerwise_state_shardings(
             abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
         )
     else:

@@ -26,6 +26,10 @@ def test_public_names_and_parameter_counts_stay_small():
     assert len(inspect.signature(gj.galore_adamw).parameters) <= 15
     assert len(inspect.signature(gj.tensor_galore_adamw).parameters) <= 15
     assert len(inspect.signature(gj.scale_by_galore).parameters) <= 12
+    for alias in (gj.fira_adamw, gj.apollo_adamw, gj.apollo_mini_adamw):
+        assert len(inspect.signature(alias).parameters) <= 15, alias.__name__
+    for transform in (gj.scale_by_fira, gj.scale_by_apollo):
+        assert len(inspect.signature(transform).parameters) <= 13, transform.__name__
     # Linear algebra is a namespace, not flat names.
     assert "randomized_svd" not in gj.__all__ and callable(gj.linalg.randomized_svd)
 
@@ -136,5 +140,9 @@ def test_0_2_0_names_resolve_with_a_warning():
         assert gj.exact_svd is gj.linalg.exact_svd
     with pytest.warns(DeprecationWarning, match="optimizer_state_bytes moved"):
         assert gj.optimizer_state_bytes is gj.memory.optimizer_state_bytes
+    with pytest.warns(DeprecationWarning, match=r"ScaleByGaloreState moved to galore_jax.galore"):
+        assert gj.ScaleByGaloreState is gj.galore.ScaleByGaloreState
+    with pytest.warns(DeprecationWarning, match=r"moved to galore_jax.clipping"):
+        assert gj.clip_by_layer_norm is gj.clipping.clip_by_layer_norm
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         gj.not_a_name  # noqa: B018

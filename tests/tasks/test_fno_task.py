@@ -186,7 +186,7 @@ def _tensor_galore_states(state):
     found = []
 
     def visit(node):
-        if isinstance(node, gj.ScaleByTensorGaloreState):
+        if isinstance(node, gj.tensor_galore.ScaleByTensorGaloreState):
             found.append(node)
             return True
         return False

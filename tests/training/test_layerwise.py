@@ -348,9 +348,9 @@ def test_user_scanned_model_matches_a_plain_optax_loop(clip):
     options = dict(rank=4, update_proj_gap=3, weight_decay=0.1)
     standard = gj.galore_adamw(3e-3, dimension_numbers=dims, **options)
     if clip == "layer":
-        standard = optax.chain(gj.clip_by_layer_norm(0.05, model), standard)
+        standard = optax.chain(gj.clipping.clip_by_layer_norm(0.05, model), standard)
     elif clip == "previous_global":
-        standard = optax.chain(gj.clip_by_previous_global_norm(0.05), standard)
+        standard = optax.chain(gj.clipping.clip_by_previous_global_norm(0.05), standard)
     # One group at a time, the optimizer cannot tell the encoder (a table by
     # structure: its input side is no layer size) from a layer: labels by path.
     labels = gj.labels.labels_by_path(gj.galore_labels(params, dimension_numbers=dims, rank=4))
@@ -462,7 +462,7 @@ def _clipped_optimizers():
                 optax.clip_by_global_norm(1.0), optax.adam(learning_rate)
             )
         )(learning_rate=optax.linear_schedule(1e-3, 0.0, 10)),
-        "previous_global": optax.chain(gj.clip_by_previous_global_norm(1.0), adam),
+        "previous_global": optax.chain(gj.clipping.clip_by_previous_global_norm(1.0), adam),
     }
 
 
