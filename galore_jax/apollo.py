@@ -268,6 +268,8 @@ def apollo_adamw(
     proj_type: str = "std",
     svd: Union[str, Refresh, RandomProjection] = "random",
     norm_growth_limit: Optional[float] = 1.01,
+    on_refresh: str = "keep",
+    stagger: bool = False,
     adam: Optional[AdamOptions] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
@@ -303,6 +305,8 @@ def apollo_adamw(
             base_optimizer=base,
             dimension_numbers=labeler,
             norm_growth_limit=norm_growth_limit,
+            on_refresh=on_refresh,
+            stagger=stagger,
         )
 
     transform(None, None)  # checks the arguments now, not at init
@@ -327,6 +331,8 @@ def apollo_mini_adamw(
     scale: float = 128.0,
     svd: Union[str, Refresh, RandomProjection] = "random",
     norm_growth_limit: Optional[float] = 1.01,
+    on_refresh: str = "keep",
+    stagger: bool = False,
     adam: Optional[AdamOptions] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
@@ -353,6 +359,8 @@ def apollo_mini_adamw(
         scale_type="tensor",
         svd=svd,
         norm_growth_limit=norm_growth_limit,
+        on_refresh=on_refresh,
+        stagger=stagger,
         adam=adam,
         weight_decay=weight_decay,
         weight_decay_mask=weight_decay_mask,

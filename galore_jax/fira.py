@@ -262,6 +262,8 @@ def fira_adamw(
     svd: Union[str, Refresh] = "randomized",
     projector: Optional[ProjectorStorage] = None,
     norm_growth_limit: Optional[float] = 1.01,
+    on_refresh: str = "keep",
+    stagger: bool = False,
     adam: Optional[AdamOptions] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
@@ -285,7 +287,6 @@ def fira_adamw(
       'galore'
     """
     _checks.check_ranks("rank", rank)
-    _checks.check_schedule(update_proj_gap, "keep", False)
     check_limit(norm_growth_limit)
 
     def transform(base, labeler):
@@ -299,6 +300,8 @@ def fira_adamw(
             projector=projector,
             dimension_numbers=labeler,
             norm_growth_limit=norm_growth_limit,
+            on_refresh=on_refresh,
+            stagger=stagger,
         )
 
     transform(None, None)  # checks the arguments now, not at init

@@ -65,6 +65,7 @@ STRUCTURAL_CONFIG_KEYS = (
     "optimizer.master_dtype",  # the master copy lives in the state
     "optimizer.layerwise",  # per-group state, the layers' stacked
     "optimizer.grad_clip_mode",  # previous_global keeps a norm in the state
+    "optimizer.projection",  # APOLLO: a key per param (random) or SVD projectors
 )
 # Model settings that change how the model runs, not its params: these may
 # differ between a checkpoint and the run resuming it.
@@ -167,7 +168,9 @@ NOT_SET = "(not set)"
 
 def _applies(key: str, optimizer_name: Any) -> bool:
     """Whether config ``key`` means anything for this optimizer: tensor_rank_mode is
-    read by tensor_galore's float rank only."""
+    read by tensor_galore's float rank only, projection by APOLLO only."""
+    if key == "optimizer.projection":
+        return optimizer_name in ("apollo", "apollo_mini")
     return key != "optimizer.tensor_rank_mode" or optimizer_name == "tensor_galore"
 
 

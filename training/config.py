@@ -201,13 +201,17 @@ class OptimizerConfig(_Section):
     """Optimizer and schedule.
 
     ``name``: ``adamw`` (optax.adamw), ``galore`` (galore_jax.galore_adamw),
-    ``tensor_galore`` (galore_jax.tensor_galore_adamw) or ``optax_galore``
-    (optax.contrib.galore, for comparison). The schedule warms up linearly over
-    ``warmup_fraction`` of the steps, then follows a cosine down to
-    ``final_lr_fraction * lr`` (the GaLore paper uses 0.1 and 0.1).
+    ``tensor_galore`` (galore_jax.tensor_galore_adamw), ``fira``
+    (galore_jax.fira_adamw), ``apollo`` / ``apollo_mini`` (galore_jax.apollo_adamw /
+    apollo_mini_adamw) or ``optax_galore`` (optax.contrib.galore, for comparison).
+    The schedule warms up linearly over ``warmup_fraction`` of the steps, then
+    follows a cosine down to ``final_lr_fraction * lr`` (the GaLore paper uses 0.1
+    and 0.1).
     """
 
-    name: Literal["adamw", "galore", "tensor_galore", "optax_galore"] = "adamw"
+    name: Literal[
+        "adamw", "galore", "tensor_galore", "fira", "apollo", "apollo_mini", "optax_galore"
+    ] = "adamw"
     lr: Float = Field(1e-3, gt=0)
     weight_decay: Float = 0.0
     grad_clip: Float = Field(1.0, ge=0)  # clip threshold; 0 disables
@@ -235,6 +239,16 @@ class OptimizerConfig(_Section):
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
     on_refresh: Literal["keep", "reset", "project"] = "keep"
     stagger: Bool = False
+    # Fira / APOLLO: the norm-growth limiter's largest growth of the full-rank
+    # term's norm per step (null: off); APOLLO's scale per row / column ("channel")
+    # or per matrix ("tensor"; apollo_mini always); APOLLO's scale (the update is
+    # multiplied by its square root; null: 1 for apollo, 128 for apollo_mini: not
+    # `scale`, which is GaLore's and Fira's alpha); APOLLO's projection, "random"
+    # (null: the default, no SVD, a key stored) or "svd" (optimizer.svd's, stored).
+    norm_growth_limit: Optional[Float] = Field(1.01, gt=1)
+    scale_type: Literal["channel", "tensor"] = "channel"
+    apollo_scale: Optional[Float] = Field(None, gt=0)
+    projection: Optional[Literal["random", "svd"]] = None
     # The option objects of galore_jax, one section each (keys = their fields):
     # adam: gj.AdamOptions (b1, b2, eps, bits: 32 | 8 for block-wise 8-bit moments;
     #   every optimizer but optax_galore);

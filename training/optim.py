@@ -3,6 +3,9 @@
 ``adamw``          optax.adamw (the full-rank baseline)
 ``galore``         galore_jax.galore_adamw (GaLore with randomized SVD, ...)
 ``tensor_galore``  galore_jax.tensor_galore_adamw (Tucker projections)
+``fira``           galore_jax.fira_adamw (GaLore + a norm-scaled full-rank residual)
+``apollo``         galore_jax.apollo_adamw (the raw gradient, scaled per channel)
+``apollo_mini``    galore_jax.apollo_mini_adamw (rank 1, one scale per matrix)
 ``optax_galore``   optax.contrib.galore (reference implementation, comparison)
 """
 
@@ -97,7 +100,7 @@ def build_optimizer(
         rank = _per_mode_fraction_ranks(cfg, params)
     labels = None
     if cfg.layerwise:  # the optimizer sees one part at a time: label it as the whole tree
-        if cfg.name in ("galore", "tensor_galore"):
+        if cfg.name in ("galore", "tensor_galore", *LOW_RANK_ADAMW):
             labels = gj.labels.labels_by_path(
                 _whole_tree_labels(cfg, params, dimension_numbers, rank, scanned_model)
             )
@@ -118,20 +121,23 @@ def build_optimizer(
     return tx, schedule
 
 
+# Fira and APOLLO: GaLore's labels (other N-D tensors: plain Adam), GaLore's options.
+LOW_RANK_ADAMW = ("fira", "apollo", "apollo_mini")
 # Optimizers whose factory takes `max_grad_norm` (the standard step's global-norm clip).
-FUSED_CLIP_OPTIMIZERS = ("galore", "tensor_galore")
+FUSED_CLIP_OPTIMIZERS = ("galore", "tensor_galore", *LOW_RANK_ADAMW)
 
 
 def _whole_tree_labels(cfg: OptimizerConfig, params, dimension_numbers, rank, scanned_model):
     """The labels the whole-tree rule gives; Tensor-GaLore (layer-wise) Tucker-projects
     each layer's matrices, as a factor along the layer axis would need every layer."""
-    if cfg.name == "galore":
+    if cfg.name in ("galore", *LOW_RANK_ADAMW):
         return gj.galore_labels(
             params,
             label_overrides=cfg.label_overrides,
             dimension_numbers=dimension_numbers,
-            rank=rank,
+            rank=1 if cfg.name == "apollo_mini" else rank,
             proj_type=cfg.proj_type,
+            **({} if cfg.name == "galore" else {"tensors": "adam"}),
         )
     layers = f"^{scanned_model.layers_key}/"
     return gj.galore_labels(
@@ -169,20 +175,22 @@ def _build(
     max_grad_norm: Optional[float] = None,
 ) -> optax.GradientTransformation:
     svd = cfg.svd if isinstance(cfg.svd, gj.RandomizedSVD) else None
-    if cfg.name != "galore" and cfg.projector.bits != 32:
+    if cfg.name not in ("galore", "fira") and cfg.projector.bits != 32:
         raise ConfigError(
-            f"optimizer.projector.bits={cfg.projector.bits} needs optimizer.name=galore "
-            f"(matrix projectors), got {cfg.name!r}"
+            f"optimizer.projector.bits={cfg.projector.bits} needs optimizer.name=galore or "
+            f"fira (stored matrix projectors), got {cfg.name!r}"
         )
-    if cfg.name != "galore" and svd is not None and svd.passes != 2:
+    matrix_svd = ("galore", *LOW_RANK_ADAMW)
+    if cfg.name not in matrix_svd and svd is not None and svd.passes != 2:
         raise ConfigError(
-            f"optimizer.svd.passes={svd.passes} applies to optimizer.name=galore's randomized "
-            f"SVD, got {cfg.name!r}"
+            f"optimizer.svd.passes={svd.passes} applies to the matrix optimizers' randomized "
+            f"SVD ({', '.join(matrix_svd)}), got {cfg.name!r}"
         )
     if svd is not None and svd.eigh is not None:
-        if cfg.name != "galore":
+        if cfg.name not in matrix_svd:
             raise ConfigError(
-                f"optimizer.svd.eigh={svd.eigh} applies to optimizer.name=galore, got {cfg.name!r}"
+                f"optimizer.svd.eigh={svd.eigh} applies to optimizer.name={'/'.join(matrix_svd)}"
+                f", got {cfg.name!r}"
             )
         try:  # before the first step compiles (and before output_dir is written)
             gj.linalg.check_eigh_available(svd.eigh)
@@ -224,6 +232,8 @@ def _build(
             rank=rank,
             max_grad_norm=max_grad_norm,
         )
+    elif cfg.name in LOW_RANK_ADAMW:
+        tx = _low_rank_adamw(cfg, schedule, dimension_numbers, seed, rank, labels, max_grad_norm)
     elif cfg.name == "optax_galore":
         if adam.bits != 32:
             raise ConfigError("optimizer.adam.bits=8 is not available for optax_galore")
@@ -258,6 +268,40 @@ def _build(
     else:  # config validation already restricts the names
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
     return tx
+
+
+def _low_rank_adamw(cfg, schedule, dimension_numbers, seed, rank, labels, max_grad_norm):
+    """fira_adamw / apollo_adamw / apollo_mini_adamw from the config."""
+    if cfg.projection is not None and cfg.name == "fira":
+        raise ConfigError(
+            f"optimizer.projection={cfg.projection} applies to apollo / apollo_mini; fira "
+            "projects on optimizer.svd's singular vectors"
+        )
+    options = _galore_options(cfg, seed, labels, dimension_numbers)
+    if cfg.name != "fira" and cfg.projection != "svd":
+        options["svd"] = gj.apollo.RandomProjection(seed=seed)
+    common = dict(norm_growth_limit=cfg.norm_growth_limit, max_grad_norm=max_grad_norm)
+    if cfg.name == "fira":
+        return gj.fira_adamw(
+            schedule,
+            **options,
+            **common,
+            rank=rank,
+            proj_type=cfg.proj_type,
+            projector=cfg.projector,
+        )
+    del options["scale"]
+    if cfg.name == "apollo_mini":
+        return gj.apollo_mini_adamw(schedule, **options, **common, scale=cfg.apollo_scale or 128.0)
+    return gj.apollo_adamw(
+        schedule,
+        **options,
+        **common,
+        rank=rank,
+        proj_type=cfg.proj_type,
+        scale=cfg.apollo_scale or 1.0,
+        scale_type=cfg.scale_type,
+    )
 
 
 def _per_mode_fraction_ranks(cfg: OptimizerConfig, params: Any) -> Any:

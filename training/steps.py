@@ -95,7 +95,7 @@ def dimension_numbers_from_layer_axes(layer_axes: Any) -> Any:
 
 def _check_something_is_projected(config: Config, abstract_opt_state: Any) -> None:
     """A GaLore run in which no param is projected is AdamW under another name."""
-    if config.optimizer.name not in ("galore", "tensor_galore"):
+    if config.optimizer.name not in ("galore", "tensor_galore", "fira", "apollo", "apollo_mini"):
         return
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract_opt_state)[0]:
         names = gj.paths.path_string(keypath).split("/")
