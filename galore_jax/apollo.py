@@ -178,6 +178,7 @@ def scale_by_apollo(
     on_refresh: str = "keep",
     stagger: bool = False,
     base_optimizer: Optional[optax.GradientTransformation] = None,
+    projector: Optional[ProjectorStorage] = None,
     dimension_numbers: Union[None, DimensionNumbers, Any, Callable[[Any], Any]] = None,
     norm_growth_limit: Optional[float] = 1.01,
 ) -> GradScaleTransformation:
@@ -202,6 +203,8 @@ def scale_by_apollo(
       scale_front: apply sqrt(scale) before the limiter instead of after it.
       on_refresh, stagger: as in `gj.scale_by_galore` ("project" needs an SVD).
       base_optimizer: runs on the low-rank gradients (default `optax.scale_by_adam()`).
+      projector: how SVD projectors are stored, as in `gj.scale_by_galore` (int8 / int4
+        codes); a random projection stores only its key (bits=32 only).
       dimension_numbers: as in `gj.scale_by_galore`.
       norm_growth_limit: the limiter's largest growth of ||S|| per step, or None.
 
@@ -237,12 +240,18 @@ def scale_by_apollo(
         raise TypeError(f"scale_front must be a bool, got {scale_front!r}")
     check_limit(norm_growth_limit)
     _checks.check_base_optimizer(base_optimizer, "scale_by_apollo")
+    projector = _checks.check_option("projector", projector, ProjectorStorage)
+    if random and projector != ProjectorStorage():
+        raise ValueError(
+            f"projector={projector!r} stores SVD projectors; svd='random' stores a key per "
+            "param: use svd='exact' / 'randomized' for low-bit projectors"
+        )
     cls = RandomApollo if random else MatrixApollo
     algorithm = cls(
         rank,
         proj_type,
         refresh,
-        ProjectorStorage(),
+        projector,
         dimension_numbers,
         scale_type=scale_type,
         scale_front=scale_front,
@@ -253,7 +262,7 @@ def scale_by_apollo(
         Schedule(update_proj_gap, on_refresh, stagger, refresh),
         scale=scale,
         base_optimizer=base_optimizer,
-        projector_dtype=None,
+        projector_dtype=projector.dtype,
         state_cls=ScaleByApolloState,
     )
 

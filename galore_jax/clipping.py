@@ -156,7 +156,8 @@ def _global_norm_clips(tx: Any) -> list:
             found.append(f"{name}({held.get('max_norm', '...')})")
         elif obj.__module__ == "galore_jax._fused" and held.get("max_grad_norm") is not None:
             found.append(
-                f"gj.galore_adamw / gj.tensor_galore_adamw(max_grad_norm={held['max_grad_norm']})"
+                "an alias's (gj.galore_adamw, tensor_galore_adamw, fira_adamw, apollo_adamw, "
+                f"apollo_mini_adamw) max_grad_norm={held['max_grad_norm']}"
             )
     return sorted(set(found))
 

@@ -104,8 +104,8 @@ def unbiased(low_u, ctx):
 
 
 def channel_axis(plan) -> int:
-    """The low-rank axis the per-channel norms run along: r (one factor per row of a
-    right projection's m x r) or r again (one per column of a left one's r x n)."""
+    """The low-rank axis the per-channel norms run along: the rank axis, so one factor
+    per row of a right projection's m x r, or per column of a left one's r x n."""
     return -1 if plan.side == "right" else -2
 
 

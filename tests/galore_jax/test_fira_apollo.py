@@ -379,4 +379,52 @@ def test_bad_arguments_raise_at_construction():
         gj.scale_by_apollo(4, on_refresh="project")
     with pytest.raises(ValueError, match="svd must be 'random'"):
         gj.apollo_adamw(1e-3, svd="lanczos")
+    with pytest.raises(ValueError, match="svd='random' stores a key per param"):
+        gj.scale_by_apollo(4, projector=gj.ProjectorStorage(bits=8))
     gj.scale_by_apollo(4, svd="exact", on_refresh="project")  # an SVD basis rotates
+
+
+def test_apollo_svd_projectors_can_be_low_bit():
+    tx = gj.scale_by_apollo(4, svd="randomized", projector=gj.ProjectorStorage(bits=4))
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (32, 48))}
+    state = tx.init(params)
+    for t in range(3):
+        updates, state = jax.jit(tx.update)(_grads(params, t), state)
+    assert state.projectors.left["w"].dtype == jnp.uint8  # packed int4 codes
+    assert np.isfinite(np.asarray(updates["w"])).all()
+
+
+@pytest.mark.parametrize("build", [gj.fira_adamw, gj.apollo_adamw, gj.apollo_mini_adamw])
+def test_layerwise_refuses_the_aliases_global_clip(build):
+    model = gj.ScannedModel(
+        lambda p, b: b @ p["w_in"],
+        lambda p, x: x @ p["w"],
+        lambda p, x, b: jnp.mean(x @ p["w_out"]),
+        layers_key="blocks",
+        before=("w_in",),
+        after=("w_out",),
+    )
+    with pytest.raises(ValueError, match=r"fira_adamw, apollo_adamw.*max_grad_norm=1\.0"):
+        gj.layerwise_step(build(1e-3, max_grad_norm=1.0), model, max_norm=1.0)
+
+
+@pytest.mark.parametrize("transform", [gj.scale_by_fira, gj.scale_by_apollo])
+def test_every_registered_adam_gives_the_limiter_its_bias_correction(transform):
+    """optax's Adam (the default base), torch's and the aliases' report their factor
+    sqrt(1 - b2^t) / (1 - b1^t): the limited trajectories agree; an Adam the engine
+    cannot see into (inside a chain) is limited on its corrected output instead."""
+    key = jax.random.PRNGKey(5)
+    grads = [{"w": jax.random.normal(jax.random.fold_in(key, t), (24, 16))} for t in range(6)]
+
+    def run(base):
+        tx = optax.chain(transform(4, update_proj_gap=3, svd="exact", base_optimizer=base))
+        state, out = tx.init(grads[0]), []
+        for g in grads:
+            u, state = jax.jit(tx.update)(g, state)
+            out.append(np.asarray(u["w"]))
+        return np.array(out)
+
+    optax_adam = run(None)
+    np.testing.assert_allclose(run(gj.scale_by_torch_adam(eps=1e-8)), optax_adam, rtol=2e-4)
+    hidden = run(optax.chain(optax.scale_by_adam()))
+    assert not np.allclose(hidden, optax_adam, rtol=1e-2)
