@@ -48,6 +48,9 @@ OPTIMIZERS = (
     "optax_galore",
     "galore_8bit",
     "galore_8bit_int4",
+    "fira",
+    "apollo",
+    "apollo_mini",
 )
 DEFAULT_OPTIMIZERS = ("adamw", "galore", "galore_exact", "optax_galore")
 OVERRIDES = {
@@ -68,6 +71,10 @@ OVERRIDES = {
         "optimizer.adam.bits=8",
         "optimizer.projector.bits=4",
     ],
+    # Fira / APOLLO at GaLore's learning rate (their papers use GaLore's settings).
+    "fira": ["optimizer.name=fira"],
+    "apollo": ["optimizer.name=apollo"],
+    "apollo_mini": ["optimizer.name=apollo_mini"],
 }
 
 
