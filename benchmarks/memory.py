@@ -51,23 +51,14 @@ VARIANTS = {
         "galore_adamw, 8-bit moments, int8 projectors, layer-wise",
     ),
     "adamw_layerwise": (["optimizer.name=adamw", *LAYERWISE], "optax.adamw, layer-wise"),
-    "adamw_8bit": (["optimizer.name=adamw", "optimizer.adam.bits=8"], "AdamW, 8-bit moments"),
-    "fira": (["optimizer.name=fira"], "fira_adamw, standard step"),
-    "apollo": (["optimizer.name=apollo"], "apollo_adamw (random projection)"),
-    "apollo_mini": (["optimizer.name=apollo_mini"], "apollo_mini_adamw (rank 1, tensor)"),
-    "apollo_mini_8bit": (
-        ["optimizer.name=apollo_mini", "optimizer.adam.bits=8"],
-        "apollo_mini_adamw, 8-bit moments",
-    ),
 }
-STATE_VARIANTS = ("adamw", "adamw_8bit", "galore", "fira", "apollo", "apollo_mini")
 DEFAULT_VARIANTS = ("adamw", "galore", "galore_layerwise", "galore_8bit", "galore_layerwise_8bit")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_shared_args(p, "--config", "--batch-size", "--seq-len", "--gap", "--rank")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS))
     common.add_overrides_arg(p, help="config override for every variant (repeatable)")
     p.add_argument(
         "--run-steps",
@@ -75,12 +66,6 @@ def parse_args(argv=None):
         default=0,
         help="also run this many real steps per variant and report peak_bytes_in_use "
         "(GPU/TPU; 0: compile only)",
-    )
-    p.add_argument(
-        "--state-only",
-        action="store_true",
-        help="only the optimizer state's bytes from its abstract shapes (jax.eval_shape: "
-        "no compile, nothing allocated; default variants: " + ", ".join(STATE_VARIANTS) + ")",
     )
     p.add_argument("--json", dest="out", default="", help="JSON results path ('' to skip)")
     common.add_shared_args(p, "--timeout")
@@ -224,44 +209,8 @@ def table(results) -> str:
     return common.markdown_table(headers, rows)
 
 
-def state_only(args) -> int:
-    """Optimizer-state bytes per variant, from abstract shapes, in this process."""
-    import jax
-
-    import galore_jax as gj
-    from tasks.registry import load_config
-    from training import steps
-
-    rows, results = [], []
-    for name in args.variants:
-        overrides, description = VARIANTS[name]
-        config = load_config(args.config, common.base_overrides(args) + overrides)
-        run = steps.build_run(config, jax.device_count())
-        nbytes = int(gj.memory.optimizer_state_bytes(run.abstract_opt_state))
-        results.append({"variant": name, "description": description, "opt_state_bytes": nbytes})
-    by_name = {r["variant"]: r["opt_state_bytes"] for r in results}
-    for r in results:
-        ratio = lambda base: (
-            f"{r['opt_state_bytes'] / by_name[base]:.4f}x" if base in by_name else "-"
-        )
-        gib = r["opt_state_bytes"] / 2**30
-        rows.append([r["variant"], r["description"], f"{gib:.3f}", ratio("adamw"), ratio("galore")])
-    print(
-        f"\nOptimizer state of {args.config} (overrides: "
-        f"{' '.join(common.base_overrides(args)) or 'none'}), from abstract shapes.\n"
-    )
-    print(common.markdown_table(["variant", "what", "GiB", "vs adamw", "vs galore"], rows))
-    common.print_json_block(results)
-    common.write_json(args.out or None, common.payload("memory_state", results=results))
-    return 0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.variants is None:
-        args.variants = list(STATE_VARIANTS if args.state_only else DEFAULT_VARIANTS)
-    if args.state_only:
-        return state_only(args)
     if args.child:
         common.print_child_result(run_child(args.child, args))
         return 0

@@ -53,6 +53,11 @@ EXTRA = (
     "galore_layerwise",
     "galore_jacobi",
     "galore_master",
+    "fira",
+    "apollo",
+    "apollo_svd",
+    "apollo_mini",
+    "apollo_mini_8bit",
 )
 DESCRIPTIONS = {
     "adamw": "optax.adamw",
@@ -69,6 +74,11 @@ DESCRIPTIONS = {
     "galore_layerwise": "galore_adamw, randomized, layer-wise (per-layer clipping)",
     "galore_jacobi": "galore_adamw, randomized, Jacobi eigh (cuSOLVER syevj; GPU only)",
     "galore_master": "galore_adamw, randomized, float32 master of 16-bit params",
+    "fira": "fira_adamw, randomized SVD (GaLore's state + a norm per matrix)",
+    "apollo": "apollo_adamw, random projection (a key per matrix)",
+    "apollo_svd": "apollo_adamw, randomized SVD projectors",
+    "apollo_mini": "apollo_mini_adamw (rank 1, one scale per matrix)",
+    "apollo_mini_8bit": "apollo_mini_adamw, 8-bit moments",
 }
 # Variants = a base variant plus config overrides.
 DERIVED = {
@@ -78,6 +88,8 @@ DERIVED = {
     "galore_layerwise": ("galore", ["optimizer.layerwise=true", "optimizer.grad_clip_mode=layer"]),
     "galore_jacobi": ("galore", ["optimizer.eigh_implementation=jacobi"]),
     "galore_master": ("galore", ["optimizer.master_dtype=float32"]),  # with bf16 params
+    "apollo_svd": ("apollo", ["optimizer.projection=svd"]),
+    "apollo_mini_8bit": ("apollo_mini", ["optimizer.adam.bits=8"]),
 }
 
 
@@ -111,6 +123,8 @@ def variant_overrides(name: str, args) -> list[str]:
             f"optimizer.rank={args.tensor_rank}",
             "optimizer.stagger=false",
         ]
+    if name in ("fira", "apollo", "apollo_mini"):
+        return [f"optimizer.name={name}", "optimizer.svd=randomized", "optimizer.stagger=false"]
     if name == "optax_galore":
         # optax.contrib.galore projects 2-D leaves only: unrolled layers.
         return ["optimizer.name=optax_galore", "model.scan_layers=false"]
