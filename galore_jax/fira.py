@@ -60,9 +60,15 @@ def check_limit(norm_growth_limit) -> None:
     """None (off) or a number > 1 (1.01 in both papers)."""
     if norm_growth_limit is None:
         return
-    if isinstance(norm_growth_limit, bool) or not isinstance(norm_growth_limit, (int, float)):
+    if isinstance(norm_growth_limit, bool) or not (
+        isinstance(norm_growth_limit, (int, float)) or jnp.ndim(norm_growth_limit) == 0
+    ):
         raise TypeError(f"norm_growth_limit must be None or a float > 1, got {norm_growth_limit!r}")
-    if not norm_growth_limit > 1:
+    try:  # an array (optax.inject_hyperparams) is checked where it is concrete
+        value = float(norm_growth_limit)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    if not value > 1:
         raise ValueError(f"norm_growth_limit must be None or > 1, got {norm_growth_limit!r}")
 
 

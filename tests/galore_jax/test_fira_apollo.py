@@ -428,3 +428,37 @@ def test_every_registered_adam_gives_the_limiter_its_bias_correction(transform):
     np.testing.assert_allclose(run(gj.scale_by_torch_adam(eps=1e-8)), optax_adam, rtol=2e-4)
     hidden = run(optax.chain(optax.scale_by_adam()))
     assert not np.allclose(hidden, optax_adam, rtol=1e-2)
+
+
+@pytest.mark.parametrize("build", [gj.fira_adamw, gj.apollo_adamw])
+def test_inject_hyperparams_multisteps_and_bf16(build):
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (32, 48)), "b": jnp.zeros(48)}
+    grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+    injected = optax.inject_hyperparams(build, static_args=gj.GALORE_ADAMW_STATIC_ARGS)(
+        learning_rate=1e-3, rank=4
+    )
+    want, _ = build(1e-3, rank=4).update(grads, build(1e-3, rank=4).init(params), params)
+    got, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-4, atol=1e-9)
+    multi = optax.MultiSteps(build(1e-3, rank=4), every_k_schedule=2)
+    state = multi.init(params)
+    for _ in range(4):
+        updates, state = jax.jit(multi.update)(grads, state, params)
+    assert np.isfinite(np.asarray(updates["w"])).all()
+    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    tx = build(1e-3, rank=4)
+    updates, _ = jax.jit(tx.update)(bf16, tx.init(bf16), bf16)
+    assert updates["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("svd", ["exact", "random"])
+@pytest.mark.parametrize("transform", [gj.scale_by_fira, gj.scale_by_apollo])
+def test_complex_params(transform, svd):
+    if transform is gj.scale_by_fira and svd == "random":
+        pytest.skip("Fira projects on singular vectors")
+    k = jax.random.split(jax.random.PRNGKey(1))
+    g = {"w": (jax.random.normal(k[0], (32, 48)) + 1j * jax.random.normal(k[1], (32, 48)))}
+    g = jax.tree.map(lambda x: x.astype(jnp.complex64), g)
+    tx = transform(4, svd=svd)
+    updates, _ = jax.jit(tx.update)(g, tx.init(g))
+    assert updates["w"].dtype == jnp.complex64 and np.isfinite(np.asarray(updates["w"])).all()
