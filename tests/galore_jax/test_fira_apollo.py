@@ -64,8 +64,23 @@ def _run(params, state, steps, step_fn, start=0):
     return params, state
 
 
-@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
-@pytest.mark.parametrize("name", ["fira", "apollo", "apollo_tensor_svd"])
+# Both algorithms and both mesh modes in the default suite; the other pairs on demand.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "axis_type,name",
+    [("explicit", "fira"), ("auto", "apollo")]
+    + [
+        pytest.param(a, n, marks=_SLOW)
+        for a, n in [
+            ("auto", "fira"),
+            ("explicit", "apollo"),
+            ("explicit", "apollo_tensor_svd"),
+            ("auto", "apollo_tensor_svd"),
+        ]
+    ],
+)
 def test_sharded_steps_match_single_device_without_a_mesh_context(axis_type, name):
     assert len(jax.devices()) >= 8, "tests/conftest.py should provide 8 CPU devices"
     kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
@@ -430,7 +445,7 @@ def test_every_registered_adam_gives_the_limiter_its_bias_correction(transform):
     assert not np.allclose(hidden, optax_adam, rtol=1e-2)
 
 
-@pytest.mark.parametrize("build", [gj.fira_adamw, gj.apollo_adamw])
+@pytest.mark.parametrize("build", [pytest.param(gj.fira_adamw, marks=_SLOW), gj.apollo_adamw])
 def test_inject_hyperparams_multisteps_and_bf16(build):
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (32, 48)), "b": jnp.zeros(48)}
     grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
