@@ -138,8 +138,7 @@ _EAGER_SLOW = pytest.mark.slow
 @pytest.mark.parametrize(
     "name,graph,jit",
     [(n, True, True) for n in sorted(TX_FACTORIES)]
-    + [("galore_adamw", False, True)]
-    + [pytest.param(n, False, True, marks=pytest.mark.slow) for n in sorted(TX_FACTORIES)[1:]]
+    + [pytest.param(n, False, True, marks=pytest.mark.slow) for n in sorted(TX_FACTORIES)]
     + [
         pytest.param(n, g, False, marks=_EAGER_SLOW)
         for n, g in [

@@ -125,7 +125,9 @@ def _alias(name, **kwargs):
     return build[name](1e-2, labels=labels, **options)
 
 
-@pytest.mark.parametrize("name,bits", [("fira", 32), ("apollo", 8), ("apollo_mini", 32)])
+@pytest.mark.parametrize(
+    "name,bits", [("fira", 32), ("apollo", 8), pytest.param("apollo_mini", 32, marks=_SLOW)]
+)
 def test_resume_through_orbax_is_bit_exact(tmp_path, name, bits):
     ocp = pytest.importorskip("orbax.checkpoint")  # the app's dependency, not the library's
     tx = _alias(name, adam=gj.AdamOptions(bits=bits))
@@ -213,7 +215,7 @@ def test_layerwise_matches_the_standard_step(name):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fira", "apollo", "apollo_mini"])
+@pytest.mark.parametrize("name", ["fira", "apollo", pytest.param("apollo_mini", marks=_SLOW)])
 def test_nnx_optimizer(name):
     nnx = pytest.importorskip("flax.nnx")  # the user's path (flax is not the library's)
 

@@ -42,6 +42,7 @@ def test_each_name_builds_its_alias(overrides, side, rank):
     assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow  # the options' effects are unit-tested in tests/galore_jax
 def test_apollo_options_change_the_update():
     grads = jax.tree.map(lambda p: p * 0.5 + 0.1, PARAMS)
 

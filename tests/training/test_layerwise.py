@@ -263,7 +263,10 @@ def test_layerwise_state_is_sharded_like_the_params():
 @pytest.mark.parametrize(
     "optimizer",
     [
-        ["optimizer.name=tensor_galore", "optimizer.rank=0.5", "optimizer.update_proj_gap=4"],
+        pytest.param(
+            ["optimizer.name=tensor_galore", "optimizer.rank=0.5", "optimizer.update_proj_gap=4"],
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             [*GALORE, "optimizer.adam.bits=8", "optimizer.projector.bits=4"],
             marks=pytest.mark.slow,
