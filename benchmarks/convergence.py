@@ -1,22 +1,32 @@
-"""Equal-token convergence: AdamW vs GaLore (randomized, exact) vs optax.contrib.galore.
+"""Equal-token convergence: AdamW, the memory-saving baselines and the low-rank optimizers.
 
-Runs ``train.py`` once per optimizer (a subprocess each, its own output
-directory under ``--out-dir``) with the same config, seed, data order, number
-of steps and batch, so every run sees the same tokens; reads each run's
+Runs ``train.py`` once per (optimizer, learning rate, seed) (a subprocess each,
+its own output directory under ``--out-dir``) with the same config, data order,
+number of steps and batch, so every run sees the same tokens; reads each run's
 ``metrics.jsonl`` and reports the final validation loss and perplexity, the
-difference to AdamW, the optimizer-state size train.py reports, and a PNG of
-the validation curves against tokens seen.
+optimizer-state bytes train.py reports, throughput, and PNGs of the validation
+curves and of the memory/quality frontier (final loss against state bytes).
 
-Learning rates follow the GaLore paper's protocol: the GaLore variants use
-``--galore-lr`` (with ``optimizer.scale``, default 0.25), AdamW ``--adamw-lr``;
-the defaults take the config's ``optimizer.lr`` for the optimizer the config is
-written for and the paper's value (AdamW 1e-3, GaLore 1e-2) for the other.
+Without ``--sweep`` each optimizer runs at one learning rate: ``--adamw-lr`` for
+the full-rank ones, ``--galore-lr`` for the low-rank ones (GaLore paper's
+protocol; the defaults take the config's ``optimizer.lr`` for the optimizer the
+config is written for and the paper's value, AdamW 1e-3 / GaLore 1e-2, for the
+other). With ``--sweep`` every optimizer runs its grid (``LR_GRID``, or
+``--lr-grid NAME=LR,LR,...``) on the first seed; where the best value is at an
+end of the grid the grid is extended by one step (x3) past it, once; the other
+seeds run at each optimizer's best learning rate only. The summary compares the
+optimizers at their best learning rates, averaged over seeds.
+
 ``optax.contrib.galore`` projects 2-D leaves only, so its run uses unrolled
 layers (``model.scan_layers=false``), which draws a different initialisation;
 ``--unrolled`` unrolls every run so all start from the same weights.
 
 CPU (llama_tiny, about a minute per run):
     python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 300
+The comparison in the README (llama_tiny, the main job's 1000 steps, 2 seeds):
+    python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 1000 \\
+        --eval-every 100 --sweep --seeds 0 1 --jobs 2 --optimizers adamw adamw_8bit \\
+        adafactor muon galore fira apollo apollo_mini --out-dir runs/bench/frontier
 Low-bit state against 32-bit GaLore, two seeds (the "vs galore" table):
     python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 300 \\
         --optimizers galore galore_8bit galore_8bit_int4 --seeds 0 1
@@ -37,12 +47,16 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common as common
 
 OPTIMIZERS = (
     "adamw",
+    "adamw_8bit",
+    "adafactor",
+    "muon",
     "galore",
     "galore_exact",
     "optax_galore",
@@ -55,6 +69,9 @@ OPTIMIZERS = (
 DEFAULT_OPTIMIZERS = ("adamw", "galore", "galore_exact", "optax_galore")
 OVERRIDES = {
     "adamw": ["optimizer.name=adamw"],
+    "adamw_8bit": ["optimizer.name=adamw", "optimizer.adam.bits=8"],
+    "adafactor": ["optimizer.name=adafactor"],
+    "muon": ["optimizer.name=muon"],
     "galore": ["optimizer.name=galore", "optimizer.svd=randomized"],
     "galore_exact": ["optimizer.name=galore", "optimizer.svd=exact"],
     "optax_galore": ["optimizer.name=optax_galore", "model.scan_layers=false"],
@@ -76,6 +93,16 @@ OVERRIDES = {
     "apollo": ["optimizer.name=apollo"],
     "apollo_mini": ["optimizer.name=apollo_mini"],
 }
+# The optimizers tuned like AdamW (the rest take GaLore's learning rate).
+FULL_RANK = ("adamw", "adamw_8bit", "adafactor", "muon")
+# --sweep's peak learning rates: each centred on the value its authors use at this
+# scale (adafactor's is relative to each param's RMS; muon is RMS-matched to AdamW;
+# the low-rank ones multiply by their scale, 0.25 for GaLore / Fira).
+LR_GRID = {
+    **{name: (1e-3, 3e-3, 1e-2) for name in ("adamw", "adamw_8bit", "muon")},
+    "adafactor": (3e-3, 1e-2, 3e-2),
+    **{name: (3e-3, 1e-2, 3e-2) for name in OPTIMIZERS if name not in FULL_RANK},
+}
 
 
 def parse_args(argv=None):
@@ -93,6 +120,19 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="validation interval (steps)")
     p.add_argument("--adamw-lr", type=float, help="AdamW peak LR (see the module docstring)")
     p.add_argument("--galore-lr", type=float, help="GaLore peak LR (see the module docstring)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="tune each optimizer's peak LR over its grid on the first seed (see above)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        action="append",
+        default=[],
+        metavar="NAME=LR,LR,...",
+        help="replace one optimizer's --sweep grid (repeatable)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="train.py runs at a time")
     p.add_argument(
         "--unrolled",
         action="store_true",
@@ -113,7 +153,42 @@ def learning_rates(args, config) -> dict:
     written_for = config.optimizer.name
     adamw = args.adamw_lr or (config.optimizer.lr if written_for == "adamw" else 1e-3)
     galore = args.galore_lr or (config.optimizer.lr if written_for != "adamw" else 1e-2)
-    return {name: adamw if name == "adamw" else galore for name in OPTIMIZERS}
+    return {name: adamw if name in FULL_RANK else galore for name in OPTIMIZERS}
+
+
+def lr_grids(args) -> dict:
+    grids = dict(LR_GRID)
+    for item in args.lr_grid:
+        name, _, values = item.partition("=")
+        if name not in OPTIMIZERS or not values:
+            raise SystemExit(
+                f"--lr-grid {item!r}: expected NAME=LR,LR,... with NAME in {OPTIMIZERS}"
+            )
+        grids[name] = tuple(sorted(float(v) for v in values.split(",")))
+    return grids
+
+
+def best_lr(results: list[dict], optimizer: str):
+    """The peak LR with the lowest mean final validation loss over the seeds run at it."""
+    by_lr: dict = {}
+    for r in results:
+        if r["optimizer"] == optimizer:
+            by_lr.setdefault(r["lr"], []).append(r["final_val_loss"])
+    if not by_lr:
+        return None
+    return min(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr))
+
+
+def edge_extension(results: list[dict], optimizer: str, grid) -> list:
+    """One more LR (x3) past the end of the grid the best value sits on, if any."""
+    best = best_lr(results, optimizer)
+    if best is None or len(grid) < 2:
+        return []
+    if best == max(grid):
+        return [float(f"{best * 3:.3g}")]
+    if best == min(grid):
+        return [float(f"{best / 3:.3g}")]
+    return []
 
 
 def prepare_run_dir(path: Path) -> None:
@@ -147,17 +222,19 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     seeds = args.seeds or [config.seed]
-    runs = [(name, seed) for name in args.optimizers for seed in seeds]
-    results = []
-    for name, seed in runs:
-        label = name if len(seeds) == 1 else f"{name}_seed{seed}"
+    several_lrs = args.sweep
+
+    def run(job):
+        name, lr, seed = job
+        label = f"{name}_lr{lr:g}" if several_lrs else name
+        label = label if len(seeds) == 1 else f"{label}_seed{seed}"
         run_dir = out_dir / label
         prepare_run_dir(run_dir)
         overrides = [
             *args.overrides,
             *OVERRIDES[name],
             f"seed={seed}",
-            f"optimizer.lr={lrs[name]}",
+            f"optimizer.lr={lr}",
             f"steps={args.steps}",
             f"eval_every={args.eval_every}",
             f"output_dir={run_dir}",
@@ -166,13 +243,8 @@ def main(argv=None) -> int:
         ]
         if args.unrolled:
             overrides.append("model.scan_layers=false")
-        command = [
-            sys.executable,
-            str(common.REPO / "train.py"),
-            "--config",
-            args.config,
-            *overrides,
-        ]
+        command = [sys.executable, str(common.REPO / "train.py"), "--config", args.config]
+        command += overrides
         start = time.perf_counter()
         proc = subprocess.run(
             command, cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout
@@ -182,37 +254,40 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             print(f"{label}: train.py failed (exit {proc.returncode}); skipped", file=sys.stderr)
-            continue
-        records = read_metrics(run_dir)
-        evals = [r for r in records if "val_loss" in r]
-        train = [r for r in records if "loss" in r]
-        state = re.search(r"\(([\d.]+) MiB state\)", proc.stdout)
-        final = evals[-1]
-        results.append(
-            {
-                "optimizer": name,
-                "seed": seed,
-                "label": label,
-                "lr": lrs[name],
-                "steps": final["step"],
-                "tokens": final["step"] * tokens_per_step,
-                "final_val_loss": final["val_loss"],
-                "final_val_ppl": final.get("val_ppl", math.exp(min(final["val_loss"], 700))),
-                "final_train_loss": train[-1]["loss"] if train else None,
-                "state_mib": float(state.group(1)) if state else None,
-                "tokens_per_s": steady_tokens_per_s(train),
-                "wall_s": wall,
-                "command": " ".join(command[1:]),
-                "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in evals],
-                "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
-            }
-        )
+            return None
+        result = run_result(name, lr, seed, label, run_dir, proc.stdout, tokens_per_step)
+        result.update(wall_s=wall, command=" ".join(command[1:]))
         print(
-            f"{label:13s} val loss {final['val_loss']:.4f} after {final['step']} steps "
-            f"({wall:.0f} s)",
+            f"{label:24s} val loss {result['final_val_loss']:.4f} after {result['steps']} "
+            f"steps ({wall:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
+        return result
+
+    results: list[dict] = []
+    attempted = 0
+
+    def run_all(jobs):
+        nonlocal attempted
+        attempted += len(jobs)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results.extend(r for r in pool.map(run, jobs) if r is not None)
+
+    if args.sweep:
+        grids = lr_grids(args)
+        run_all([(n, lr, seeds[0]) for n in args.optimizers for lr in grids[n]])
+        run_all(
+            [
+                (n, lr, seeds[0])
+                for n in args.optimizers
+                for lr in edge_extension(results, n, grids[n])
+            ]
+        )
+        best = {n: best_lr(results, n) for n in args.optimizers}
+        run_all([(n, best[n], s) for s in seeds[1:] for n in args.optimizers if best[n]])
+    else:
+        run_all([(n, lrs[n], s) for n in args.optimizers for s in seeds])
     if not results:
         return 1
 
@@ -231,6 +306,7 @@ def main(argv=None) -> int:
         "wall s",
     ]
     rows = []
+    results.sort(key=lambda r: (args.optimizers.index(r["optimizer"]), r["lr"], r["seed"]))
     for r in results:
         base = same_seed(results, "adamw", r["seed"])
         delta = f"{r['final_val_loss'] - base['final_val_loss']:+.4f}" if base else "-"
@@ -261,20 +337,107 @@ def main(argv=None) -> int:
     print()
     print(common.markdown_table(headers, rows))
     print()
-    print(vs_galore(results, seeds))
+    tuned = at_best_lr(results)  # without --sweep: every run
+    print(vs_galore(tuned, seeds))
     print()
-    print(ppl_by_tokens(results))
+    print(ppl_by_tokens(tuned))
     summary = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in results]
     common.print_json_block(summary)
     common.write_json(
         str(out_dir / "convergence.json"), common.payload("convergence", results=results)
     )
-    chart(results, args.png or str(out_dir / "convergence.png"), args.config)
-    return 0 if len(results) == len(runs) else 1  # every (optimizer, seed) run finished
+    chart(tuned, args.png or str(out_dir / "convergence.png"), args.config)
+    print()
+    print(best_lr_table(results))
+    frontier_chart(results, str(out_dir / "frontier.png"), args.config)
+    return 0 if len(results) == attempted else 1  # every run finished
+
+
+def run_result(name, lr, seed, label, run_dir: Path, stdout: str, tokens_per_step: int) -> dict:
+    """One finished train.py run, from its metrics.jsonl and its start-up lines."""
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "val_loss" in r]
+    train = [r for r in records if "loss" in r]
+    state_mib = re.search(r"\(([\d.]+) MiB state\)", stdout)
+    state_bytes = re.search(r"total optimizer state: ([\d,]+) bytes", stdout)
+    final = evals[-1]
+    return {
+        "optimizer": name,
+        "seed": seed,
+        "label": label,
+        "lr": lr,
+        "steps": final["step"],
+        "tokens": final["step"] * tokens_per_step,
+        "final_val_loss": final["val_loss"],
+        "final_val_ppl": final.get("val_ppl", math.exp(min(final["val_loss"], 700))),
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "state_mib": float(state_mib.group(1)) if state_mib else None,
+        "state_bytes": int(state_bytes.group(1).replace(",", "")) if state_bytes else None,
+        "tokens_per_s": steady_tokens_per_s(train),
+        "val_curve": [[r["step"] * tokens_per_step, r["val_loss"]] for r in evals],
+        "train_curve": [[r["step"] * tokens_per_step, r["loss"]] for r in train],
+    }
+
+
+def at_best_lr(results: list[dict]) -> list[dict]:
+    """Each optimizer's runs at its best peak LR (all runs where it ran at one LR)."""
+    best = {r["optimizer"]: best_lr(results, r["optimizer"]) for r in results}
+    return [r for r in results if r["lr"] == best[r["optimizer"]]]
 
 
 def same_seed(results: list[dict], optimizer: str, seed: int):
-    return next((r for r in results if r["optimizer"] == optimizer and r["seed"] == seed), None)
+    """The run of `optimizer` on `seed`, at its best LR where several were run."""
+    best = best_lr(results, optimizer)
+    return next(
+        (
+            r
+            for r in results
+            if r["optimizer"] == optimizer and r["seed"] == seed and r["lr"] == best
+        ),
+        None,
+    )
+
+
+def best_lr_table(results: list[dict]) -> str:
+    """Each optimizer at its best LR: mean over seeds, against AdamW's, and its state bytes."""
+    tuned = at_best_lr(results)
+    names = list(dict.fromkeys(r["optimizer"] for r in results))
+    base = [r["final_val_loss"] for r in tuned if r["optimizer"] == "adamw"]
+    base_state = next((r["state_bytes"] for r in tuned if r["optimizer"] == "adamw"), None)
+    headers = [
+        "optimizer",
+        "LRs tried",
+        "best lr",
+        "seeds",
+        "mean final val loss",
+        "val ppl",
+        "vs adamw",
+        "opt. state bytes",
+        "x adamw state",
+        "tokens/s",
+    ]
+    rows = []
+    for name in names:
+        runs = [r for r in tuned if r["optimizer"] == name]
+        loss = statistics.fmean(r["final_val_loss"] for r in runs)
+        tried = sorted({r["lr"] for r in results if r["optimizer"] == name})
+        state = runs[0]["state_bytes"]
+        rates = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
+        rows.append(
+            [
+                name,
+                ", ".join(f"{lr:g}" for lr in tried),
+                f"{runs[0]['lr']:g}",
+                len(runs),
+                f"{loss:.4f}",
+                f"{math.exp(loss):.2f}",
+                f"{100 * (loss / statistics.fmean(base) - 1):+.2f}%" if base else "-",
+                f"{state:,}" if state is not None else "-",
+                f"{state / base_state:.3f}" if state is not None and base_state else "-",
+                f"{statistics.median(rates):,.0f}" if rates else "-",
+            ]
+        )
+    return common.markdown_table(headers, rows)
 
 
 def vs_galore(results: list[dict], seeds: list[int]) -> str:
@@ -333,6 +496,38 @@ def chart(results, path, config_path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{os.path.basename(config_path)}: equal-token training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def frontier_chart(results, path, config_path) -> None:
+    """Final validation loss (mean over seeds, best LR) against optimizer-state bytes."""
+    plt = common.pyplot()
+    tuned = [r for r in at_best_lr(results) if r["state_bytes"]]
+    if plt is None or not tuned:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["optimizer"] for r in tuned):
+        runs = [r for r in tuned if r["optimizer"] == name]
+        loss = statistics.fmean(r["final_val_loss"] for r in runs)
+        state = runs[0]["state_bytes"]
+        ax.scatter([state], [loss], s=40)
+        ax.annotate(
+            f"{name} (lr {runs[0]['lr']:g})",
+            (state, loss),
+            fontsize=8,
+            xytext=(5, 3),
+            textcoords="offset points",
+        )
+        if len(runs) > 1:
+            losses = [r["final_val_loss"] for r in runs]
+            ax.vlines(state, min(losses), max(losses), alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer state (bytes, log scale)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(f"{os.path.basename(config_path)}: memory / quality frontier (best LR, seed mean)")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}", file=sys.stderr)

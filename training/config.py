@@ -203,14 +203,25 @@ class OptimizerConfig(_Section):
     ``name``: ``adamw`` (optax.adamw), ``galore`` (galore_jax.galore_adamw),
     ``tensor_galore`` (galore_jax.tensor_galore_adamw), ``fira``
     (galore_jax.fira_adamw), ``apollo`` / ``apollo_mini`` (galore_jax.apollo_adamw /
-    apollo_mini_adamw) or ``optax_galore`` (optax.contrib.galore, for comparison).
+    apollo_mini_adamw), ``optax_galore`` (optax.contrib.galore, for comparison), or
+    the memory-saving baselines a JAX user would pick instead: ``adafactor``
+    (optax.adafactor) and ``muon`` (optax.contrib.muon on the hidden matrices,
+    AdamW on the rest; RMS-matched so it shares AdamW's learning rate).
     The schedule warms up linearly over ``warmup_fraction`` of the steps, then
     follows a cosine down to ``final_lr_fraction * lr`` (the GaLore paper uses 0.1
     and 0.1).
     """
 
     name: Literal[
-        "adamw", "galore", "tensor_galore", "fira", "apollo", "apollo_mini", "optax_galore"
+        "adamw",
+        "galore",
+        "tensor_galore",
+        "fira",
+        "apollo",
+        "apollo_mini",
+        "optax_galore",
+        "adafactor",
+        "muon",
     ] = "adamw"
     lr: Float = Field(1e-3, gt=0)
     weight_decay: Float = 0.0

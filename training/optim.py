@@ -7,6 +7,8 @@
 ``apollo``         galore_jax.apollo_adamw (the raw gradient, scaled per channel)
 ``apollo_mini``    galore_jax.apollo_mini_adamw (rank 1, one scale per matrix)
 ``optax_galore``   optax.contrib.galore (reference implementation, comparison)
+``adafactor``      optax.adafactor (factored second moment; a memory-saving baseline)
+``muon``           optax.contrib.muon (orthogonalized momentum on the hidden matrices)
 """
 
 from __future__ import annotations
@@ -265,9 +267,50 @@ def _build(
             },
             lambda params: gj.galore_labels(params, tensors="adam"),
         )
+    elif cfg.name in ("adafactor", "muon"):
+        tx = _baseline(cfg, schedule, dimension_numbers)
     else:  # config validation already restricts the names
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}")
     return tx
+
+
+# Moonlight's RMS match: Muon's update gets AdamW's typical RMS, so one learning
+# rate (and one sweep) serves both Muon's matrices and AdamW's other params.
+MUON_CONSISTENT_RMS = 0.2
+
+
+def _baseline(cfg: OptimizerConfig, schedule, dimension_numbers) -> optax.GradientTransformation:
+    """optax.adafactor / optax.contrib.muon as a JAX user would configure them."""
+    if cfg.adam.bits != 32:
+        raise ConfigError(f"optimizer.adam.bits=8 applies to adam-based optimizers, not {cfg.name}")
+    if cfg.name == "adafactor":
+        # optax's defaults (relative step size: lr multiplies each param's RMS).
+        return optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
+
+    def muon_dimensions(params):
+        # The matrices GaLore would project (stacked layers: the last two axes);
+        # embeddings, head, norms and biases: AdamW, as Muon's authors do.
+        labels = gj.galore_labels(params, dimension_numbers=dimension_numbers, tensors="adam")
+        return jax.tree.map(
+            lambda p, label: (
+                optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)
+                if label == "galore"
+                else None
+            ),
+            params,
+            labels,
+        )
+
+    adam = cfg.adam
+    return optax.contrib.muon(
+        schedule,
+        weight_decay=cfg.weight_decay,
+        adam_b1=adam.b1,
+        adam_b2=adam.b2,
+        adam_weight_decay=cfg.weight_decay,
+        muon_weight_dimension_numbers=muon_dimensions,
+        consistent_rms=MUON_CONSISTENT_RMS,
+    )
 
 
 def _low_rank_adamw(cfg, schedule, dimension_numbers, seed, rank, labels, max_grad_norm):

@@ -407,4 +407,6 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
         if run.layerwise:  # what the optimizer sees: one layer of the stack
             params = gj.scanned.one_layer_view(run.scanned_model, params)
         lines.append(str(gj.describe(run.tx, params)))
+    else:  # the describe table's last line (benchmarks/convergence.py reads it)
+        lines.append(f"total optimizer state: {state_bytes:,} bytes")
     return "\n".join(lines)
