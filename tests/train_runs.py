@@ -1,14 +1,16 @@
 """Running train.py as a user does, for the end-to-end tests: a subprocess on the tiny
 LLaMA config with its own device count, and readers of what a run leaves behind."""
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from training.metrics import read_metrics
 
@@ -80,19 +82,24 @@ def start_train(output_dir, *overrides, env=None, stderr=subprocess.PIPE):
     )
 
 
+# A persistent XLA cache shared by every train.py this test process starts:
+# compiling the tiny model's step dominates a run (~10 s of ~14 s on 2 CPU cores),
+# and most runs compile the same programs. One directory per process (xdist
+# workers do not share one: concurrent writers could expose a half-written entry).
 _COMPILATION_CACHE = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache shared by this module's runs: compiling the tiny
-    model's train step dominates a run (~10 s of ~14 s on 2 CPU cores)."""
-    _COMPILATION_CACHE["dir"] = str(tmp_path_factory.mktemp("xla_cache"))
-    yield
-    _COMPILATION_CACHE.clear()
+def compilation_cache_dir() -> str:
+    if "dir" not in _COMPILATION_CACHE:
+        _COMPILATION_CACHE["dir"] = tempfile.mkdtemp(prefix="galore_jax_tests_xla_cache_")
+        atexit.register(shutil.rmtree, _COMPILATION_CACHE["dir"], ignore_errors=True)
+    return _COMPILATION_CACHE["dir"]
 
 
-def subprocess_env(devices):
+def subprocess_env(devices, cache=True):
+    """The environment of a train.py child: ``devices`` CPU devices, the shared XLA
+    cache unless ``cache=False`` (processes of one jax.distributed job compile the
+    same programs at once)."""
     env = dict(os.environ)
     # Same scheduler setting as tests/conftest.py (avoids a virtual-device deadlock).
     env["XLA_FLAGS"] = (
@@ -100,8 +107,8 @@ def subprocess_env(devices):
         "--xla_cpu_enable_concurrency_optimized_scheduler=false"
     )
     env["JAX_PLATFORMS"] = "cpu"
-    if "dir" in _COMPILATION_CACHE:
-        env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE["dir"]
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache_dir()
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env

@@ -40,7 +40,7 @@ def start_processes(output_dir, *overrides, processes=2, devices=4):
     port = free_port()
     procs = []
     for i in range(processes):
-        env = subprocess_env(devices)
+        env = subprocess_env(devices, cache=False)
         env.update(
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES=str(processes),

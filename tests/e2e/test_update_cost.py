@@ -47,6 +47,7 @@ def test_with_constant_count_replaces_only_int32_counts():
     assert update_cost.with_constant_count(stacked, 2)[0].count.tolist() == [2] * 5
 
 
+@pytest.mark.slow  # a benchmark run end to end: on demand
 def test_update_cost_end_to_end_on_tiny_llama(tmp_path, capsys):
     out = tmp_path / "cost.json"
     code = update_cost.main(

@@ -137,7 +137,12 @@ _EAGER_SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize(
     "name,graph,jit",
-    [(n, True, True) for n in sorted(TX_FACTORIES)]
+    [("galore_adamw", True, True)]
+    + [
+        pytest.param(n, True, True, marks=pytest.mark.slow)
+        for n in sorted(TX_FACTORIES)
+        if n != "galore_adamw"
+    ]
     + [pytest.param(n, False, True, marks=pytest.mark.slow) for n in sorted(TX_FACTORIES)]
     + [
         pytest.param(n, g, False, marks=_EAGER_SLOW)
@@ -194,7 +199,8 @@ def _mesh_problem():
 @pytest.mark.parametrize(
     "kind,context,svd",
     [("explicit", False, "randomized"), ("explicit", True, "randomized")]
-    + [("auto", False, "randomized"), ("explicit", False, "exact")]
+    + [pytest.param("auto", False, "randomized", marks=pytest.mark.slow)]
+    + [("explicit", False, "exact")]
     + [pytest.param("auto", True, "randomized", marks=pytest.mark.slow)],
 )
 def test_jitted_mesh_step_without_mesh_context(kind, context, svd):

@@ -60,7 +60,10 @@ def _galore(**kw):
     return gj.galore_adamw(1e-2, rank=8, update_proj_gap=20, **kw)
 
 
-@pytest.mark.parametrize("projector_bits", [8, 4])
+@pytest.mark.parametrize(
+    "projector_bits",
+    [8, pytest.param(4, marks=pytest.mark.slow)],  # int4: on demand
+)
 def test_low_bit_galore_trains_like_32_bit(projector_bits):
     params, loss = _problem()
     _, state32, ref = _train(_galore(), params, loss, 100)
@@ -113,7 +116,10 @@ def test_on_refresh_project_and_stagger_with_8_bit_moments():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize("kind", ["explicit", "auto"])
+@pytest.mark.parametrize(
+    "kind",
+    ["explicit", pytest.param("auto", marks=pytest.mark.slow)],  # auto: on demand
+)
 def test_low_bit_state_on_an_8_device_mesh(kind):
     params, loss = _problem()
     tx = _galore(moment_bits=8, projector_bits=8)

@@ -204,7 +204,9 @@ def test_bf16_params_keep_dtype():
     assert projector.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+@pytest.mark.parametrize(
+    "proj_type", ["std", "reverse_std", pytest.param("full", marks=pytest.mark.slow)]
+)
 def test_bf16_params_project_back_with_a_bf16_gemm(proj_type):
     """bf16 params: the projection back is a bf16 x bf16 GEMM writing the bf16 update
     (no float32 full-size array then converted), and the update is the float32
