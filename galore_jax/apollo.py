@@ -300,28 +300,18 @@ def apollo_adamw(
       >>> updates["mlp"].shape
       (8, 16)
     """
-    _checks.check_ranks("rank", rank)
-    refresh = _refresh(svd)
-
-    def transform(base, labeler):
-        return scale_by_apollo(
-            rank,
+    return low_rank_adamw(
+        learning_rate,
+        scale_by=scale_by_apollo,
+        options=dict(
             update_proj_gap=update_proj_gap,
             scale=scale,
-            proj_type=proj_type,
-            svd=refresh,
+            svd=_refresh(svd),
             scale_type=scale_type,
-            base_optimizer=base,
-            dimension_numbers=labeler,
             norm_growth_limit=norm_growth_limit,
             on_refresh=on_refresh,
             stagger=stagger,
-        )
-
-    transform(None, None)  # checks the arguments now, not at init
-    return low_rank_adamw(
-        learning_rate,
-        transform=transform,
+        ),
         rank=rank,
         proj_type=proj_type,
         adam=adam,

@@ -224,7 +224,8 @@ def scale_by_fira(
 def low_rank_adamw(
     learning_rate,
     *,
-    transform,
+    scale_by,
+    options,
     rank,
     proj_type,
     adam,
@@ -236,7 +237,18 @@ def low_rank_adamw(
 ) -> GradScaleTransformation:
     """The aliases' AdamW chain around a low-rank `transform(base)` (Fira, APOLLO):
     GaLore's labels, except that other >= 3-D tensors get plain Adam (a tensor
-    labelled "tensor_galore" by the user gets Tensor-GaLore, as in `galore_adamw`)."""
+    labelled "tensor_galore" by the user gets Tensor-GaLore, as in `galore_adamw`).
+
+    `scale_by(rank, proj_type=, base_optimizer=, dimension_numbers=, **options)` is
+    the algorithm's transform (`scale_by_fira`, `scale_by_apollo`)."""
+    _checks.check_ranks("rank", rank)
+
+    def transform(base, labeler):
+        return scale_by(
+            rank, proj_type=proj_type, base_optimizer=base, dimension_numbers=labeler, **options
+        )
+
+    transform(None, None)  # checks the arguments now, not at init
     _checks.check_max_grad_norm(name, max_grad_norm)
     adam = _checks.check_option("adam", adam, AdamOptions)
     labeler = alias._Labeler(
@@ -292,28 +304,19 @@ def fira_adamw(
       >>> gj.describe(tx, params).by_path()["mlp"].label
       'galore'
     """
-    _checks.check_ranks("rank", rank)
     check_limit(norm_growth_limit)
-
-    def transform(base, labeler):
-        return scale_by_fira(
-            rank,
+    return low_rank_adamw(
+        learning_rate,
+        scale_by=scale_by_fira,
+        options=dict(
             update_proj_gap=update_proj_gap,
             scale=scale,
-            proj_type=proj_type,
             svd=svd,
-            base_optimizer=base,
             projector=projector,
-            dimension_numbers=labeler,
             norm_growth_limit=norm_growth_limit,
             on_refresh=on_refresh,
             stagger=stagger,
-        )
-
-    transform(None, None)  # checks the arguments now, not at init
-    return low_rank_adamw(
-        learning_rate,
-        transform=transform,
+        ),
         rank=rank,
         proj_type=proj_type,
         adam=adam,

@@ -45,6 +45,7 @@ def reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # train.py trains: test_galore_loss_falls_and_writes_metrics
 def test_adamw_loss_falls(tmp_path):
     run_train(tmp_path, "steps=40", "optimizer.lr=0.01", "log_every=5")
     loss = losses(tmp_path)

@@ -7,6 +7,8 @@ bf16; and the wrapper keeps the user's paths (nnx.Optimizer, layer-wise, 8-devic
 sharding, train.py with resume) working.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +100,8 @@ def test_extra_args_and_grad_scale_pass_through():
     assert not isinstance(gj.with_master_weights(optax.adam(1e-3)), gj.GradScaleTransformation)
     state = tx.init(params)
     grads = _grads(0, params)
-    scaled, _ = tx.update(jax.tree.map(lambda g: 0.5 * g, grads), state, params)
-    with_arg, _ = tx.update(grads, state, params, grad_scale=0.5)
+    scaled, _ = jax.jit(tx.update)(jax.tree.map(lambda g: 0.5 * g, grads), state, params)
+    with_arg, _ = jax.jit(functools.partial(tx.update, grad_scale=0.5))(grads, state, params)
     for a, b in zip(jax.tree.leaves(with_arg), jax.tree.leaves(scaled)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6)
     with pytest.raises(ValueError, match=r"with_master_weights needs the params"):

@@ -210,6 +210,7 @@ def test_conjugate_complex_grads_makes_optax_descend():
     np.testing.assert_array_equal(fixed["r"], jnp.ones(2))
 
 
+@pytest.mark.slow  # the default suite trains it with Tensor-GaLore (test_fno_task)
 def test_fno_learns_burgers():
     x, y = pde.burgers_dataset(144, 64, seed=0)
     x_train, y_train, x_test, y_test = x[:112], y[:112], x[112:], y[112:]

@@ -337,7 +337,9 @@ def _user_batches(n):
     ]
 
 
-@pytest.mark.parametrize("clip", [None, "layer", "previous_global"])
+@pytest.mark.parametrize(
+    "clip", [None, "layer", pytest.param("previous_global", marks=pytest.mark.slow)]
+)
 def test_user_scanned_model_matches_a_plain_optax_loop(clip):
     model, params, loss = _user_model()
     dims = {
@@ -398,7 +400,7 @@ def _hidden(tx):
     return optax.GradientTransformationExtraArgs(tx.init, tx.update)
 
 
-@pytest.mark.parametrize("clip", ["layer", "previous_global"])
+@pytest.mark.parametrize("clip", ["layer", pytest.param("previous_global", marks=pytest.mark.slow)])
 def test_clip_factor_reaches_our_optimizer_as_grad_scale(clip):
     """galore_adamw takes the layer-wise clip factor as `grad_scale` (applied to the
     low-rank gradients): same training as scaling the gradients first, and fewer ops
