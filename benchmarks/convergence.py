@@ -134,6 +134,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--jobs", type=int, default=1, help="train.py runs at a time")
     p.add_argument(
+        "--no-extend",
+        dest="extend",
+        action="store_false",
+        help="--sweep: do not extend a grid whose best LR is at one end",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a run whose directory already holds it finished with the same config "
+        "(continues an interrupted sweep; the rest are run)",
+    )
+    p.add_argument(
         "--unrolled",
         action="store_true",
         help="model.scan_layers=false for every run (one shared initialisation)",
@@ -205,6 +217,32 @@ def prepare_run_dir(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def finished_run(run_dir: Path, log: Path, config_path, overrides, steps) -> bool:
+    """Whether `run_dir` holds a run of `overrides` that reached `steps` (and its log)."""
+    files = (log, run_dir / "config.yaml", run_dir / "metrics.jsonl")
+    if not all(f.is_file() for f in files):
+        return False
+    import yaml
+
+    from tasks.registry import load_config
+    from training.config import config_to_dict
+
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    if not evals or evals[-1]["step"] != steps:
+        return False
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return _agrees(config_to_dict(load_config(config_path, overrides)), saved)
+
+
+def _agrees(wanted, saved) -> bool:
+    """Every value `wanted` sets (None: the task fills it in) is the saved one."""
+    if isinstance(wanted, dict):
+        return isinstance(saved, dict) and all(
+            _agrees(v, saved.get(k)) for k, v in wanted.items() if v is not None
+        )
+    return wanted is None or wanted == saved
+
+
 def read_metrics(path: Path) -> list[dict]:
     with open(path / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -229,7 +267,6 @@ def main(argv=None) -> int:
         label = f"{name}_lr{lr:g}" if several_lrs else name
         label = label if len(seeds) == 1 else f"{label}_seed{seed}"
         run_dir = out_dir / label
-        prepare_run_dir(run_dir)
         overrides = [
             *args.overrides,
             *OVERRIDES[name],
@@ -245,12 +282,19 @@ def main(argv=None) -> int:
             overrides.append("model.scan_layers=false")
         command = [sys.executable, str(common.REPO / "train.py"), "--config", args.config]
         command += overrides
+        log = out_dir / f"{label}.log"
+        if args.reuse and finished_run(run_dir, log, args.config, overrides, args.steps):
+            result = run_result(name, lr, seed, label, run_dir, log.read_text(), tokens_per_step)
+            result.update(wall_s=None, command=" ".join(command[1:]), reused=True)
+            print(f"{label:24s} reused ({result['final_val_loss']:.4f})", file=sys.stderr)
+            return result
+        prepare_run_dir(run_dir)
         start = time.perf_counter()
         proc = subprocess.run(
             command, cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout
         )
         wall = time.perf_counter() - start
-        (out_dir / f"{label}.log").write_text(proc.stdout + proc.stderr)
+        log.write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             print(f"{label}: train.py failed (exit {proc.returncode}); skipped", file=sys.stderr)
@@ -277,13 +321,9 @@ def main(argv=None) -> int:
     if args.sweep:
         grids = lr_grids(args)
         run_all([(n, lr, seeds[0]) for n in args.optimizers for lr in grids[n]])
-        run_all(
-            [
-                (n, lr, seeds[0])
-                for n in args.optimizers
-                for lr in edge_extension(results, n, grids[n])
-            ]
-        )
+        if args.extend:
+            grow = [(n, lr) for n in args.optimizers for lr in edge_extension(results, n, grids[n])]
+            run_all([(n, lr, seeds[0]) for n, lr in grow])
         best = {n: best_lr(results, n) for n in args.optimizers}
         run_all([(n, best[n], s) for s in seeds[1:] for n in args.optimizers if best[n]])
     else:
@@ -323,7 +363,7 @@ def main(argv=None) -> int:
                 f"{r['final_train_loss']:.4f}" if r["final_train_loss"] is not None else "-",
                 f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
                 f"{r['state_mib']:.2f}" if r["state_mib"] is not None else "-",
-                f"{r['wall_s']:.0f}",
+                f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "reused",
             ]
         )
     m = config.model

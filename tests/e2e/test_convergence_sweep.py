@@ -70,3 +70,11 @@ def test_lr_grid_flag_replaces_one_grid_and_names_a_bad_one():
     assert grids["muon"] == (0.01, 0.03) and grids["adamw"] == convergence.LR_GRID["adamw"]
     with pytest.raises(SystemExit, match="NAME=LR"):
         convergence.lr_grids(convergence.parse_args(["--lr-grid", "nope=1"]))
+
+
+def test_reuse_needs_every_value_the_command_sets():
+    wanted = {"seed": 1, "model": {"vocab_size": None, "hidden_size": 32}, "lr": 0.01}
+    saved = {"seed": 1, "model": {"vocab_size": 384, "hidden_size": 32}, "lr": 0.01, "x": 2}
+    assert convergence._agrees(wanted, saved)  # None: the task fills it in
+    assert not convergence._agrees({**wanted, "lr": 0.009000000000000001}, saved)
+    assert not convergence._agrees({**wanted, "model": {"hidden_size": 64}}, saved)
