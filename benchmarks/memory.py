@@ -22,6 +22,10 @@ overstate temporaries by about the params' f32 size: CPU tables use f32 params.
 CPU, LLaMA-1B (f32 params, batch 8 x 256, remat; a few minutes on 2 cores):
     python benchmarks/memory.py --config configs/llama_1b.yaml --batch-size 8 \\
         --seq-len 256 --set model.remat=true --set model.vocab_size=32000
+Bytes through collectives per step on 8 CPU devices (data-parallel), from the
+compiled HLO: steady steps, refresh steps, and amortized over the refresh gap:
+    python benchmarks/memory.py --config configs/llama_60m.yaml --devices 8 \\
+        --set mesh.data=8 --rank 128 --variants adamw galore --collectives
 GPU (bf16 params, real steps too):
     python benchmarks/memory.py --config configs/llama_1b.yaml --batch-size 8 \\
         --seq-len 256 --set model.remat=true --set model.vocab_size=32000 \\
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
+import _collectives
 import _common as common
 
 # Layer-wise updates clip per layer (a step of theirs never holds the global norm).
@@ -66,6 +72,17 @@ def parse_args(argv=None):
         default=0,
         help="also run this many real steps per variant and report peak_bytes_in_use "
         "(GPU/TPU; 0: compile only)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="CPU devices each compile sees (XLA's host device count; default: the backend's)",
+    )
+    p.add_argument(
+        "--collectives",
+        action="store_true",
+        help="print the table of bytes through collectives per step (from the compiled HLO)",
     )
     p.add_argument("--json", dest="out", default="", help="JSON results path ('' to skip)")
     common.add_shared_args(p, "--timeout")
@@ -127,7 +144,10 @@ def compiled_step_memory(config, num_devices: int, run_steps: int = 0) -> dict:
             ),
         ).compile()
         mem = compiled.memory_analysis()
+        moved = _collectives.collective_bytes(compiled.as_text())
         result = {
+            "collectives": moved._asdict(),
+            "update_proj_gap": run.config.optimizer.update_proj_gap,
             "arguments_bytes": int(mem.argument_size_in_bytes),
             "outputs_bytes": int(mem.output_size_in_bytes),
             "aliased_bytes": int(mem.alias_size_in_bytes),
@@ -138,6 +158,7 @@ def compiled_step_memory(config, num_devices: int, run_steps: int = 0) -> dict:
             "activation_bytes": _activation_bytes(run.config),
             "param_dtype": run.config.model.param_dtype,
             "device": common.jax_device_info(),
+            "devices": num_devices,
         }
         result["peak_bytes"] = (
             result["arguments_bytes"]
@@ -209,11 +230,54 @@ def table(results) -> str:
     return common.markdown_table(headers, rows)
 
 
+def collectives_table(results) -> str:
+    """All-reduced (and other collective) bytes of a steady and a refresh step, amortized."""
+    mib = lambda b: f"{b / 2**20:,.2f}"
+    base = next((r for r in results if r["variant"] == "adamw"), None)
+
+    def per_step(r):
+        c, gap = r["collectives"], r["update_proj_gap"]
+        steady, refresh = sum(c["steady"].values()), sum(c["refresh"].values())
+        return steady, refresh, (steady * (gap - 1) + refresh) / gap
+
+    rows = []
+    for r in results:
+        steady, refresh, amortized = per_step(r)
+        b_steady, _, b_amortized = per_step(base) if base else (None, None, None)
+        kinds = ", ".join(f"{k} {mib(v)}" for k, v in sorted(r["collectives"]["steady"].items()))
+        rows.append(
+            [
+                r["variant"],
+                mib(steady),
+                f"{steady / b_steady:.3f}x" if b_steady else "-",
+                mib(refresh),
+                f"{amortized / b_amortized:.3f}x (gap {r['update_proj_gap']})"
+                if b_amortized
+                else "-",
+                kinds or "none",
+                r["collectives"]["loops_without_trip_count"],
+            ]
+        )
+    headers = [
+        "variant",
+        "steady step MiB",
+        "vs adamw",
+        "refresh step MiB",
+        "amortized vs adamw",
+        "steady step by kind (MiB)",
+        "loops w/o trip count",
+    ]
+    return common.markdown_table(headers, rows)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         common.print_child_result(run_child(args.child, args))
         return 0
+    if args.devices:  # read by the children's JAX at start-up
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     child_args = common.child_argv(args, ["batch_size", "seq_len", "gap", "rank", "run_steps"])
     results = []
     for name in args.variants:
@@ -232,6 +296,9 @@ def main(argv=None) -> int:
         "counted from shapes.\n"
     )
     print(table(results))
+    if args.collectives:
+        print(f"\nBytes through collectives per step, per device, on {first['devices']} devices:\n")
+        print(collectives_table(results))
     common.print_json_block(results)
     common.write_json(args.out or None, common.payload("memory", results=results))
     return 0
