@@ -146,6 +146,11 @@ def parse_args(argv=None):
         "(continues an interrupted sweep; the rest are run)",
     )
     p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="with --reuse: report the finished runs, run none",
+    )
+    p.add_argument(
         "--unrolled",
         action="store_true",
         help="model.scan_layers=false for every run (one shared initialisation)",
@@ -231,7 +236,9 @@ def finished_run(run_dir: Path, log: Path, config_path, overrides, steps) -> boo
     if not evals or evals[-1]["step"] != steps:
         return False
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return _agrees(config_to_dict(load_config(config_path, overrides)), saved)
+    wanted = config_to_dict(load_config(config_path, overrides))
+    wanted.pop("output_dir")  # the runs may have moved
+    return _agrees(wanted, saved)
 
 
 def _agrees(wanted, saved) -> bool:
@@ -288,6 +295,9 @@ def main(argv=None) -> int:
             result.update(wall_s=None, command=" ".join(command[1:]), reused=True)
             print(f"{label:24s} reused ({result['final_val_loss']:.4f})", file=sys.stderr)
             return result
+        if args.reuse_only:
+            print(f"{label:24s} not finished; not run (--reuse-only)", file=sys.stderr)
+            return None
         prepare_run_dir(run_dir)
         start = time.perf_counter()
         proc = subprocess.run(
