@@ -167,6 +167,15 @@ for part in "${parts[@]}"; do
       run cpu_convergence_60m "$py" benchmarks/convergence.py --config configs/llama_60m.yaml \
         --steps 150 --eval-every 50 --set batch_size=8 --set log_every=10 \
         --optimizers adamw galore --out-dir "$out/cpu_convergence_60m" ;;
+    cpu_frontier)  # not in `cpu` (~2 h): every optimizer at its best of 3 LRs, 1000 steps, 2 seeds
+      run cpu_frontier "$py" benchmarks/convergence.py --config configs/llama_tiny.yaml \
+        --steps 1000 --eval-every 100 --sweep --no-extend --seeds 0 1 --jobs 2 \
+        --optimizers adamw galore fira apollo apollo_mini adamw_8bit adafactor muon \
+        --out-dir "$out/cpu_frontier" ;;
+    cpu_collectives_60m)  # bytes through collectives per step, 8 CPU devices, data-parallel
+      run cpu_collectives_60m "$py" benchmarks/memory.py --config configs/llama_60m.yaml \
+        --devices 8 --set mesh.data=8 --rank 128 --variants adamw galore --collectives \
+        --json "$out/cpu_collectives_60m.json" ;;
     cpu_fno)  # the configs' CPU sizes
       run cpu_fno "$py" benchmarks/fno_optimizers.py --steps 1000 "${fno_tuned[@]}" \
         --out "$out/cpu_fno.json" ;;
