@@ -501,9 +501,11 @@ def test_default_labels_train_like_adam_on_embeddings_and_head():
             optimizer.update(model, grads)
             return loss
 
-        for _ in range(150):
+        for _ in range(STEPS):
             loss = step(model, optimizer)
         return float(loss)
+
+    STEPS = 100
 
     # The default rule is the explicit choice (head, tables on Adam) ...
     params = nnx.as_pure(nnx.state(_TinyLM(nnx.Rngs(0)), nnx.Param))
@@ -512,4 +514,4 @@ def test_default_labels_train_like_adam_on_embeddings_and_head():
     # ... and it matters: projecting the head and positional table costs accuracy.
     default = final_loss(None, 0)
     projected = final_loss({"^(head/kernel|pos_emb)": "galore"}, 0)
-    assert projected > 1.2 * default, (projected, default)  # measured 0.334 vs 0.254
+    assert projected > 1.2 * default, (projected, default)  # measured 0.62 vs 0.28
