@@ -186,14 +186,20 @@ def lr_grids(args) -> dict:
 
 
 def best_lr(results: list[dict], optimizer: str):
-    """The peak LR with the lowest mean final validation loss over the seeds run at it."""
-    by_lr: dict = {}
-    for r in results:
-        if r["optimizer"] == optimizer:
-            by_lr.setdefault(r["lr"], []).append(r["final_val_loss"])
-    if not by_lr:
+    """The peak LR with the lowest mean final validation loss over the seeds every LR
+    was run with (the sweep's seed: the best LR's other seeds do not pick it again)."""
+    runs = [r for r in results if r["optimizer"] == optimizer]
+    if not runs:
         return None
-    return min(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr))
+    lrs = {r["lr"] for r in runs}
+    seeds = set.intersection(*({r["seed"] for r in runs if r["lr"] == lr} for lr in lrs))
+    by_lr = {
+        lr: statistics.fmean(
+            r["final_val_loss"] for r in runs if r["lr"] == lr and r["seed"] in seeds
+        )
+        for lr in lrs
+    }
+    return min(by_lr, key=lambda lr: (by_lr[lr], lr))
 
 
 def edge_extension(results: list[dict], optimizer: str, grid) -> list:

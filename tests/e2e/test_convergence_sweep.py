@@ -35,8 +35,11 @@ RESULTS = [
 ]
 
 
-def test_best_lr_is_the_lowest_mean_over_the_seeds_run_at_it():
+def test_best_lr_is_chosen_on_the_seeds_every_lr_ran():
     assert convergence.best_lr(RESULTS, "adamw") == 3e-3
+    # A second seed of the best LR (worse than the others' first) does not unseat it.
+    worse = [*RESULTS, _run("adamw", 3e-3, 1, 2.5)]
+    assert convergence.best_lr(worse, "adamw") == 3e-3
     assert convergence.best_lr(RESULTS, "galore") == 3e-2
     assert convergence.best_lr(RESULTS, "muon") is None
     tuned = convergence.at_best_lr(RESULTS)
