@@ -497,6 +497,7 @@ def test_tensor_galore_on_eight_devices(tmp_path, kind):
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # the warning itself: test_user_models; here its train.py wording
 def test_rank_fallback_is_one_warning_line_at_start_up(tmp_path, capsys):
     """Matrices that get plain Adam only because of the rank are named, once."""
     code = train.main(

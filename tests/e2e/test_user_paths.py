@@ -481,6 +481,7 @@ def test_describe_lists_every_leaf():
     assert "blocks/0/fc1/kernel" in text and "pos_emb" in text and "total optimizer state" in text
 
 
+@pytest.mark.slow  # a quality measurement (100 steps x 2); the rule: the test below
 def test_default_labels_train_like_adam_on_embeddings_and_head():
     """Head and positional table on GaLore cost most of the accuracy; the default avoids it."""
     ids = jax.random.randint(jax.random.PRNGKey(5), (16, T), 0, V)
