@@ -25,8 +25,9 @@ CPU (llama_tiny, about a minute per run):
     python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 300
 The comparison in the README (llama_tiny, the main job's 1000 steps, 2 seeds):
     python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 1000 \\
-        --eval-every 100 --sweep --seeds 0 1 --jobs 2 --optimizers adamw adamw_8bit \\
-        adafactor muon galore fira apollo apollo_mini --out-dir runs/bench/frontier
+        --eval-every 100 --sweep --no-extend --seeds 0 1 --jobs 2 --optimizers adamw \\
+        galore fira apollo apollo_mini adamw_8bit adafactor muon \\
+        --lr-grid adafactor=0.003,0.01,0.03,0.09 --out-dir runs/bench/frontier
 Low-bit state against 32-bit GaLore, two seeds (the "vs galore" table):
     python benchmarks/convergence.py --config configs/llama_tiny.yaml --steps 300 \\
         --optimizers galore galore_8bit galore_8bit_int4 --seeds 0 1
@@ -273,11 +274,10 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     seeds = args.seeds or [config.seed]
-    several_lrs = args.sweep
 
     def run(job):
         name, lr, seed = job
-        label = f"{name}_lr{lr:g}" if several_lrs else name
+        label = f"{name}_lr{lr:g}" if args.sweep else name
         label = label if len(seeds) == 1 else f"{label}_seed{seed}"
         run_dir = out_dir / label
         overrides = [
