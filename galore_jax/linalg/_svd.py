@@ -8,11 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from galore_jax import _sharding_ops as sops
+from galore_jax.linalg import _stages
 from galore_jax.linalg._qr import (
-    _between_products,
-    _factorise_together,
-    _gaussian,
-    _orthonormalize,
     _per_matrix_on_cpu,
     canonicalize_signs,
     compute_dtype,
@@ -73,42 +70,17 @@ def _randomized_range(
     full-size masked copy is made (it would stay alive across the group's shared
     factorisations, one per matrix: a second gradient tree in a whole-model refresh).
     """
-    valid = [None] * len(mats) if valid is None else valid
-    a_hs = [sops.swap_last(a) for a in mats]
-
-    def times(xs, ys, spec):
-        return [_zero_unless(v, sops.einsum(spec, x, y)) for x, y, v in zip(xs, ys, valid)]
-
-    if inits is None:
-        omegas = [
-            _gaussian(k, (*a.shape[:-2], a.shape[-1], width), a.dtype) for a, k in zip(mats, keys)
-        ]
-    else:
-        inits = [x.astype(a.dtype) for x, a in zip(inits, mats)]
-        omegas = times(a_hs, inits, "...nm,...mr->...nr")
-        if width > inits[0].shape[-1]:
-            # Bring the warm block to the Gaussian block's column scale before mixing.
-            omegas = _between_products(omegas, intermediate_passes)
-            for j, (a, key, omega) in enumerate(zip(mats, keys, omegas)):
-                n, batch = a.shape[-1], a.shape[:-2]
-                omega = omega * jnp.sqrt(jnp.asarray(n, a.real.dtype))
-                extra = _gaussian(key, (*batch, n, width - inits[j].shape[-1]), a.dtype)
-                extra = sops.match_sharding(extra.astype(omega.dtype), omega)
-                omegas[j] = jnp.concatenate([omega, extra], axis=-1)
-    fill_keys = [jax.random.fold_in(key, 1) for key in keys]
-    if power_iters == 0:
-        return _orthonormalize(times(mats, omegas, "...mn,...nk->...mk"), keys=fill_keys)
-    qs = _between_products(times(mats, omegas, "...mn,...nk->...mk"), intermediate_passes)
-    for i in range(power_iters):
-        zs = _between_products(times(a_hs, qs, "...nm,...mk->...nk"), intermediate_passes)
-        ys = times(mats, zs, "...mn,...nk->...mk")
-        last = i == power_iters - 1
-        qs = (
-            _orthonormalize(ys, keys=fill_keys)
-            if last
-            else _between_products(ys, intermediate_passes)
-        )
-    return qs
+    inits = [None] * len(mats) if inits is None else inits
+    tasks = [
+        _stages.Task(a.shape, a.dtype, width, key, init) for a, key, init in zip(mats, keys, inits)
+    ]
+    finder = _stages.RangeFinder(
+        tasks,
+        lambda t: width,
+        power_iters=power_iters,
+        intermediate_passes=intermediate_passes,
+    )
+    return [c.q for c in _stages.run_dense(finder, mats, valid)]
 
 
 def _zero_unless(valid, x: jax.Array) -> jax.Array:
@@ -308,27 +280,15 @@ def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes, eigh, vali
     The k x k Gram is reduced across shards and factorised replicated: cheap, and
     `eigh` of it replaces the batched SVD/QR that are slow on GPU.
     """
-    mats, ranks, keys, inits = (list(x) for x in zip(*tasks))
-    qs = _randomized_range(
-        mats,
-        width,
-        keys=keys,
+    mats = [a for a, _, _, _ in tasks]
+    finder = _stages.RangeFinder(
+        [_stages.Task(a.shape, a.dtype, rank, key, init) for a, rank, key, init in tasks],
+        lambda t: width,
         power_iters=power_iters,
-        inits=None if inits[0] is None else inits,
         intermediate_passes=intermediate_passes,
-        valid=valid,
+        eigh=eigh,
     )
-    valid = [None] * len(mats) if valid is None else valid
-    bs = [
-        _zero_unless(v, sops.einsum("...mk,...mn->...kn", jnp.conj(q), a))
-        for q, a, v in zip(qs, mats, valid)
-    ]
-    grams = [sops.replicate(sops.einsum("...kn,...ln->...kl", b, jnp.conj(b))) for b in bs]
-    eig = _factorise_together(eigh, grams)
-    return [
-        (q, b, jnp.flip(evals, axis=-1)[..., :rank], jnp.flip(evecs, axis=-1)[..., :rank])
-        for q, b, (evals, evecs), rank in zip(qs, bs, eig, ranks)
-    ]
+    return [(c.q, c.b, c.evals, c.evecs) for c in _stages.run_dense(finder, mats, valid)]
 
 
 EIGH_IMPLEMENTATIONS = (None, "qr", "jacobi")
