@@ -57,6 +57,16 @@ VARIANTS = {
         "galore_adamw, 8-bit moments, int8 projectors, layer-wise",
     ),
     "adamw_layerwise": (["optimizer.name=adamw", *LAYERWISE], "optax.adamw, layer-wise"),
+    # 4 micro-batches: summed in GaLore's subspace (the default where exact; forced
+    # here, as the configs clip) or at full size.
+    "galore_accum4": (
+        ["optimizer.name=galore", "grad_accum_steps=4", "optimizer.full_size_gradients=false"],
+        "galore_adamw, 4 micro-batches summed in the subspace",
+    ),
+    "galore_accum4_full_size": (
+        ["optimizer.name=galore", "grad_accum_steps=4", "optimizer.full_size_gradients=true"],
+        "galore_adamw, 4 micro-batches summed at full size",
+    ),
 }
 DEFAULT_VARIANTS = ("adamw", "galore", "galore_layerwise", "galore_8bit", "galore_layerwise_8bit")
 

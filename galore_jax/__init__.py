@@ -33,6 +33,7 @@ from galore_jax.options import (
 )
 from galore_jax.scanned import ScannedModel
 from galore_jax.sharding import state_shardings
+from galore_jax.subspace import accumulate_in_subspace
 from galore_jax.tensor_galore import scale_by_tensor_galore
 
 __version__ = "0.3.0"
@@ -66,11 +67,12 @@ __all__ = [
     "describe",
     "memory_report",
     "galore_labels",
-    # sharding and layer-wise updates
+    # sharding, layer-wise updates, gradients accumulated in the subspace
     "state_shardings",
     "ScannedModel",
     "layerwise_init",
     "layerwise_step",
+    "accumulate_in_subspace",
 ]
 
 # Names of galore-jax 0.2.0's flat namespace -> their module now (CHANGELOG.md).

@@ -13,6 +13,8 @@ not to full-size arrays (see `_fused_update`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,7 +23,9 @@ from galore_jax import labels as labels_lib
 from galore_jax._checks import check_scalar_arg
 from galore_jax._low_rank import (
     GradScaleTransformation,
+    engines_of,
     register_bias_correction,
+    register_engines,
     scaled_by,
     zero_if_not_finite,
 )
@@ -137,10 +141,13 @@ def adamw_chain(
     name,
 ) -> GradScaleTransformation:
     """The aliases' optimizer: `galore_tx(adam)` / `tensor_tx(adam)` / plain Adam by label."""
+    members = {
+        labels_lib.GALORE: galore_tx(adam(adam_options)),
+        labels_lib.TENSOR_GALORE: tensor_tx(adam(adam_options)),
+    }
     partition = optax.partition(
         {
-            labels_lib.GALORE: galore_tx(adam(adam_options)),
-            labels_lib.TENSOR_GALORE: tensor_tx(adam(adam_options)),
+            **members,
             labels_lib.ADAM: _with_scales(adam(adam_options)),
         },
         labeler.labels,
@@ -152,4 +159,18 @@ def adamw_chain(
         chain.init, _fused_update(partition, decay, lr_stage, max_grad_norm)
     )
     labels_lib.register_explainer(tx.init, labeler.explain)
+    register_engines(
+        tx,
+        [
+            engine._replace(view=functools.partial(_labelled_view, labeler.labels, label))
+            for label, member in members.items()
+            for engine in engines_of(member)
+        ],
+    )
     return tx
+
+
+def _labelled_view(labels, label, params):
+    """The tree a partition member is given: params with other labels' leaves masked."""
+    labels = labels(params) if callable(labels) else labels
+    return jax.tree.map(lambda x, lab: x if lab == label else optax.MaskedNode(), params, labels)

@@ -20,6 +20,7 @@ gradient, the base optimizer's low-rank update and its bias-correction factor.
 from __future__ import annotations
 
 import functools
+import itertools
 import weakref
 import zlib
 from typing import Any, Callable, NamedTuple, Optional, Protocol
@@ -138,6 +139,35 @@ def bias_correction(base_optimizer, base_state):
     return None if factor is None else factor(base_state)
 
 
+class Engine(NamedTuple):
+    """A `low_rank_transform` as `galore_jax.subspace` sees it (static parts only)."""
+
+    token: str  # names the engine's entry in a `SubspaceGradients`
+    algorithm: Any
+    schedule: Schedule
+    state_cls: type
+    full_update: bool  # the update reads the raw gradient (Fira, APOLLO)
+    view: Callable = lambda params: params  # params -> the tree the engine is given
+
+
+# Transformations' init functions -> the low-rank engines inside them, in state order.
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOKENS = itertools.count()
+
+
+def register_engines(tx, engines) -> None:
+    """Records that `tx` holds `engines` (an alias registers those of its members)."""
+    _ENGINES[tx.init] = tuple(engines)
+
+
+def engines_of(tx) -> tuple:
+    """The low-rank engines `tx` holds (registered by our factories), or ()."""
+    try:
+        return _ENGINES.get(tx.init, ())
+    except TypeError:
+        return ()
+
+
 def low_dtype(dtype):
     """Dtype of low-rank gradients and moments: the param's, but float16 widens to float32.
 
@@ -171,6 +201,12 @@ def refresh_offsets(num_projected: int, gap: int, stagger: bool):
     if not stagger or num_projected == 0:
         return [0] * num_projected
     return [(i * gap) // num_projected for i in range(num_projected)]
+
+
+def refresh_due(count, offset: int, gap: int):
+    """Whether a leaf refreshing at `offset` inside the gap refreshes at step `count`:
+    every leaf at step 0, then at k * gap + offset for k >= 1."""
+    return (count == 0) | ((count % gap == offset) & (count >= gap))
 
 
 def _map_base_moments(base_state, low_tree, per_leaf: Callable):
@@ -290,10 +326,22 @@ def low_rank_transform(
         extra = [() if p is None else algorithm.leaf_state(p) for p in plans]
         return state_cls(*fields, treedef.unflatten(extra))
 
-    def update_fn(updates, state, params=None, *, grad_scale=None, update_scale=None, **extra_args):
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        grad_scale=None,
+        update_scale=None,
+        subspace=None,
+        **extra_args,
+    ):
         check_scalar_arg("grad_scale", grad_scale)
         check_scalar_arg("update_scale", update_scale)
         del params
+        # Gradients accumulated in the subspace (galore_jax.subspace): this step's
+        # refresh is done and the low-rank gradients are given.
+        given = None if subspace is None else subspace.entries.get(engine.token)
         names, grads, treedef, plans = algorithm.plans(updates)
         project, n = algorithm, algorithm.num_slots
         slots = [_slot_leaves(tree) for tree in tuple(state[2])]
@@ -309,51 +357,61 @@ def low_rank_transform(
         # as zero (optax.zero_nans, per leaf: one NaN spreads through the whole
         # projection). The checks read the full gradient on refresh steps only:
         # other steps test the small projection, non-finite iff the gradient is.
-        phase = count % update_proj_gap
-        together = {}  # refresh offset -> the leaves refreshing at it (all, without stagger)
-        for i in projected:
-            together.setdefault(offsets[i], []).append(i)
         refresh_flags, refreshed = {}, {}
         skipped = state.skipped_refreshes
-        for offset, members in together.items():
-            due = (count == 0) | ((phase == offset) & (count >= update_proj_gap))
-            member_plans = [plans[i] for i in members]
-            keys = [jax.random.fold_in(step_key, leaf_key_data(names[i])) for i in members]
+        if given is not None:
+            if full_update is not None:
+                raise ValueError("this transform's update reads the full-size gradient")
+            for i in projected:
+                refreshed[i] = tuple(given.projectors[i])
+                refresh_flags[i] = given.flags[i]
+                skipped = skipped + given.skips[i].astype(jnp.int32)
+        else:
+            together = {}  # refresh offset -> the leaves refreshing at it (all, without stagger)
+            for i in projected:
+                together.setdefault(offsets[i], []).append(i)
+            for offset, members in together.items():
+                due = refresh_due(count, offset, update_proj_gap)
+                member_plans = [plans[i] for i in members]
+                keys = [jax.random.fold_in(step_key, leaf_key_data(names[i])) for i in members]
 
-            def keep(gs, olds):
-                return list(olds), [jnp.zeros([], jnp.bool_) for _ in olds]
+                def keep(gs, olds):
+                    return list(olds), [jnp.zeros([], jnp.bool_) for _ in olds]
 
-            def refresh(gs, olds, *, warm, plans=member_plans, keys=keys):
-                # A subspace does not change when its gradient is scaled, so the raw
-                # gradients are sketched: a scaled or masked full-size copy per leaf
-                # would stay alive across the shared factorisations (a second gradient
-                # tree). A non-finite gradient (or scale) is refreshed as zero, and so
-                # is one scaled by zero.
-                finite = [jnp.all(jnp.isfinite(g)) for g in gs]
-                valid = finite
-                if grad_scale is not None:
-                    finite = [f & jnp.isfinite(grad_scale) for f in finite]
-                    valid = [f & (grad_scale != 0) for f in finite]
-                news = project.refresh(plans, gs, olds, keys=keys, warm=warm, valid=valid)
-                skips = [~f & (count > 0) for f in finite]
-                news = [
-                    tuple(o if is_empty(o) else jnp.where(skip, o, p) for p, o in zip(new, old))
-                    for new, old, skip in zip(news, olds, skips)
-                ]
-                return news, skips
+                def refresh(gs, olds, *, warm, plans=member_plans, keys=keys):
+                    # A subspace does not change when its gradient is scaled, so the raw
+                    # gradients are sketched: a scaled or masked full-size copy per leaf
+                    # would stay alive across the shared factorisations (a second gradient
+                    # tree). A non-finite gradient (or scale) is refreshed as zero, and so
+                    # is one scaled by zero.
+                    finite = [jnp.all(jnp.isfinite(g)) for g in gs]
+                    valid = finite
+                    if grad_scale is not None:
+                        finite = [f & jnp.isfinite(grad_scale) for f in finite]
+                        valid = [f & (grad_scale != 0) for f in finite]
+                    news = project.refresh(plans, gs, olds, keys=keys, warm=warm, valid=valid)
+                    skips = [~f & (count > 0) for f in finite]
+                    news = [
+                        tuple(o if is_empty(o) else jnp.where(skip, o, p) for p, o in zip(new, old))
+                        for new, old, skip in zip(news, olds, skips)
+                    ]
+                    return news, skips
 
-            branches = [keep, functools.partial(refresh, warm=False)]
-            branch = due.astype(jnp.int32)
-            if warm_start:
-                branches.append(functools.partial(refresh, warm=True))
-                branch = jnp.where(due & (count > 0), 2, branch)
-            news, skips = jax.lax.switch(
-                branch, branches, [grads[i] for i in members], [old_projectors[i] for i in members]
-            )
-            for i, new, skip in zip(members, news, skips):
-                skipped = skipped + skip.astype(jnp.int32)
-                refresh_flags[i] = due & ~skip
-                refreshed[i] = new
+                branches = [keep, functools.partial(refresh, warm=False)]
+                branch = due.astype(jnp.int32)
+                if warm_start:
+                    branches.append(functools.partial(refresh, warm=True))
+                    branch = jnp.where(due & (count > 0), 2, branch)
+                news, skips = jax.lax.switch(
+                    branch,
+                    branches,
+                    [grads[i] for i in members],
+                    [old_projectors[i] for i in members],
+                )
+                for i, new, skip in zip(members, news, skips):
+                    skipped = skipped + skip.astype(jnp.int32)
+                    refresh_flags[i] = due & ~skip
+                    refreshed[i] = new
 
         new_projectors, low = [], []
         for i, (g, plan, old) in enumerate(zip(grads, plans, old_projectors)):
@@ -363,7 +421,8 @@ def low_rank_transform(
                 continue
             new = refreshed[i]
             new_projectors.append(new)
-            low_g = project.to_low(plan, g, new).astype(low_dtype(jnp.result_type(g)))
+            low_g = given.low[i] if given is not None else project.to_low(plan, g, new)
+            low_g = low_g.astype(low_dtype(jnp.result_type(g)))
             low_g = scaled_by(low_g, grad_scale)
             low.append(zero_if_not_finite(low_g))
 
@@ -425,4 +484,9 @@ def low_rank_transform(
             moment,
         )
 
-    return GradScaleTransformation(init_fn, update_fn)
+    tx = GradScaleTransformation(init_fn, update_fn)
+    engine = Engine(
+        f"engine{next(_TOKENS)}", algorithm, schedule, state_cls, full_update is not None
+    )
+    register_engines(tx, [engine])
+    return tx

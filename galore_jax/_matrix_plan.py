@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +200,46 @@ def refresh_kwargs(refresh: Refresh) -> dict:
     return dict(svd="exact", oversample=0, power_iters=0)
 
 
+class RefreshTask(NamedTuple):
+    """One side of one leaf's refresh: the matrix is the leaf's standard-layout
+    gradient g (`adjoint` False: its left basis, U) or g^H (True: the right, Vh^H)."""
+
+    leaf: int
+    adjoint: bool
+    rank: int
+    key: jax.Array
+    init: Optional[jax.Array]  # the old basis (warm start), else None
+
+
+def refresh_tasks(plans: list, olds: list, *, keys: list, warm: bool) -> tuple:
+    """(tasks, sides): the factorisations the leaves' refresh needs, and per leaf the
+    indices of its tasks (left side first)."""
+    tasks, sides = [], []
+    for i, (plan, old, key) in enumerate(zip(plans, olds, keys)):
+        left_key, right_key = jax.random.split(key)
+        mine = []
+        if plan.side in ("left", "full"):
+            mine.append(len(tasks))
+            tasks.append(RefreshTask(i, False, plan.rank, left_key, old[0] if warm else None))
+        if plan.side in ("right", "full"):
+            mine.append(len(tasks))
+            init = sops.swap_last(old[-1]) if warm else None
+            tasks.append(RefreshTask(i, True, plan.rank, right_key, init))
+        sides.append(mine)
+    return tasks, sides
+
+
+def projectors_from_bases(plans: list, sides: list, bases: list, olds: list) -> list:
+    """Per leaf, its new projectors from its tasks' bases, in `olds`' dtypes and shardings."""
+    out = []
+    for plan, mine, old in zip(plans, sides, olds):
+        new = [bases[j] for j in mine]
+        if plan.side in ("right", "full"):
+            new[-1] = sops.swap_last(new[-1])
+        out.append(tuple(sops.match_sharding(p.astype(o.dtype), o) for p, o in zip(new, old)))
+    return out
+
+
 def refresh_projectors(
     plans: list,
     gs: list,
@@ -214,33 +254,17 @@ def refresh_projectors(
     `olds`' dtypes and shardings. Leaves refreshed at one step share each batched
     factorisation call (`linalg.top_left_bases`). `valid` (a boolean scalar per
     leaf): where False, the leaf is refreshed as a zero gradient."""
-    tasks, slots = [], []  # slots[i]: indices into tasks of leaf i's sides
-    task_valid = []
+    tasks, sides = refresh_tasks(plans, olds, keys=keys, warm=warm)
     valid = [None] * len(plans) if valid is None else valid
-    for plan, g, old, key, v in zip(plans, gs, olds, keys, valid):
-        left_key, right_key = jax.random.split(key)
-        sides = []
-        if plan.side in ("left", "full"):
-            sides.append(len(tasks))
-            tasks.append((g, plan.rank, left_key, old[0] if warm else None))
-        if plan.side in ("right", "full"):
-            sides.append(len(tasks))
-            init = sops.swap_last(old[-1]) if warm else None
-            tasks.append((sops.swap_last(g), plan.rank, right_key, init))
-        task_valid += [v] * len(sides)
-        slots.append((plan.side, sides))
     bases = top_left_bases(
-        tasks,
+        [
+            (sops.swap_last(gs[t.leaf]) if t.adjoint else gs[t.leaf], t.rank, t.key, t.init)
+            for t in tasks
+        ],
         **refresh_kwargs(refresh),
-        valid=task_valid,
+        valid=[valid[t.leaf] for t in tasks],
     )
-    out = []
-    for (side, sides), old in zip(slots, olds):
-        new = [bases[j] for j in sides]
-        if side in ("right", "full"):
-            new[-1] = sops.swap_last(new[-1])
-        out.append(tuple(sops.match_sharding(p.astype(o.dtype), o) for p, o in zip(new, old)))
-    return out
+    return projectors_from_bases(plans, sides, bases, olds)
 
 
 def rotation(plan: MatrixPlan, old: tuple, new: tuple):

@@ -19,8 +19,10 @@ from galore_jax._low_rank import (
     low_rank_transform,
 )
 from galore_jax.dimensions import DimensionNumbers, resolve_dimension_numbers
+from galore_jax.linalg import _stages
 from galore_jax.linalg._qr import compute_dtype
-from galore_jax.options import ProjectorStorage, Refresh
+from galore_jax.linalg._svd import range_finder
+from galore_jax.options import ProjectorStorage, RandomizedSVD, Refresh
 
 __all__ = ["MatrixProjectors", "ScaleByGaloreState", "scale_by_galore"]
 
@@ -141,6 +143,41 @@ class MatrixGaLore:
             valid=valid,
         )
         # Codes and scales keep the old ones' shardings, so lax.switch branches agree.
+        return [
+            tuple(
+                p if is_empty(p) else sops.match_sharding(p, o)
+                for p, o in zip(self.encode(plan, new), old)
+            )
+            for plan, new, old in zip(plans, news, olds)
+        ]
+
+    def subspace_refresh(self, plans, olds, *, keys, dtypes):
+        """What `galore_jax.subspace` needs to refresh these leaves from products with
+        their gradients alone: (range finder, `mp.RefreshTask`s, each leaf's tasks)."""
+        if not isinstance(self.refresh_options, RandomizedSVD):
+            raise ValueError(
+                "gradients accumulated in the subspace need a randomized refresh "
+                "(svd='randomized' or gj.RandomizedSVD(...)): an exact SVD needs the whole "
+                "gradient. Use svd='randomized', or full-size gradients"
+            )
+        decoded = [self.decode(plan, old, dt) for plan, old, dt in zip(plans, olds, dtypes)]
+        tasks, sides = mp.refresh_tasks(plans, decoded, keys=keys, warm=True)
+        stage_tasks = []
+        for t in tasks:
+            plan = plans[t.leaf]
+            m, n = plan.matrix_shape
+            shape = (*plan.batch_shape, *((n, m) if t.adjoint else (m, n)))
+            stage_tasks.append(
+                _stages.Task(shape, compute_dtype(dtypes[t.leaf]), t.rank, t.key, t.init)
+            )
+        kwargs = mp.refresh_kwargs(self.refresh_options)
+        kwargs.pop("svd")
+        return range_finder(stage_tasks, **kwargs), tasks, sides
+
+    def subspace_projectors(self, plans, sides, bases, olds, dtypes):
+        """The leaves' new projector slots from their tasks' bases (as `refresh` returns)."""
+        decoded = [self.decode(plan, old, dt) for plan, old, dt in zip(plans, olds, dtypes)]
+        news = mp.projectors_from_bases(plans, sides, bases, decoded)
         return [
             tuple(
                 p if is_empty(p) else sops.match_sharding(p, o)

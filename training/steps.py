@@ -31,6 +31,7 @@ from training.checkpoint import Checkpointer, CheckpointError
 from training.config import Config, ConfigError, config_to_dict, validate_for_devices
 from training.optim import build_optimizer
 from training.task import Task
+from training.task import _identity as _identity_grads
 
 
 @dataclasses.dataclass
@@ -65,6 +66,7 @@ class Run:
     abstract_opt_state: Any
     opt_shardings: Any
     scanned_model: Optional[gj.ScannedModel] = None
+    subspace_gradients: bool = False  # micro-batches accumulate in GaLore's subspace
     notes: list = dataclasses.field(default_factory=list)  # warnings to show at start-up
 
     @property
@@ -149,6 +151,7 @@ def build_run(config: Config, num_devices: int) -> Run:
             raise ConfigError(f"optimizer: {e}") from None
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     _check_something_is_projected(config, abstract_opt_state)
+    subspace = _subspace_gradients(config, task, tx, notes)
     if config.optimizer.layerwise:
         opt_shardings = gj.layerwise.layerwise_state_shardings(
             abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
@@ -170,8 +173,42 @@ def build_run(config: Config, num_devices: int) -> Run:
         abstract_opt_state,
         opt_shardings,
         scanned,
+        subspace,
         notes,
     )
+
+
+def _subspace_gradients(config: Config, task: Task, tx, notes: list) -> bool:
+    """Whether micro-batches accumulate in GaLore's subspace (``optimizer.full_size_gradients``)."""
+    opt, want = config.optimizer, config.optimizer.full_size_gradients
+    if want or config.grad_accum_steps == 1:
+        return False
+    refusal = None
+    if opt.name != "galore":
+        refusal = f"optimizer.name={opt.name} (only galore projects every matrix's gradient)"
+    elif opt.layerwise:
+        refusal = "optimizer.layerwise=true (its step takes one micro-batch)"
+    elif opt.svd == "exact":
+        refusal = "optimizer.svd=exact (an exact SVD needs the whole gradient)"
+    elif opt.master_dtype is not None or (opt.grad_clip > 0 and opt.grad_clip_mode != "global"):
+        refusal = "this optimizer set-up (master weights or a clip stage of its own)"
+    elif task.postprocess_grads is not _identity_grads:
+        refusal = f"task {task.name!r} (it post-processes the summed gradient)"
+    elif not gj._low_rank.engines_of(tx):
+        refusal = "this optimizer"
+    if refusal is not None:
+        if not want:
+            raise ConfigError(
+                f"optimizer.full_size_gradients=false: gradients cannot accumulate in the "
+                f"subspace with {refusal}; remove the setting"
+            )
+        return False
+    if opt.grad_clip > 0:
+        notes.append(
+            "optimizer.full_size_gradients=false: grad_clip bounds the norm of the "
+            "gradient in GaLore's subspace (the full gradient is never summed)"
+        )
+    return True
 
 
 def _opt_state_init(config: Config, tx, scanned_model) -> Callable:
@@ -311,8 +348,31 @@ def _gradient_metrics(grads) -> dict:
     return {"grad_norm": norm, "nonfinite_leaves": nonfinite}
 
 
+def _make_subspace_step(run: Run) -> Callable:
+    """The un-jitted step with micro-batches accumulated in GaLore's subspace."""
+
+    def loss_of(params, batch):
+        return run.task.loss_fn(nnx.merge(run.graphdef, params), batch)
+
+    accumulate = gj.accumulate_in_subspace(loss_of, run.tx)
+
+    def subspace(params, opt_state, batches):
+        loss, grads, sub = accumulate(params, batches, opt_state)
+        updates, opt_state = run.tx.update(grads, opt_state, params, subspace=sub)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, **_gradient_metrics(grads)}
+
+    if run.explicit:  # as make_loss_and_grads: the partitioner places activations
+        specs = jax.tree.map(lambda s: s.spec, (run.param_shardings, run.opt_shardings))
+        metrics = {"loss": P(), "grad_norm": P(), "nonfinite_leaves": P()}
+        return jax.sharding.auto_axes(subspace, out_sharding=(*specs, metrics))
+    return subspace
+
+
 def _make_standard_step(run: Run) -> Callable:
     """The un-jitted step: the mean gradient, then the optimizer on the whole tree."""
+    if run.subspace_gradients:
+        return _make_subspace_step(run)
     loss_and_grads = make_loss_and_grads(run)
 
     def standard(params, opt_state, batches):
@@ -401,6 +461,11 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
         lines.append(
             f"layer-wise updates: the optimizer runs inside the backward pass, one of the "
             f"{run.config.model.num_layers} layers at a time (each leaf below: per layer)"
+        )
+    if run.subspace_gradients:
+        lines.append(
+            f"gradient accumulation: {run.config.grad_accum_steps} micro-batches summed in "
+            "GaLore's subspace (low-rank sums; a refresh step makes extra passes)"
         )
     if run.config.optimizer.name != "adamw":
         params = run.abstract_params

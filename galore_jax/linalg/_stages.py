@@ -170,9 +170,7 @@ class RangeFinder:
                     ys = [p for _, p in pairs]
                     if last:
                         qs = _orthonormalize(ys, keys=self._fill_keys(members))
-                        return [
-                            c._replace(q=q, probe_m=q) for (c, _), q in zip(pairs, qs)
-                        ]
+                        return [c._replace(q=q, probe_m=q) for (c, _), q in zip(pairs, qs)]
                     qs = _between_products(ys, passes)
                     return [c._replace(q=q, probe_m=q) for (c, _), q in zip(pairs, qs)]
 

@@ -273,6 +273,32 @@ def top_left_bases(
     return out
 
 
+def range_finder(
+    tasks: Sequence[_stages.Task],
+    *,
+    oversample: int = 8,
+    power_iters: int = 1,
+    intermediate_passes: int = 2,
+    eigh_implementation: Optional[str] = None,
+) -> _stages.RangeFinder:
+    """`top_left_bases`' randomized path as stages, for a driver that cannot hold the
+    matrices (`galore_jax.subspace`); `canonical_bases` turns its result into bases."""
+    for t in tasks:
+        _check_rank(t.rank, *t.shape[-2:])
+    return _stages.RangeFinder(
+        list(tasks),
+        lambda t: _sketch_width(t.rank, oversample, *t.shape[-2:]),
+        power_iters=power_iters,
+        intermediate_passes=intermediate_passes,
+        eigh=_eigh(eigh_implementation),
+    )
+
+
+def canonical_bases(finder: _stages.RangeFinder, carries: list) -> list:
+    """The sign-canonical top-rank bases (what `top_left_bases` returns) of final carries."""
+    return [canonicalize_signs(finder.basis(c)) for c in carries]
+
+
 def _rayleigh_ritz(tasks, width, *, power_iters, intermediate_passes, eigh, valid=None):
     """Per task `(a, rank, key, init)` of one group (sketches `width` wide): sketch basis
     Q, B = Q^H a, and the top-`rank` eigenpairs of B B^H (descending).

@@ -1,0 +1,317 @@
+"""Gradient accumulation in the subspace: micro-batches are never summed at full size.
+
+GaLore's update reads a projected leaf's gradient only through its projection
+`R = P^H G`, which is linear: the sum over micro-batches of `P^H G_i` is `P^H` of
+their sum. `accumulate_in_subspace` runs your loss over the micro-batches and keeps,
+per projected matrix, only that low-rank sum (r x n instead of m x n); every other
+leaf (norms, embeddings, Tucker-projected tensors, Fira's and APOLLO's leaves, whose
+updates read the whole gradient) accumulates at full size as before.
+
+A step that refreshes a subspace needs more than the projection. The randomized
+refresh (`gj.RandomizedSVD`) reads the gradient only through products `G X` and
+`G^H Y`, so each product is one more pass over the micro-batches: with the default
+(`power_iters=1`, warm start) a refresh step runs 5 product passes and then the
+projection's, 6 backward passes instead of 1 (at `update_proj_gap=200`, 2.5% more
+backward work on average). The basis is the one the summed gradient gives, up to
+float rounding: the path is exact. The passes run in one `lax.while_loop`, so the
+backward pass is compiled twice (refresh passes, projection pass), not per stage.
+An exact-SVD refresh needs the whole gradient and is refused.
+
+Memory: the sums are low-rank, but the compiled step still holds one micro-batch's
+full-size gradient in each of its two backward loops (XLA allocates them apart), so
+at LLaMA-1B it does not yet come below the full-size sum (docs/results.md).
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import galore_jax as gj
+  >>> params = {"w": jnp.ones((16, 8)), "b": jnp.zeros((8,))}
+  >>> def loss_fn(params, batch):
+  ...     return jnp.mean((batch @ params["w"] + params["b"]) ** 2)
+  >>> tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=10)
+  >>> opt_state = tx.init(params)
+  >>> batches = jnp.ones((4, 2, 16))  # 4 micro-batches of 2 rows
+  >>> @jax.jit
+  ... def step(params, opt_state, batches):
+  ...     loss, grads, subspace = gj.accumulate_in_subspace(loss_fn, tx)(
+  ...         params, batches, opt_state)
+  ...     updates, opt_state = tx.update(grads, opt_state, params, subspace=subspace)
+  ...     return optax.apply_updates(params, updates), opt_state, loss
+  >>> params, opt_state, loss = step(params, opt_state, batches)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from galore_jax import _sharding_ops as sops
+from galore_jax import paths
+from galore_jax._low_rank import (
+    _slot_leaves,
+    engines_of,
+    is_empty,
+    leaf_key_data,
+    refresh_due,
+    refresh_offsets,
+)
+from galore_jax.linalg import _stages
+from galore_jax.linalg._svd import canonical_bases
+
+__all__ = ["SubspaceGradients", "accumulate_in_subspace"]
+
+
+class Given(NamedTuple):
+    """One engine's step, done by `accumulate_in_subspace` (per engine leaf; `()` and
+    False where a leaf is not projected)."""
+
+    projectors: list  # the projector slots after this step's refresh
+    flags: list  # refreshed at this step
+    skips: list  # a due refresh skipped (non-finite gradient)
+    low: list  # the mean low-rank gradient in the new basis
+
+
+class SubspaceGradients(NamedTuple):
+    """What `tx.update(..., subspace=...)` needs besides the gradients (a pytree)."""
+
+    entries: dict  # engine token -> Given
+
+
+def accumulate_in_subspace(loss_fn: Callable, tx) -> Callable:
+    """`(params, batches, opt_state) -> (loss, grads, subspace)` over micro-batches.
+
+    Args:
+      loss_fn: `(params, batch) -> scalar loss` of one micro-batch.
+      tx: the optimizer: a galore_jax transformation or alias (`gj.galore_adamw`,
+        `gj.scale_by_galore`, ...), the object whose `update` you call.
+
+    Returns:
+      A function of `params`, `batches` (every leaf with a leading micro-batch axis)
+      and `tx`'s state, returning the mean loss, `grads` (params-shaped: the mean
+      gradient, where each projected matrix holds its part in the subspace, P P^H G,
+      so norms and clipping see what the optimizer sees) and a `SubspaceGradients`
+      to pass as `tx.update(grads, opt_state, params, subspace=subspace)`.
+    """
+    engines = [
+        e for e in engines_of(tx) if not e.full_update and hasattr(e.algorithm, "subspace_refresh")
+    ]
+    if not engines_of(tx):
+        raise ValueError(
+            "accumulate_in_subspace: tx holds no galore_jax low-rank transform; pass the "
+            "transformation built by gj.galore_adamw / gj.scale_by_galore (the one whose "
+            "update you call)"
+        )
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def run(params, batches, opt_state):
+        names, _, treedef = paths.leaf_paths(params)
+        index = {name: i for i, name in enumerate(names)}
+        counts = {jnp.shape(x)[0] for x in jax.tree.leaves(batches)}
+        if len(counts) != 1:
+            raise ValueError(
+                f"accumulate_in_subspace: batches need one leading micro-batch axis, got "
+                f"sizes {sorted(counts)}"
+            )
+        (k,) = counts
+
+        def gradient_leaves(batch):
+            loss, grads = grad_fn(params, batch)
+            return loss, treedef.flatten_up_to(grads)
+
+        plans = [_EnginePlan.of(e, params, opt_state, index) for e in engines]
+        plans = [p for p in plans if p.projected]
+        if len(plans) > 1:
+            raise ValueError(
+                "accumulate_in_subspace: tx holds several GaLore transforms with projected "
+                "leaves; one is supported"
+            )
+        in_subspace = {u for p in plans for u in p.users}
+        refresh = [p.prepare() for p in plans]
+
+        def mean_over_micro_batches(terms, zeros_of):
+            def add(total, batch):
+                return jax.tree.map(jnp.add, total, terms(batch)), None
+
+            first = jax.tree.map(lambda x: x[0], batches)
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(zeros_of, first)
+            )
+            total, _ = jax.lax.scan(add, zeros, batches)
+            return jax.tree.map(lambda x: x / k, total)
+
+        refreshed = []
+        for r in refresh:  # the refresh's stages, one pass over the micro-batches each
+
+            def run_stages(_, r=r):
+                def products(carries):
+                    def terms(batch):
+                        return r.products(gradient_leaves(batch)[1], carries)
+
+                    return mean_over_micro_batches(terms, terms)
+
+                def body(loop):
+                    i, carries = loop
+                    return i + 1, jax.lax.switch(i, r.stage_branches, carries, products(carries))
+
+                start = jnp.asarray(r.finder.first_stage(r.warm), jnp.int32)
+                _, carries = jax.lax.while_loop(
+                    lambda loop: loop[0] < len(r.stage_branches), body, (start, r.finder.initial())
+                )
+                return r.finish(carries)
+
+            def keep(_, r=r):
+                no = [jnp.zeros([], jnp.bool_) for _ in r.olds]
+                return list(r.olds), no, list(no)
+
+            refreshed.append(jax.lax.cond(r.any_due, run_stages, keep, None))
+
+        def terms(batch):  # the projection pass, in the bases just refreshed
+            loss, g = gradient_leaves(batch)
+            lows = [p.project(g, news) for p, (news, _, _) in zip(plans, refreshed)]
+            return loss, lows, [x for u, x in enumerate(g) if u not in in_subspace]
+
+        loss, lows, full = mean_over_micro_batches(terms, terms)
+
+        leaves = [None] * len(names)
+        full_iter = iter(full)
+        expanded = {}
+        for p, (news, _, _), low in zip(plans, refreshed, lows):
+            expanded.update(p.expand(low, news))
+        for u in range(len(names)):
+            leaves[u] = expanded[u] if u in expanded else next(full_iter)
+        entries = {
+            p.engine.token: p.given(news, low) for p, news, low in zip(plans, refreshed, lows)
+        }
+        return loss, treedef.unflatten(leaves), SubspaceGradients(entries)
+
+    return run
+
+
+class _EnginePlan:
+    """One engine's projected leaves: their plans, schedule and where they sit in the params."""
+
+    def __init__(self, engine, state, e_names, e_leaves, e_plans, users):
+        self.engine, self.state, self.names = engine, state, e_names
+        self.e_leaves, self.e_plans = e_leaves, e_plans
+        self.projected = [i for i, p in enumerate(e_plans) if p is not None]
+        self.users = [users[i] for i in self.projected]  # params leaf index of each
+
+    @classmethod
+    def of(cls, engine, params, opt_state, index):
+        state = _engine_state(opt_state, engine)
+        e_names, e_leaves, _, e_plans = engine.algorithm.plans(engine.view(params))
+        return cls(engine, state, e_names, e_leaves, e_plans, [index[n] for n in e_names])
+
+    # -- the refresh ------------------------------------------------------------------
+
+    def prepare(self) -> "_Refresh":
+        return _Refresh(self)
+
+    # -- the projection pass and the results ----------------------------------------
+
+    def project(self, g, news):
+        return [
+            self.engine.algorithm.to_low(self.e_plans[i], g[u], new)
+            for i, u, new in zip(self.projected, self.users, news)
+        ]
+
+    def expand(self, lows, news):
+        """params leaf index -> the leaf's gradient in the subspace, P P^H G (full size)."""
+        out = {}
+        for i, u, low, new in zip(self.projected, self.users, lows, news):
+            dtype = jnp.result_type(self.e_leaves[i])
+            out[u] = self.engine.algorithm.from_low(self.e_plans[i], low, new, dtype).astype(dtype)
+        return out
+
+    def given(self, refreshed, lows) -> Given:
+        news, flags, skips = refreshed
+        n = len(self.e_plans)
+        out = Given(
+            [()] * n, [jnp.zeros([], jnp.bool_)] * n, [jnp.zeros([], jnp.bool_)] * n, [()] * n
+        )
+        for j, i in enumerate(self.projected):
+            out.projectors[i], out.flags[i], out.skips[i], out.low[i] = (
+                news[j],
+                flags[j],
+                skips[j],
+                lows[j],
+            )
+        return out
+
+
+class _Refresh:
+    """One engine's refresh at this step, as products with the gradient (see `_stages`)."""
+
+    def __init__(self, plan: _EnginePlan):
+        engine, state = plan.engine, plan.state
+        schedule, self.algorithm = engine.schedule, engine.algorithm
+        self.count = count = state.count
+        slots = [_slot_leaves(tree) for tree in tuple(state[2])]
+        self.olds = [tuple(slot[i] for slot in slots) for i in plan.projected]
+        gap = schedule.update_proj_gap
+        offsets = refresh_offsets(len(plan.projected), gap, schedule.stagger)
+        self.due = [refresh_due(count, offset, gap) for offset in offsets]
+        self.any_due = functools.reduce(jnp.logical_or, self.due)
+        self.warm = getattr(schedule.refresh, "warm_start", False) & (count > 0)
+        _, step_key = jax.random.split(state.key)
+        keys = [jax.random.fold_in(step_key, leaf_key_data(plan.names[i])) for i in plan.projected]
+        self.plans = [plan.e_plans[i] for i in plan.projected]
+        self.dtypes = [jnp.result_type(plan.e_leaves[i]) for i in plan.projected]
+        self.users = plan.users
+        self.finder, self.tasks, self.sides = self.algorithm.subspace_refresh(
+            self.plans, self.olds, keys=keys, dtypes=self.dtypes
+        )
+
+        def branch(stage, carries, pairs):
+            kind = 0 if stage.kind == _stages.RIGHT else 1
+            return stage.update(carries, [p[kind] for p in pairs])
+
+        self.stage_branches = [functools.partial(branch, st) for st in self.finder.stages]
+
+    def products(self, g: list, carries: list) -> list:
+        """Every task's two products (RIGHT, ADJOINT) with one micro-batch's gradient."""
+        out = []
+        for t, c, st in zip(self.tasks, carries, self.finder.tasks):
+            a = self.plans[t.leaf].to_standard(g[self.users[t.leaf]]).astype(st.dtype)
+            a = sops.swap_last(a) if t.adjoint else a
+            out.append(
+                (_stages.product(_stages.RIGHT, a, c), _stages.product(_stages.ADJOINT, a, c))
+            )
+        return out
+
+    def flags_and_skips(self, carries: list):
+        valid = [
+            functools.reduce(jnp.logical_and, [carries[j].valid for j in mine])
+            for mine in self.sides
+        ]
+        skips = [d & ~v & (self.count > 0) for d, v in zip(self.due, valid)]
+        return [d & ~s for d, s in zip(self.due, skips)], skips
+
+    def finish(self, carries: list):
+        """(new projectors, refreshed flags, skips) from the last stage's carries."""
+        bases = canonical_bases(self.finder, carries)
+        news = self.algorithm.subspace_projectors(
+            self.plans, self.sides, bases, self.olds, self.dtypes
+        )
+        flags, skips = self.flags_and_skips(carries)
+        news = [
+            tuple(o if is_empty(o) else jnp.where(f, p, o) for p, o in zip(new, old))
+            for new, old, f in zip(news, self.olds, flags)
+        ]
+        return news, flags, skips
+
+
+def _engine_state(opt_state, engine):
+    found = [
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, engine.state_cls))
+        if isinstance(x, engine.state_cls)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"accumulate_in_subspace: expected one {engine.state_cls.__name__} in opt_state, "
+            f"found {len(found)}; pass the state of the tx given to accumulate_in_subspace"
+        )
+    return found[0]
