@@ -144,28 +144,24 @@ def accumulate_in_subspace(loss_fn: Callable, tx) -> Callable:
         refreshed = []
         for r in refresh:  # the refresh's stages, one pass over the micro-batches each
 
-            def run_stages(_, r=r):
-                def products(carries):
-                    def terms(batch):
-                        return r.products(gradient_leaves(batch)[1], carries)
+            def products(carries, r=r):
+                def terms(batch):
+                    return r.products(gradient_leaves(batch)[1], carries)
 
-                    return mean_over_micro_batches(terms, terms)
+                return mean_over_micro_batches(terms, terms)
 
-                def body(loop):
-                    i, carries = loop
-                    return i + 1, jax.lax.switch(i, r.stage_branches, carries, products(carries))
+            def body(loop, r=r, products=products):
+                i, carries = loop
+                return i + 1, jax.lax.switch(i, r.stage_branches, carries, products(carries))
 
-                start = jnp.asarray(r.finder.first_stage(r.warm), jnp.int32)
-                _, carries = jax.lax.while_loop(
-                    lambda loop: loop[0] < len(r.stage_branches), body, (start, r.finder.initial())
-                )
-                return r.finish(carries)
-
-            def keep(_, r=r):
-                no = [jnp.zeros([], jnp.bool_) for _ in r.olds]
-                return list(r.olds), no, list(no)
-
-            refreshed.append(jax.lax.cond(r.any_due, run_stages, keep, None))
+            # No stage runs on a step without a refresh (the loop starts past the end):
+            # a loop, not a lax.cond, so the step holds no copy of what the passes read.
+            stages = len(r.stage_branches)
+            start = jnp.where(r.any_due, r.finder.first_stage(r.warm), stages).astype(jnp.int32)
+            _, carries = jax.lax.while_loop(
+                lambda loop, stages=stages: loop[0] < stages, body, (start, r.finder.initial())
+            )
+            refreshed.append(r.finish(carries))
 
         def terms(batch):  # the projection pass, in the bases just refreshed
             loss, g = gradient_leaves(batch)
@@ -271,14 +267,17 @@ class _Refresh:
         self.stage_branches = [functools.partial(branch, st) for st in self.finder.stages]
 
     def products(self, g: list, carries: list) -> list:
-        """Every task's two products (RIGHT, ADJOINT) with one micro-batch's gradient."""
+        """Every task's two products (RIGHT, ADJOINT) with one micro-batch's gradient,
+        contracted with the leaf as it is (no transposed or converted full-size copy)."""
         out = []
         for t, c, st in zip(self.tasks, carries, self.finder.tasks):
-            a = self.plans[t.leaf].to_standard(g[self.users[t.leaf]]).astype(st.dtype)
-            a = sops.swap_last(a) if t.adjoint else a
-            out.append(
-                (_stages.product(_stages.RIGHT, a, c), _stages.product(_stages.ADJOINT, a, c))
-            )
+            a = self.plans[t.leaf].to_standard(g[self.users[t.leaf]])
+            conj_a = jnp.conj(a)
+            times = functools.partial(sops.einsum, preferred_element_type=st.dtype)
+            g_x = times("...mn,...nk->...mk", a, c.q if t.adjoint else c.probe_n)
+            gh_y = times("...mn,...mk->...nk", conj_a, c.probe_n if t.adjoint else c.q)
+            # a = g: (g x, g^H y); a = g^H: (g^H x, g y).
+            out.append((gh_y, g_x) if t.adjoint else (g_x, gh_y))
         return out
 
     def flags_and_skips(self, carries: list):

@@ -44,9 +44,8 @@ class Carry(NamedTuple):
     """A task's state between stages (fixed shapes; w is the sketch width)."""
 
     probe_n: jax.Array  # (..., n, w): the operand of the next RIGHT product
-    probe_m: jax.Array  # (..., m, w): the operand of the next ADJOINT product
-    q: jax.Array  # (..., m, w): the range basis
-    b: jax.Array  # (..., w, n): q^H a
+    q: jax.Array  # (..., m, w): the range basis, the operand of the next ADJOINT product
+    b: jax.Array  # (..., w, n): q^H a (kept only where asked: (..., 0, 0) otherwise)
     evals: jax.Array  # (..., rank): top eigenvalues of b b^H, descending
     evecs: jax.Array  # (..., w, rank): their eigenvectors
     valid: jax.Array  # bool scalar: False once a product was not finite (or given False)
@@ -73,8 +72,9 @@ class RangeFinder:
         power_iters: int,
         intermediate_passes: int,
         eigh: Optional[Callable] = None,
+        keep_b: bool = True,
     ):
-        self.tasks = tasks
+        self.tasks, self.keep_b = tasks, keep_b
         self.widths = [width_of(t) for t in tasks]
         self.groups = {}
         for i, (t, w) in enumerate(zip(tasks, self.widths)):
@@ -87,24 +87,24 @@ class RangeFinder:
 
     def initial(self, valid: Optional[list] = None) -> list:
         """Every task's carry before stage 0: the cold Gaussian sketch as the RIGHT
-        operand, the warm-start basis (zero-padded to w) as the ADJOINT one."""
+        operand, the warm-start basis (zero-padded to w) as the ADJOINT one (in `q`)."""
         out = []
         for i, (t, w) in enumerate(zip(self.tasks, self.widths)):
             *batch, m, n = t.shape
             omega = _gaussian(t.key, (*batch, n, w), t.dtype)
-            probe_m = jnp.zeros((*batch, m, w), t.dtype)
+            q = jnp.zeros((*batch, m, w), t.dtype)
             if t.init is not None:
                 init = t.init.astype(t.dtype)
-                probe_m = jnp.concatenate(
+                q = jnp.concatenate(
                     [init, jnp.zeros((*batch, m, w - init.shape[-1]), t.dtype)], axis=-1
                 )
+            b_shape = (*batch, w, n) if self.keep_b else (*batch, 0, 0)
             v = jnp.ones([], jnp.bool_) if valid is None or valid[i] is None else valid[i]
             out.append(
                 Carry(
                     omega,
-                    probe_m,
-                    jnp.zeros((*batch, m, w), t.dtype),
-                    jnp.zeros((*batch, w, n), t.dtype),
+                    q,
+                    jnp.zeros(b_shape, t.dtype),
                     jnp.zeros((*batch, t.rank), jnp.finfo(t.dtype).dtype),
                     jnp.zeros((*batch, w, t.rank), t.dtype),
                     jnp.asarray(v, jnp.bool_),
@@ -170,9 +170,9 @@ class RangeFinder:
                     ys = [p for _, p in pairs]
                     if last:
                         qs = _orthonormalize(ys, keys=self._fill_keys(members))
-                        return [c._replace(q=q, probe_m=q) for (c, _), q in zip(pairs, qs)]
+                        return [c._replace(q=q) for (c, _), q in zip(pairs, qs)]
                     qs = _between_products(ys, passes)
-                    return [c._replace(q=q, probe_m=q) for (c, _), q in zip(pairs, qs)]
+                    return [c._replace(q=q) for (c, _), q in zip(pairs, qs)]
 
                 return self._per_group(carries, products, fn)
 
@@ -197,6 +197,7 @@ class RangeFinder:
                     rank = self.tasks[members[j]].rank
                     evals = jnp.flip(evals, axis=-1)[..., :rank]
                     evecs = jnp.flip(evecs, axis=-1)[..., :rank]
+                    b = b if self.keep_b else c.b
                     out.append(c._replace(b=b, evals=evals.astype(c.evals.dtype), evecs=evecs))
                 return out
 
@@ -215,7 +216,7 @@ def product(kind: int, a: jax.Array, carry: Carry) -> jax.Array:
     """The stage's product of one matrix (or one part of a sum) with its operand."""
     if kind == RIGHT:
         return sops.einsum("...mn,...nk->...mk", a, carry.probe_n)
-    return sops.einsum("...nm,...mk->...nk", sops.swap_last(a), carry.probe_m)
+    return sops.einsum("...nm,...mk->...nk", sops.swap_last(a), carry.q)
 
 
 def run_dense(finder: RangeFinder, mats: list, valid: Optional[list] = None) -> list:

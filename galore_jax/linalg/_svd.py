@@ -291,6 +291,7 @@ def range_finder(
         power_iters=power_iters,
         intermediate_passes=intermediate_passes,
         eigh=_eigh(eigh_implementation),
+        keep_b=False,
     )
 
 
