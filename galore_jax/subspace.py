@@ -79,13 +79,17 @@ class SubspaceGradients(NamedTuple):
     entries: dict  # engine token -> Given
 
 
-def accumulate_in_subspace(loss_fn: Callable, tx) -> Callable:
+def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable:
     """`(params, batches, opt_state) -> (loss, grads, subspace)` over micro-batches.
 
     Args:
       loss_fn: `(params, batch) -> scalar loss` of one micro-batch.
       tx: the optimizer: a galore_jax transformation or alias (`gj.galore_adamw`,
         `gj.scale_by_galore`, ...), the object whose `update` you call.
+      axis_name: None, or the data-parallel mesh axis when called under
+        `jax.shard_map` with each replica's micro-batches: every sum is then averaged
+        over the replicas there, so they exchange the low-rank sums (and each refresh
+        pass's products), never full-size gradients of projected matrices.
 
     Returns:
       A function of `params`, `batches` (every leaf with a leading micro-batch axis)
@@ -116,8 +120,14 @@ def accumulate_in_subspace(loss_fn: Callable, tx) -> Callable:
             )
         (k,) = counts
 
+        # Under shard_map the params are the same on every replica; marked varying,
+        # each replica's gradient stays its own (no implicit full-size psum).
+        local_params = params
+        if axis_name is not None:
+            local_params = jax.lax.pcast(params, axis_name, to="varying")
+
         def gradient_leaves(batch):
-            loss, grads = grad_fn(params, batch)
+            loss, grads = grad_fn(local_params, batch)
             return loss, treedef.flatten_up_to(grads)
 
         plans = [_EnginePlan.of(e, params, opt_state, index) for e in engines]
@@ -138,8 +148,11 @@ def accumulate_in_subspace(loss_fn: Callable, tx) -> Callable:
             zeros = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(zeros_of, first)
             )
+            if axis_name is not None:  # the sums differ between replicas until averaged
+                zeros = jax.lax.pcast(zeros, axis_name, to="varying")
             total, _ = jax.lax.scan(add, zeros, batches)
-            return jax.tree.map(lambda x: x / k, total)
+            mean = jax.tree.map(lambda x: x / k, total)
+            return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
         refreshed = []
         for r in refresh:  # the refresh's stages, one pass over the micro-batches each
@@ -150,18 +163,24 @@ def accumulate_in_subspace(loss_fn: Callable, tx) -> Callable:
 
                 return mean_over_micro_batches(terms, terms)
 
-            def body(loop, r=r, products=products):
-                i, carries = loop
-                return i + 1, jax.lax.switch(i, r.stage_branches, carries, products(carries))
+            def run_stages(_, r=r, products=products):
+                # A fixed trip count (the compiled step states its passes); a cold
+                # start (step 0) runs the warm-start pass too but keeps nothing of it.
+                start = r.finder.first_stage(r.warm)
 
-            # No stage runs on a step without a refresh (the loop starts past the end):
-            # a loop, not a lax.cond, so the step holds no copy of what the passes read.
-            stages = len(r.stage_branches)
-            start = jnp.where(r.any_due, r.finder.first_stage(r.warm), stages).astype(jnp.int32)
-            _, carries = jax.lax.while_loop(
-                lambda loop, stages=stages: loop[0] < stages, body, (start, r.finder.initial())
-            )
-            refreshed.append(r.finish(carries))
+                def body(i, carries):
+                    new = jax.lax.switch(i, r.stage_branches, carries, products(carries))
+                    return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, carries)
+
+                return r.finish(
+                    jax.lax.fori_loop(0, len(r.stage_branches), body, r.finder.initial())
+                )
+
+            def keep(_, r=r):
+                no = [jnp.zeros([], jnp.bool_) for _ in r.olds]
+                return list(r.olds), no, list(no)
+
+            refreshed.append(jax.lax.cond(r.any_due, run_stages, keep, None))
 
         def terms(batch):  # the projection pass, in the bases just refreshed
             loss, g = gradient_leaves(batch)

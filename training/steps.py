@@ -151,7 +151,7 @@ def build_run(config: Config, num_devices: int) -> Run:
             raise ConfigError(f"optimizer: {e}") from None
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     _check_something_is_projected(config, abstract_opt_state)
-    subspace = _subspace_gradients(config, task, tx, notes)
+    subspace = _subspace_gradients(config, mesh_shape, task, tx, notes)
     if config.optimizer.layerwise:
         opt_shardings = gj.layerwise.layerwise_state_shardings(
             abstract_opt_state, scanned, abstract_params, param_shardings, gj.state_shardings
@@ -178,16 +178,18 @@ def build_run(config: Config, num_devices: int) -> Run:
     )
 
 
-def _subspace_gradients(config: Config, task: Task, tx, notes: list) -> bool:
+def _subspace_gradients(config: Config, mesh_shape, task: Task, tx, notes: list) -> bool:
     """Whether micro-batches accumulate in GaLore's subspace (``optimizer.full_size_gradients``)."""
     opt, want = config.optimizer, config.optimizer.full_size_gradients
-    if want or config.grad_accum_steps == 1:
+    if want or (config.grad_accum_steps == 1 and mesh_shape["data"] == 1):
         return False
     refusal = None
     if opt.name != "galore":
         refusal = f"optimizer.name={opt.name} (only galore projects every matrix's gradient)"
     elif opt.layerwise:
         refusal = "optimizer.layerwise=true (its step takes one micro-batch)"
+    elif mesh_shape["data"] > 1 and config.mesh.kind == "explicit":
+        refusal = "mesh.kind=explicit and mesh.data > 1 (use mesh.kind=auto)"
     elif opt.svd == "exact":
         refusal = "optimizer.svd=exact (an exact SVD needs the whole gradient)"
     elif opt.master_dtype is not None or (opt.grad_clip > 0 and opt.grad_clip_mode != "global"):
@@ -349,12 +351,26 @@ def _gradient_metrics(grads) -> dict:
 
 
 def _make_subspace_step(run: Run) -> Callable:
-    """The un-jitted step with micro-batches accumulated in GaLore's subspace."""
+    """The un-jitted step with micro-batches (and data-parallel replicas) summed in
+    GaLore's subspace (``galore_jax.accumulate_in_subspace``)."""
 
     def loss_of(params, batch):
         return run.task.loss_fn(nnx.merge(run.graphdef, params), batch)
 
-    accumulate = gj.accumulate_in_subspace(loss_of, run.tx)
+    # Data-parallel replicas average the low-rank sums (jax.shard_map over `data`;
+    # FSDP and tensor axes stay with the partitioner).
+    data_parallel = run.mesh_shape["data"] > 1
+    accumulate = gj.accumulate_in_subspace(
+        loss_of, run.tx, axis_name="data" if data_parallel else None
+    )
+    if data_parallel:
+        accumulate = jax.shard_map(
+            accumulate,
+            mesh=run.mesh,
+            in_specs=(P(), P(None, "data"), P()),
+            out_specs=P(),
+            axis_names={"data"},
+        )
 
     def subspace(params, opt_state, batches):
         loss, grads, sub = accumulate(params, batches, opt_state)
@@ -464,8 +480,9 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
         )
     if run.subspace_gradients:
         lines.append(
-            f"gradient accumulation: {run.config.grad_accum_steps} micro-batches summed in "
-            "GaLore's subspace (low-rank sums; a refresh step makes extra passes)"
+            f"gradients in GaLore's subspace: {run.config.grad_accum_steps} micro-batch(es) "
+            f"summed and {run.mesh_shape['data']} data-parallel replica(s) averaged as "
+            "low-rank projections (a refresh step makes extra passes)"
         )
     if run.config.optimizer.name != "adamw":
         params = run.abstract_params

@@ -140,3 +140,57 @@ def test_refusals_name_the_fix():
         gj.accumulate_in_subspace(loss_fn, exact)(params, (xs[0], ys[0]), exact.init(params))
     with pytest.raises(ValueError, match="no galore_jax low-rank transform"):
         gj.accumulate_in_subspace(loss_fn, optax.adamw(1e-3))
+
+
+def _shard_mapped_step(tx, mesh):
+    """Each data-parallel replica takes its rows; they average low-rank sums."""
+    from jax.sharding import PartitionSpec as P
+
+    accumulate = jax.shard_map(
+        gj.accumulate_in_subspace(loss_fn, tx, axis_name="data"),
+        mesh=mesh,
+        in_specs=(P(), P(None, "data"), P()),
+        out_specs=P(),
+        axis_names={"data"},
+    )
+
+    def step(params, state, batch):
+        loss, grads, subspace = accumulate(params, batch, state)
+        updates, state = tx.update(grads, state, params, subspace=subspace)
+        return optax.apply_updates(params, updates), state, loss
+
+    return jax.jit(step)
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (2, 4)])
+def test_data_parallel_replicas_average_low_rank_gradients_exactly(shape):
+    """data=8 and data=2 x fsdp=4 (the fsdp axis left to the partitioner) equal one
+    device's full-size step; the gradient handed back is P P^H of the global mean."""
+    mesh = jax.make_mesh(shape, ("data", "fsdp"))
+    tx = gj.galore_adamw(3e-2, rank=4, update_proj_gap=3)
+    with jax.enable_x64(True):
+        params, (xs, ys) = _params(jnp.float64), _batches(jnp.float64, accum=2)
+        pa, _, la = _train(_full_size_step(tx), tx, params, xs, ys)
+        pb, _, lb = _train(_shard_mapped_step(tx, mesh), tx, params, xs, ys)
+        state = tx.init(params)
+        _, grads, _ = jax.jit(
+            jax.shard_map(
+                gj.accumulate_in_subspace(loss_fn, tx, axis_name="data"),
+                mesh=mesh,
+                in_specs=(jax.P(), jax.P(None, "data"), jax.P()),
+                out_specs=jax.P(),
+                axis_names={"data"},
+            )
+        )(params, (xs[0], ys[0]), state)
+        _, mean = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, (xs[0], ys[0]))
+        mean = jax.tree.map(lambda g: jnp.mean(g, 0), mean)
+        _, state1 = tx.update(mean, state, params)  # the step-0 bases, from the mean
+        u = state1[0].inner_states["galore"].inner_state.projectors.left["w1"]  # (m, r)
+        expected = u @ u.T @ mean["w1"]
+    np.testing.assert_allclose(grads["w1"], expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(grads["b"], mean["b"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lb, la, rtol=1e-9)
+    for name in pa:
+        assert float(jnp.max(jnp.abs(pa[name] - pb[name]))) <= 1e-9 * float(
+            jnp.max(jnp.abs(pa[name]))
+        ), name

@@ -1,0 +1,37 @@
+"""optimizer.full_size_gradients: which runs sum gradients in GaLore's subspace."""
+
+import pytest
+
+from tasks.registry import load_config
+from training import steps
+from training.config import ConfigError
+
+GALORE = ["optimizer.name=galore", "grad_accum_steps=2", "model.num_layers=1"]
+
+
+def _run(overrides, devices=1):
+    return steps.build_run(load_config("configs/llama_tiny.yaml", overrides), devices)
+
+
+def test_full_size_is_the_default_and_false_turns_the_subspace_path_on():
+    assert not _run(GALORE).subspace_gradients
+    run = _run([*GALORE, "optimizer.full_size_gradients=false"])
+    assert run.subspace_gradients
+    assert any("bounds the norm of the gradient in GaLore's subspace" in n for n in run.notes)
+    assert "gradients in GaLore's subspace: 2 micro-batch(es)" in steps.describe_run(run)
+    # One micro-batch on one replica: nothing to sum.
+    plain = ["optimizer.name=galore", "optimizer.full_size_gradients=false"]
+    assert not _run([*plain, "model.num_layers=1"]).subspace_gradients
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["optimizer.name=adamw"], "optimizer.name=adamw"),
+        (["optimizer.name=fira"], "optimizer.name=fira"),
+        (["optimizer.svd=exact"], "optimizer.svd=exact"),
+    ],
+)
+def test_runs_that_cannot_sum_in_the_subspace_say_why(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        _run([*GALORE, "optimizer.full_size_gradients=false", *overrides])
