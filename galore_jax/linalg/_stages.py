@@ -95,9 +95,8 @@ class RangeFinder:
             q = jnp.zeros((*batch, m, w), t.dtype)
             if t.init is not None:
                 init = t.init.astype(t.dtype)
-                q = jnp.concatenate(
-                    [init, jnp.zeros((*batch, m, w - init.shape[-1]), t.dtype)], axis=-1
-                )
+                pad = jnp.zeros((*batch, m, w - init.shape[-1]), t.dtype)
+                q = jnp.concatenate([init, sops.match_sharding(pad, init)], axis=-1)
             b_shape = (*batch, w, n) if self.keep_b else (*batch, 0, 0)
             v = jnp.ones([], jnp.bool_) if valid is None or valid[i] is None else valid[i]
             out.append(
