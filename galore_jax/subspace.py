@@ -13,13 +13,13 @@ refresh (`gj.RandomizedSVD`) reads the gradient only through products `G X` and
 (`power_iters=1`, warm start) a refresh step runs 5 product passes and then the
 projection's, 6 backward passes instead of 1 (at `update_proj_gap=200`, 2.5% more
 backward work on average). The basis is the one the summed gradient gives, up to
-float rounding: the path is exact. The passes run in one `lax.while_loop`, so the
+float rounding: the path is exact. The passes run in one `lax.fori_loop`, so the
 backward pass is compiled twice (refresh passes, projection pass), not per stage.
 An exact-SVD refresh needs the whole gradient and is refused.
 
-Memory: the sums are low-rank, but the compiled step still holds one micro-batch's
-full-size gradient in each of its two backward loops (XLA allocates them apart), so
-at LLaMA-1B it does not yet come below the full-size sum (docs/results.md).
+Memory (LLaMA-1B, 4 micro-batches, compiled): 1.07x the step without accumulation,
+against 1.20x for the full-size sum; the refresh passes' operands and sums are what is
+left above it (docs/results.md).
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -157,9 +157,9 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
         refreshed = []
         for r in refresh:  # the refresh's stages, one pass over the micro-batches each
 
-            def products(carries, r=r):
+            def products(compact, kind, r=r):
                 def terms(batch):
-                    return r.products(gradient_leaves(batch)[1], carries)
+                    return r.products(gradient_leaves(batch)[1], compact, kind)
 
                 return mean_over_micro_batches(terms, terms)
 
@@ -168,13 +168,12 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
                 # start (step 0) runs the warm-start pass too but keeps nothing of it.
                 start = r.finder.first_stage(r.warm)
 
-                def body(i, carries):
-                    new = jax.lax.switch(i, r.stage_branches, carries, products(carries))
-                    return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, carries)
+                def body(i, compact):
+                    sums = products(compact, r.kinds[i])
+                    new = jax.lax.switch(i, r.stage_branches, compact, sums)
+                    return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, compact)
 
-                return r.finish(
-                    jax.lax.fori_loop(0, len(r.stage_branches), body, r.finder.initial())
-                )
+                return r.finish(jax.lax.fori_loop(0, len(r.stage_branches), body, r.initial()))
 
             def keep(_, r=r):
                 no = [jnp.zeros([], jnp.bool_) for _ in r.olds]
@@ -279,27 +278,77 @@ class _Refresh:
             self.plans, self.olds, keys=keys, dtypes=self.dtypes
         )
 
-        def branch(stage, carries, pairs):
-            kind = 0 if stage.kind == _stages.RIGHT else 1
-            return stage.update(carries, [p[kind] for p in pairs])
+        self.kinds = jnp.asarray([st.kind for st in self.finder.stages], jnp.int32)
+        self.stage_branches = [functools.partial(self._stage, st) for st in self.finder.stages]
 
-        self.stage_branches = [functools.partial(branch, st) for st in self.finder.stages]
+    # The range finder's two operands share one (..., max(m, n), w) buffer per task, and
+    # a pass sums only its stage's product into one such buffer: less held while the
+    # pass's backward runs than two operands and two sums.
 
-    def products(self, g: list, carries: list) -> list:
-        """Every task's two products (RIGHT, ADJOINT) with one micro-batch's gradient,
-        contracted with the leaf as it is (no transposed or converted full-size copy)."""
+    def _rows(self, i):
+        *_, m, n = self.finder.tasks[i].shape
+        return m, n, max(m, n)
+
+    def _pad(self, x, rows):
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows - x.shape[-2]), (0, 0)])
+
+    def initial(self):
+        """(operand buffer, rest of the carry) per task: the warm-start basis or the
+        cold sketch, whichever the first stage reads."""
         out = []
-        for t, c, st in zip(self.tasks, carries, self.finder.tasks):
-            a = self.plans[t.leaf].to_standard(g[self.users[t.leaf]])
-            conj_a = jnp.conj(a)
-            times = functools.partial(sops.einsum, preferred_element_type=st.dtype)
-            g_x = times("...mn,...nk->...mk", a, c.q if t.adjoint else c.probe_n)
-            gh_y = times("...mn,...mk->...nk", conj_a, c.probe_n if t.adjoint else c.q)
-            # a = g: (g x, g^H y); a = g^H: (g^H x, g y).
-            out.append((gh_y, g_x) if t.adjoint else (g_x, gh_y))
+        for i, c in enumerate(self.finder.initial()):
+            m, n, rows = self._rows(i)
+            buf = jnp.where(self.warm, self._pad(c.q, rows), self._pad(c.probe_n, rows))
+            out.append((buf, c._replace(probe_n=(), q=())))
         return out
 
-    def flags_and_skips(self, carries: list):
+    def _carries(self, compact):
+        out = []
+        for i, (buf, rest) in enumerate(compact):
+            m, n, _ = self._rows(i)
+            out.append(rest._replace(probe_n=buf[..., :n, :], q=buf[..., :m, :]))
+        return out
+
+    def _stage(self, stage, compact, sums):
+        products = []
+        for i, total in enumerate(sums):
+            m, n, _ = self._rows(i)
+            products.append(total[..., : m if stage.kind == _stages.RIGHT else n, :])
+        news = stage.update(self._carries(compact), products)
+        out = []
+        for i, (new, (buf, _)) in enumerate(zip(news, compact)):
+            if stage.writes is not None:
+                buf = self._pad(getattr(new, stage.writes), self._rows(i)[2])
+            out.append((buf, new._replace(probe_n=(), q=())))
+        return out
+
+    def products(self, g: list, compact: list, kind) -> list:
+        """Every task's product of this stage's `kind` with one micro-batch's gradient,
+        contracted with the leaf as it is (no transposed or converted full-size copy)."""
+        out = []
+        for i, (t, (buf, _), st) in enumerate(zip(self.tasks, compact, self.finder.tasks)):
+            m, n, rows = self._rows(i)
+            a = self.plans[t.leaf].to_standard(g[self.users[t.leaf]])
+            times = functools.partial(sops.einsum, preferred_element_type=st.dtype)
+            x, y = buf[..., :n, :], buf[..., :m, :]  # RIGHT's and ADJOINT's operands
+
+            # a = g: (g x, g^H y); a = g^H: (g^H x, g y). Only this stage's product is
+            # computed (a cond per task).
+            def right(a, x, y, adjoint=t.adjoint, rows=rows, times=times):
+                if adjoint:
+                    return self._pad(times("...mn,...mk->...nk", jnp.conj(a), x), rows)
+                return self._pad(times("...mn,...nk->...mk", a, x), rows)
+
+            def adjoint_product(a, x, y, adjoint=t.adjoint, rows=rows, times=times):
+                if adjoint:
+                    return self._pad(times("...mn,...nk->...mk", a, y), rows)
+                return self._pad(times("...mn,...mk->...nk", jnp.conj(a), y), rows)
+
+            out.append(jax.lax.cond(kind == _stages.RIGHT, right, adjoint_product, a, x, y))
+        return out
+
+    def flags_and_skips(self, compact: list):
+        carries = [rest for _, rest in compact]
         valid = [
             functools.reduce(jnp.logical_and, [carries[j].valid for j in mine])
             for mine in self.sides
@@ -307,13 +356,13 @@ class _Refresh:
         skips = [d & ~v & (self.count > 0) for d, v in zip(self.due, valid)]
         return [d & ~s for d, s in zip(self.due, skips)], skips
 
-    def finish(self, carries: list):
+    def finish(self, compact: list):
         """(new projectors, refreshed flags, skips) from the last stage's carries."""
-        bases = canonical_bases(self.finder, carries)
+        bases = canonical_bases(self.finder, self._carries(compact))
         news = self.algorithm.subspace_projectors(
             self.plans, self.sides, bases, self.olds, self.dtypes
         )
-        flags, skips = self.flags_and_skips(carries)
+        flags, skips = self.flags_and_skips(compact)
         news = [
             tuple(o if is_empty(o) else jnp.where(f, p, o) for p, o in zip(new, old))
             for new, old, f in zip(news, self.olds, flags)

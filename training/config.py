@@ -234,12 +234,13 @@ class OptimizerConfig(_Section):
     # Run the optimizer inside the backward pass, one layer at a time (no full
     # gradient tree; LLaMA with model.scan_layers, one micro-batch per step).
     layerwise: Bool = False
-    # false: with grad_accum_steps > 1, GaLore sums each projected matrix's
-    # micro-batch gradients in its subspace (low-rank sums, exact; a refresh step
-    # makes extra passes over the micro-batches; with grad_clip > 0 the clip bounds
-    # the norm in the subspace). true (the default for now: the compiled step does
-    # not yet hold less memory, docs/results.md): the full-size sum.
-    full_size_gradients: Bool = True
+    # GaLore with grad_accum_steps > 1 or mesh.data > 1: micro-batches summed, and
+    # replicas averaged, as each projected matrix's low-rank projection (exact; a
+    # refresh step makes extra passes over the micro-batches). null (default): wherever
+    # that is exact (optimizer.name=galore, a randomized refresh, grad_clip=0, an Auto
+    # mesh); false: also with grad_clip > 0 (the clip then bounds the norm in the
+    # subspace); true: always the full-size sum.
+    full_size_gradients: Optional[Bool] = None
     warmup_fraction: Float = Field(0.1, ge=0, lt=1)
     final_lr_fraction: Float = Field(0.1, ge=0, le=1)
     # GaLore options (ignored by adamw). An int rank, or a float fraction in (0, 1]:

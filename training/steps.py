@@ -199,11 +199,18 @@ def _subspace_gradients(config: Config, mesh_shape, task: Task, tx, notes: list)
     elif not gj._low_rank.engines_of(tx):
         refusal = "this optimizer"
     if refusal is not None:
-        if not want:
+        if want is False:
             raise ConfigError(
                 f"optimizer.full_size_gradients=false: gradients cannot accumulate in the "
                 f"subspace with {refusal}; remove the setting"
             )
+        return False
+    if opt.grad_clip > 0 and want is None:
+        notes.append(
+            "gradients are summed at full size: grad_clip > 0 needs the full gradient's "
+            "norm (optimizer.full_size_gradients=false sums them in GaLore's subspace; "
+            "the clip then bounds the norm there)"
+        )
         return False
     if opt.grad_clip > 0:
         notes.append(

@@ -54,6 +54,10 @@ class Carry(NamedTuple):
 class Stage(NamedTuple):
     kind: int  # RIGHT | ADJOINT
     update: Callable  # (carries, products) -> carries
+    # The operand field the update writes ("probe_n", "q" or None). An update reads
+    # only the products, never the operands, so a driver may keep the two operands in
+    # one buffer (the next product needs only one of them).
+    writes: Optional[str] = None
 
 
 class RangeFinder:
@@ -202,10 +206,13 @@ class RangeFinder:
 
             return self._per_group(carries, products, fn)
 
-        stages = [Stage(ADJOINT, warm_sketch), Stage(RIGHT, range_product(q_iters == 0))]
+        stages = [
+            Stage(ADJOINT, warm_sketch, "probe_n"),
+            Stage(RIGHT, range_product(q_iters == 0), "q"),
+        ]
         for i in range(q_iters):
-            stages.append(Stage(ADJOINT, power_transpose))
-            stages.append(Stage(RIGHT, range_product(i == q_iters - 1)))
+            stages.append(Stage(ADJOINT, power_transpose, "probe_n"))
+            stages.append(Stage(RIGHT, range_product(i == q_iters - 1), "q"))
         if self.eigh is not None:
             stages.append(Stage(ADJOINT, rayleigh_ritz))
         return stages

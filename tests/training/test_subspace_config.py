@@ -13,8 +13,14 @@ def _run(overrides, devices=1):
     return steps.build_run(load_config("configs/llama_tiny.yaml", overrides), devices)
 
 
-def test_full_size_is_the_default_and_false_turns_the_subspace_path_on():
-    assert not _run(GALORE).subspace_gradients
+def test_the_subspace_path_is_the_default_where_exact():
+    assert _run([*GALORE, "optimizer.grad_clip=0"]).subspace_gradients
+    clipped = _run(GALORE)  # the config clips: the full-size sum, and a note says why
+    assert not clipped.subspace_gradients
+    assert any("grad_clip > 0 needs the full gradient's norm" in n for n in clipped.notes)
+    assert not _run(
+        [*GALORE, "optimizer.grad_clip=0", "optimizer.full_size_gradients=true"]
+    ).subspace_gradients
     run = _run([*GALORE, "optimizer.full_size_gradients=false"])
     assert run.subspace_gradients
     assert any("bounds the norm of the gradient in GaLore's subspace" in n for n in run.notes)
