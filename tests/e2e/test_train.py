@@ -176,6 +176,7 @@ def test_params_and_optimizer_state_are_sharded(eight_devices):
     assert any("q_proj" in n for n in sharded), sharded
 
 
+@pytest.mark.slow  # restoring on other device counts also runs in test_multiprocess (slow)
 def test_restore_eight_device_checkpoint_on_four_devices(reference, eight_devices, tmp_path):
     out = tmp_path / "four"
     shutil.copytree(eight_devices, out)

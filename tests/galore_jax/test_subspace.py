@@ -179,7 +179,11 @@ def _shard_mapped_step(tx, mesh):
     return jax.jit(step)
 
 
-@pytest.mark.parametrize("shape, accum", [((8, 1), 1), ((2, 4), 2)])
+@pytest.mark.parametrize(
+    "shape, accum",
+    # data=2 x fsdp=4 also runs in tests/e2e/test_multiprocess.py (2 processes x 4).
+    [((8, 1), 1), pytest.param((2, 4), 2, marks=pytest.mark.slow)],
+)
 def test_data_parallel_replicas_average_low_rank_gradients_exactly(shape, accum):
     """data=8 (one micro-batch each) and data=2 x fsdp=4 (two; the fsdp axis left to the
     partitioner) equal one device's full-size step over 3 refreshes; the gradient handed

@@ -208,9 +208,14 @@ def train_losses(overrides, steps_to_run=STEPS):
 @pytest.mark.parametrize(
     "kind, optimizer",
     [
-        # The default suite keeps the GaLore case; the others run with -m slow.
+        # On demand (-m slow): train.py's layer-wise step against the standard one stays
+        # in the default suite (test_layerwise_train_py_matches_the_standard_step).
         pytest.param("auto", ["optimizer.name=adamw", "optimizer.lr=0.01"], marks=pytest.mark.slow),
-        ("explicit", [*GALORE, "optimizer.stagger=true", "optimizer.svd.warm_start=true"]),
+        pytest.param(
+            "explicit",
+            [*GALORE, "optimizer.stagger=true", "optimizer.svd.warm_start=true"],
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             "auto",
             [*GALORE, "optimizer.grad_clip_mode=previous_global", "optimizer.grad_clip=0.5"],
