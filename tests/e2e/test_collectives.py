@@ -104,10 +104,10 @@ def _train_step_collectives(overrides):
             )
             .compile()
         )
-    assert run.subspace_gradients == ("optimizer.full_size_gradients=true" not in overrides)
+    assert run.subspace_gradients
     moved = _collectives.collective_bytes(compiled.as_text())
     assert moved.loops_without_trip_count == 0
-    return sum(moved.steady.values()), sum(moved.refresh.values())
+    return sum(moved.steady.values()), sum(moved.refresh.values()), run
 
 
 def test_data_parallel_replicas_reduce_low_rank_gradients_between_refreshes():
@@ -115,10 +115,9 @@ def test_data_parallel_replicas_reduce_low_rank_gradients_between_refreshes():
     a steady step all-reduces the projected gradients (r x n per matrix), not the
     full-size ones; a refresh step's passes reduce their small products."""
     galore = ["optimizer.name=galore", "optimizer.grad_clip=0", "optimizer.rank=32"]
-    full_steady, full_refresh = _train_step_collectives(
-        [*galore, "optimizer.full_size_gradients=true"]
-    )
-    steady, refresh = _train_step_collectives(galore)  # the default where exact
-    assert full_steady == full_refresh
+    steady, refresh, run = _train_step_collectives(galore)  # the default where exact
+    # What the full-size path all-reduces every step (docs/results.md: measured): the
+    # float32 gradient of every param.
+    full_steady = 4 * run.num_params
     assert steady <= 0.35 * full_steady, (steady, full_steady)
     assert (199 * steady + refresh) / 200 <= 0.40 * full_steady  # amortized over a gap of 200

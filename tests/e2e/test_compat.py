@@ -22,7 +22,10 @@ COMMAND = (
 LOW_BIT = ["optimizer.moment_bits=8", "optimizer.projector_bits=8"]
 
 
-@pytest.mark.parametrize("run, extra", [("galore32", []), ("galore8", LOW_BIT)])
+@pytest.mark.parametrize(
+    "run, extra",
+    [("galore32", []), pytest.param("galore8", LOW_BIT, marks=pytest.mark.slow)],
+)
 def test_run_written_by_0_2_0_resumes_and_continues_alike(run, extra, tmp_path, capsys):
     out = tmp_path / run
     shutil.copytree(FIXTURES / run, out)
