@@ -381,4 +381,7 @@ def _engine_state(opt_state, engine):
             f"accumulate_in_subspace: expected one {engine.state_cls.__name__} in opt_state, "
             f"found {len(found)}; pass the state of the tx given to accumulate_in_subspace"
         )
-    return found[0]
+    # Flax's nnx.Optimizer keeps its state's arrays in Variables: read their values.
+    return jax.tree.map(
+        lambda x: getattr(x, "value", x), found[0], is_leaf=lambda x: hasattr(x, "value")
+    )

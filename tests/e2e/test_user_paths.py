@@ -516,3 +516,52 @@ def test_default_labels_train_like_adam_on_embeddings_and_head():
     default = final_loss(None, 0)
     projected = final_loss({"^(head/kernel|pos_emb)": "galore"}, 0)
     assert projected > 1.2 * default, (projected, default)  # measured 0.62 vs 0.28
+
+
+def test_nnx_optimizer_takes_gradients_accumulated_in_the_subspace():
+    """The NNX idiom: nnx.Optimizer(model, tx, wrt=nnx.Param); its state (arrays in
+    Variables) feeds gj.accumulate_in_subspace, and update(..., subspace=) takes it. Four
+    micro-batches over two refreshes equal the full-size mean gradient's steps."""
+
+    class Net(nnx.Module):  # named unlike our models
+        def __init__(self, rngs):
+            self.inp = nnx.Linear(24, 40, rngs=rngs)
+            self.out = nnx.Linear(40, 12, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.inp(x)))
+
+    def train(subspace):
+        model = Net(nnx.Rngs(0))
+        tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=3)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        graphdef = nnx.graphdef(model)
+
+        def loss_fn(params, batch):
+            x, y = batch
+            return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
+
+        @nnx.jit
+        def step(model, optimizer, batches):
+            params = nnx.state(model, nnx.Param)
+            if subspace:
+                accumulate = gj.accumulate_in_subspace(loss_fn, tx)
+                loss, grads, sub = accumulate(params, batches, optimizer.opt_state)
+                optimizer.update(model, grads, subspace=sub)
+                return loss
+            losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
+                params, batches
+            )
+            optimizer.update(model, jax.tree.map(lambda g: jnp.mean(g, 0), grads))
+            return jnp.mean(losses)
+
+        keys = jax.random.split(jax.random.PRNGKey(1), 2)
+        xs = jax.random.normal(keys[0], (5, 4, 2, 24))
+        ys = jax.random.normal(keys[1], (5, 4, 2, 12))
+        losses = [float(step(model, optimizer, (xs[t], ys[t]))) for t in range(5)]
+        return losses, nnx.state(model, nnx.Param)
+
+    (la, pa), (lb, pb) = train(subspace=False), train(subspace=True)
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
