@@ -196,6 +196,12 @@ def leaf_key_data(path: str) -> int:
     return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
+def leaf_refresh_key(step_key, path: str):
+    """The PRNG key a leaf's refresh draws from at a step (the full-size and the
+    subspace paths must draw alike)."""
+    return jax.random.fold_in(step_key, leaf_key_data(path))
+
+
 def refresh_offsets(num_projected: int, gap: int, stagger: bool):
     """Step offset inside the gap at which each projected leaf refreshes (tree order)."""
     if not stagger or num_projected == 0:
@@ -373,7 +379,7 @@ def low_rank_transform(
             for offset, members in together.items():
                 due = refresh_due(count, offset, update_proj_gap)
                 member_plans = [plans[i] for i in members]
-                keys = [jax.random.fold_in(step_key, leaf_key_data(names[i])) for i in members]
+                keys = [leaf_refresh_key(step_key, names[i]) for i in members]
 
                 def keep(gs, olds):
                     return list(olds), [jnp.zeros([], jnp.bool_) for _ in olds]

@@ -53,7 +53,7 @@ from galore_jax._low_rank import (
     _slot_leaves,
     engines_of,
     is_empty,
-    leaf_key_data,
+    leaf_refresh_key,
     refresh_due,
     refresh_offsets,
 )
@@ -138,15 +138,15 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
                 "leaves; one is supported"
             )
         in_subspace = {u for p in plans for u in p.users}
-        refresh = [p.prepare() for p in plans]
+        refresh = [_Refresh(p) for p in plans]
 
-        def mean_over_micro_batches(terms, zeros_of):
+        def mean_over_micro_batches(terms):
             def add(total, batch):
                 return jax.tree.map(jnp.add, total, terms(batch)), None
 
             first = jax.tree.map(lambda x: x[0], batches)
             zeros = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(zeros_of, first)
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(terms, first)
             )
             if axis_name is not None:  # the sums differ between replicas until averaged
                 zeros = jax.lax.pcast(zeros, axis_name, to="varying")
@@ -161,7 +161,7 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
                 def terms(batch):
                     return r.products(gradient_leaves(batch)[1], compact, kind)
 
-                return mean_over_micro_batches(terms, terms)
+                return mean_over_micro_batches(terms)
 
             def run_stages(_, r=r, products=products):
                 # A fixed trip count (the compiled step states its passes); a cold
@@ -186,7 +186,7 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
             lows = [p.project(g, news) for p, (news, _, _) in zip(plans, refreshed)]
             return loss, lows, [x for u, x in enumerate(g) if u not in in_subspace]
 
-        loss, lows, full = mean_over_micro_batches(terms, terms)
+        loss, lows, full = mean_over_micro_batches(terms)
 
         leaves = [None] * len(names)
         full_iter = iter(full)
@@ -217,11 +217,6 @@ class _EnginePlan:
         state = _engine_state(opt_state, engine)
         e_names, e_leaves, _, e_plans = engine.algorithm.plans(engine.view(params))
         return cls(engine, state, e_names, e_leaves, e_plans, [index[n] for n in e_names])
-
-    # -- the refresh ------------------------------------------------------------------
-
-    def prepare(self) -> "_Refresh":
-        return _Refresh(self)
 
     # -- the projection pass and the results ----------------------------------------
 
@@ -270,7 +265,7 @@ class _Refresh:
         self.any_due = functools.reduce(jnp.logical_or, self.due)
         self.warm = getattr(schedule.refresh, "warm_start", False) & (count > 0)
         _, step_key = jax.random.split(state.key)
-        keys = [jax.random.fold_in(step_key, leaf_key_data(plan.names[i])) for i in plan.projected]
+        keys = [leaf_refresh_key(step_key, plan.names[i]) for i in plan.projected]
         self.plans = [plan.e_plans[i] for i in plan.projected]
         self.dtypes = [jnp.result_type(plan.e_leaves[i]) for i in plan.projected]
         self.users = plan.users
