@@ -110,8 +110,6 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
     grad_fn = jax.value_and_grad(loss_fn)
 
     def run(params, batches, opt_state):
-        names, _, treedef = paths.leaf_paths(params)
-        index = {name: i for i, name in enumerate(names)}
         counts = {jnp.shape(x)[0] for x in jax.tree.leaves(batches)}
         if len(counts) != 1:
             raise ValueError(
@@ -119,6 +117,7 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
                 f"sizes {sorted(counts)}"
             )
         (k,) = counts
+        group = _Group(engines, params, opt_state)
 
         # Under shard_map the params are the same on every replica; marked varying,
         # each replica's gradient stays its own (no implicit full-size psum).
@@ -128,17 +127,7 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
 
         def gradient_leaves(batch):
             loss, grads = grad_fn(local_params, batch)
-            return loss, treedef.flatten_up_to(grads)
-
-        plans = [_EnginePlan.of(e, params, opt_state, index) for e in engines]
-        plans = [p for p in plans if p.projected]
-        if len(plans) > 1:
-            raise ValueError(
-                "accumulate_in_subspace: tx holds several GaLore transforms with projected "
-                "leaves; one is supported"
-            )
-        in_subspace = {u for p in plans for u in p.users}
-        refresh = [_Refresh(p) for p in plans]
+            return loss, group.treedef.flatten_up_to(grads)
 
         def mean_over_micro_batches(terms):
             def add(total, batch):
@@ -154,53 +143,108 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
             mean = jax.tree.map(lambda x: x / k, total)
             return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
-        refreshed = []
-        for r in refresh:  # the refresh's stages, one pass over the micro-batches each
+        def run_stages(_):  # the refresh's stages, one pass over the micro-batches each
+            def body(i, compact):
+                sums = mean_over_micro_batches(
+                    lambda batch: group.refresh_terms(
+                        gradient_leaves(batch)[1], compact, group.kinds[i]
+                    )
+                )
+                return group.refresh_stage(i, compact, sums)
 
-            def products(compact, kind, r=r):
-                def terms(batch):
-                    return r.products(gradient_leaves(batch)[1], compact, kind)
+            compact = jax.lax.fori_loop(0, group.num_stages, body, group.refresh_start())
+            return group.refresh_finish(compact)
 
-                return mean_over_micro_batches(terms)
-
-            def run_stages(_, r=r, products=products):
-                # A fixed trip count (the compiled step states its passes); a cold
-                # start (step 0) runs the warm-start pass too but keeps nothing of it.
-                start = r.finder.first_stage(r.warm)
-
-                def body(i, compact):
-                    sums = products(compact, r.kinds[i])
-                    new = jax.lax.switch(i, r.stage_branches, compact, sums)
-                    return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, compact)
-
-                return r.finish(jax.lax.fori_loop(0, len(r.stage_branches), body, r.initial()))
-
-            def keep(_, r=r):
-                no = [jnp.zeros([], jnp.bool_) for _ in r.olds]
-                return list(r.olds), no, list(no)
-
-            refreshed.append(jax.lax.cond(r.any_due, run_stages, keep, None))
+        refreshed = group.refresh_keep()
+        if group.refresh:
+            refreshed = jax.lax.cond(group.any_due, run_stages, lambda _: refreshed, None)
 
         def terms(batch):  # the projection pass, in the bases just refreshed
             loss, g = gradient_leaves(batch)
-            lows = [p.project(g, news) for p, (news, _, _) in zip(plans, refreshed)]
-            return loss, lows, [x for u, x in enumerate(g) if u not in in_subspace]
+            return loss, group.projection_terms(g, refreshed)
 
-        loss, lows, full = mean_over_micro_batches(terms)
-
-        leaves = [None] * len(names)
-        full_iter = iter(full)
-        expanded = {}
-        for p, (news, _, _), low in zip(plans, refreshed, lows):
-            expanded.update(p.expand(low, news))
-        for u in range(len(names)):
-            leaves[u] = expanded[u] if u in expanded else next(full_iter)
-        entries = {
-            p.engine.token: p.given(news, low) for p, news, low in zip(plans, refreshed, lows)
-        }
-        return loss, treedef.unflatten(leaves), SubspaceGradients(entries)
+        loss, sums = mean_over_micro_batches(terms)
+        return (loss, *group.result(refreshed, sums))
 
     return run
+
+
+class _Group:
+    """`accumulate_in_subspace`'s work on one optimizer state and the params it updates
+    (the whole tree, or one group of a layer-wise step): the projected leaves, this step's
+    refresh as stages, and the terms each pass over the micro-batches sums.
+
+    Built from arrays or tracers alike (a layer-wise step builds one per layer slice,
+    inside its scans and vmaps); only the methods' results are used.
+    """
+
+    def __init__(self, engines, params, opt_state):
+        names, _, self.treedef = paths.leaf_paths(params)
+        index = {name: i for i, name in enumerate(names)}
+        plans = [_EnginePlan.of(e, params, opt_state, index) for e in engines]
+        plans = [p for p in plans if p.projected]
+        if len(plans) > 1:
+            raise ValueError(
+                "accumulate_in_subspace: tx holds several GaLore transforms with projected "
+                "leaves; one is supported"
+            )
+        self.num_leaves = len(names)
+        self.plan = plans[0] if plans else None
+        self.refresh = _Refresh(self.plan) if plans else None
+        self.in_subspace = set(self.plan.users) if plans else set()
+        stages = self.refresh.finder.stages if plans else []
+        self.num_stages = len(stages)
+        self.stage_kinds = tuple(st.kind for st in stages)  # static, to compare groups
+        self.kinds = jnp.asarray(self.stage_kinds, jnp.int32)
+        self.any_due = self.refresh.any_due if plans else jnp.zeros([], jnp.bool_)
+
+    # -- the refresh's passes -------------------------------------------------------
+
+    def refresh_start(self) -> list:
+        return self.refresh.initial() if self.refresh else []
+
+    def refresh_terms(self, g: list, compact: list, kind) -> list:
+        """One micro-batch's products for the stage of `kind` (`g`: gradient leaves)."""
+        return self.refresh.products(g, compact, kind) if self.refresh else []
+
+    def refresh_stage(self, i, compact: list, sums: list) -> list:
+        """Stage `i` on the summed products. A fixed trip count (the compiled step
+        states its passes): a cold start (step 0) runs the warm-start pass too but
+        keeps nothing of it."""
+        if not self.refresh:
+            return compact
+        r = self.refresh
+        new = jax.lax.switch(i, r.stage_branches, compact, sums)
+        start = r.finder.first_stage(r.warm)
+        return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, compact)
+
+    def refresh_finish(self, compact: list):
+        return self.refresh.finish(compact) if self.refresh else ([], [], [])
+
+    def refresh_keep(self):
+        """What `refresh_finish` returns when nothing is due: the projectors as they are."""
+        if not self.refresh:
+            return [], [], []
+        no = [jnp.zeros([], jnp.bool_) for _ in self.refresh.olds]
+        return list(self.refresh.olds), no, list(no)
+
+    # -- the projection pass and the result -----------------------------------------
+
+    def projection_terms(self, g: list, refreshed) -> tuple:
+        """One micro-batch's (low-rank gradients in the new bases, every other leaf)."""
+        lows = self.plan.project(g, refreshed[0]) if self.plan else []
+        return lows, [x for u, x in enumerate(g) if u not in self.in_subspace]
+
+    def result(self, refreshed, sums) -> tuple:
+        """(grads, `SubspaceGradients`) from the projection pass's mean terms."""
+        lows, full = sums
+        expanded = self.plan.expand(lows, refreshed[0]) if self.plan else {}
+        full_iter = iter(full)
+        leaves = [
+            expanded[u] if u in expanded else next(full_iter) for u in range(self.num_leaves)
+        ]
+        entries = {self.plan.engine.token: self.plan.given(refreshed, lows)} if self.plan else {}
+        return self.treedef.unflatten(leaves), SubspaceGradients(entries)
 
 
 class _EnginePlan:
@@ -273,7 +317,6 @@ class _Refresh:
             self.plans, self.olds, keys=keys, dtypes=self.dtypes
         )
 
-        self.kinds = jnp.asarray([st.kind for st in self.finder.stages], jnp.int32)
         self.stage_branches = [functools.partial(self._stage, st) for st in self.finder.stages]
 
     # The range finder's two operands share one (..., max(m, n), w) buffer per task, and
