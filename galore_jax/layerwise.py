@@ -89,6 +89,7 @@ from galore_jax.scanned import (
     _read_slice,
     _slice,
     _stack_size,
+    backward_by_layer,
     _without_layer_axis,
     one_layer_view,
 )
@@ -247,49 +248,43 @@ def layerwise_step(
         return optax.apply_updates(params, updates), opt_state
 
     def step(params, state, batch):
-        before, layers, after = _groups(model, params)
-        stack = layers[key]
-        x, embed_vjp = jax.vjp(lambda p: model.embed(p, batch), before)
+        groups = _groups(model, params)
+        before, layers, after = groups
 
-        def forward(x, layer_params):
-            return model.layer(layer_params, x), x
+        def visit_after(grads, carry):
+            new_after, after_state = apply(grads, state.after, after, state)
+            return {**carry, "after": (new_after, after_state), "square": _square_norm(grads)}
 
-        x, inputs = jax.lax.scan(forward, x, stack)
-        loss, head_vjp = jax.vjp(lambda p, x: model.head(p, x, batch), after, x)
-        if jnp.shape(loss) != ():
-            raise ValueError(
-                f"layer-wise: model.head must return a scalar loss, got shape "
-                f"{jnp.shape(loss)}: reduce it in the head (e.g. return the per-token "
-                "loss's .mean())"
-            )
-        grads, dx = head_vjp(jnp.ones_like(loss))
-        square = _square_norm(grads)
-        after, after_state = apply(grads, state.after, after, state)
-
-        def backward(carry, i):
-            dx, stack, layer_states, square = carry
-            layer_params = _slice(stack, i)
-            _, layer_vjp = jax.vjp(model.layer, layer_params, _slice(inputs, i))
-            grads, dx = layer_vjp(dx)
+        def visit_layer(i, layer_params, grads, carry):
             new_params, new_state = apply(
-                {key: grads}, _read_slice(layer_states, i), {key: layer_params}, state
+                {key: grads}, _read_slice(carry["states"], i), {key: layer_params}, state
             )
-            stack = _put(stack, new_params[key], i)
-            layer_states = _put(layer_states, new_state, i)
-            return (dx, stack, layer_states, square + _square_norm(grads)), None
+            return {
+                **carry,
+                "stack": _put(carry["stack"], new_params[key], i),
+                "states": _put(carry["states"], new_state, i),
+                "square": carry["square"] + _square_norm(grads),
+            }
 
-        (dx, stack, layer_states, square), _ = jax.lax.scan(
-            backward,
-            (dx, stack, state.layers, square),
-            jnp.arange(_stack_size(layers)),
-            reverse=True,
+        def visit_before(grads, carry):
+            new_before, before_state = apply(grads, state.before, before, state)
+            square = carry["square"] + _square_norm(grads)
+            return {**carry, "before": (new_before, before_state), "square": square}
+
+        loss, carry = backward_by_layer(
+            model,
+            groups,
+            batch,
+            {"stack": layers[key], "states": state.layers, "square": jnp.zeros([], jnp.float32)},
+            after=visit_after,
+            layer=visit_layer,
+            before=visit_before,
+            layer_params=lambda carry, i: _slice(carry["stack"], i),
         )
-        (grads,) = embed_vjp(dx)
-        square = square + _square_norm(grads)
-        before, before_state = apply(grads, state.before, before, state)
-        grad_norm = jnp.sqrt(square)
-        new_state = LayerwiseState(before_state, layer_states, after_state, grad_norm)
-        params = _merge(params, before, {key: stack}, after)
+        grad_norm = jnp.sqrt(carry["square"])
+        (before, before_state), (after, after_state) = carry["before"], carry["after"]
+        new_state = LayerwiseState(before_state, carry["states"], after_state, grad_norm)
+        params = _merge(params, before, {key: carry["stack"]}, after)
         return params, new_state, {"loss": loss, "grad_norm": grad_norm}
 
     return step

@@ -115,3 +115,72 @@ def _read_slice(tree: Any, i) -> Any:
 
 def _put(tree: Any, part: Any, i) -> Any:
     return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, part)
+
+
+# ----------------------------------------------------------------------------
+# The backward pass one group at a time.
+# ----------------------------------------------------------------------------
+
+
+def backward_by_layer(
+    model: ScannedModel,
+    groups: tuple,
+    batch: Any,
+    carry: Any,
+    *,
+    after: Callable,
+    layer: Callable,
+    before: Callable,
+    layer_params: Callable,
+):
+    """One micro-batch's loss, with each group's gradient handed on as it appears.
+
+    The forward pass keeps each layer's input only (as rematerialisation does); the
+    backward pass runs the layers in reverse, recomputing a layer's forward. Only one
+    group's gradient is alive at a time: the head's, then each layer's, then the
+    embedding's, each given to its visitor with a carry the visitors thread through.
+
+    Args:
+      model: the model's `ScannedModel`.
+      groups: ``_groups(model, params)``'s (before, layers, after) dicts.
+      batch: one micro-batch.
+      carry: the visitors' initial carry.
+      after: ``(grads, carry) -> carry`` for the head's group.
+      layer: ``(i, layer_params, grads, carry) -> carry`` for layer ``i``.
+      before: ``(grads, carry) -> carry`` for the embedding's group.
+      layer_params: ``(carry, i) -> layer i's params``: where the backward reads them
+        (a step that updates the stack in its carry reads it there, so the params are
+        held once).
+
+    Returns:
+      ``(loss, carry)``.
+    """
+    before_params, layers, after_params = groups
+    x, embed_vjp = jax.vjp(lambda p: model.embed(p, batch), before_params)
+
+    def forward(x, one_layer):
+        return model.layer(one_layer, x), x
+
+    x, inputs = jax.lax.scan(forward, x, layers[model.layers_key])
+    loss, head_vjp = jax.vjp(lambda p, x: model.head(p, x, batch), after_params, x)
+    if jnp.shape(loss) != ():
+        raise ValueError(
+            f"layer-wise: model.head must return a scalar loss, got shape "
+            f"{jnp.shape(loss)}: reduce it in the head (e.g. return the per-token "
+            "loss's .mean())"
+        )
+    grads, dx = head_vjp(jnp.ones_like(loss))
+    carry = after(grads, carry)
+
+    def backward(state, i):
+        dx, carry = state
+        params_i = layer_params(carry, i)
+        _, layer_vjp = jax.vjp(model.layer, params_i, _slice(inputs, i))
+        grads, dx = layer_vjp(dx)
+        return (dx, layer(i, params_i, grads, carry)), None
+
+    (dx, carry), _ = jax.lax.scan(
+        backward, (dx, carry), jnp.arange(_stack_size(layers)), reverse=True
+    )
+    (grads,) = embed_vjp(dx)
+    return loss, before(grads, carry)
