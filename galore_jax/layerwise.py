@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax._layerwise_subspace import accumulating_step
 from galore_jax._low_rank import GradScaleTransformation
 from galore_jax.clipping import (
     _check_max_norm,
@@ -195,6 +196,7 @@ def layerwise_step(
     *,
     max_norm: Optional[float] = None,
     clip: str = "layer",
+    micro_batches: bool = False,
 ) -> Callable:
     """``(params, state, batch) -> (params, state, {"loss", "grad_norm"})``, one update.
 
@@ -212,6 +214,12 @@ def layerwise_step(
       clip: "layer" (each layer, the embedding and the head by their own norm)
         or "previous_global" (all by the factor of the previous step's global
         norm); see the module docstring.
+      micro_batches: False: ``batch`` is one batch. True: every leaf of ``batch``
+        has a leading micro-batch axis, and the step is the mean gradient's,
+        accumulated in GaLore's subspace (``tx`` must be a GaLore transformation
+        with a randomized refresh; see "Gradient accumulation" above). The clips
+        then read the gradient the optimizer sees (``P P^H G`` for a projected
+        matrix) and ``grad_norm`` is its norm.
 
     Returns:
       The step function (jit it; donate params and state to update in place).
@@ -237,15 +245,34 @@ def layerwise_step(
             return _clip_factor(state.grad_norm, max_norm)
         return _clip_factor(jnp.sqrt(_square_norm(grads)), max_norm)
 
-    def apply(grads, opt_state, params, state):
+    def apply(grads, opt_state, params, state, subspace=None):
         factor = clip_factor(grads, state)
+        extra = {} if subspace is None else {"subspace": subspace}
         if factor is None:
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, **extra)
         elif isinstance(tx, GradScaleTransformation):  # the factor in the low-rank space
-            updates, opt_state = tx.update(grads, opt_state, params, grad_scale=factor)
+            updates, opt_state = tx.update(grads, opt_state, params, grad_scale=factor, **extra)
         else:
-            updates, opt_state = tx.update(_scale(grads, factor), opt_state, params)
+            if subspace is not None:
+                extra = {"subspace": subspace.scaled(factor)}
+            updates, opt_state = tx.update(_scale(grads, factor), opt_state, params, **extra)
         return optax.apply_updates(params, updates), opt_state
+
+    if micro_batches:
+        def apply_in_subspace(grads, opt_state, params, subspace, state):
+            new_params, opt_state = apply(grads, opt_state, params, state, subspace)
+            return new_params, opt_state, _square_norm(grads)
+
+        accumulate = accumulating_step(tx, model, apply_in_subspace)
+
+        def step_over_micro_batches(params, state, batches):
+            before, layers, after, states, loss, square = accumulate(params, state, batches)
+            grad_norm = jnp.sqrt(square)
+            new_state = LayerwiseState(*states, grad_norm)
+            params = _merge(params, before, layers, after)
+            return params, new_state, {"loss": loss, "grad_norm": grad_norm}
+
+        return step_over_micro_batches
 
     def step(params, state, batch):
         groups = _groups(model, params)

@@ -78,6 +78,29 @@ class SubspaceGradients(NamedTuple):
 
     entries: dict  # engine token -> Given
 
+    def scaled(self, factor) -> "SubspaceGradients":
+        """The low-rank gradients times `factor` (what scaling the gradients scales)."""
+        scale = lambda x: x if is_empty(x) else x * factor.astype(x.dtype)  # noqa: E731
+        return SubspaceGradients(
+            {
+                token: given._replace(low=[scale(x) for x in given.low])
+                for token, given in self.entries.items()
+            }
+        )
+
+
+def subspace_engines(tx, who: str) -> list:
+    """The engines of `tx` whose projected gradients can accumulate in the subspace."""
+    if not engines_of(tx):
+        raise ValueError(
+            f"{who}: tx holds no galore_jax low-rank transform; pass the "
+            "transformation built by gj.galore_adamw / gj.scale_by_galore (the one whose "
+            "update you call)"
+        )
+    return [
+        e for e in engines_of(tx) if not e.full_update and hasattr(e.algorithm, "subspace_refresh")
+    ]
+
 
 def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable:
     """`(params, batches, opt_state) -> (loss, grads, subspace)` over micro-batches.
@@ -98,15 +121,7 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
       so norms and clipping see what the optimizer sees) and a `SubspaceGradients`
       to pass as `tx.update(grads, opt_state, params, subspace=subspace)`.
     """
-    engines = [
-        e for e in engines_of(tx) if not e.full_update and hasattr(e.algorithm, "subspace_refresh")
-    ]
-    if not engines_of(tx):
-        raise ValueError(
-            "accumulate_in_subspace: tx holds no galore_jax low-rank transform; pass the "
-            "transformation built by gj.galore_adamw / gj.scale_by_galore (the one whose "
-            "update you call)"
-        )
+    engines = subspace_engines(tx, "accumulate_in_subspace")
     grad_fn = jax.value_and_grad(loss_fn)
 
     def run(params, batches, opt_state):

@@ -1,0 +1,193 @@
+"""Layer-wise updates over micro-batches (gj.layerwise_step(..., micro_batches=True)).
+
+The claim: a layer-wise step that sums its micro-batches in GaLore's subspace trains as
+the standard step on the full-size mean gradient does. In float64 (see test_subspace.py
+for why), on a user's own scanned model with its own names, over three refreshes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_jax as gj
+
+STEPS, ACCUM, LAYERS = 7, 4, 3  # gap 3: refreshes at steps 0, 3 and 6
+OPTIONS = dict(rank=4, update_proj_gap=3, weight_decay=0.1)
+
+
+def _model():
+    def embed(p, batch):
+        return jnp.tanh(batch["x"] @ p["encoder"])
+
+    def layer(p, x):
+        return x + jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
+
+    def head(p, x, batch):
+        return jnp.mean((x @ p["readout"] - batch["y"]) ** 2)
+
+    model = gj.ScannedModel(
+        embed, layer, head, layers_key="trunk", before=("encoder",), after=("readout",)
+    )
+
+    def loss(params, batch):
+        x = embed({"encoder": params["encoder"]}, batch)
+        x, _ = jax.lax.scan(lambda x, p: (layer(p, x), None), x, params["trunk"])
+        return head({"readout": params["readout"]}, x, batch)
+
+    return model, loss
+
+
+def _params():
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    return {
+        "encoder": jax.random.normal(k[0], (12, 24), jnp.float64) / 3,
+        "trunk": {
+            "dense": {
+                "kernel": jax.random.normal(k[1], (LAYERS, 24, 24), jnp.float64) / 5,
+                "bias": jnp.zeros((LAYERS, 24), jnp.float64),
+            }
+        },
+        "readout": jax.random.normal(k[2], (24, 3), jnp.float64) / 5,
+    }
+
+
+def _batches(steps=STEPS, poison=()):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(steps, ACCUM, 6, 12))
+    for where in poison:  # (step, micro-batch): a NaN input there
+        x[where] = np.nan
+    y = rng.normal(size=(steps, ACCUM, 6, 3))
+    return [{"x": jnp.asarray(x[t]), "y": jnp.asarray(y[t])} for t in range(steps)]
+
+
+# The trunk's leading axis is the layer axis: each layer's kernel is a matrix.
+DIMS = {
+    "encoder": None,
+    "trunk": {"dense": {"kernel": gj.DimensionNumbers((0,)), "bias": gj.DimensionNumbers((0,))}},
+    "readout": None,
+}
+
+
+def _optimizers(params, **options):
+    """(whole-tree tx, layer-wise tx): one projection rule; labels by path for the groups
+    (one group alone, the encoder looks like a layer)."""
+    whole = gj.galore_adamw(
+        3e-2, labels=gj.Labels(dimension_numbers=DIMS), **OPTIONS, **options
+    )
+    labels = gj.labels.labels_by_path(
+        gj.galore_labels(params, dimension_numbers=DIMS, rank=OPTIONS["rank"])
+    )
+    return whole, gj.galore_adamw(3e-2, labels=labels, **OPTIONS, **options)
+
+
+def _full_size_step(tx, loss):
+    @jax.jit
+    def step(params, state, batches):
+        losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, batches)
+        grads = jax.tree.map(lambda g: jnp.mean(g, 0), grads)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, jnp.mean(losses)
+
+    return step
+
+
+def _assert_close(a, b, rtol=1e-9):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        scale = max(float(jnp.max(jnp.abs(y))), 1e-30)
+        assert float(jnp.max(jnp.abs(x - y))) <= rtol * scale
+
+
+def _galore_state(state):
+    return state.inner_states["galore"].inner_state
+
+
+def test_layerwise_micro_batches_equal_the_full_size_mean_over_three_refreshes():
+    model, loss = _model()
+    with jax.enable_x64(True):
+        params = _params()
+        whole, tx = _optimizers(params)
+        full = _full_size_step(whole, loss)
+        step = jax.jit(gj.layerwise_step(tx, model, micro_batches=True))
+        p1, s1 = params, whole.init(params)
+        p2, s2 = params, gj.layerwise_init(tx, model, params)
+        for batches in _batches():
+            p1, s1, l1 = full(p1, s1, batches)
+            p2, s2, m = step(p2, s2, batches)
+            np.testing.assert_allclose(m["loss"], l1, rtol=1e-9)
+            _assert_close(p2, p1)
+        # Every matrix was refreshed at steps 0, 3 and 6 on both paths: the same bases.
+        whole_basis = _galore_state(s1[0]).projectors.right["trunk"]["dense"]["kernel"]
+        layer_basis = _galore_state(s2.layers[0]).projectors.right["trunk"]["dense"]["kernel"]
+        _assert_close(layer_basis, whole_basis, rtol=1e-7)
+
+
+def test_previous_global_clip_reads_the_gradient_the_optimizer_sees():
+    # The reference: the whole tree accumulated in the subspace, scaled by the factor
+    # the previous step's norm of that gradient implies.
+    model, loss = _model()
+    max_norm = 0.05
+    with jax.enable_x64(True):
+        params = _params()
+        whole, tx = _optimizers(params)
+        accumulate = gj.accumulate_in_subspace(loss, whole)
+
+        @jax.jit
+        def reference(params, state, batches, previous_norm):
+            value, grads, subspace = accumulate(params, batches, state)
+            factor = jnp.where(previous_norm < max_norm, 1.0, max_norm / previous_norm)
+            updates, state = whole.update(
+                grads, state, params, subspace=subspace, grad_scale=factor
+            )
+            return optax.apply_updates(params, updates), state, value, optax.tree.norm(grads)
+
+        step = jax.jit(
+            gj.layerwise_step(
+                tx, model, max_norm=max_norm, clip="previous_global", micro_batches=True
+            )
+        )
+        p1, s1, norm = params, whole.init(params), jnp.zeros([], jnp.float64)
+        p2, s2 = params, gj.layerwise_init(tx, model, params)
+        for batches in _batches():
+            p1, s1, l1, norm = reference(p1, s1, batches, norm)
+            p2, s2, m = step(p2, s2, batches)
+            np.testing.assert_allclose(m["grad_norm"], norm, rtol=1e-9)
+            _assert_close(p2, p1)
+        assert float(norm) > max_norm  # the clip acted
+
+
+def test_non_finite_micro_batches_skip_as_the_full_size_path_does():
+    # Step 2 (steady): that step's low-rank gradients count as zero. Step 3 (a
+    # refresh): skipped, the old bases kept, and counted.
+    model, loss = _model()
+    with jax.enable_x64(True):
+        params = _params()
+        whole, tx = _optimizers(params)
+        full = _full_size_step(whole, loss)
+        step = jax.jit(gj.layerwise_step(tx, model, micro_batches=True))
+        p1, s1 = params, whole.init(params)
+        p2, s2 = params, gj.layerwise_init(tx, model, params)
+        for batches in _batches(steps=5, poison=[(2, 1), (3, 0)]):
+            p1, s1, _ = full(p1, s1, batches)
+            p2, s2, _ = step(p2, s2, batches)
+    # The trunk's kernel is one stacked leaf of the whole tree, one leaf per layer here.
+    skipped = int(_galore_state(s1[0]).skipped_refreshes)
+    assert skipped == 1
+    assert _galore_state(s2.layers[0]).skipped_refreshes.tolist() == [skipped] * LAYERS
+    for name in ("encoder", "readout"):  # not projected: the NaN step counts as zero there
+        assert bool(jnp.all(jnp.isfinite(p2[name])))
+    _assert_close(p2, p1)
+
+
+def test_micro_batches_refuse_what_cannot_accumulate_in_the_subspace():
+    model, _ = _model()
+    params = _params()
+    with pytest.raises(ValueError, match="no galore_jax low-rank transform"):
+        gj.layerwise_step(optax.adam(1e-3), model, micro_batches=True)
+    labels = gj.labels.labels_by_path(gj.galore_labels(params, dimension_numbers=DIMS, rank=4))
+    exact = gj.galore_adamw(1e-2, labels=labels, rank=4, svd=gj.ExactSVD())
+    step = gj.layerwise_step(exact, model, micro_batches=True)
+    state = gj.layerwise_init(exact, model, params)
+    with pytest.raises(ValueError, match="exact"):
+        jax.eval_shape(step, params, state, {"x": jnp.ones((2, 6, 12)), "y": jnp.ones((2, 6, 3))})
