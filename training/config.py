@@ -452,11 +452,22 @@ class Config:
             f"optimizer.layerwise=true needs a model of scanned layers (task: lm), "
             f"got task: {self.task}",
         )
-        _fail(
-            self.grad_accum_steps > 1,
-            f"optimizer.layerwise=true updates during the backward pass of one micro-batch; "
-            f"set grad_accum_steps=1 (got {self.grad_accum_steps}) and raise batch_size instead",
-        )
+        if self.grad_accum_steps > 1:  # micro-batches sum in GaLore's subspace, or not at all
+            why = None
+            if opt.name != "galore":
+                why = f"optimizer.name=galore (got {opt.name})"
+            elif opt.svd == "exact":
+                why = "the randomized refresh (optimizer.svd=exact needs the whole gradient)"
+            elif opt.full_size_gradients:
+                why = "optimizer.full_size_gradients unset (a full-size sum is never held)"
+            elif opt.master_dtype is not None:
+                why = "optimizer.master_dtype=null"
+            _fail(
+                why is not None,
+                f"optimizer.layerwise=true with grad_accum_steps={self.grad_accum_steps} sums "
+                f"the micro-batches in GaLore's subspace, which needs {why}; or set "
+                "grad_accum_steps=1 and raise batch_size instead",
+            )
         _fail(
             opt.grad_clip > 0 and opt.grad_clip_mode == "global",
             "optimizer.layerwise=true cannot clip by this step's global norm (it needs every "

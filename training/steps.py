@@ -181,13 +181,18 @@ def build_run(config: Config, num_devices: int) -> Run:
 def _subspace_gradients(config: Config, mesh_shape, task: Task, tx, notes: list) -> bool:
     """Whether micro-batches accumulate in GaLore's subspace (``optimizer.full_size_gradients``)."""
     opt, want = config.optimizer, config.optimizer.full_size_gradients
+    if opt.layerwise:  # micro-batches only (the config checked the rest)
+        if config.grad_accum_steps > 1 and opt.grad_clip > 0:
+            notes.append(
+                "layer-wise over micro-batches: the clip reads the gradient in GaLore's "
+                "subspace (the full gradient is never summed)"
+            )
+        return config.grad_accum_steps > 1
     if want or (config.grad_accum_steps == 1 and mesh_shape["data"] == 1):
         return False
     refusal = None
     if opt.name != "galore":
         refusal = f"optimizer.name={opt.name} (only galore projects every matrix's gradient)"
-    elif opt.layerwise:
-        refusal = "optimizer.layerwise=true (its step takes one micro-batch)"
     elif mesh_shape["data"] > 1 and config.mesh.kind == "explicit":
         refusal = "mesh.kind=explicit and mesh.data > 1 (use mesh.kind=auto)"
     elif opt.svd == "exact":
@@ -330,17 +335,22 @@ def make_loss_and_grads(run: Run) -> Callable:
 
 
 def make_layerwise_step(run: Run) -> Callable:
-    """``(params, opt_state, batches[1, ...]) -> (params, opt_state, metrics)``, un-jitted:
-    the optimizer applied inside the backward pass (``galore_jax.layerwise``)."""
+    """``(params, opt_state, batches[accum, ...]) -> (params, opt_state, metrics)``,
+    un-jitted: the optimizer applied one layer at a time (``galore_jax.layerwise``);
+    inside the backward pass of one micro-batch, or after micro-batches summed in
+    GaLore's subspace."""
     opt = run.config.optimizer
     step = gj.layerwise_step(
         run.tx,
         run.scanned_model,
         max_norm=opt.grad_clip or None,
         clip="previous_global" if opt.grad_clip_mode == "previous_global" else "layer",
+        micro_batches=run.subspace_gradients,
     )
 
     def layerwise(params, opt_state, batches):
+        if run.subspace_gradients:
+            return step(params, opt_state, batches)
         return step(params, opt_state, jax.tree.map(lambda x: x[0], batches))
 
     if run.explicit:  # as make_loss_and_grads: the partitioner places activations
@@ -486,10 +496,14 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
             f"{run.config.model.num_layers} layers at a time (each leaf below: per layer)"
         )
     if run.subspace_gradients:
+        replicas = (
+            ""
+            if run.layerwise
+            else f" and {run.mesh_shape['data']} data-parallel replica(s) averaged"
+        )
         lines.append(
             f"gradients in GaLore's subspace: {run.config.grad_accum_steps} micro-batch(es) "
-            f"summed and {run.mesh_shape['data']} data-parallel replica(s) averaged as "
-            "low-rank projections (a refresh step makes extra passes)"
+            f"summed{replicas} as low-rank projections (a refresh step makes extra passes)"
         )
     if run.config.optimizer.name != "adamw":
         params = run.abstract_params

@@ -62,48 +62,44 @@ def assert_trees_close(a, b, rtol=RTOL):
 # ----------------------------------------------------------------------------
 
 
+# Two micro-batches a step: the layer-wise step sums them in GaLore's subspace, the
+# standard one (full_size_gradients=true) at full size. No clip: a clip reads the
+# gradient each path holds (the one-micro-batch layer-wise step against the standard
+# one, clips included: the in-process tests below and test_user_scanned_model_*).
+ACCUM = ["grad_accum_steps=2", "optimizer.grad_clip=0"]
+LAYERWISE = ["optimizer.layerwise=true", *ACCUM, "checkpoint.every=5", *GALORE]
+
+
 @pytest.fixture(scope="module")
-def standard_per_layer_clip(tmp_path_factory):
+def standard_full_size(tmp_path_factory):
     out = tmp_path_factory.mktemp("standard")
-    run_train(out, f"steps={STEPS}", "optimizer.grad_clip_mode=layer", *GALORE)
+    run_train(out, f"steps={STEPS}", *ACCUM, "optimizer.full_size_gradients=true", *GALORE)
     return out
 
 
 @pytest.fixture(scope="module")
-def layerwise_per_layer_clip(tmp_path_factory):
+def layerwise_micro_batches(tmp_path_factory):
     out = tmp_path_factory.mktemp("layerwise")
-    proc = run_train(
-        out,
-        f"steps={STEPS}",
-        "optimizer.layerwise=true",
-        "optimizer.grad_clip_mode=layer",
-        "checkpoint.every=5",
-        *GALORE,
-    )
+    proc = run_train(out, f"steps={STEPS}", *LAYERWISE)
     assert "layer-wise updates" in proc.stdout
+    assert "gradients in GaLore's subspace: 2 micro-batch(es) summed as" in proc.stdout
     return out
 
 
-def test_layerwise_train_py_matches_the_standard_step(
-    standard_per_layer_clip, layerwise_per_layer_clip
+def test_layerwise_train_py_matches_the_full_size_standard_step(
+    standard_full_size, layerwise_micro_batches
 ):
-    ref, got = losses(standard_per_layer_clip), losses(layerwise_per_layer_clip)
+    ref, got = losses(standard_full_size), losses(layerwise_micro_batches)
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=RTOL)
     assert_trees_close(
-        checkpoint_arrays(layerwise_per_layer_clip, STEPS),
-        checkpoint_arrays(standard_per_layer_clip, STEPS),
+        checkpoint_arrays(layerwise_micro_batches, STEPS),
+        checkpoint_arrays(standard_full_size, STEPS),
     )
 
 
-def test_layerwise_resume_after_kill_is_bit_exact(layerwise_per_layer_clip, tmp_path):
-    args = (
-        f"steps={STEPS}",
-        "optimizer.layerwise=true",
-        "optimizer.grad_clip_mode=layer",
-        "checkpoint.every=5",
-        *GALORE,
-    )
+def test_layerwise_resume_after_kill_is_bit_exact(layerwise_micro_batches, tmp_path):
+    args = (f"steps={STEPS}", *LAYERWISE)
     proc = start_train(tmp_path, *args, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(proc, 12)  # checkpoint 10 is complete: saves finish before step 12 logs
@@ -112,23 +108,21 @@ def test_layerwise_resume_after_kill_is_bit_exact(layerwise_per_layer_clip, tmp_
         proc.wait(timeout=TIMEOUT)
     resumed = run_train(tmp_path, *args)
     assert re.search(r"resumed from step (5|10)\b", resumed.stdout), resumed.stdout
-    assert losses(tmp_path) == losses(layerwise_per_layer_clip)  # bitwise on CPU
+    assert losses(tmp_path) == losses(layerwise_micro_batches)  # bitwise on CPU
     for item in ("params", "opt_state"):
         for a, b in zip(
             checkpoint_arrays(tmp_path, STEPS, item),
-            checkpoint_arrays(layerwise_per_layer_clip, STEPS, item),
+            checkpoint_arrays(layerwise_micro_batches, STEPS, item),
         ):
             np.testing.assert_array_equal(a, b)
 
 
-def test_switching_layerwise_on_resume_is_one_clear_error(layerwise_per_layer_clip, tmp_path):
+def test_switching_layerwise_on_resume_is_one_clear_error(layerwise_micro_batches, tmp_path):
     import shutil
 
     out = tmp_path / "out"
-    shutil.copytree(layerwise_per_layer_clip, out)
-    proc = run_train(
-        out, f"steps={STEPS + 2}", "optimizer.grad_clip_mode=layer", *GALORE, check=False
-    )
+    shutil.copytree(layerwise_micro_batches, out)
+    proc = run_train(out, f"steps={STEPS + 2}", *ACCUM, *GALORE, check=False)
     assert proc.returncode == 2
     assert re.search(r"error: .*optimizer.layerwise", proc.stderr), proc.stderr
 
@@ -137,9 +131,20 @@ def test_switching_layerwise_on_resume_is_one_clear_error(layerwise_per_layer_cl
     "overrides, message",
     [
         (
-            ["optimizer.layerwise=true", "grad_accum_steps=2"],
-            r"optimizer.layerwise=true updates during the backward pass of one micro-batch; "
-            r"set grad_accum_steps=1",
+            ["optimizer.layerwise=true", "grad_accum_steps=2", "optimizer.name=adamw"],
+            r"optimizer.layerwise=true with grad_accum_steps=2 sums the micro-batches in "
+            r"GaLore's subspace, which needs optimizer.name=galore \(got adamw\); or set "
+            r"grad_accum_steps=1",
+        ),
+        (
+            [
+                "optimizer.layerwise=true",
+                "grad_accum_steps=2",
+                "optimizer.grad_clip_mode=layer",
+                "optimizer.name=galore",
+                "optimizer.full_size_gradients=true",
+            ],
+            r"which needs optimizer.full_size_gradients unset",
         ),
         (
             ["optimizer.layerwise=true"],  # grad_clip 1.0 by the global norm (the default)
@@ -208,8 +213,8 @@ def train_losses(overrides, steps_to_run=STEPS):
 @pytest.mark.parametrize(
     "kind, optimizer",
     [
-        # On demand (-m slow): train.py's layer-wise step against the standard one stays
-        # in the default suite (test_layerwise_train_py_matches_the_standard_step).
+        # On demand (-m slow): train.py's one-micro-batch layer-wise step against the
+        # standard one (the default suite has it on a user's model and on every optimizer).
         pytest.param("auto", ["optimizer.name=adamw", "optimizer.lr=0.01"], marks=pytest.mark.slow),
         pytest.param(
             "explicit",
@@ -221,14 +226,23 @@ def train_losses(overrides, steps_to_run=STEPS):
             [*GALORE, "optimizer.grad_clip_mode=previous_global", "optimizer.grad_clip=0.5"],
             marks=pytest.mark.slow,
         ),
+        # Four micro-batches summed in the subspace against the full-size sum.
+        ("auto", [*GALORE, "grad_accum_steps=4", "batch_size=32"]),
     ],
-    ids=["adamw-auto", "galore-stagger-warm-explicit", "galore-previous-norm-clip-auto"],
+    ids=[
+        "adamw-auto",
+        "galore-stagger-warm-explicit",
+        "galore-previous-norm-clip-auto",
+        "galore-micro-batches-auto",
+    ],
 )
 def test_layerwise_matches_the_standard_step_on_eight_devices(kind, optimizer):
     clip = [] if any("grad_clip" in o for o in optimizer) else ["optimizer.grad_clip=0"]
     common = [f"mesh.kind={kind}", *clip, *optimizer]
     # 10 steps: the staggered refreshes of the first gap and each leaf's next one.
-    ref, ref_params, _ = train_losses(common, steps_to_run=10)
+    ref, ref_params, _ = train_losses(
+        [*common, "optimizer.full_size_gradients=true"], steps_to_run=10
+    )
     got, got_params, run = train_losses([*common, "optimizer.layerwise=true"], steps_to_run=10)
     assert isinstance(run.abstract_opt_state, gj.layerwise.LayerwiseState)
     np.testing.assert_allclose(got, ref, rtol=RTOL)
