@@ -67,6 +67,10 @@ VARIANTS = {
         ["optimizer.name=galore", "optimizer.full_size_gradients=false"],
         "galore_adamw, data-parallel replicas average low-rank gradients",
     ),
+    "galore_layerwise_accum4": (
+        ["optimizer.name=galore", *LAYERWISE, "grad_accum_steps=4"],
+        "galore_adamw, layer-wise, 4 micro-batches summed in the subspace",
+    ),
     "galore_accum4_full_size": (
         ["optimizer.name=galore", "grad_accum_steps=4", "optimizer.full_size_gradients=true"],
         "galore_adamw, 4 micro-batches summed at full size",

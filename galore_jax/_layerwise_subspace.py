@@ -65,41 +65,67 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
         # The mean loss in float32, or wider where the params are.
         loss_dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(params))
 
-        g_before = _Group(engines, before, state.before)
-        g_after = _Group(engines, after, state.after)
-
         def layer_group(params_i, state_i):
             return _Group(engines, {key: params_i}, state_i)
 
-        def per_layer(method, *args):
-            """`method` of every layer's group, vmapped over the stack (and `args`)."""
-            return jax.vmap(lambda p, s, *a: method(layer_group(p, s), *a))(
-                stack, state.layers, *args
+        groups_now = {
+            "before": _Group(engines, before, state.before),
+            "after": _Group(engines, after, state.after),
+        }
+
+        num_layers = _stack_size(layers)
+
+        def each_group(method, *trees, into=None):
+            """`method(group, *parts)` for the embedding's and head's groups and every
+            layer's, as {"before", "layers", "after"}. The layers run one at a time (a
+            layer's temporaries are alive, not the stack's); `into`: a tree of trees'
+            layer shape the results overwrite slice by slice (a layer reads only its
+            own slice), so the stack is not held twice."""
+            out = {name: method(g, *(t[name] for t in trees)) for name, g in groups_now.items()}
+
+            def one_layer(i):
+                group = layer_group(_slice(stack, i), _slice(state.layers, i))
+                return method(group, *(_slice(t["layers"], i) for t in trees))
+
+            if into is None:
+                shapes = jax.eval_shape(one_layer, 0)
+                into = jax.tree.map(lambda s: jnp.zeros((num_layers, *s.shape), s.dtype), shapes)
+            else:
+                into = into["layers"]
+            out["layers"] = jax.lax.fori_loop(
+                0, num_layers, lambda i, acc: _put(acc, one_layer(i), i), into
             )
+            return out
 
-        # One schedule of product kinds for all groups (one tx, one refresh option set).
-        probe = layer_group(_slice(stack, 0), _slice(state.layers, 0))
-        with_refresh = [g for g in (g_before, probe, g_after) if g.refresh]
-        kinds = {g.stage_kinds for g in with_refresh}
-        assert len(kinds) <= 1, kinds
+        def mean_over_micro_batches(terms, parts):
+            """Each group's mean `terms(group, gradient leaves, its part of parts)` over
+            the micro-batches (one layer-wise backward each), and the mean loss."""
 
-        def mean_over_micro_batches(terms_before, terms_layer, terms_after):
-            """Each group's mean terms of its gradient, and the mean loss."""
+            def of_group(name):
+                group = groups_now[name]
+                return lambda g: terms(group, group.treedef.flatten_up_to(g), parts[name])
 
-            def zeros_like(shapes, stacked=0):
-                lead = (stacked,) if stacked else ()
-                return jax.tree.map(lambda s: jnp.zeros(lead + s.shape, s.dtype), shapes)
+            def of_layer(i, params_i, g):
+                group = layer_group(params_i, _slice(state.layers, i))
+                leaves = group.treedef.flatten_up_to({key: g})
+                return terms(group, leaves, _slice(parts["layers"], i))
+
+            def zeros(shapes, *lead):
+                return jax.tree.map(lambda s: jnp.zeros((*lead, *s.shape), s.dtype), shapes)
 
             one_layer = _without_layer_axis(stack)
-            zeros = {
-                "before": zeros_like(jax.eval_shape(terms_before, before)),
-                "layers": zeros_like(
-                    jax.eval_shape(lambda p, g: terms_layer(0, p, g), one_layer, one_layer),
-                    _stack_size(layers),
-                ),
-                "after": zeros_like(jax.eval_shape(terms_after, after)),
+            layer_shapes = jax.eval_shape(lambda p, g: of_layer(0, p, g), one_layer, one_layer)
+            initial = {
+                "before": zeros(jax.eval_shape(of_group("before"), before)),
+                "layers": zeros(layer_shapes, _stack_size(layers)),
+                "after": zeros(jax.eval_shape(of_group("after"), after)),
+                "loss": jnp.zeros([], loss_dtype),
             }
             add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+
+            def add_layer(i, params_i, g, total):
+                part = add(_slice(total["layers"], i), of_layer(i, params_i, g))
+                return {**total, "layers": _put(total["layers"], part, i)}
 
             def one_micro_batch(total, batch):
                 loss, total = backward_by_layer(
@@ -107,137 +133,82 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
                     groups,
                     batch,
                     total,
-                    after=lambda g, c: {**c, "after": add(c["after"], terms_after(g))},
-                    layer=lambda i, p, g, c: {
-                        **c,
-                        "layers": _put(
-                            c["layers"], add(_slice(c["layers"], i), terms_layer(i, p, g)), i
-                        ),
-                    },
-                    before=lambda g, c: {**c, "before": add(c["before"], terms_before(g))},
-                    layer_params=lambda c, i: _slice(stack, i),
+                    after=lambda g, t: {**t, "after": add(t["after"], of_group("after")(g))},
+                    layer=add_layer,
+                    before=lambda g, t: {**t, "before": add(t["before"], of_group("before")(g))},
+                    layer_params=lambda t, i: _slice(stack, i),
                 )
                 return {**total, "loss": total["loss"] + loss.astype(loss_dtype)}, None
 
-            zeros["loss"] = jnp.zeros([], loss_dtype)
-            total, _ = jax.lax.scan(one_micro_batch, zeros, batches)
+            total, _ = jax.lax.scan(one_micro_batch, initial, batches)
             return jax.tree.map(lambda x: x / k, total)
-
-        def layer_state(i):
-            return _slice(state.layers, i)
 
         # -- the refresh's passes (a refresh step only) ---------------------------
 
+        # One schedule of product kinds for all groups (one tx, one set of options).
+        probe = layer_group(_slice(stack, 0), _slice(state.layers, 0))
+        kinds = {g.stage_kinds for g in (*groups_now.values(), probe) if g.refresh}
+        assert len(kinds) <= 1, kinds
+
         def run_stages(_):
-            start = {
-                "before": g_before.refresh_start(),
-                "layers": per_layer(lambda g: g.refresh_start()),
-                "after": g_after.refresh_start(),
-            }
-            stage_kinds = jnp.asarray(next(iter(kinds)), jnp.int32)
+            (stage_kinds,) = kinds
 
             def body(i, compact):
-                kind = stage_kinds[i]
+                kind = jnp.asarray(stage_kinds, jnp.int32)[i]
                 sums = mean_over_micro_batches(
-                    lambda g: g_before.refresh_terms(
-                        g_before.treedef.flatten_up_to(g), compact["before"], kind
-                    ),
-                    lambda j, p, g: _flat_terms(
-                        layer_group(p, layer_state(j)),
-                        {key: g},
-                        lambda grp, leaves: grp.refresh_terms(
-                            leaves, _slice(compact["layers"], j), kind
-                        ),
-                    ),
-                    lambda g: g_after.refresh_terms(
-                        g_after.treedef.flatten_up_to(g), compact["after"], kind
-                    ),
+                    lambda group, g, part: group.refresh_terms(g, part, kind), compact
                 )
-                return {
-                    "before": g_before.refresh_stage(i, compact["before"], sums["before"]),
-                    "layers": per_layer(
-                        lambda g, c, s: g.refresh_stage(i, c, s), compact["layers"], sums["layers"]
-                    ),
-                    "after": g_after.refresh_stage(i, compact["after"], sums["after"]),
-                }
+                return each_group(
+                    lambda group, c, s: group.refresh_stage(i, c, s), compact, sums, into=compact
+                )
 
-            compact = jax.lax.fori_loop(0, len(next(iter(kinds))), body, start)
-            return {
-                "before": g_before.refresh_finish(compact["before"]),
-                "layers": per_layer(lambda g, c: g.refresh_finish(c), compact["layers"]),
-                "after": g_after.refresh_finish(compact["after"]),
-            }
+            start = each_group(lambda group: group.refresh_start())
+            compact = jax.lax.fori_loop(0, len(stage_kinds), body, start)
+            return each_group(lambda group, c: group.refresh_finish(c), compact)
 
         def keep(_):
-            return {
-                "before": g_before.refresh_keep(),
-                "layers": per_layer(lambda g: g.refresh_keep()),
-                "after": g_after.refresh_keep(),
-            }
+            return each_group(lambda group: group.refresh_keep())
 
         refreshed = keep(None)
-        if with_refresh:
-            any_due = g_before.any_due | g_after.any_due | jnp.any(per_layer(lambda g: g.any_due))
+        if kinds:
+            due = each_group(lambda group: group.any_due)
+            any_due = due["before"] | due["after"] | jnp.any(due["layers"])
             refreshed = jax.lax.cond(any_due, run_stages, keep, None)
 
-        # -- the projection pass --------------------------------------------------
+        # -- the projection pass, then the updates one group (one layer) at a time --
 
         sums = mean_over_micro_batches(
-            lambda g: g_before.projection_terms(
-                g_before.treedef.flatten_up_to(g), refreshed["before"]
-            ),
-            lambda j, p, g: _flat_terms(
-                layer_group(p, layer_state(j)),
-                {key: g},
-                lambda grp, leaves: grp.projection_terms(
-                    leaves, _slice(refreshed["layers"], j)
-                ),
-            ),
-            lambda g: g_after.projection_terms(
-                g_after.treedef.flatten_up_to(g), refreshed["after"]
-            ),
+            lambda group, g, part: group.projection_terms(g, part), refreshed
         )
-
-        # -- the updates, one group (one layer) at a time -------------------------
 
         def update(group, group_params, opt_state, group_refreshed, group_sums):
             grads, subspace = group.result(group_refreshed, group_sums)
             return apply(grads, opt_state, group_params, subspace, state)
 
-        new_before, before_state, square = update(
-            g_before, before, state.before, refreshed["before"], sums["before"]
-        )
-        new_after, after_state, square_after = update(
-            g_after, after, state.after, refreshed["after"], sums["after"]
-        )
+        new = {
+            name: update(groups_now[name], part, getattr(state, name), refreshed[name], sums[name])
+            for name, part in (("before", before), ("after", after))
+        }
 
         def update_layer(carry, i):
             new_stack, states, square = carry
-            params_i = {key: _slice(new_stack, i)}
-            state_i = _slice(states, i)
-            new_params, new_state, sq = update(
-                layer_group(params_i[key], state_i),
-                params_i,
+            params_i, state_i = _slice(new_stack, i), _slice(states, i)
+            new_params, new_state, more = update(
+                layer_group(params_i, state_i),
+                {key: params_i},
                 state_i,
                 _slice(refreshed["layers"], i),
                 _slice(sums["layers"], i),
             )
             new_stack = _put(new_stack, new_params[key], i)
-            return (new_stack, _put(states, new_state, i), square + sq), None
+            return (new_stack, _put(states, new_state, i), square + more), None
 
         (new_stack, layer_states, square), _ = jax.lax.scan(
             update_layer,
-            (stack, state.layers, square + square_after),
+            (stack, state.layers, new["before"][2] + new["after"][2]),
             jnp.arange(_stack_size(layers)),
         )
-        return new_before, {key: new_stack}, new_after, (
-            before_state,
-            layer_states,
-            after_state,
-        ), sums["loss"], square
+        states = (new["before"][1], layer_states, new["after"][1])
+        return new["before"][0], {key: new_stack}, new["after"][0], states, sums["loss"], square
 
     return step
-
-
-def _flat_terms(group: _Group, grads, terms: Callable):
-    return terms(group, group.treedef.flatten_up_to(grads))

@@ -255,9 +255,7 @@ class _Group:
         lows, full = sums
         expanded = self.plan.expand(lows, refreshed[0]) if self.plan else {}
         full_iter = iter(full)
-        leaves = [
-            expanded[u] if u in expanded else next(full_iter) for u in range(self.num_leaves)
-        ]
+        leaves = [expanded[u] if u in expanded else next(full_iter) for u in range(self.num_leaves)]
         entries = {self.plan.engine.token: self.plan.given(refreshed, lows)} if self.plan else {}
         return self.treedef.unflatten(leaves), SubspaceGradients(entries)
 

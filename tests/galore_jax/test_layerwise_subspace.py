@@ -73,9 +73,7 @@ DIMS = {
 def _optimizers(params, **options):
     """(whole-tree tx, layer-wise tx): one projection rule; labels by path for the groups
     (one group alone, the encoder looks like a layer)."""
-    whole = gj.galore_adamw(
-        3e-2, labels=gj.Labels(dimension_numbers=DIMS), **OPTIONS, **options
-    )
+    whole = gj.galore_adamw(3e-2, labels=gj.Labels(dimension_numbers=DIMS), **OPTIONS, **options)
     labels = gj.labels.labels_by_path(
         gj.galore_labels(params, dimension_numbers=DIMS, rank=OPTIONS["rank"])
     )
