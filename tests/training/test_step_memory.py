@@ -34,6 +34,19 @@ VARIANTS = {
     "adamw": ["optimizer.name=adamw"],
     "galore": ["optimizer.name=galore"],
     "galore_layerwise": ["optimizer.name=galore", *LAYERWISE],
+    # Two micro-batches: summed in GaLore's subspace (standard and layer-wise) or at
+    # full size.
+    "galore_accum2": [
+        "optimizer.name=galore",
+        "grad_accum_steps=2",
+        "optimizer.full_size_gradients=false",
+    ],
+    "galore_accum2_full_size": [
+        "optimizer.name=galore",
+        "grad_accum_steps=2",
+        "optimizer.full_size_gradients=true",
+    ],
+    "galore_layerwise_accum2": ["optimizer.name=galore", *LAYERWISE, "grad_accum_steps=2"],
 }
 
 
@@ -70,3 +83,15 @@ def test_layerwise_step_stays_within_its_budget(step_memory):
     budget = 2 * lw["gradient_bytes"] + lw["activation_bytes"] + 0.25 * galore["gradient_bytes"]
     assert excess < budget, (excess, budget, lw)
     assert lw["peak_bytes"] < galore["peak_bytes"]
+
+
+def test_micro_batches_in_the_subspace_hold_no_full_size_sum(step_memory):
+    # Summed at full size, the micro-batches cost a second gradient tree (the sum beside
+    # a micro-batch's gradient); in the subspace only low-rank sums and the refresh's
+    # operands, far below it. Layer-wise, where no whole gradient tree exists either.
+    grads = step_memory["galore"]["gradient_bytes"]
+    full, sub = step_memory["galore_accum2_full_size"], step_memory["galore_accum2"]
+    assert full["peak_bytes"] > step_memory["galore"]["peak_bytes"] + 0.5 * grads
+    assert sub["peak_bytes"] < step_memory["galore"]["peak_bytes"] + 0.25 * grads, sub
+    lw, lw2 = step_memory["galore_layerwise"], step_memory["galore_layerwise_accum2"]
+    assert lw2["peak_bytes"] < lw["peak_bytes"] + 0.25 * grads, (lw2, lw)
