@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 from train_runs import TIMEOUT, losses, run_train, start_train, subprocess_env
 
+# Module fixtures are costly: all of this module on one xdist worker, so they run once.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 # A refresh every 2 steps: refreshes before and after every resume point. No clipping:
 # the data-parallel replicas average gradients in GaLore's subspace (the default there).
 GALORE = [

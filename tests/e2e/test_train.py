@@ -34,6 +34,9 @@ from train_runs import (
 import train
 from training.metrics import read_metrics
 
+# Module fixtures are costly: all of this module on one xdist worker, so they run once.
+pytestmark = pytest.mark.xdist_group("train_py")
+
 STEPS = 12
 
 

@@ -37,6 +37,9 @@ from training import steps
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import update_cost  # noqa: E402
 
+# Module fixtures are costly: all of this module on one xdist worker, so they run once.
+pytestmark = pytest.mark.xdist_group("layerwise")
+
 STEPS = 20
 # Refreshes at steps 0, 8 and 16: two on the schedule after the first.
 GALORE = [

@@ -19,6 +19,9 @@ import memory  # noqa: E402
 
 from tasks.registry import load_config  # noqa: E402
 
+# Module fixtures are costly: all of this module on one xdist worker, so they run once.
+pytestmark = pytest.mark.xdist_group("step_memory")
+
 SHAPE = [
     "model.hidden_size=256",
     "model.intermediate_size=688",
