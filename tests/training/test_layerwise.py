@@ -231,12 +231,16 @@ def train_losses(overrides, steps_to_run=STEPS):
         ),
         # Four micro-batches summed in the subspace against the full-size sum.
         ("auto", [*GALORE, "grad_accum_steps=4", "batch_size=32"]),
+        pytest.param(
+            "explicit", [*GALORE, "grad_accum_steps=4", "batch_size=32"], marks=pytest.mark.slow
+        ),
     ],
     ids=[
         "adamw-auto",
         "galore-stagger-warm-explicit",
         "galore-previous-norm-clip-auto",
         "galore-micro-batches-auto",
+        "galore-micro-batches-explicit",
     ],
 )
 def test_layerwise_matches_the_standard_step_on_eight_devices(kind, optimizer):
