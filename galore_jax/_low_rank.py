@@ -49,6 +49,18 @@ class Schedule(NamedTuple):
         check_schedule(update_proj_gap, on_refresh, stagger)
         return cls(update_proj_gap, on_refresh, stagger, as_refresh(svd))
 
+    @property
+    def warm_start(self) -> bool:
+        return getattr(self.refresh, "warm_start", False)
+
+    def offsets(self, num_projected: int) -> list:
+        """Each projected leaf's refresh offset inside the gap (tree order)."""
+        return refresh_offsets(num_projected, self.update_proj_gap, self.stagger)
+
+    def due(self, count, offset: int):
+        """Whether a leaf refreshing at `offset` refreshes at step `count`."""
+        return refresh_due(count, offset, self.update_proj_gap)
+
 
 class LowRankAlgorithm(Protocol):
     """What a low-rank algorithm supplies to `low_rank_transform`.
@@ -291,12 +303,8 @@ def low_rank_transform(
     define `full_update`); `projector_dtype` (None: the param's) is the dtype of
     new projectors; `base_optimizer` None is `optax.scale_by_adam()`.
     """
-    update_proj_gap, on_refresh, stagger = (
-        schedule.update_proj_gap,
-        schedule.on_refresh,
-        schedule.stagger,
-    )
-    warm_start = getattr(schedule.refresh, "warm_start", False)
+    on_refresh = schedule.on_refresh
+    warm_start = schedule.warm_start
     seed = schedule.refresh.seed
     base_optimizer = base_optimizer or register_bias_correction(optax.scale_by_adam(), 0.9, 0.999)
     base_optimizer = optax.with_extra_args_support(base_optimizer)
@@ -355,7 +363,7 @@ def low_rank_transform(
         count = state.count
         key, step_key = jax.random.split(state.key)
         projected = [i for i, p in enumerate(plans) if p is not None]
-        offsets = dict(zip(projected, refresh_offsets(len(projected), update_proj_gap, stagger)))
+        offsets = dict(zip(projected, schedule.offsets(len(projected))))
 
         # A non-finite gradient never reaches a projector or a moment. A refresh
         # due on one keeps the old basis (only the first, with no basis yet,
@@ -377,7 +385,7 @@ def low_rank_transform(
             for i in projected:
                 together.setdefault(offsets[i], []).append(i)
             for offset, members in together.items():
-                due = refresh_due(count, offset, update_proj_gap)
+                due = schedule.due(count, offset)
                 member_plans = [plans[i] for i in members]
                 keys = [leaf_refresh_key(step_key, names[i]) for i in members]
 

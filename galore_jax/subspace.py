@@ -54,8 +54,6 @@ from galore_jax._low_rank import (
     engines_of,
     is_empty,
     leaf_refresh_key,
-    refresh_due,
-    refresh_offsets,
 )
 from galore_jax.linalg import _stages
 from galore_jax.linalg._svd import canonical_bases
@@ -316,11 +314,9 @@ class _Refresh:
         self.count = count = state.count
         slots = [_slot_leaves(tree) for tree in tuple(state[2])]
         self.olds = [tuple(slot[i] for slot in slots) for i in plan.projected]
-        gap = schedule.update_proj_gap
-        offsets = refresh_offsets(len(plan.projected), gap, schedule.stagger)
-        self.due = [refresh_due(count, offset, gap) for offset in offsets]
+        self.due = [schedule.due(count, offset) for offset in schedule.offsets(len(self.olds))]
         self.any_due = functools.reduce(jnp.logical_or, self.due)
-        self.warm = getattr(schedule.refresh, "warm_start", False) & (count > 0)
+        self.warm = schedule.warm_start & (count > 0)
         _, step_key = jax.random.split(state.key)
         keys = [leaf_refresh_key(step_key, plan.names[i]) for i in plan.projected]
         self.plans = [plan.e_plans[i] for i in plan.projected]
