@@ -29,7 +29,7 @@ from galore_jax.scanned import (
     _without_layer_axis,
     backward_by_layer,
 )
-from galore_jax.subspace import _Group, subspace_engines
+from galore_jax.subspace import _Group, micro_batch_count, subspace_engines
 
 
 def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
@@ -55,13 +55,7 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
         groups = _groups(model, params)
         before, layers, after = groups
         stack = layers[key]
-        sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batches)}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"layer-wise: micro_batches=True needs one leading micro-batch axis on every "
-                f"batch leaf, got sizes {sorted(sizes)}"
-            )
-        (k,) = sizes
+        k = micro_batch_count(batches, "layerwise_step(micro_batches=True)")
         # The mean loss in float32, or wider where the params are.
         loss_dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(params))
 

@@ -87,6 +87,18 @@ class SubspaceGradients(NamedTuple):
         )
 
 
+def micro_batch_count(batches, who: str) -> int:
+    """The size of every batch leaf's leading (micro-batch) axis; one, or an error."""
+    counts = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batches)}
+    if len(counts) != 1 or None in counts:
+        raise ValueError(
+            f"{who}: batches need one leading micro-batch axis on every leaf, got sizes "
+            f"{sorted(counts, key=str)}"
+        )
+    (k,) = counts
+    return k
+
+
 def subspace_engines(tx, who: str) -> list:
     """The engines of `tx` whose projected gradients can accumulate in the subspace."""
     if not engines_of(tx):
@@ -123,13 +135,7 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
     grad_fn = jax.value_and_grad(loss_fn)
 
     def run(params, batches, opt_state):
-        counts = {jnp.shape(x)[0] for x in jax.tree.leaves(batches)}
-        if len(counts) != 1:
-            raise ValueError(
-                f"accumulate_in_subspace: batches need one leading micro-batch axis, got "
-                f"sizes {sorted(counts)}"
-            )
-        (k,) = counts
+        k = micro_batch_count(batches, "accumulate_in_subspace")
         group = _Group(engines, params, opt_state)
 
         # Under shard_map the params are the same on every replica; marked varying,

@@ -101,24 +101,32 @@ def _galore_state(state):
     return state.inner_states["galore"].inner_state
 
 
-def test_layerwise_micro_batches_equal_the_full_size_mean_over_three_refreshes():
+def _both_paths(batches, **step_options):
+    """Yields (full-size step's (params, state, loss), layer-wise step's (params, state,
+    metrics)) after each step, in float64."""
     model, loss = _model()
+    params = _params()
+    whole, tx = _optimizers(params)
+    full = _full_size_step(whole, loss)
+    step = jax.jit(gj.layerwise_step(tx, model, micro_batches=True, **step_options))
+    a = params, whole.init(params), None
+    b = params, gj.layerwise_init(tx, model, params), None
+    for batch in batches:
+        a, b = full(*a[:2], batch), step(*b[:2], batch)
+        yield a, b
+
+
+def test_layerwise_micro_batches_equal_the_full_size_mean_over_three_refreshes():
     with jax.enable_x64(True):
-        params = _params()
-        whole, tx = _optimizers(params)
-        full = _full_size_step(whole, loss)
-        step = jax.jit(gj.layerwise_step(tx, model, micro_batches=True))
-        p1, s1 = params, whole.init(params)
-        p2, s2 = params, gj.layerwise_init(tx, model, params)
-        for batches in _batches():
-            p1, s1, l1 = full(p1, s1, batches)
-            p2, s2, m = step(p2, s2, batches)
-            np.testing.assert_allclose(m["loss"], l1, rtol=1e-9)
-            _assert_close(p2, p1)
-        # Every matrix was refreshed at steps 0, 3 and 6 on both paths: the same bases.
-        whole_basis = _galore_state(s1[0]).projectors.right["trunk"]["dense"]["kernel"]
-        layer_basis = _galore_state(s2.layers[0]).projectors.right["trunk"]["dense"]["kernel"]
-        _assert_close(layer_basis, whole_basis, rtol=1e-7)
+        steps = list(_both_paths(_batches()))
+    for (p1, _, l1), (p2, _, m) in steps:
+        np.testing.assert_allclose(m["loss"], l1, rtol=1e-9)
+        _assert_close(p2, p1)
+    (_, s1, _), (_, s2, _) = steps[-1]
+    # Every matrix was refreshed at steps 0, 3 and 6 on both paths: the same bases.
+    whole_basis = _galore_state(s1[0]).projectors.right["trunk"]["dense"]["kernel"]
+    layer_basis = _galore_state(s2.layers[0]).projectors.right["trunk"]["dense"]["kernel"]
+    _assert_close(layer_basis, whole_basis, rtol=1e-7)
 
 
 def test_previous_global_clip_reads_the_gradient_the_optimizer_sees():
@@ -158,17 +166,8 @@ def test_previous_global_clip_reads_the_gradient_the_optimizer_sees():
 def test_non_finite_micro_batches_skip_as_the_full_size_path_does():
     # Step 2 (steady): that step's low-rank gradients count as zero. Step 3 (a
     # refresh): skipped, the old bases kept, and counted.
-    model, loss = _model()
     with jax.enable_x64(True):
-        params = _params()
-        whole, tx = _optimizers(params)
-        full = _full_size_step(whole, loss)
-        step = jax.jit(gj.layerwise_step(tx, model, micro_batches=True))
-        p1, s1 = params, whole.init(params)
-        p2, s2 = params, gj.layerwise_init(tx, model, params)
-        for batches in _batches(steps=5, poison=[(2, 1), (3, 0)]):
-            p1, s1, _ = full(p1, s1, batches)
-            p2, s2, _ = step(p2, s2, batches)
+        *_, ((p1, s1, _), (p2, s2, _)) = _both_paths(_batches(steps=5, poison=[(2, 1), (3, 0)]))
     # The trunk's kernel is one stacked leaf of the whole tree, one leaf per layer here.
     skipped = int(_galore_state(s1[0]).skipped_refreshes)
     assert skipped == 1
