@@ -8,6 +8,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from scanned_user_model import scanned_user_model
 
 import galore_jax as gj
 
@@ -153,39 +154,12 @@ def test_resume_through_orbax_is_bit_exact(tmp_path, name, bits):
 
 @pytest.mark.parametrize("name", ["fira", "apollo"])
 def test_layerwise_matches_the_standard_step(name):
-    def embed(p, batch):
-        return jnp.tanh(batch["x"] @ p["encoder"])
-
-    def layer(p, x):
-        return x + jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
-
-    def head(p, x, batch):
-        return jnp.mean((x @ p["readout"] - batch["y"]) ** 2)
-
-    model = gj.ScannedModel(
-        embed, layer, head, layers_key="trunk", before=("encoder",), after=("readout",)
-    )
-    k = jax.random.split(jax.random.PRNGKey(0), 3)
-    params = {
-        "encoder": jax.random.normal(k[0], (12, 24)) / 3,
-        "trunk": {
-            "dense": {
-                "kernel": jax.random.normal(k[1], (4, 24, 24)) / 5,
-                "bias": jnp.zeros((4, 24)),
-            }
-        },
-        "readout": jax.random.normal(k[2], (24, 3)) / 5,
-    }
+    model, params, loss = scanned_user_model()
     dims = {
         "encoder": None,
         "trunk": {"dense": {"kernel": gj.DimensionNumbers((0,)), "bias": None}},
         "readout": None,
     }
-
-    def loss(params, batch):
-        x = embed(params, batch)
-        x, _ = jax.lax.scan(lambda x, p: (layer(p, x), None), x, params["trunk"])
-        return head(params, x, batch)
 
     build = gj.fira_adamw if name == "fira" else gj.apollo_adamw
     options = dict(rank=4, update_proj_gap=3, weight_decay=0.1)

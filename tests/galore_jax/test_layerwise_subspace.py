@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scanned_user_model import DIMS, scanned_user_model
 
 import galore_jax as gj
 
@@ -18,39 +19,12 @@ OPTIONS = dict(rank=4, update_proj_gap=3, weight_decay=0.1)
 
 
 def _model():
-    def embed(p, batch):
-        return jnp.tanh(batch["x"] @ p["encoder"])
-
-    def layer(p, x):
-        return x + jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
-
-    def head(p, x, batch):
-        return jnp.mean((x @ p["readout"] - batch["y"]) ** 2)
-
-    model = gj.ScannedModel(
-        embed, layer, head, layers_key="trunk", before=("encoder",), after=("readout",)
-    )
-
-    def loss(params, batch):
-        x = embed({"encoder": params["encoder"]}, batch)
-        x, _ = jax.lax.scan(lambda x, p: (layer(p, x), None), x, params["trunk"])
-        return head({"readout": params["readout"]}, x, batch)
-
+    model, _, loss = scanned_user_model(LAYERS)
     return model, loss
 
 
 def _params():
-    k = jax.random.split(jax.random.PRNGKey(0), 3)
-    return {
-        "encoder": jax.random.normal(k[0], (12, 24), jnp.float64) / 3,
-        "trunk": {
-            "dense": {
-                "kernel": jax.random.normal(k[1], (LAYERS, 24, 24), jnp.float64) / 5,
-                "bias": jnp.zeros((LAYERS, 24), jnp.float64),
-            }
-        },
-        "readout": jax.random.normal(k[2], (24, 3), jnp.float64) / 5,
-    }
+    return scanned_user_model(LAYERS, jnp.float64)[1]
 
 
 def _batches(steps=STEPS, poison=()):
@@ -60,14 +34,6 @@ def _batches(steps=STEPS, poison=()):
         x[where] = np.nan
     y = rng.normal(size=(steps, ACCUM, 6, 3))
     return [{"x": jnp.asarray(x[t]), "y": jnp.asarray(y[t])} for t in range(steps)]
-
-
-# The trunk's leading axis is the layer axis: each layer's kernel is a matrix.
-DIMS = {
-    "encoder": None,
-    "trunk": {"dense": {"kernel": gj.DimensionNumbers((0,)), "bias": gj.DimensionNumbers((0,))}},
-    "readout": None,
-}
 
 
 def _optimizers(params, **options):

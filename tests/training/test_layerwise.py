@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scanned_user_model import scanned_user_model
 from train_runs import (
     REPO,
     TIMEOUT,
@@ -320,36 +321,7 @@ def test_layerwise_trains_every_optimizer(optimizer):
 
 
 def _user_model():
-    def embed(p, batch):
-        return jnp.tanh(batch["x"] @ p["encoder"])
-
-    def layer(p, x):
-        return x + jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
-
-    def head(p, x, batch):
-        return jnp.mean((x @ p["readout"] - batch["y"]) ** 2)
-
-    model = gj.ScannedModel(
-        embed, layer, head, layers_key="trunk", before=("encoder",), after=("readout",)
-    )
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
-    params = {
-        "encoder": jax.random.normal(k[0], (12, 24)) / 3,
-        "trunk": {
-            "dense": {
-                "kernel": jax.random.normal(k[1], (4, 24, 24)) / 5,
-                "bias": jnp.zeros((4, 24)),
-            }
-        },
-        "readout": jax.random.normal(k[2], (24, 3)) / 5,
-    }
-
-    def loss(params, batch):
-        x = embed({"encoder": params["encoder"]}, batch)
-        x, _ = jax.lax.scan(lambda x, p: (layer(p, x), None), x, params["trunk"])
-        return head({"readout": params["readout"]}, x, batch)
-
-    return model, params, loss
+    return scanned_user_model()
 
 
 def _user_batches(n):
