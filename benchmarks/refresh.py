@@ -301,6 +301,19 @@ def main(argv=None) -> int:
     sync = jax.block_until_ready
     methods = list(args.methods)
 
+    def galore_at_a_refresh(svd):
+        """scale_by_galore with `svd`, and its state at a (non-first) refresh step with
+        the previous refresh's projectors."""
+        tx = gj.scale_by_galore(
+            args.rank,
+            update_proj_gap=args.gap,
+            proj_type=args.proj_type,
+            svd=svd,
+            dimension_numbers=dims,
+        )
+        state = jax.jit(tx.init)(grads)._replace(projectors=state_projectors(previous_basis))
+        return tx, state._replace(count=jnp.asarray(args.gap, jnp.int32))
+
     def measure(method):
         old = previous_basis if method == "randomized_warm" else zeros
         fn = jit_refresh[method]
@@ -320,18 +333,8 @@ def main(argv=None) -> int:
             if is_exact
             else dataclasses.replace(randomized, warm_start=method == "randomized_warm")
         )
-        tx = gj.scale_by_galore(
-            args.rank,
-            update_proj_gap=args.gap,
-            proj_type=args.proj_type,
-            svd=svd,
-            dimension_numbers=dims,
-        )
-        state = jax.jit(tx.init)(grads)
-        # Projectors from the previous refresh; count = gap is a (non-first) refresh step.
-        state = state._replace(projectors=state_projectors(previous_basis))
-        at_refresh = state._replace(count=jnp.asarray(args.gap, jnp.int32))
-        between = state._replace(count=jnp.asarray(args.gap + 1, jnp.int32))
+        tx, at_refresh = galore_at_a_refresh(svd)
+        between = at_refresh._replace(count=jnp.asarray(args.gap + 1, jnp.int32))
         update = jax.jit(tx.update)
         if not (is_exact and args.exact_refresh_only):
             say(f"{method}: update at a refresh step ...")
@@ -350,17 +353,7 @@ def main(argv=None) -> int:
         product of the range finder is one pass over them. Also the full-size update's
         refresh with the same state (same sketches): the two bases should coincide."""
         k = args.micro_batches
-        svd = dataclasses.replace(randomized, warm_start=True)
-        tx = gj.scale_by_galore(
-            args.rank,
-            update_proj_gap=args.gap,
-            proj_type=args.proj_type,
-            svd=svd,
-            dimension_numbers=dims,
-        )
-        state = jax.jit(tx.init)(grads)._replace(
-            projectors=state_projectors(previous_basis), count=jnp.asarray(args.gap, jnp.int32)
-        )
+        tx, state = galore_at_a_refresh(dataclasses.replace(randomized, warm_start=True))
 
         def loss(params, batch):  # linear: the gradient is the batch
             return sum(jnp.sum(params[n].astype(jnp.float32) * batch[n]) for n in LEAVES)
