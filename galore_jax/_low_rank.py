@@ -49,17 +49,15 @@ class Schedule(NamedTuple):
         check_schedule(update_proj_gap, on_refresh, stagger)
         return cls(update_proj_gap, on_refresh, stagger, as_refresh(svd))
 
-    @property
-    def warm_start(self) -> bool:
-        return getattr(self.refresh, "warm_start", False)
-
     def offsets(self, num_projected: int) -> list:
         """Each projected leaf's refresh offset inside the gap (tree order)."""
         return refresh_offsets(num_projected, self.update_proj_gap, self.stagger)
 
     def due(self, count, offset: int):
-        """Whether a leaf refreshing at `offset` refreshes at step `count`."""
-        return refresh_due(count, offset, self.update_proj_gap)
+        """Whether a leaf refreshing at `offset` inside the gap refreshes at step `count`:
+        every leaf at step 0, then at k * gap + offset for k >= 1."""
+        gap = self.update_proj_gap
+        return (count == 0) | ((count % gap == offset) & (count >= gap))
 
 
 class LowRankAlgorithm(Protocol):
@@ -221,12 +219,6 @@ def refresh_offsets(num_projected: int, gap: int, stagger: bool):
     return [(i * gap) // num_projected for i in range(num_projected)]
 
 
-def refresh_due(count, offset: int, gap: int):
-    """Whether a leaf refreshing at `offset` inside the gap refreshes at step `count`:
-    every leaf at step 0, then at k * gap + offset for k >= 1."""
-    return (count == 0) | ((count % gap == offset) & (count >= gap))
-
-
 def _map_base_moments(base_state, low_tree, per_leaf: Callable):
     """Applies per_leaf(i, moment, second) to every low-rank moment in base_state.
 
@@ -304,7 +296,7 @@ def low_rank_transform(
     new projectors; `base_optimizer` None is `optax.scale_by_adam()`.
     """
     on_refresh = schedule.on_refresh
-    warm_start = schedule.warm_start
+    warm_start = getattr(schedule.refresh, "warm_start", False)
     seed = schedule.refresh.seed
     base_optimizer = base_optimizer or register_bias_correction(optax.scale_by_adam(), 0.9, 0.999)
     base_optimizer = optax.with_extra_args_support(base_optimizer)

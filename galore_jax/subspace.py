@@ -322,7 +322,7 @@ class _Refresh:
         self.olds = [tuple(slot[i] for slot in slots) for i in plan.projected]
         self.due = [schedule.due(count, offset) for offset in schedule.offsets(len(self.olds))]
         self.any_due = functools.reduce(jnp.logical_or, self.due)
-        self.warm = schedule.warm_start & (count > 0)
+        self.warm = getattr(schedule.refresh, "warm_start", False) & (count > 0)
         _, step_key = jax.random.split(state.key)
         keys = [leaf_refresh_key(step_key, plan.names[i]) for i in plan.projected]
         self.plans = [plan.e_plans[i] for i in plan.projected]
