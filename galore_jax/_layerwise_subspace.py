@@ -69,25 +69,31 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
 
         num_layers = _stack_size(layers)
 
-        def each_group(method, *trees, into=None):
+        def each_group(method, *trees, in_place=False):
             """`method(group, *parts)` for the embedding's and head's groups and every
             layer's, as {"before", "layers", "after"}. The layers run one at a time (a
-            layer's temporaries are alive, not the stack's); `into`: a tree of trees'
-            layer shape the results overwrite slice by slice (a layer reads only its
-            own slice), so the stack is not held twice."""
+            layer's temporaries are alive, not the stack's). `in_place`: the results
+            (shaped as trees[0]) overwrite trees[0]'s layer slices, each layer reading
+            its own slice from the running result, so the stack is held once."""
             out = {name: method(g, *(t[name] for t in trees)) for name, g in groups_now.items()}
 
-            def one_layer(i):
+            def one_layer(i, first=None):
+                parts = [t["layers"] for t in trees]
+                if first is not None:
+                    parts[0] = first
                 group = layer_group(_slice(stack, i), _slice(state.layers, i))
-                return method(group, *(_slice(t["layers"], i) for t in trees))
+                return method(group, *(_slice(p, i) for p in parts))
 
-            if into is None:
+            if in_place:
+                into = trees[0]["layers"]
+            else:
                 shapes = jax.eval_shape(one_layer, 0)
                 into = jax.tree.map(lambda s: jnp.zeros((num_layers, *s.shape), s.dtype), shapes)
-            else:
-                into = into["layers"]
             out["layers"] = jax.lax.fori_loop(
-                0, num_layers, lambda i, acc: _put(acc, one_layer(i), i), into
+                0,
+                num_layers,
+                lambda i, acc: _put(acc, one_layer(i, acc if in_place else None), i),
+                into,
             )
             return out
 
@@ -153,7 +159,7 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
                     lambda group, g, part: group.refresh_terms(g, part, kind), compact
                 )
                 return each_group(
-                    lambda group, c, s: group.refresh_stage(i, c, s), compact, sums, into=compact
+                    lambda group, c, s: group.refresh_stage(i, c, s), compact, sums, in_place=True
                 )
 
             start = each_group(lambda group: group.refresh_start())
