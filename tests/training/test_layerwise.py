@@ -230,8 +230,11 @@ def train_losses(overrides, steps_to_run=STEPS):
             [*GALORE, "optimizer.grad_clip_mode=previous_global", "optimizer.grad_clip=0.5"],
             marks=pytest.mark.slow,
         ),
-        # Four micro-batches summed in the subspace against the full-size sum.
-        ("auto", [*GALORE, "grad_accum_steps=4", "batch_size=32"]),
+        # Four micro-batches summed in the subspace against the full-size sum (the
+        # default suite has train.py's on one device, and the library's in float64).
+        pytest.param(
+            "auto", [*GALORE, "grad_accum_steps=4", "batch_size=32"], marks=pytest.mark.slow
+        ),
         pytest.param(
             "explicit", [*GALORE, "grad_accum_steps=4", "batch_size=32"], marks=pytest.mark.slow
         ),
