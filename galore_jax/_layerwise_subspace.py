@@ -69,6 +69,9 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
 
         num_layers = _stack_size(layers)
 
+        def zeros(shapes, *lead):
+            return jax.tree.map(lambda s: jnp.zeros((*lead, *s.shape), s.dtype), shapes)
+
         def each_group(method, *trees, in_place=False):
             """`method(group, *parts)` for the embedding's and head's groups and every
             layer's, as {"before", "layers", "after"}. The layers run one at a time (a
@@ -87,8 +90,7 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
             if in_place:
                 into = trees[0]["layers"]
             else:
-                shapes = jax.eval_shape(one_layer, 0)
-                into = jax.tree.map(lambda s: jnp.zeros((num_layers, *s.shape), s.dtype), shapes)
+                into = zeros(jax.eval_shape(one_layer, 0), num_layers)
             out["layers"] = jax.lax.fori_loop(
                 0,
                 num_layers,
@@ -110,14 +112,11 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
                 leaves = group.treedef.flatten_up_to({key: g})
                 return terms(group, leaves, _slice(parts["layers"], i))
 
-            def zeros(shapes, *lead):
-                return jax.tree.map(lambda s: jnp.zeros((*lead, *s.shape), s.dtype), shapes)
-
             one_layer = _without_layer_axis(stack)
             layer_shapes = jax.eval_shape(lambda p, g: of_layer(0, p, g), one_layer, one_layer)
             initial = {
                 "before": zeros(jax.eval_shape(of_group("before"), before)),
-                "layers": zeros(layer_shapes, _stack_size(layers)),
+                "layers": zeros(layer_shapes, num_layers),
                 "after": zeros(jax.eval_shape(of_group("after"), after)),
                 "loss": jnp.zeros([], loss_dtype),
             }
@@ -147,14 +146,14 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
 
         # One schedule of product kinds for all groups (one tx, one set of options).
         probe = layer_group(_slice(stack, 0), _slice(state.layers, 0))
-        kinds = {g.stage_kinds for g in (*groups_now.values(), probe) if g.refresh}
-        assert len(kinds) <= 1, kinds
+        with_refresh = [g for g in (*groups_now.values(), probe) if g.refresh]
+        assert len({g.stage_kinds for g in with_refresh}) <= 1
 
         def run_stages(_):
-            (stage_kinds,) = kinds
+            schedule = with_refresh[0]
 
             def body(i, compact):
-                kind = jnp.asarray(stage_kinds, jnp.int32)[i]
+                kind = schedule.kinds[i]
                 sums = mean_over_micro_batches(
                     lambda group, g, part: group.refresh_terms(g, part, kind), compact
                 )
@@ -163,14 +162,14 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
                 )
 
             start = each_group(lambda group: group.refresh_start())
-            compact = jax.lax.fori_loop(0, len(stage_kinds), body, start)
+            compact = jax.lax.fori_loop(0, schedule.num_stages, body, start)
             return each_group(lambda group, c: group.refresh_finish(c), compact)
 
         def keep(_):
             return each_group(lambda group: group.refresh_keep())
 
         refreshed = keep(None)
-        if kinds:
+        if with_refresh:
             due = each_group(lambda group: group.any_due)
             any_due = due["before"] | due["after"] | jnp.any(due["layers"])
             refreshed = jax.lax.cond(any_due, run_stages, keep, None)
@@ -206,7 +205,7 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
         (new_stack, layer_states, square), _ = jax.lax.scan(
             update_layer,
             (stack, state.layers, new["before"][2] + new["after"][2]),
-            jnp.arange(_stack_size(layers)),
+            jnp.arange(num_layers),
         )
         states = (new["before"][1], layer_states, new["after"][1])
         return new["before"][0], {key: new_stack}, new["after"][0], states, sums["loss"], square
