@@ -63,6 +63,15 @@ VARIANTS = {
         ["optimizer.name=galore", "grad_accum_steps=4", "optimizer.full_size_gradients=false"],
         "galore_adamw, 4 micro-batches summed in the subspace",
     ),
+    "galore_accum4_one_part": (
+        [
+            "optimizer.name=galore",
+            "grad_accum_steps=4",
+            "optimizer.full_size_gradients=false",
+            "optimizer.refresh_parts=1",
+        ],
+        "galore_adamw, 4 micro-batches summed in the subspace, refresh in 1 part",
+    ),
     "galore_subspace": (
         ["optimizer.name=galore", "optimizer.full_size_gradients=false"],
         "galore_adamw, data-parallel replicas average low-rank gradients",

@@ -29,10 +29,15 @@ from galore_jax.scanned import (
     _without_layer_axis,
     backward_by_layer,
 )
-from galore_jax.subspace import _Group, micro_batch_count, subspace_engines
+from galore_jax.subspace import (
+    _Group,
+    check_refresh_parts,
+    micro_batch_count,
+    subspace_engines,
+)
 
 
-def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
+def accumulating_step(tx, model: ScannedModel, apply: Callable, refresh_parts: int = 2) -> Callable:
     """The micro-batch step's work, un-jitted (`gj.layerwise_step` wraps it).
 
     Args:
@@ -42,6 +47,8 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
         square)``, one group's update from its gradient in the subspace (``state``:
         the step's `LayerwiseState`; ``square``: the squared norm of ``grads``, for
         the step's ``grad_norm``).
+      refresh_parts: a refresh step's passes run in this many parts of each group's
+        projected matrices (see `gj.accumulate_in_subspace`).
 
     Returns:
       ``(params, state, batches) -> (before, layers, after, states, loss, square)``: each
@@ -49,6 +56,7 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
       norm of the gradient the optimizer saw.
     """
     engines = subspace_engines(tx, "layerwise_step(micro_batches=True)")
+    check_refresh_parts(refresh_parts, "layerwise_step(micro_batches=True)")
     key = model.layers_key
 
     def step(params, state, batches):
@@ -60,11 +68,11 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
         loss_dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(params))
 
         def layer_group(params_i, state_i):
-            return _Group(engines, {key: params_i}, state_i)
+            return _Group(engines, {key: params_i}, state_i, refresh_parts)
 
         groups_now = {
-            "before": _Group(engines, before, state.before),
-            "after": _Group(engines, after, state.after),
+            "before": _Group(engines, before, state.before, refresh_parts),
+            "after": _Group(engines, after, state.after, refresh_parts),
         }
 
         num_layers = _stack_size(layers)
@@ -146,33 +154,41 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable) -> Callable:
 
         # One schedule of product kinds for all groups (one tx, one set of options).
         probe = layer_group(_slice(stack, 0), _slice(state.layers, 0))
-        with_refresh = [g for g in (*groups_now.values(), probe) if g.refresh]
+        with_refresh = [g for g in (*groups_now.values(), probe) if g.parts]
         assert len({g.stage_kinds for g in with_refresh}) <= 1
+        num_parts = max((len(g.parts) for g in with_refresh), default=0)
 
-        def run_stages(_):
-            schedule = with_refresh[0]
+        def refresh_part(p):  # one part's passes, in every group at once
+            def run_stages(_):
+                schedule = with_refresh[0]
 
-            def body(i, compact):
-                kind = schedule.kinds[i]
-                sums = mean_over_micro_batches(
-                    lambda group, g, part: group.refresh_terms(g, part, kind), compact
-                )
-                return each_group(
-                    lambda group, c, s: group.refresh_stage(i, c, s), compact, sums, in_place=True
-                )
+                def body(i, compact):
+                    kind = schedule.kinds[i]
+                    sums = mean_over_micro_batches(
+                        lambda group, g, part: group.refresh_terms(g, part, kind, p), compact
+                    )
+                    return each_group(
+                        lambda group, c, s: group.refresh_stage(i, c, s, p),
+                        compact,
+                        sums,
+                        in_place=True,
+                    )
 
-            start = each_group(lambda group: group.refresh_start())
-            compact = jax.lax.fori_loop(0, schedule.num_stages, body, start)
-            return each_group(lambda group, c: group.refresh_finish(c), compact)
+                start = each_group(lambda group: group.refresh_start(p))
+                compact = jax.lax.fori_loop(0, schedule.num_stages, body, start)
+                return each_group(lambda group, c: group.refresh_finish(c, p), compact)
 
-        def keep(_):
-            return each_group(lambda group: group.refresh_keep())
+            def keep(_):
+                return each_group(lambda group: group.refresh_keep(p))
 
-        refreshed = keep(None)
-        if with_refresh:
-            due = each_group(lambda group: group.any_due)
+            due = each_group(lambda group: group.part_due(p))
             any_due = due["before"] | due["after"] | jnp.any(due["layers"])
-            refreshed = jax.lax.cond(any_due, run_stages, keep, None)
+            return jax.lax.cond(any_due, run_stages, keep, None)
+
+        refreshed = each_group(lambda group: group.refresh_keep())
+        if with_refresh:
+            results = [refresh_part(p) for p in range(num_parts)]
+            refreshed = each_group(lambda group, *rs: group.merge(list(rs)), *results)
 
         # -- the projection pass, then the updates one group (one layer) at a time --
 

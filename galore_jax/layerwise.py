@@ -208,6 +208,7 @@ def layerwise_step(
     max_norm: Optional[float] = None,
     clip: str = "layer",
     micro_batches: bool = False,
+    refresh_parts: int = 2,
 ) -> Callable:
     """``(params, state, batch) -> (params, state, {"loss", "grad_norm"})``, one update.
 
@@ -231,6 +232,8 @@ def layerwise_step(
         with a randomized refresh; see the module docstring). The clips
         then read the gradient the optimizer sees (``P P^H G`` for a projected
         matrix) and ``grad_norm`` is its norm.
+      refresh_parts: with ``micro_batches``, a refresh step's passes run in this many
+        parts of each layer's projected matrices (see `gj.accumulate_in_subspace`).
 
     Returns:
       The step function (jit it; donate params and state to update in place).
@@ -275,7 +278,7 @@ def layerwise_step(
             new_params, opt_state = apply(grads, opt_state, params, state, subspace)
             return new_params, opt_state, _square_norm(grads)
 
-        accumulate = accumulating_step(tx, model, apply_in_subspace)
+        accumulate = accumulating_step(tx, model, apply_in_subspace, refresh_parts)
 
         def step_over_micro_batches(params, state, batches):
             before, layers, after, states, loss, square = accumulate(params, state, batches)

@@ -10,16 +10,20 @@ updates read the whole gradient) accumulates at full size as before.
 A step that refreshes a subspace needs more than the projection. The randomized
 refresh (`gj.RandomizedSVD`) reads the gradient only through products `G X` and
 `G^H Y`, so each product is one more pass over the micro-batches: with the default
-(`power_iters=1`, warm start) a refresh step runs 5 product passes and then the
-projection's, 6 backward passes instead of 1 (at `update_proj_gap=200`, 2.5% more
-backward work on average). The basis is the one the summed gradient gives, up to
-float rounding: the path is exact. The passes run in one `lax.fori_loop`, so the
-backward pass is compiled twice (refresh passes, projection pass), not per stage.
-An exact-SVD refresh needs the whole gradient and is refused.
+(`power_iters=1`, warm start) a refresh runs 5 product passes before the projection's.
+The basis is the one the summed gradient gives, up to float rounding: the path is
+exact. An exact-SVD refresh needs the whole gradient and is refused.
 
-Memory (LLaMA-1B, 4 micro-batches, compiled): 1.07x the step without accumulation,
-against 1.20x for the full-size sum; the refresh passes' operands and sums are what is
-left above it (docs/results.md).
+The refresh passes hold, per matrix, an operand and a running sum of about
+max(m, n) x (rank + 8) values beside a micro-batch's gradient. `refresh_parts` (default
+2) splits the projected matrices into that many sets of about equal size whose passes
+run one set after another, so only one set's buffers are held: a refresh step makes
+1 + 5 x refresh_parts backward passes instead of 1 (at `update_proj_gap=200`, 5% more
+backward work on average with 2 parts). Each set's passes run in one `lax.fori_loop`:
+the backward pass is compiled once per set and once for the projection pass.
+
+Memory (LLaMA-1B, 4 micro-batches, compiled): 0.99x the step without accumulation
+with 2 parts (1.07x with 1), against 1.20x for the full-size sum (docs/results.md).
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -42,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -99,6 +104,11 @@ def micro_batch_count(batches, who: str) -> int:
     return k
 
 
+def check_refresh_parts(refresh_parts, who: str) -> None:
+    if isinstance(refresh_parts, bool) or not isinstance(refresh_parts, int) or refresh_parts < 1:
+        raise ValueError(f"{who}: refresh_parts must be an int >= 1, got {refresh_parts!r}")
+
+
 def subspace_engines(tx, who: str) -> list:
     """The engines of `tx` whose projected gradients can accumulate in the subspace."""
     if not engines_of(tx):
@@ -112,7 +122,9 @@ def subspace_engines(tx, who: str) -> list:
     ]
 
 
-def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable:
+def accumulate_in_subspace(
+    loss_fn: Callable, tx, *, axis_name=None, refresh_parts: int = 2
+) -> Callable:
     """`(params, batches, opt_state) -> (loss, grads, subspace)` over micro-batches.
 
     Args:
@@ -123,6 +135,10 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
         `jax.shard_map` with each replica's micro-batches: every sum is then averaged
         over the replicas there, so they exchange the low-rank sums (and each refresh
         pass's products), never full-size gradients of projected matrices.
+      refresh_parts: on a refresh step, the projected matrices' refresh passes run in
+        this many parts of about equal size, one part after another: each part's
+        range-finder buffers are held alone, at the cost of `refresh_parts` times the
+        refresh passes (a part none of whose leaves is due, with `stagger`, runs none).
 
     Returns:
       A function of `params`, `batches` (every leaf with a leading micro-batch axis)
@@ -132,11 +148,12 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
       to pass as `tx.update(grads, opt_state, params, subspace=subspace)`.
     """
     engines = subspace_engines(tx, "accumulate_in_subspace")
+    check_refresh_parts(refresh_parts, "accumulate_in_subspace")
     grad_fn = jax.value_and_grad(loss_fn)
 
     def run(params, batches, opt_state):
         k = micro_batch_count(batches, "accumulate_in_subspace")
-        group = _Group(engines, params, opt_state)
+        group = _Group(engines, params, opt_state, refresh_parts)
 
         # Under shard_map the params are the same on every replica; marked varying,
         # each replica's gradient stays its own (no implicit full-size psum).
@@ -162,21 +179,25 @@ def accumulate_in_subspace(loss_fn: Callable, tx, *, axis_name=None) -> Callable
             mean = jax.tree.map(lambda x: x / k, total)
             return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
-        def run_stages(_):  # the refresh's stages, one pass over the micro-batches each
-            def body(i, compact):
-                sums = mean_over_micro_batches(
-                    lambda batch: group.refresh_terms(
-                        gradient_leaves(batch)[1], compact, group.kinds[i]
+        def refresh_part(p):  # the refresh's stages, one pass over the micro-batches each
+            def run_stages(_):
+                def body(i, compact):
+                    sums = mean_over_micro_batches(
+                        lambda batch: group.refresh_terms(
+                            gradient_leaves(batch)[1], compact, group.kinds[i], p
+                        )
                     )
-                )
-                return group.refresh_stage(i, compact, sums)
+                    return group.refresh_stage(i, compact, sums, p)
 
-            compact = jax.lax.fori_loop(0, group.num_stages, body, group.refresh_start())
-            return group.refresh_finish(compact)
+                compact = jax.lax.fori_loop(0, group.num_stages, body, group.refresh_start(p))
+                return group.refresh_finish(compact, p)
+
+            keep = group.refresh_keep(p)
+            return jax.lax.cond(group.part_due(p), run_stages, lambda _: keep, None)
 
         refreshed = group.refresh_keep()
-        if group.refresh:
-            refreshed = jax.lax.cond(group.any_due, run_stages, lambda _: refreshed, None)
+        if group.parts:
+            refreshed = group.merge([refresh_part(p) for p in range(len(group.parts))])
 
         def terms(batch):  # the projection pass, in the bases just refreshed
             loss, g = gradient_leaves(batch)
@@ -197,7 +218,7 @@ class _Group:
     inside its scans and vmaps); only the methods' results are used.
     """
 
-    def __init__(self, engines, params, opt_state):
+    def __init__(self, engines, params, opt_state, refresh_parts: int = 1):
         names, _, self.treedef = paths.leaf_paths(params)
         index = {name: i for i, name in enumerate(names)}
         plans = [_EnginePlan.of(e, params, opt_state, index) for e in engines]
@@ -209,43 +230,70 @@ class _Group:
             )
         self.num_leaves = len(names)
         self.plan = plans[0] if plans else None
-        self.refresh = _Refresh(self.plan) if plans else None
+        self.parts = (
+            [_Refresh(self.plan, leaves) for leaves in _split(self.plan, refresh_parts)]
+            if plans
+            else []
+        )
+        self.refresh = self.parts[0] if plans else None
         self.in_subspace = set(self.plan.users) if plans else set()
         stages = self.refresh.finder.stages if plans else []
+        assert all(len(r.finder.stages) == len(stages) for r in self.parts)
         self.num_stages = len(stages)
         self.stage_kinds = tuple(st.kind for st in stages)  # static, to compare groups
         self.kinds = jnp.asarray(self.stage_kinds, jnp.int32)
-        self.any_due = self.refresh.any_due if plans else jnp.zeros([], jnp.bool_)
+        no = jnp.zeros([], jnp.bool_)
+        self.any_due = functools.reduce(jnp.logical_or, [r.any_due for r in self.parts], no)
 
-    # -- the refresh's passes -------------------------------------------------------
+    # -- the refresh's passes (per part: the projected leaves in `refresh_parts` sets) --
 
-    def refresh_start(self) -> list:
-        return self.refresh.initial() if self.refresh else []
+    def refresh_start(self, part: int = 0) -> list:
+        return self.parts[part].initial() if part < len(self.parts) else []
 
-    def refresh_terms(self, g: list, compact: list, kind) -> list:
+    def refresh_terms(self, g: list, compact: list, kind, part: int = 0) -> list:
         """One micro-batch's products for the stage of `kind` (`g`: gradient leaves)."""
-        return self.refresh.products(g, compact, kind) if self.refresh else []
+        return self.parts[part].products(g, compact, kind) if part < len(self.parts) else []
 
-    def refresh_stage(self, i, compact: list, sums: list) -> list:
+    def refresh_stage(self, i, compact: list, sums: list, part: int = 0) -> list:
         """Stage `i` on the summed products. A fixed trip count (the compiled step
         states its passes): a cold start (step 0) runs the warm-start pass too but
         keeps nothing of it."""
-        if not self.refresh:
+        if part >= len(self.parts):
             return compact
-        r = self.refresh
+        r = self.parts[part]
         new = jax.lax.switch(i, r.stage_branches, compact, sums)
         start = r.finder.first_stage(r.warm)
         return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, compact)
 
-    def refresh_finish(self, compact: list):
-        return self.refresh.finish(compact) if self.refresh else ([], [], [])
+    def refresh_finish(self, compact: list, part: int = 0):
+        """(new projectors, refreshed flags, skips) of one part's leaves."""
+        return self.parts[part].finish(compact) if part < len(self.parts) else ([], [], [])
 
-    def refresh_keep(self):
-        """What `refresh_finish` returns when nothing is due: the projectors as they are."""
-        if not self.refresh:
-            return [], [], []
-        no = [jnp.zeros([], jnp.bool_) for _ in self.refresh.olds]
-        return list(self.refresh.olds), no, list(no)
+    def refresh_keep(self, part=None):
+        """What `refresh_finish` returns when nothing is due: the projectors as they
+        are (of one part, or of every projected leaf)."""
+        if part is None:
+            olds = self.olds()
+        else:
+            olds = self.parts[part].olds if part < len(self.parts) else []
+        no = [jnp.zeros([], jnp.bool_) for _ in olds]
+        return list(olds), no, list(no)
+
+    def part_due(self, part: int):
+        """Whether a leaf of `part` refreshes at this step (False: no such part)."""
+        return self.parts[part].any_due if part < len(self.parts) else jnp.zeros([], jnp.bool_)
+
+    def olds(self) -> list:
+        return [self.parts[p].olds[k] for p, k in self._leaf_order()]
+
+    def _leaf_order(self):
+        """(part, position in part) of every projected leaf, in the plan's order."""
+        where = {j: (p, k) for p, r in enumerate(self.parts) for k, j in enumerate(r.leaves)}
+        return [where[j] for j in sorted(where)]
+
+    def merge(self, results: list):
+        """Every part's `refresh_finish` (or `refresh_keep(part)`) as one, in leaf order."""
+        return tuple([results[p][field][k] for p, k in self._leaf_order()] for field in range(3))
 
     # -- the projection pass and the result -----------------------------------------
 
@@ -314,20 +362,23 @@ class _EnginePlan:
 class _Refresh:
     """One engine's refresh at this step, as products with the gradient (see `_stages`)."""
 
-    def __init__(self, plan: _EnginePlan):
+    def __init__(self, plan: _EnginePlan, leaves: list):
         engine, state = plan.engine, plan.state
         schedule, self.algorithm = engine.schedule, engine.algorithm
         self.count = count = state.count
+        self.leaves = leaves  # positions in plan.projected
+        projected = [plan.projected[j] for j in leaves]
         slots = [_slot_leaves(tree) for tree in tuple(state[2])]
-        self.olds = [tuple(slot[i] for slot in slots) for i in plan.projected]
-        self.due = [schedule.due(count, offset) for offset in schedule.offsets(len(self.olds))]
+        self.olds = [tuple(slot[i] for slot in slots) for i in projected]
+        offsets = schedule.offsets(len(plan.projected))
+        self.due = [schedule.due(count, offsets[j]) for j in leaves]
         self.any_due = functools.reduce(jnp.logical_or, self.due)
         self.warm = getattr(schedule.refresh, "warm_start", False) & (count > 0)
         _, step_key = jax.random.split(state.key)
-        keys = [leaf_refresh_key(step_key, plan.names[i]) for i in plan.projected]
-        self.plans = [plan.e_plans[i] for i in plan.projected]
-        self.dtypes = [jnp.result_type(plan.e_leaves[i]) for i in plan.projected]
-        self.users = plan.users
+        keys = [leaf_refresh_key(step_key, plan.names[i]) for i in projected]
+        self.plans = [plan.e_plans[i] for i in projected]
+        self.dtypes = [jnp.result_type(plan.e_leaves[i]) for i in projected]
+        self.users = [plan.users[j] for j in leaves]
         self.finder, self.tasks, self.sides = self.algorithm.subspace_refresh(
             self.plans, self.olds, keys=keys, dtypes=self.dtypes
         )
@@ -421,6 +472,25 @@ class _Refresh:
             for new, old, f in zip(news, self.olds, flags)
         ]
         return news, flags, skips
+
+
+def _split(plan: _EnginePlan, parts: int) -> list:
+    """The projected leaves (positions in `plan.projected`) in at most `parts` sets of
+    about equal refresh buffers (max(m, n) rows per matrix), each in tree order."""
+
+    def rows(j):
+        shape = jnp.shape(plan.e_leaves[plan.projected[j]])
+        if len(shape) < 2:
+            return max(1, math.prod(shape))
+        return max(shape[-2:]) * math.prod(shape[:-2])
+
+    sets = [[] for _ in range(min(parts, len(plan.projected)))]
+    loads = [0] * len(sets)
+    for j in sorted(range(len(plan.projected)), key=rows, reverse=True):
+        lightest = loads.index(min(loads))
+        sets[lightest].append(j)
+        loads[lightest] += rows(j)
+    return sorted(sorted(s) for s in sets)
 
 
 def _engine_state(opt_state, engine):

@@ -241,6 +241,11 @@ class OptimizerConfig(_Section):
     # mesh); false: also with grad_clip > 0 (the clip then bounds the norm in the
     # subspace); true: always the full-size sum.
     full_size_gradients: Optional[Bool] = None
+    # Where gradients sum in the subspace (standard and layer-wise steps): a refresh
+    # step's passes run in this many parts of the projected matrices, one after
+    # another. Each part's range-finder buffers are held alone; each part makes its
+    # own passes (with the default refresh, 1 + 5 x refresh_parts backward passes).
+    refresh_parts: int = Field(2, ge=1)
     warmup_fraction: Float = Field(0.1, ge=0, lt=1)
     final_lr_fraction: Float = Field(0.1, ge=0, le=1)
     # GaLore options (ignored by adamw). An int rank, or a float fraction in (0, 1]:
@@ -325,6 +330,19 @@ class OptimizerConfig(_Section):
             else:
                 _fail(r <= 0, f"optimizer.rank must be > 0, got {r}")
         return self
+
+    def subspace_refusal(self) -> Optional[str]:
+        """Why these settings cannot sum gradients in GaLore's subspace, or None.
+
+        The optimizer's own reasons, shared by the layer-wise config check and the
+        standard step's choice (which adds the mesh's and the task's)."""
+        if self.name != "galore":
+            return f"optimizer.name={self.name} (only galore projects every matrix's gradient)"
+        if self.svd == "exact":
+            return "optimizer.svd=exact (an exact SVD needs the whole gradient)"
+        if self.master_dtype is not None:
+            return "optimizer.master_dtype set (master weights read the full gradient)"
+        return None
 
 
 @dataclass(config=_SECTION)
@@ -453,20 +471,14 @@ class Config:
             f"got task: {self.task}",
         )
         if self.grad_accum_steps > 1:  # micro-batches sum in GaLore's subspace, or not at all
-            why = None
-            if opt.name != "galore":
-                why = f"optimizer.name=galore (got {opt.name})"
-            elif opt.svd == "exact":
-                why = "the randomized refresh (optimizer.svd=exact needs the whole gradient)"
-            elif opt.full_size_gradients:
-                why = "optimizer.full_size_gradients unset (a full-size sum is never held)"
-            elif opt.master_dtype is not None:
-                why = "optimizer.master_dtype=null"
+            why = opt.subspace_refusal()
+            if why is None and opt.full_size_gradients:
+                why = "optimizer.full_size_gradients=true (a layer-wise step sums no full size)"
             _fail(
                 why is not None,
                 f"optimizer.layerwise=true with grad_accum_steps={self.grad_accum_steps} sums "
-                f"the micro-batches in GaLore's subspace, which needs {why}; or set "
-                "grad_accum_steps=1 and raise batch_size instead",
+                f"the micro-batches in GaLore's subspace, which cannot be done with {why}; "
+                "change that, or set grad_accum_steps=1 and raise batch_size instead",
             )
         _fail(
             opt.grad_clip > 0 and opt.grad_clip_mode == "global",

@@ -178,6 +178,21 @@ def build_run(config: Config, num_devices: int) -> Run:
     )
 
 
+def _step_refusal(config: Config, mesh_shape, task: Task, tx) -> Optional[str]:
+    """Why the standard step cannot sum in the subspace beyond the optimizer's own
+    reasons (`OptimizerConfig.subspace_refusal`), or None."""
+    opt = config.optimizer
+    if mesh_shape["data"] > 1 and config.mesh.kind == "explicit":
+        return "mesh.kind=explicit and mesh.data > 1 (use mesh.kind=auto)"
+    if opt.grad_clip > 0 and opt.grad_clip_mode != "global":
+        return f"optimizer.grad_clip_mode={opt.grad_clip_mode} (a clip stage of its own)"
+    if task.postprocess_grads is not _identity_grads:
+        return f"task {task.name!r} (it post-processes the summed gradient)"
+    if not gj._low_rank.engines_of(tx):
+        return "this optimizer"
+    return None
+
+
 def _subspace_gradients(config: Config, mesh_shape, task: Task, tx, notes: list) -> bool:
     """Whether micro-batches accumulate in GaLore's subspace (``optimizer.full_size_gradients``)."""
     opt, want = config.optimizer, config.optimizer.full_size_gradients
@@ -190,19 +205,7 @@ def _subspace_gradients(config: Config, mesh_shape, task: Task, tx, notes: list)
         return config.grad_accum_steps > 1
     if want or (config.grad_accum_steps == 1 and mesh_shape["data"] == 1):
         return False
-    refusal = None
-    if opt.name != "galore":
-        refusal = f"optimizer.name={opt.name} (only galore projects every matrix's gradient)"
-    elif mesh_shape["data"] > 1 and config.mesh.kind == "explicit":
-        refusal = "mesh.kind=explicit and mesh.data > 1 (use mesh.kind=auto)"
-    elif opt.svd == "exact":
-        refusal = "optimizer.svd=exact (an exact SVD needs the whole gradient)"
-    elif opt.master_dtype is not None or (opt.grad_clip > 0 and opt.grad_clip_mode != "global"):
-        refusal = "this optimizer set-up (master weights or a clip stage of its own)"
-    elif task.postprocess_grads is not _identity_grads:
-        refusal = f"task {task.name!r} (it post-processes the summed gradient)"
-    elif not gj._low_rank.engines_of(tx):
-        refusal = "this optimizer"
+    refusal = opt.subspace_refusal() or _step_refusal(config, mesh_shape, task, tx)
     if refusal is not None:
         if want is False:
             raise ConfigError(
@@ -346,6 +349,7 @@ def make_layerwise_step(run: Run) -> Callable:
         max_norm=opt.grad_clip or None,
         clip="previous_global" if opt.grad_clip_mode == "previous_global" else "layer",
         micro_batches=run.subspace_gradients,
+        refresh_parts=opt.refresh_parts,
     )
 
     def layerwise(params, opt_state, batches):
@@ -378,7 +382,10 @@ def _make_subspace_step(run: Run) -> Callable:
     # FSDP and tensor axes stay with the partitioner).
     data_parallel = run.mesh_shape["data"] > 1
     accumulate = gj.accumulate_in_subspace(
-        loss_of, run.tx, axis_name="data" if data_parallel else None
+        loss_of,
+        run.tx,
+        axis_name="data" if data_parallel else None,
+        refresh_parts=run.config.optimizer.refresh_parts,
     )
     if data_parallel:
         accumulate = jax.shard_map(
@@ -503,7 +510,8 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
         )
         lines.append(
             f"gradients in GaLore's subspace: {run.config.grad_accum_steps} micro-batch(es) "
-            f"summed{replicas} as low-rank projections (a refresh step makes extra passes)"
+            f"summed{replicas} as low-rank projections (a refresh step makes 5 extra passes "
+            f"per part, in {run.config.optimizer.refresh_parts} part(s))"
         )
     if run.config.optimizer.name != "adamw":
         params = run.abstract_params

@@ -56,8 +56,8 @@ def _full_size_step(tx):
     return jax.jit(step)
 
 
-def _subspace_step(tx, stage=None):
-    accumulate = gj.accumulate_in_subspace(loss_fn, stage or tx)
+def _subspace_step(tx, stage=None, refresh_parts=1):
+    accumulate = gj.accumulate_in_subspace(loss_fn, stage or tx, refresh_parts=refresh_parts)
 
     def step(params, state, batch):
         loss, grads, subspace = accumulate(params, batch, state)
@@ -76,13 +76,22 @@ def _train(step, tx, params, xs, ys):
 
 
 def _assert_same_training(
-    tx, *, stage=None, accum=ACCUM, poison=None, steps=STEPS, tensor=False, rtol=1e-9
+    tx,
+    *,
+    stage=None,
+    accum=ACCUM,
+    poison=None,
+    steps=STEPS,
+    tensor=False,
+    rtol=1e-9,
+    refresh_parts=1,
 ):
     with jax.enable_x64(True):
         params = _params(jnp.float64, tensor)
         xs, ys = _batches(jnp.float64, accum, steps, poison=poison)
         pa, sa, la = _train(_full_size_step(tx), tx, params, xs, ys)
-        pb, sb, lb = _train(_subspace_step(tx, stage), tx, params, xs, ys)
+        step = _subspace_step(tx, stage, refresh_parts)
+        pb, sb, lb = _train(step, tx, params, xs, ys)
     np.testing.assert_allclose(lb, la, rtol=rtol)
     for name in pa:
         scale = float(jnp.max(jnp.abs(pa[name])))
@@ -105,7 +114,8 @@ def test_galore_adamw_equals_the_full_size_path_over_three_refreshes():
 def test_a_plain_optax_chain_around_a_staggered_low_bit_scale_by_galore():
     # The user's own chain. reverse_std, staggered refreshes (some steps refresh one
     # leaf), moments rotated into the new basis, int8 projectors, two power iterations
-    # and a cold start.
+    # and a cold start; the refresh in two parts (one matrix each: a step where one
+    # matrix is due runs one part's passes).
     stage = gj.scale_by_galore(
         rank=4,
         update_proj_gap=3,
@@ -116,14 +126,15 @@ def test_a_plain_optax_chain_around_a_staggered_low_bit_scale_by_galore():
         svd=gj.RandomizedSVD(power_iters=2, warm_start=False),
     )
     tx = optax.chain(stage, optax.scale(-1e-2))
-    _assert_same_training(tx, stage=stage)
+    _assert_same_training(tx, stage=stage, refresh_parts=2)
 
 
 def test_non_finite_micro_batches_count_as_the_full_size_path_counts_them():
     # Step 2 (steady): that step's low-rank gradients count as zero. Step 3 (a
-    # refresh): it is skipped for both matrices and the old bases kept.
+    # refresh): it is skipped for both matrices and the old bases kept. The refresh
+    # runs in two parts: each counts its skips.
     tx = gj.galore_adamw(3e-2, rank=4, update_proj_gap=3)
-    sa, sb = _assert_same_training(tx, poison=[(2, 1), (3, 0)], steps=5)
+    sa, sb = _assert_same_training(tx, poison=[(2, 1), (3, 0)], steps=5, refresh_parts=2)
     galore_a, galore_b = (s[0].inner_states["galore"].inner_state for s in (sa, sb))
     assert int(galore_a.skipped_refreshes) == int(galore_b.skipped_refreshes) == 2
 
@@ -152,6 +163,8 @@ def test_refusals_name_the_fix():
         gj.accumulate_in_subspace(loss_fn, exact)(params, (xs[0], ys[0]), exact.init(params))
     with pytest.raises(ValueError, match="no galore_jax low-rank transform"):
         gj.accumulate_in_subspace(loss_fn, optax.adamw(1e-3))
+    with pytest.raises(ValueError, match="refresh_parts must be an int >= 1, got 0"):
+        gj.accumulate_in_subspace(loss_fn, exact, refresh_parts=0)
 
 
 def _shard_mapped_step(tx, mesh):

@@ -137,8 +137,8 @@ def test_switching_layerwise_on_resume_is_one_clear_error(layerwise_micro_batche
         (
             ["optimizer.layerwise=true", "grad_accum_steps=2", "optimizer.name=adamw"],
             r"optimizer.layerwise=true with grad_accum_steps=2 sums the micro-batches in "
-            r"GaLore's subspace, which needs optimizer.name=galore \(got adamw\); or set "
-            r"grad_accum_steps=1",
+            r"GaLore's subspace, which cannot be done with optimizer.name=adamw \(only galore "
+            r"projects every matrix's gradient\); change that, or set grad_accum_steps=1",
         ),
         (
             [
@@ -148,7 +148,7 @@ def test_switching_layerwise_on_resume_is_one_clear_error(layerwise_micro_batche
                 "optimizer.name=galore",
                 "optimizer.full_size_gradients=true",
             ],
-            r"which needs optimizer.full_size_gradients unset",
+            r"which cannot be done with optimizer.full_size_gradients=true",
         ),
         (
             ["optimizer.layerwise=true"],  # grad_clip 1.0 by the global norm (the default)

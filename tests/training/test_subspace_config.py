@@ -24,7 +24,9 @@ def test_the_subspace_path_is_the_default_where_exact():
     run = _run([*GALORE, "optimizer.full_size_gradients=false"])
     assert run.subspace_gradients
     assert any("bounds the norm of the gradient in GaLore's subspace" in n for n in run.notes)
-    assert "gradients in GaLore's subspace: 2 micro-batch(es)" in steps.describe_run(run)
+    described = steps.describe_run(run)
+    assert "gradients in GaLore's subspace: 2 micro-batch(es)" in described
+    assert "in 2 part(s)" in described  # optimizer.refresh_parts' default
     # One micro-batch on one replica: nothing to sum.
     plain = ["optimizer.name=galore", "optimizer.full_size_gradients=false"]
     assert not _run([*plain, "model.num_layers=1"]).subspace_gradients
@@ -36,6 +38,8 @@ def test_the_subspace_path_is_the_default_where_exact():
         (["optimizer.name=adamw"], "optimizer.name=adamw"),
         (["optimizer.name=fira"], "optimizer.name=fira"),
         (["optimizer.svd=exact"], "optimizer.svd=exact"),
+        (["optimizer.grad_clip_mode=layer"], "optimizer.grad_clip_mode=layer"),
+        (["optimizer.refresh_parts=0"], "optimizer.refresh_parts"),
     ],
 )
 def test_runs_that_cannot_sum_in_the_subspace_say_why(overrides, named):
