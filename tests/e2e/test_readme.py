@@ -4,22 +4,39 @@ import pathlib
 import re
 import warnings
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 GUIDE = ROOT / "docs" / "guide.md"
 
 
-def _run_python_blocks(path):
+def _python_blocks(path):
     blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
     assert blocks, f"{path.name} has no python examples"
+    return blocks
+
+
+def _run_python_blocks(path, blocks=None):
     namespace = {}
     with warnings.catch_warnings():
         # The docs show the current API: a 0.2.0 spelling (its warning points at the
         # changelog) is an error here.
         warnings.filterwarnings("error", message=r".*CHANGELOG\.md", category=DeprecationWarning)
-        for block in blocks:
+        for block in blocks or _python_blocks(path):
             exec(compile(block, str(path), "exec"), namespace)  # pylint: disable=exec-used
     return namespace
+
+
+def _examples(path):
+    """The blocks as examples: one starts at each block with its own imports and takes
+    the blocks after it that build on it (each example runs in a fresh namespace)."""
+    examples = []
+    for block in _python_blocks(path):
+        if not examples or re.search(r"^(import|from) ", block, re.M):
+            examples.append([])
+        examples[-1].append(block)
+    return examples
 
 
 def test_readme_python_examples_run():
@@ -30,7 +47,15 @@ def test_readme_python_examples_run():
     assert by_path["fc1/kernel"].label == "galore" and by_path["head/kernel"].label == "adam"
 
 
-def test_guide_python_examples_run():
-    # Low-bit state, layer-wise updates, bf16 + float32 master, sharding on a mesh.
-    namespace = _run_python_blocks(GUIDE)
-    assert namespace["state"] is not None and "loss" in namespace["metrics"]
+GUIDE_EXAMPLES = _examples(GUIDE)
+
+
+@pytest.mark.parametrize("index", range(len(GUIDE_EXAMPLES)))
+def test_guide_python_examples_run(index):
+    # Low-bit state, layer-wise updates, bf16 + float32 master, sharding on a mesh: one
+    # test per example, so they spread over the test workers.
+    namespace = _run_python_blocks(GUIDE, GUIDE_EXAMPLES[index])
+    if "metrics" in namespace:
+        assert "loss" in namespace["metrics"]
+    if "state" in namespace:
+        assert namespace["state"] is not None
