@@ -185,10 +185,8 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable, refresh_parts: i
             any_due = due["before"] | due["after"] | jnp.any(due["layers"])
             return jax.lax.cond(any_due, run_stages, keep, None)
 
-        refreshed = each_group(lambda group: group.refresh_keep())
-        if with_refresh:
-            results = [refresh_part(p) for p in range(num_parts)]
-            refreshed = each_group(lambda group, *rs: group.merge(list(rs)), *results)
+        results = [refresh_part(p) for p in range(num_parts)]
+        refreshed = each_group(lambda group, *rs: group.merge(list(rs)), *results)
 
         # -- the projection pass, then the updates one group (one layer) at a time --
 

@@ -45,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -177,9 +176,7 @@ def accumulate_in_subspace(
             keep = group.refresh_keep(p)
             return jax.lax.cond(group.part_due(p), run_stages, lambda _: keep, None)
 
-        refreshed = group.refresh_keep()
-        if group.parts:
-            refreshed = group.merge([refresh_part(p) for p in range(len(group.parts))])
+        refreshed = group.merge([refresh_part(p) for p in range(len(group.parts))])
 
         def terms(batch):  # the projection pass, in the bases just refreshed
             loss, g = gradient_leaves(batch)
@@ -200,7 +197,7 @@ class _Group:
     inside its scans and vmaps); only the methods' results are used.
     """
 
-    def __init__(self, engines, params, opt_state, refresh_parts: int = 1):
+    def __init__(self, engines, params, opt_state, refresh_parts: int):
         names, _, self.treedef = paths.leaf_paths(params)
         index = {name: i for i, name in enumerate(names)}
         plans = [_EnginePlan.of(e, params, opt_state, index) for e in engines]
@@ -217,26 +214,24 @@ class _Group:
             if plans
             else []
         )
-        self.refresh = self.parts[0] if plans else None
         self.in_subspace = set(self.plan.users) if plans else set()
-        stages = self.refresh.finder.stages if plans else []
-        assert all(len(r.finder.stages) == len(stages) for r in self.parts)
-        self.num_stages = len(stages)
-        self.stage_kinds = tuple(st.kind for st in stages)  # static, to compare groups
+        # One schedule of product kinds for every part (one tx, one set of options).
+        kinds = {tuple(st.kind for st in r.finder.stages) for r in self.parts}
+        assert len(kinds) <= 1, kinds
+        self.stage_kinds = kinds.pop() if kinds else ()  # static, to compare groups
+        self.num_stages = len(self.stage_kinds)
         self.kinds = jnp.asarray(self.stage_kinds, jnp.int32)
-        no = jnp.zeros([], jnp.bool_)
-        self.any_due = functools.reduce(jnp.logical_or, [r.any_due for r in self.parts], no)
 
     # -- the refresh's passes (per part: the projected leaves in `refresh_parts` sets) --
 
-    def refresh_start(self, part: int = 0) -> list:
+    def refresh_start(self, part: int) -> list:
         return self.parts[part].initial() if part < len(self.parts) else []
 
-    def refresh_terms(self, g: list, compact: list, kind, part: int = 0) -> list:
+    def refresh_terms(self, g: list, compact: list, kind, part: int) -> list:
         """One micro-batch's products for the stage of `kind` (`g`: gradient leaves)."""
         return self.parts[part].products(g, compact, kind) if part < len(self.parts) else []
 
-    def refresh_stage(self, i, compact: list, sums: list, part: int = 0) -> list:
+    def refresh_stage(self, i, compact: list, sums: list, part: int) -> list:
         """Stage `i` on the summed products. A fixed trip count (the compiled step
         states its passes): a cold start (step 0) runs the warm-start pass too but
         keeps nothing of it."""
@@ -247,17 +242,14 @@ class _Group:
         start = r.finder.first_stage(r.warm)
         return jax.tree.map(lambda n, o: jnp.where(i >= start, n, o), new, compact)
 
-    def refresh_finish(self, compact: list, part: int = 0):
+    def refresh_finish(self, compact: list, part: int):
         """(new projectors, refreshed flags, skips) of one part's leaves."""
         return self.parts[part].finish(compact) if part < len(self.parts) else ([], [], [])
 
-    def refresh_keep(self, part=None):
-        """What `refresh_finish` returns when nothing is due: the projectors as they
-        are (of one part, or of every projected leaf)."""
-        if part is None:
-            olds = self.olds()
-        else:
-            olds = self.parts[part].olds if part < len(self.parts) else []
+    def refresh_keep(self, part: int):
+        """What `refresh_finish` returns when none of the part's leaves is due: their
+        projectors as they are."""
+        olds = self.parts[part].olds if part < len(self.parts) else []
         no = [jnp.zeros([], jnp.bool_) for _ in olds]
         return list(olds), no, list(no)
 
@@ -265,16 +257,14 @@ class _Group:
         """Whether a leaf of `part` refreshes at this step (False: no such part)."""
         return self.parts[part].any_due if part < len(self.parts) else jnp.zeros([], jnp.bool_)
 
-    def olds(self) -> list:
-        return [self.parts[p].olds[k] for p, k in self._leaf_order()]
-
     def _leaf_order(self):
         """(part, position in part) of every projected leaf, in the plan's order."""
         where = {j: (p, k) for p, r in enumerate(self.parts) for k, j in enumerate(r.leaves)}
         return [where[j] for j in sorted(where)]
 
     def merge(self, results: list):
-        """Every part's `refresh_finish` (or `refresh_keep(part)`) as one, in leaf order."""
+        """Every part's `refresh_finish` (or `refresh_keep`) as one, in leaf order (no
+        parts: empty lists)."""
         return tuple([results[p][field][k] for p, k in self._leaf_order()] for field in range(3))
 
     # -- the projection pass and the result -----------------------------------------

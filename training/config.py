@@ -473,7 +473,7 @@ class Config:
         if self.grad_accum_steps > 1:  # micro-batches sum in GaLore's subspace, or not at all
             why = opt.subspace_refusal()
             if why is None and opt.full_size_gradients:
-                why = "optimizer.full_size_gradients=true (a layer-wise step sums no full size)"
+                why = "optimizer.full_size_gradients=true (layer-wise steps never sum at full size)"
             _fail(
                 why is not None,
                 f"optimizer.layerwise=true with grad_accum_steps={self.grad_accum_steps} sums "

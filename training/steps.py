@@ -510,8 +510,8 @@ def describe_run(run: Run, opt_state_bytes: Optional[int] = None) -> str:
         )
         lines.append(
             f"gradients in GaLore's subspace: {run.config.grad_accum_steps} micro-batch(es) "
-            f"summed{replicas} as low-rank projections (a refresh step makes 5 extra passes "
-            f"per part, in {run.config.optimizer.refresh_parts} part(s))"
+            f"summed{replicas} as low-rank projections (a refresh step makes extra passes, "
+            f"in {run.config.optimizer.refresh_parts} part(s))"
         )
     if run.config.optimizer.name != "adamw":
         params = run.abstract_params

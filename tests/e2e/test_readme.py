@@ -50,12 +50,22 @@ def test_readme_python_examples_run():
 GUIDE_EXAMPLES = _examples(GUIDE)
 
 
+def _uses(index, name):
+    return any(re.search(rf"\b{name}\b", block) for block in GUIDE_EXAMPLES[index])
+
+
 @pytest.mark.parametrize("index", range(len(GUIDE_EXAMPLES)))
 def test_guide_python_examples_run(index):
     # Low-bit state, layer-wise updates, bf16 + float32 master, sharding on a mesh: one
     # test per example, so they spread over the test workers.
     namespace = _run_python_blocks(GUIDE, GUIDE_EXAMPLES[index])
-    if "metrics" in namespace:
+    if _uses(index, "metrics"):
         assert "loss" in namespace["metrics"]
-    if "state" in namespace:
+    if _uses(index, "state"):
         assert namespace["state"] is not None
+
+
+def test_guide_examples_include_a_step_with_metrics_and_a_state():
+    indices = range(len(GUIDE_EXAMPLES))
+    assert any(_uses(i, "metrics") for i in indices)
+    assert any(_uses(i, "state") for i in indices)
