@@ -58,6 +58,24 @@ class _EnginePlan:
             out[u] = self.engine.algorithm.from_low(self.e_plans[i], low, new, dtype).astype(dtype)
         return out
 
+    def with_projectors(self, opt_state, news):
+        """`opt_state` with this engine's projectors of the projected leaves set to `news`
+        (per projected leaf, its slots; stacked states alike)."""
+        engine, projected = self.engine, self.projected
+
+        def swap(state):
+            if not isinstance(state, engine.state_cls):
+                return state
+            trees = []
+            for k, tree in enumerate(tuple(state[2])):
+                leaves, treedef = jax.tree.flatten(tree, is_leaf=is_empty)
+                for j, i in enumerate(projected):
+                    leaves[i] = news[j][k]
+                trees.append(treedef.unflatten(leaves))
+            return state._replace(**{state._fields[2]: engine.algorithm.pack(tuple(trees))})
+
+        return jax.tree.map(swap, opt_state, is_leaf=lambda x: isinstance(x, engine.state_cls))
+
     def given(self, refreshed, lows) -> Given:
         news, flags, skips = refreshed
         n = len(self.e_plans)

@@ -313,7 +313,7 @@ def layerwise_step(
             square = carry["square"] + _square_norm(grads)
             return {**carry, "before": (new_before, before_state), "square": square}
 
-        loss, carry = backward_by_layer(
+        loss, carry, _ = backward_by_layer(
             model,
             groups,
             batch,

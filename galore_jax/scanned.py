@@ -122,15 +122,23 @@ def _put(tree: Any, part: Any, i) -> Any:
 # ----------------------------------------------------------------------------
 
 
+class Ends(NamedTuple):
+    """What `backward_by_layer` keeps of one micro-batch for the head's and the
+    embedding's gradients: `head_gradient` and `embed_gradient` recompute them from it."""
+
+    head_input: jax.Array  # the last layer's output
+    embed_cotangent: Any  # the loss's cotangent of the embedding's output
+
+
 def backward_by_layer(
     model: ScannedModel,
     groups: tuple,
     batch: Any,
     carry: Any,
     *,
-    after: Callable,
+    after: Callable | None,
     layer: Callable,
-    before: Callable,
+    before: Callable | None,
     layer_params: Callable,
 ):
     """One micro-batch's loss, with each group's gradient handed on as it appears.
@@ -145,15 +153,18 @@ def backward_by_layer(
       groups: ``_groups(model, params)``'s (before, layers, after) dicts.
       batch: one micro-batch.
       carry: the visitors' initial carry.
-      after: ``(grads, carry) -> carry`` for the head's group.
+      after: ``(grads, carry) -> carry`` for the head's group (None: not computed;
+        see ``ends``).
       layer: ``(i, layer_params, grads, carry) -> carry`` for layer ``i``.
-      before: ``(grads, carry) -> carry`` for the embedding's group.
+      before: ``(grads, carry) -> carry`` for the embedding's group (None: likewise).
       layer_params: ``(carry, i) -> layer i's params``: where the backward reads them
         (a step that updates the stack in its carry reads it there, so the params are
         held once).
 
     Returns:
-      ``(loss, carry)``.
+      ``(loss, carry, ends)``: ``ends`` holds the head's input and the cotangent of the
+      embedding's output, from which `head_gradient` and `embed_gradient` give those
+      groups' gradients later (XLA drops them where unused).
     """
     before_params, layers, after_params = groups
     x, embed_vjp = jax.vjp(lambda p: model.embed(p, batch), before_params)
@@ -170,7 +181,9 @@ def backward_by_layer(
             "loss's .mean())"
         )
     grads, dx = head_vjp(jnp.ones_like(loss))
-    carry = after(grads, carry)
+    head_input = x
+    if after is not None:
+        carry = after(grads, carry)
 
     def backward(state, i):
         dx, carry = state
@@ -182,5 +195,18 @@ def backward_by_layer(
     (dx, carry), _ = jax.lax.scan(
         backward, (dx, carry), jnp.arange(_stack_size(layers)), reverse=True
     )
-    (grads,) = embed_vjp(dx)
-    return loss, before(grads, carry)
+    if before is not None:
+        (grads,) = embed_vjp(dx)
+        carry = before(grads, carry)
+    return loss, carry, Ends(head_input, dx)
+
+
+def head_gradient(model: ScannedModel, after_params: dict, ends: Ends, batch: Any) -> dict:
+    """The head group's gradient of one micro-batch's loss, from its `Ends`."""
+    return jax.grad(lambda p: model.head(p, ends.head_input, batch))(after_params)
+
+
+def embed_gradient(model: ScannedModel, before_params: dict, ends: Ends, batch: Any) -> dict:
+    """The embedding group's gradient of one micro-batch's loss, from its `Ends`."""
+    _, embed_vjp = jax.vjp(lambda p: model.embed(p, batch), before_params)
+    return embed_vjp(ends.embed_cotangent)[0]

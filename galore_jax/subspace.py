@@ -160,23 +160,9 @@ def accumulate_in_subspace(
             mean = jax.tree.map(lambda x: x / k, total)
             return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
 
-        def refresh_part(p):  # the refresh's stages, one pass over the micro-batches each
-            def run_stages(_):
-                def body(i, compact):
-                    sums = mean_over_micro_batches(
-                        lambda batch: group.refresh_terms(
-                            gradient_leaves(batch)[1], compact, group.kinds[i], p
-                        )
-                    )
-                    return group.refresh_stage(i, compact, sums, p)
-
-                compact = jax.lax.fori_loop(0, group.num_stages, body, group.refresh_start(p))
-                return group.refresh_finish(compact, p)
-
-            keep = group.refresh_keep(p)
-            return jax.lax.cond(group.part_due(p), run_stages, lambda _: keep, None)
-
-        refreshed = group.merge([refresh_part(p) for p in range(len(group.parts))])
+        refreshed = group.refresh(
+            lambda terms: mean_over_micro_batches(lambda b: terms(gradient_leaves(b)[1]))
+        )
 
         def terms(batch):  # the projection pass, in the bases just refreshed
             loss, g = gradient_leaves(batch)
@@ -253,6 +239,10 @@ class _Group:
         no = [jnp.zeros([], jnp.bool_) for _ in olds]
         return list(olds), no, list(no)
 
+    def projectors(self) -> list:
+        """The state's projectors of the projected leaves, in leaf order."""
+        return self.merge([self.refresh_keep(p) for p in range(len(self.parts))])[0]
+
     def part_due(self, part: int):
         """Whether a leaf of `part` refreshes at this step (False: no such part)."""
         return self.parts[part].any_due if part < len(self.parts) else jnp.zeros([], jnp.bool_)
@@ -266,6 +256,24 @@ class _Group:
         """Every part's `refresh_finish` (or `refresh_keep`) as one, in leaf order (no
         parts: empty lists)."""
         return tuple([results[p][field][k] for p, k in self._leaf_order()] for field in range(3))
+
+    def refresh(self, mean_of: Callable):
+        """This step's `merge`d refresh, part after part; ``mean_of(terms)`` is the mean
+        of ``terms(gradient leaves)`` over the micro-batches (one pass each)."""
+
+        def part(p):
+            def run_stages(_):
+                def body(i, compact):
+                    sums = mean_of(lambda g: self.refresh_terms(g, compact, self.kinds[i], p))
+                    return self.refresh_stage(i, compact, sums, p)
+
+                compact = jax.lax.fori_loop(0, self.num_stages, body, self.refresh_start(p))
+                return self.refresh_finish(compact, p)
+
+            keep = self.refresh_keep(p)
+            return jax.lax.cond(self.part_due(p), run_stages, lambda _: keep, None)
+
+        return self.merge([part(p) for p in range(len(self.parts))])
 
     # -- the projection pass and the result -----------------------------------------
 
