@@ -106,5 +106,37 @@ def test_refresh_in_parts_keeps_micro_batches_at_the_unaccumulated_peak(step_mem
     # (LLaMA-1B: 0.99x and 1.07x).
     galore, sub = step_memory["galore"], step_memory["galore_accum2"]
     assert sub["peak_bytes"] <= 1.03 * galore["peak_bytes"], (sub, galore)
+
+
+def test_layerwise_micro_batches_peak_below_the_unaccumulated_step(step_memory):
+    # Layer-wise, the head's and the embedding's gradients are formed after the layers'
+    # updates (not summed beside the layers' low-rank sums) and the new projectors are
+    # held once: at this shape 0.95x the layer-wise step without accumulation (its
+    # micro-batches' smaller activations show); summing those two groups beside the
+    # layers' and keeping both projector sets gave 1.00x. LLaMA-1B: 1.08x (see the slow
+    # test below).
     lw, lw2 = step_memory["galore_layerwise"], step_memory["galore_layerwise_accum2"]
-    assert lw2["peak_bytes"] <= 1.03 * lw["peak_bytes"], (lw2, lw)
+    assert lw2["peak_bytes"] <= 0.98 * lw["peak_bytes"], (lw2, lw)
+
+
+LLAMA_1B = [
+    "model.remat=true",
+    "model.vocab_size=32000",
+    "batch_size=8",
+    "grad_accum_steps=1",
+    "seq_len=256",
+]
+
+
+@pytest.mark.slow
+def test_llama_1b_micro_batch_peaks_meet_their_targets():
+    # The headline figures (benchmarks/memory.py at LLaMA-1B, f32 params, 4 micro-batches
+    # of 2 x 256): the standard step <= 1.05x its peak without accumulation (0.99x),
+    # layer-wise <= 1.10x (1.08x). Four compiles of about 20 s each.
+    peaks = {}
+    for name in ("galore", "galore_accum4", "galore_layerwise", "galore_layerwise_accum4"):
+        overrides, _ = memory.VARIANTS[name]
+        config = load_config(str(REPO_ROOT / "configs" / "llama_1b.yaml"), LLAMA_1B + overrides)
+        peaks[name] = memory.compiled_step_memory(config, num_devices=1)["peak_bytes"]
+    assert peaks["galore_accum4"] <= 1.05 * peaks["galore"], peaks
+    assert peaks["galore_layerwise_accum4"] <= 1.10 * peaks["galore_layerwise"], peaks
