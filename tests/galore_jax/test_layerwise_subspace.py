@@ -36,12 +36,16 @@ def _batches(steps=STEPS, poison=()):
     return [{"x": jnp.asarray(x[t]), "y": jnp.asarray(y[t])} for t in range(steps)]
 
 
-def _optimizers(params, **options):
+def _optimizers(params, overrides=None, **options):
     """(whole-tree tx, layer-wise tx): one projection rule; labels by path for the groups
-    (one group alone, the encoder looks like a layer)."""
-    whole = gj.galore_adamw(3e-2, labels=gj.Labels(dimension_numbers=DIMS), **OPTIONS, **options)
+    (one group alone, the encoder looks like a layer). `overrides`: label_overrides."""
+    whole = gj.galore_adamw(
+        3e-2, labels=gj.Labels(overrides=overrides, dimension_numbers=DIMS), **OPTIONS, **options
+    )
     labels = gj.labels.labels_by_path(
-        gj.galore_labels(params, dimension_numbers=DIMS, rank=OPTIONS["rank"])
+        gj.galore_labels(
+            params, dimension_numbers=DIMS, label_overrides=overrides, rank=OPTIONS["rank"]
+        )
     )
     return whole, gj.galore_adamw(3e-2, labels=labels, **OPTIONS, **options)
 
@@ -67,12 +71,12 @@ def _galore_state(state):
     return state.inner_states["galore"].inner_state
 
 
-def _both_paths(batches, **step_options):
+def _both_paths(batches, overrides=None, **step_options):
     """Yields (full-size step's (params, state, loss), layer-wise step's (params, state,
     metrics)) after each step, in float64."""
     model, loss = _model()
     params = _params()
-    whole, tx = _optimizers(params)
+    whole, tx = _optimizers(params, overrides)
     full = _full_size_step(whole, loss)
     step = jax.jit(gj.layerwise_step(tx, model, micro_batches=True, **step_options))
     a = params, whole.init(params), None
@@ -104,6 +108,23 @@ def test_layerwise_micro_batches_equal_the_full_size_mean_over_three_refreshes()
     )
     assert int(whole.skipped_refreshes) == 1
     assert layer.skipped_refreshes.tolist() == [1] * LAYERS
+
+
+def test_a_projected_embedding_refreshes_from_its_mean_gradient_after_the_passes():
+    # The embedding's group (here the encoder, projected) is not summed beside the
+    # layers': its mean gradient is formed after the layers' updates from each
+    # micro-batch's embedding-output cotangent, and refreshed from it. Refreshes at 0,
+    # 3 and 6; a NaN micro-batch at step 4.
+    with jax.enable_x64(True):
+        steps = list(_both_paths(_batches(poison=[(4, 2)]), overrides={"encoder": "galore"}))
+    for (p1, _, l1), (p2, _, m) in steps:
+        np.testing.assert_allclose(m["loss"], l1, rtol=1e-9)
+        _assert_close(p2, p1)
+    (_, s1, _), (_, s2, _) = steps[-1]
+    whole, before = _galore_state(s1[0]), _galore_state(s2.before[0])
+    assert before.projectors.left["encoder"].shape == (12, OPTIONS["rank"])
+    _assert_close(before.projectors.left["encoder"], whole.projectors.left["encoder"], 1e-7)
+    assert int(before.count) == STEPS
 
 
 def test_previous_global_clip_reads_the_gradient_the_optimizer_sees():
