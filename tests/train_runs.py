@@ -101,10 +101,11 @@ def subprocess_env(devices, cache=True):
     cache unless ``cache=False`` (processes of one jax.distributed job compile the
     same programs at once)."""
     env = dict(os.environ)
-    # Same scheduler setting as tests/conftest.py (avoids a virtual-device deadlock).
+    # The scheduler and backend settings of tests/conftest.py.
     env["XLA_FLAGS"] = (
         f"--xla_force_host_platform_device_count={devices} "
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false "
+        "--xla_backend_optimization_level=0"
     )
     env["JAX_PLATFORMS"] = "cpu"
     if cache:

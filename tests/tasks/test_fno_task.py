@@ -14,7 +14,6 @@
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from train_runs import subprocess_env
 
 import galore_jax as gj
 import train
@@ -81,14 +81,8 @@ def run_train(dataset, output_dir, cache, *overrides, devices=1):
         f"output_dir={output_dir}",
         *overrides,
     ]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env = subprocess_env(devices)
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"train.py failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
