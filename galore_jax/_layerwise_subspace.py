@@ -209,7 +209,7 @@ def accumulating_step(tx, model: ScannedModel, apply: Callable, refresh_parts: i
         def update_end(group_params, opt_state, gradient):
             """The head's or the embedding's group updated from its mean gradient, formed
             from each micro-batch's `Ends` (refreshed from it where it is projected)."""
-            first = jax.tree.map(lambda x: x[0], (ends, batches))
+            first = _slice((ends, batches), 0)
             shapes = jax.eval_shape(lambda e, b: gradient(model, group_params, e, b), *first)
 
             def add(total, xs):

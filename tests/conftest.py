@@ -9,13 +9,7 @@ avoids it in the library): it changes timing only.
 
 import os
 
-CPU_TEST_XLA_FLAGS = (
-    "--xla_force_host_platform_device_count=8 "
-    "--xla_cpu_enable_concurrency_optimized_scheduler=false "
-    # The suite's programs are small: compiling them dominates, and LLVM's backend
-    # optimisations cost more than they save (about 40% of a compile-bound test).
-    "--xla_backend_optimization_level=0"
-)
+from xla_flags import cpu_test_xla_flags
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CPU_TEST_XLA_FLAGS).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_test_xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

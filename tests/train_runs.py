@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from xla_flags import cpu_test_xla_flags
 
 from training.metrics import read_metrics
 
@@ -101,12 +102,7 @@ def subprocess_env(devices, cache=True):
     cache unless ``cache=False`` (processes of one jax.distributed job compile the
     same programs at once)."""
     env = dict(os.environ)
-    # The scheduler and backend settings of tests/conftest.py.
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices} "
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false "
-        "--xla_backend_optimization_level=0"
-    )
+    env["XLA_FLAGS"] = cpu_test_xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     if cache:
         env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache_dir()
